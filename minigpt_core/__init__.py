@@ -1,0 +1,84 @@
+"""minigpt core: registries, plugin loading, experiment specs and GPT assembly."""
+
+from __future__ import annotations
+
+from ._hookspecs import hookimpl, hookspec
+from ._plugins import (
+    ENTRY_POINT_GROUP,
+    PLUGINS_ENV_VAR,
+    PluginFailure,
+    PluginInfo,
+    get_registry,
+    load_registry,
+    reset_registry,
+)
+from .errors import (
+    CheckpointError,
+    DuplicateComponentError,
+    MinigptError,
+    PluginLoadWarning,
+    SpecError,
+    UnknownComponentError,
+)
+from .model import GPT, BuildContext, KVCache, LayerKVCache, build_model, mark_residual_projection
+from .registry import CAPABILITIES, KINDS, ComponentEntry, ComponentRegistry, NoParams
+from .spec import (
+    PRESETS,
+    ComponentSlot,
+    ExperimentSpec,
+    ModelSpec,
+    dump_spec,
+    load_spec,
+    parse_spec,
+    resolve_components,
+    spec_from_preset,
+)
+from .summary import ParameterSummary, summarize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    # plugins
+    "hookimpl",
+    "hookspec",
+    "ENTRY_POINT_GROUP",
+    "PLUGINS_ENV_VAR",
+    "PluginInfo",
+    "PluginFailure",
+    "load_registry",
+    "get_registry",
+    "reset_registry",
+    # registry
+    "KINDS",
+    "CAPABILITIES",
+    "ComponentEntry",
+    "ComponentRegistry",
+    "NoParams",
+    # specs
+    "PRESETS",
+    "ComponentSlot",
+    "ModelSpec",
+    "ExperimentSpec",
+    "load_spec",
+    "parse_spec",
+    "spec_from_preset",
+    "dump_spec",
+    "resolve_components",
+    # models
+    "GPT",
+    "BuildContext",
+    "KVCache",
+    "LayerKVCache",
+    "build_model",
+    "mark_residual_projection",
+    "ParameterSummary",
+    "summarize",
+    # errors
+    "MinigptError",
+    "SpecError",
+    "UnknownComponentError",
+    "DuplicateComponentError",
+    "CheckpointError",
+    "PluginLoadWarning",
+]

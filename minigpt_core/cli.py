@@ -1,0 +1,193 @@
+"""The ``minigpt`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+import warnings
+from typing import Callable
+
+from .errors import MinigptError
+
+__all__ = ["main", "COMMANDS"]
+
+# name -> (help, add_arguments, run). Later modules add their commands here.
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def command(name: str, help: str):
+    def wrap(fn):
+        def add_args(p):  # default: no arguments
+            return None
+        COMMANDS[name] = (help, getattr(fn, "_add_args", add_args), fn)
+        return fn
+    return wrap
+
+
+def arguments(add_args):
+    def wrap(fn):
+        fn._add_args = add_args
+        return fn
+    return wrap
+
+
+def _print_table(rows: list[list[str]], headers: list[str]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+# -- plugins ------------------------------------------------------------------------------
+@command("plugins", "list loaded plugins, their distributions, and plugins that failed to load")
+def _plugins(args) -> int:
+    from ._plugins import PLUGINS_ENV_VAR, get_registry
+
+    reg = get_registry()
+    rows = [[p.name, p.distribution or "-", p.version or "-", str(p.components), p.module] for p in reg.plugins]
+    _print_table(rows, ["plugin", "distribution", "version", "components", "module"])
+    for f in reg.failures:
+        print(f"\nFAILED: {f.message()}")
+    import os
+    if os.environ.get(PLUGINS_ENV_VAR) is not None:
+        print(f"\n({PLUGINS_ENV_VAR}={os.environ[PLUGINS_ENV_VAR]!r} restricts loading)")
+    return 0
+
+
+# -- components ---------------------------------------------------------------------------
+def _components_args(p):
+    p.add_argument("kind", nargs="?", help="attention, norm, activation, feedforward, positional, block, init, ...")
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style name pattern, e.g. 'book.*'")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+@command("components", "list registered components with description, params, capabilities and source plugin")
+@arguments(_components_args)
+def _components(args) -> int:
+    from ._plugins import get_registry
+
+    reg = get_registry()
+    entries = reg.entries(args.kind, args.pattern)
+    absent = [u for u in reg.unavailable if (args.kind in (None, u.kind))]
+    if args.json:
+        print(json.dumps([{
+            "kind": e.kind, "name": e.name, "description": e.description,
+            "capabilities": sorted(e.capabilities), "plugin": e.plugin,
+            "distribution": e.distribution, "version": e.version,
+            "params": e.params.model_json_schema().get("properties", {}),
+            "not_for_lm": e.not_for_lm,
+        } for e in entries], indent=2))
+        return 0
+    if not entries:
+        print(f"no {args.kind or ''} components match {args.pattern!r}".replace("  ", " "))
+    kind = None
+    for e in entries:
+        if e.kind != kind:
+            kind = e.kind
+            print(f"\n[{kind}]")
+        print(f"  {e.name}")
+        print(textwrap.fill(e.description, 96, initial_indent="      ", subsequent_indent="      "))
+        caps = ", ".join(sorted(e.capabilities)) or "-"
+        print(f"      capabilities: {caps}")
+        props = e.params.model_json_schema().get("properties", {})
+        if props:
+            shown = ", ".join(f"{k}={v.get('default', '?')!r}" for k, v in props.items())
+            print(f"      params: {shown}")
+        if e.not_for_lm:
+            print(f"      NOT FOR LANGUAGE MODELS: {e.not_for_lm.split(':')[0]}")
+        print(f"      from: {e.source}")
+    for u in absent:
+        print(f"\n  {u.name} ({u.kind}) UNAVAILABLE: {u.reason} [plugin {u.plugin}]")
+    return 0
+
+
+# -- validate / summary / schema ----------------------------------------------------------
+def _file_args(p):
+    p.add_argument("file", help="experiment TOML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field, e.g. --set model.n_layers=4 (repeatable)")
+
+
+@command("validate", "check an experiment file (structure, components, params) without building anything")
+@arguments(_file_args)
+def _validate(args) -> int:
+    from .spec import load_spec
+
+    spec = load_spec(args.file, overrides=args.overrides)
+    m = spec.model
+    print(f"{args.file}: OK ({spec.name}: {m.n_layers} layers, emb {m.emb_dim}, {m.n_heads} heads, "
+          f"attention {m.attention.name})")
+    return 0
+
+
+@command("summary", "per-component and total parameter counts and training FLOPs per token")
+@arguments(_file_args)
+def _summary(args) -> int:
+    from .spec import load_spec
+    from .summary import summarize_spec
+
+    spec = load_spec(args.file, overrides=args.overrides)
+    print(f"{spec.name} ({args.file})")
+    print(summarize_spec(spec).format())
+    return 0
+
+
+@command("schema", "print the JSON schema of experiment files")
+def _schema(args) -> int:
+    from .spec import ExperimentSpec
+
+    print(json.dumps(ExperimentSpec.model_json_schema(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    _load_command_modules()
+    parser = argparse.ArgumentParser(
+        prog="minigpt",
+        description="Assemble GPT-style language models from plugin components, train and inspect them.",
+        epilog="Run `minigpt COMMAND --help` for a command's options.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_, add_args, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        add_args(p)
+    return parser
+
+
+def _load_command_modules() -> None:
+    """Import modules that register further commands (kept lazy: torch-heavy imports)."""
+    import importlib
+
+    for mod in ("minigpt_core.commands",):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    warnings.showwarning = _show_warning
+    try:
+        return COMMANDS[args.command][2](args) or 0
+    except MinigptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The assembled GPT: token + positional embeddings, N blocks, final norm, output head.
+
+Components are looked up and built once in :func:`build_model`; the forward pass
+is plain module calls, so an assembled model costs what a hand-written one does.
+Attribute names follow the book's ``GPTModel`` (tok_emb, pos_emb, drop_emb,
+trf_blocks, final_norm, out_head) so its state dicts load as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .registry import ComponentRegistry
+from .spec import ExperimentSpec, ModelSpec, ResolvedComponent, resolve_components
+
+__all__ = ["BuildContext", "KVCache", "LayerKVCache", "GPT", "build_model", "mark_residual_projection"]
+
+RESIDUAL_PROJECTION_ATTR = "_minigpt_residual_projection"
+
+
+def mark_residual_projection(linear: nn.Module) -> nn.Module:
+    """Tag the layer that writes a branch back into the residual stream.
+
+    Initialisation schemes such as GPT-2's scale these by 1/sqrt(2 * n_layers).
+    """
+    setattr(linear, RESIDUAL_PROJECTION_ATTR, True)
+    return linear
+
+
+class BuildContext:
+    """What a component factory sees: the model section, its layer, and the other slots."""
+
+    def __init__(self, model: ModelSpec, components: dict[str, ResolvedComponent], layer_idx: int | None = None):
+        self.model = model
+        self.components = components
+        self.layer_idx = layer_idx
+
+    # Shorthands for the fields nearly every factory needs.
+    vocab_size = property(lambda self: self.model.vocab_size)
+    context_length = property(lambda self: self.model.context_length)
+    emb_dim = property(lambda self: self.model.emb_dim)
+    n_heads = property(lambda self: self.model.n_heads)
+    n_layers = property(lambda self: self.model.n_layers)
+    head_dim = property(lambda self: self.model.head_dim)
+    drop_rate = property(lambda self: self.model.drop_rate)
+    qkv_bias = property(lambda self: self.model.qkv_bias)
+
+    def at_layer(self, layer_idx: int) -> "BuildContext":
+        return BuildContext(self.model, self.components, layer_idx)
+
+    def build(self, slot: str):
+        """Build the component chosen for ``slot`` (e.g. a feed-forward builds its activation)."""
+        return self.components[slot].build(self)
+
+
+class LayerKVCache:
+    """Keys and values of one attention layer, preallocated for ``max_len`` positions."""
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.k: torch.Tensor | None = None  # (B, H_kv, max_len, D)
+        self.v: torch.Tensor | None = None
+        self.length = 0  # positions filled so far
+        self._children: dict[int, LayerKVCache] = {}
+
+    def child(self, i: int) -> "LayerKVCache":
+        """A separate cache for sub-module ``i`` (e.g. one per head of a head-wrapper)."""
+        if i not in self._children:
+            self._children[i] = LayerKVCache(self.max_len)
+        return self._children[i]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new (B, H, T_new, D) keys/values; return all of them so far (B, H, T_all, D)."""
+        b, h, t, d = k.shape
+        if self.k is None or self.k.shape[0] != b or self.k.dtype != k.dtype:
+            self.k = k.new_empty(b, h, self.max_len, d)
+            self.v = v.new_empty(b, h, self.max_len, v.shape[-1])
+        end = self.length + t
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; cannot append {t} more after {self.length}")
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """One :class:`LayerKVCache` per block. ``offset`` is the position of the next token."""
+
+    def __init__(self, n_layers: int, max_len: int):
+        self.layers = [LayerKVCache(max_len) for _ in range(n_layers)]
+        self.offset = 0
+
+    def advance(self, n: int) -> None:
+        self.offset += n
+
+
+class GPT(nn.Module):
+    def __init__(self, model: ModelSpec, components: dict[str, ResolvedComponent]):
+        super().__init__()
+        self.spec = model
+        ctx = BuildContext(model, components)
+        # Creation order matches the book's GPTModel so the same seed gives the same weights.
+        self.tok_emb = nn.Embedding(model.vocab_size, model.emb_dim)
+        self.pos_emb = ctx.build("positional")  # None for rotary / ALiBi style attention
+        self.drop_emb = nn.Dropout(model.drop_rate)
+        self.trf_blocks = nn.ModuleList(ctx.at_layer(i).build("block") for i in range(model.n_layers))
+        self.final_norm = ctx.build("norm")
+        self.out_head = nn.Linear(model.emb_dim, model.vocab_size, bias=False)
+        if model.tie_weights:
+            self.out_head.weight = self.tok_emb.weight
+        components["init"].build(ctx)(self)
+        self.supports_kv_cache = components["attention"].entry.has("kv_cache")
+
+    def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        # idx: (B, T) token ids -> logits (B, T, vocab_size)
+        _, t = idx.shape
+        x = self.tok_emb(idx)  # (B, T, C)
+        start = 0 if kv_cache is None else kv_cache.offset
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(start, start + t, device=idx.device))  # (T, C) broadcast
+        x = self.drop_emb(x)
+        if kv_cache is None:
+            for block in self.trf_blocks:
+                x = block(x)
+        else:
+            for block, layer_cache in zip(self.trf_blocks, kv_cache.layers):
+                x = block(x, kv_cache=layer_cache)
+            kv_cache.advance(t)
+        x = self.final_norm(x)
+        return self.out_head(x)  # (B, T, V)
+
+    def new_kv_cache(self, max_len: int | None = None) -> KVCache:
+        if not self.supports_kv_cache:
+            raise ValueError(f"attention '{self.spec.attention.name}' does not declare a KV cache")
+        return KVCache(len(self.trf_blocks), max_len or self.spec.context_length)
+
+
+def build_model(spec: ExperimentSpec | ModelSpec, registry: ComponentRegistry | None = None,
+                *, seed: int | None = None) -> GPT:
+    """Validate the spec's components, then build the GPT they describe.
+
+    With an :class:`ExperimentSpec`, ``torch.manual_seed(spec.seed)`` runs first (pass
+    ``seed=`` to override) so the same spec always gives the same initial weights.
+    """
+    model_spec = spec.model if isinstance(spec, ExperimentSpec) else spec
+    if isinstance(spec, ExperimentSpec):
+        components = resolve_components(spec, registry)
+        seed = spec.seed if seed is None else seed
+    else:
+        components = resolve_components(ExperimentSpec(model=model_spec), registry)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return GPT(model_spec, components)

@@ -1,0 +1,269 @@
+"""Experiment specs: Pydantic models, presets, TOML files.
+
+A spec is checked in two passes, both before anything is built:
+
+1. structure (Pydantic): types, ranges, unknown keys, cross-field rules of the model;
+2. components (:func:`resolve_components`): every slot names a registered
+   component, its ``params`` validate against that component's own schema, and
+   the component's own checks against the model section pass.
+
+All problems come back as one :class:`~minigpt_core.errors.SpecError` whose
+entries carry dotted paths such as ``model.attention.params.window``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from . import _toml
+from .errors import SpecError
+from .registry import ComponentEntry, ComponentRegistry
+
+__all__ = [
+    "ComponentSlot",
+    "ModelSpec",
+    "ExperimentSpec",
+    "PRESETS",
+    "MODEL_SLOTS",
+    "ResolvedComponent",
+    "load_spec",
+    "parse_spec",
+    "spec_from_preset",
+    "dump_spec",
+    "resolve_components",
+    "apply_overrides",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ComponentSlot(_Strict):
+    """Which registered component fills a slot, and its own parameters."""
+
+    name: str = Field(description="registered component name, e.g. 'book.multihead'")
+    params: dict[str, Any] = Field(default_factory=dict, description="validated against the component's schema")
+
+
+def _slot(name: str, what: str) -> Any:
+    return Field(default_factory=lambda: ComponentSlot(name=name), description=what)
+
+
+# Slots of the model section, in the order they are resolved and reported.
+MODEL_SLOTS = ("attention", "norm", "activation", "feedforward", "positional", "block", "init")
+
+
+class ModelSpec(_Strict):
+    vocab_size: int = Field(50257, gt=0, description="number of token ids the embedding covers")
+    context_length: int = Field(1024, gt=0, description="longest sequence the model attends over")
+    emb_dim: int = Field(768, gt=0, description="width of the residual stream")
+    n_heads: int = Field(12, gt=0, description="attention heads per layer")
+    n_layers: int = Field(12, gt=0, description="transformer blocks")
+    drop_rate: float = Field(0.1, ge=0.0, lt=1.0, description="dropout after embeddings, on attention weights and residual branches")
+    qkv_bias: bool = Field(False, description="bias terms in the query/key/value projections")
+    tie_weights: bool = Field(False, description="share the token embedding with the output head")
+    attention: ComponentSlot = _slot("book.multihead", "attention component")
+    norm: ComponentSlot = _slot("book.layernorm", "normalisation component")
+    activation: ComponentSlot = _slot("book.gelu", "activation used inside the feed-forward")
+    feedforward: ComponentSlot = _slot("book.feedforward", "position-wise feed-forward component")
+    positional: ComponentSlot = _slot("book.learned", "absolute positional embedding")
+    block: ComponentSlot = _slot("book.pre_norm", "layout of a transformer block")
+    init: ComponentSlot = _slot("book.pytorch_default", "parameter initialisation scheme")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_slot_names(cls, data: Any) -> Any:
+        # `[model.norm.params] eps = 1e-6` alone tunes the default component instead of failing.
+        if isinstance(data, Mapping):
+            data = dict(data)
+            for slot in MODEL_SLOTS:
+                raw = data.get(slot)
+                if isinstance(raw, Mapping) and "name" not in raw:
+                    data[slot] = {"name": cls.model_fields[slot].default_factory().name, **raw}
+        return data
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "ModelSpec":
+        if self.emb_dim % self.n_heads:
+            raise ValueError(
+                f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads}) so every "
+                f"head gets the same width; change one of them"
+            )
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.emb_dim // self.n_heads
+
+
+class ExperimentSpec(_Strict):
+    name: str = Field("experiment", description="run name (also the W&B run name)")
+    description: str = Field("", description="free text")
+    preset: str | None = Field(None, description="preset this spec started from (informative once resolved)")
+    seed: int = Field(123, description="torch.manual_seed before the model is built")
+    model: ModelSpec = Field(default_factory=ModelSpec)
+
+
+_GPT2_BOOK = {"vocab_size": 50257, "context_length": 1024, "drop_rate": 0.1, "qkv_bias": False}
+
+# Model sections of the presets; a file's [model] table overrides them field by field.
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2-124m": {**_GPT2_BOOK, "emb_dim": 768, "n_heads": 12, "n_layers": 12},
+    "gpt2-medium": {**_GPT2_BOOK, "emb_dim": 1024, "n_heads": 16, "n_layers": 24},
+    "gpt2-large": {**_GPT2_BOOK, "emb_dim": 1280, "n_heads": 20, "n_layers": 36},
+    "gpt2-xl": {**_GPT2_BOOK, "emb_dim": 1600, "n_heads": 25, "n_layers": 48},
+    # Trains in minutes on a laptop CPU; the vocabulary is GPT-2's so the gpt2 tokenizer works.
+    "tiny": {**_GPT2_BOOK, "context_length": 128, "emb_dim": 128, "n_heads": 4, "n_layers": 4,
+             "drop_rate": 0.0, "tie_weights": True},
+}
+
+
+@dataclass(frozen=True)
+class ResolvedComponent:
+    """A slot after lookup: the registry entry and its validated params."""
+
+    slot: str
+    entry: ComponentEntry
+    params: BaseModel
+
+    def build(self, ctx: Any) -> Any:
+        return self.entry.factory(ctx, self.params)
+
+
+def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict) and k != "params":
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "<root>"
+
+
+def _problems(err: ValidationError, prefix: tuple[Any, ...] = ()) -> list[tuple[str, str]]:
+    out = []
+    for e in err.errors():
+        reason = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            reason = "unknown field (misspelt? `minigpt schema` lists every field)"
+        out.append((_path(prefix + tuple(e["loc"])), reason))
+    return out
+
+
+def parse_spec(data: Mapping[str, Any], source: str | None = None,
+               registry: ComponentRegistry | None = None) -> ExperimentSpec:
+    """Validate a raw mapping (a parsed TOML file) into a spec, applying its preset first."""
+    data = dict(data)
+    preset = data.get("preset")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise SpecError([("preset", f"unknown preset {preset!r}; presets are: {', '.join(PRESETS)}")], source)
+        model = data.get("model", {})
+        if not isinstance(model, Mapping):
+            raise SpecError([("model", "must be a table")], source)
+        data["model"] = _deep_merge(PRESETS[preset], model)
+    try:
+        spec = ExperimentSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(_problems(err), source) from None
+    resolve_components(spec, registry, source=source)
+    return spec
+
+
+def load_spec(path: str | Path, registry: ComponentRegistry | None = None,
+              overrides: list[str] | None = None) -> ExperimentSpec:
+    """Read, merge (preset, then ``--set key=value`` overrides) and fully validate a TOML spec."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError([("<file>", f"no such experiment file: {path}")]) from None
+    except OSError as exc:
+        raise SpecError([("<file>", f"cannot read {path}: {exc.strerror}")]) from None
+    try:
+        data = _toml.loads(text)
+    except _toml.TOMLDecodeError as exc:
+        raise SpecError([("<file>", f"not valid TOML: {exc}")], str(path)) from None
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return parse_spec(data, source=str(path), registry=registry)
+
+
+def spec_from_preset(preset: str, registry: ComponentRegistry | None = None, **sections: Any) -> ExperimentSpec:
+    """Python counterpart of a TOML file: ``spec_from_preset("tiny", model={"n_layers": 2})``."""
+    return parse_spec({"preset": preset, "name": preset, **sections}, registry=registry)
+
+
+def dump_spec(spec: ExperimentSpec) -> str:
+    """The resolved spec as TOML; ``parse_spec(loads(dump_spec(s))) == s``."""
+    return _toml.dumps(spec.model_dump(mode="json", exclude_none=True))
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return _toml.loads(f"v = {text}")["v"]
+    except _toml.TOMLDecodeError:
+        return text  # a bare word is a string: --set model.attention.name=book.multihead
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides (values parsed as TOML, else as strings)."""
+    out = copy.deepcopy(dict(data))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise SpecError([(item, "an override must look like section.field=value, e.g. model.n_layers=4")])
+        parts = key.strip().split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise SpecError([(key, f"'{p}' is a value, not a table")])
+        node[parts[-1]] = _parse_scalar(raw.strip())
+    return out
+
+
+def resolve_components(spec: ExperimentSpec, registry: ComponentRegistry | None = None,
+                       source: str | None = None) -> dict[str, ResolvedComponent]:
+    """Look up every model slot and validate its params; raise one SpecError with all problems."""
+    from ._plugins import get_registry
+
+    registry = registry or get_registry()
+    problems: list[tuple[str, str]] = []
+    resolved: dict[str, ResolvedComponent] = {}
+    for slot in MODEL_SLOTS:
+        chosen: ComponentSlot = getattr(spec.model, slot)
+        path = ("model", slot)
+        if (slot, chosen.name) not in registry:
+            problems.append((_path(path + ("name",)), registry.unknown_message(slot, chosen.name)))
+            continue
+        entry = registry.get(slot, chosen.name)
+        try:
+            params = entry.make_params(chosen.params)
+        except ValidationError as err:
+            problems += _problems(err, path + ("params",))
+            continue
+        if entry.not_for_lm:
+            problems.append((_path(path + ("name",)),
+                             f"'{entry.name}' cannot be used in a language model: {entry.not_for_lm}"))
+            continue
+        if entry.check is not None:
+            try:
+                entry.check(spec.model, params)
+            except ValueError as exc:
+                problems.append((_path(path), f"{entry.name}: {exc}"))
+                continue
+        resolved[slot] = ResolvedComponent(slot, entry, params)
+    if problems:
+        raise SpecError(problems, source)
+    return resolved
