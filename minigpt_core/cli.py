@@ -160,7 +160,7 @@ def _load_command_modules() -> None:
     """Import modules that register further commands (kept lazy: torch-heavy imports)."""
     import importlib
 
-    for mod in ("minigpt_core.commands",):
+    for mod in ("minigpt_core.commands",):  # the package imports its command modules
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:

@@ -37,6 +37,8 @@ __all__ = [
     "dump_spec",
     "resolve_components",
     "apply_overrides",
+    "slot_field",
+    "iter_slots",
 ]
 
 
@@ -51,9 +53,17 @@ class ComponentSlot(_Strict):
     params: dict[str, Any] = Field(default_factory=dict, description="validated against the component's schema")
 
 
-def _slot(name: str, what: str) -> Any:
-    return Field(default_factory=lambda: ComponentSlot(name=name), description=what)
+def slot_field(default_name: str, description: str, kind: str | None = None) -> Any:
+    """A spec field naming a registered component of ``kind`` (default: the field's own name).
 
+    Every such field, in any section, is looked up and its params validated by
+    :func:`resolve_components`, so a new section only has to declare its slots.
+    """
+    return Field(default_factory=lambda: ComponentSlot(name=default_name), description=description,
+                 json_schema_extra={"component_kind": kind} if kind else None)
+
+
+_slot = slot_field
 
 # Slots of the model section, in the order they are resolved and reported.
 MODEL_SLOTS = ("attention", "norm", "activation", "feedforward", "positional", "block", "init")
@@ -233,21 +243,35 @@ def apply_overrides(data: Mapping[str, Any], overrides: list[str]) -> dict[str, 
     return out
 
 
+def iter_slots(node: BaseModel, prefix: tuple[str, ...] = ()):
+    """Yield (path, kind, slot) for every ComponentSlot field in a spec, depth first."""
+    for fname, finfo in type(node).model_fields.items():
+        value = getattr(node, fname)
+        if isinstance(value, ComponentSlot):
+            extra = finfo.json_schema_extra if isinstance(finfo.json_schema_extra, dict) else {}
+            yield prefix + (fname,), extra.get("component_kind") or fname, value
+        elif isinstance(value, BaseModel):
+            yield from iter_slots(value, prefix + (fname,))
+
+
 def resolve_components(spec: ExperimentSpec, registry: ComponentRegistry | None = None,
                        source: str | None = None) -> dict[str, ResolvedComponent]:
-    """Look up every model slot and validate its params; raise one SpecError with all problems."""
+    """Look up every slot of the spec and validate its params; raise one SpecError with all problems.
+
+    Returns the resolved slots keyed by dotted path without the ``model.`` prefix
+    (``attention``, ``norm``, ... ``tokenizer``, ``data.source``).
+    """
     from ._plugins import get_registry
 
     registry = registry or get_registry()
     problems: list[tuple[str, str]] = []
     resolved: dict[str, ResolvedComponent] = {}
-    for slot in MODEL_SLOTS:
-        chosen: ComponentSlot = getattr(spec.model, slot)
-        path = ("model", slot)
-        if (slot, chosen.name) not in registry:
-            problems.append((_path(path + ("name",)), registry.unknown_message(slot, chosen.name)))
+    for path, kind, chosen in iter_slots(spec):
+        key = ".".join(path[1:] if path[0] == "model" else path)
+        if (kind, chosen.name) not in registry:
+            problems.append((_path(path + ("name",)), registry.unknown_message(kind, chosen.name)))
             continue
-        entry = registry.get(slot, chosen.name)
+        entry = registry.get(kind, chosen.name)
         try:
             params = entry.make_params(chosen.params)
         except ValidationError as err:
@@ -263,7 +287,7 @@ def resolve_components(spec: ExperimentSpec, registry: ComponentRegistry | None 
             except ValueError as exc:
                 problems.append((_path(path), f"{entry.name}: {exc}"))
                 continue
-        resolved[slot] = ResolvedComponent(slot, entry, params)
+        resolved[key] = ResolvedComponent(key, entry, params)
     if problems:
         raise SpecError(problems, source)
     return resolved

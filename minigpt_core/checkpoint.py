@@ -1,0 +1,179 @@
+"""Model checkpoints: a directory with safetensors weights, the resolved spec and metadata.
+
+    CKPT/model.safetensors   weights (a tied output head is stored once, as tok_emb.weight)
+    CKPT/spec.toml           the resolved experiment spec: enough to rebuild the model
+    CKPT/meta.json           minigpt and plugin versions, and whatever the writer adds
+
+Every file is written to a temporary name and renamed into place, so a crash never
+leaves a half-written file under the real name. Loading never unpickles anything:
+safetensors, TOML and JSON only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import _toml
+from .errors import CheckpointError, MinigptError
+from .model import GPT, build_model
+from .registry import ComponentRegistry
+from .spec import ExperimentSpec, dump_spec, parse_spec
+
+__all__ = [
+    "WEIGHTS_FILE",
+    "SPEC_FILE",
+    "META_FILE",
+    "atomic_write_bytes",
+    "save_model",
+    "load_model",
+    "read_meta",
+    "model_state_for_saving",
+    "load_model_state",
+]
+
+WEIGHTS_FILE = "model.safetensors"
+SPEC_FILE = "spec.toml"
+META_FILE = "meta.json"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same directory, fsync, then rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _unwrap(model: torch.nn.Module) -> GPT:
+    # DDP wraps as .module, torch.compile as ._orig_mod: checkpoints hold the plain model's keys.
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    return model  # type: ignore[return-value]
+
+
+def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, each storage once (safetensors refuses shared tensors)."""
+    model = _unwrap(model)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if model.out_head.weight is model.tok_emb.weight:
+        state.pop("out_head.weight", None)
+    # Causal-mask buffers are rebuilt from the spec; storing them would only waste space.
+    return {k: v for k, v in state.items() if not k.endswith(".mask")}
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    model = _unwrap(model)
+    expected = model_state_for_saving(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"The weights in {source} do not fit the model its spec describes: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}. "
+            f"The checkpoint was probably written by a different spec or plugin version."
+        )
+    for k, v in state.items():
+        if expected[k].shape != v.shape:
+            raise CheckpointError(
+                f"{source}: tensor {k} has shape {tuple(v.shape)} but the model expects "
+                f"{tuple(expected[k].shape)}; the checkpoint does not match its spec."
+            )
+    model.load_state_dict(state, strict=False)
+
+
+def _plugin_versions(registry: ComponentRegistry | None) -> dict[str, str]:
+    from ._plugins import get_registry
+
+    reg = registry or get_registry()
+    return {p.name: f"{p.distribution or '-'} {p.version or '-'}" for p in reg.plugins}
+
+
+def save_model(model: torch.nn.Module, spec: ExperimentSpec, directory: str | Path,
+               meta: dict[str, Any] | None = None, registry: ComponentRegistry | None = None) -> Path:
+    """Write weights, spec and metadata into ``directory`` (created if needed)."""
+    from safetensors.torch import save
+
+    from . import __version__
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    full_meta = {"minigpt_version": __version__, "torch_version": torch.__version__,
+                 "plugins": _plugin_versions(registry), **(meta or {})}
+    # Weights first, metadata last: a directory whose meta.json exists is complete.
+    atomic_write_bytes(directory / WEIGHTS_FILE, save(model_state_for_saving(model)))
+    atomic_write_bytes(directory / SPEC_FILE, dump_spec(spec).encode("utf-8"))
+    atomic_write_bytes(directory / META_FILE, json.dumps(full_meta, indent=2).encode("utf-8"))
+    return directory
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / META_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{directory} is not a complete minigpt checkpoint: {META_FILE} is missing (the write "
+            f"was interrupted, or this is not a checkpoint directory)."
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is corrupt ({exc}); use an earlier checkpoint.") from None
+
+
+def load_spec_from_checkpoint(directory: str | Path, registry: ComponentRegistry | None = None) -> ExperimentSpec:
+    path = Path(directory) / SPEC_FILE
+    try:
+        data = _toml.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory} has no {SPEC_FILE}; it is not a minigpt checkpoint.") from None
+    except (_toml.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is corrupt ({exc}); use an earlier checkpoint.") from None
+    try:
+        return parse_spec(data, source=str(path), registry=registry)
+    except MinigptError as exc:
+        raise CheckpointError(
+            f"The spec stored in {directory} cannot be used here: {exc} (a plugin the run used may "
+            f"be missing; `minigpt plugins` lists what is installed)."
+        ) from None
+
+
+def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.parent} has no {path.name}; it is not a complete checkpoint.") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path} is truncated or corrupt ({exc}); use an earlier checkpoint or re-export it."
+        ) from None
+
+
+def load_model(directory: str | Path, registry: ComponentRegistry | None = None,
+               map_location: str | torch.device = "cpu") -> tuple[GPT, ExperimentSpec]:
+    """Rebuild the model from ``spec.toml`` and load ``model.safetensors`` into it."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"No checkpoint directory at {directory}.")
+    read_meta(directory)
+    spec = load_spec_from_checkpoint(directory, registry)
+    state = load_weights_file(directory / WEIGHTS_FILE)
+    model = build_model(spec, registry)
+    load_model_state(model, state, str(directory))
+    return model.to(map_location), spec

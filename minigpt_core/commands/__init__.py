@@ -1,0 +1,1 @@
+"""CLI commands beyond the core ones, one module each; importing a module registers its command(s)."""
