@@ -41,6 +41,8 @@ def _value(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_value(x) for x in v) + "]"
     if isinstance(v, Mapping):
+        if not v:
+            return "{}"
         return "{ " + ", ".join(f"{_key(k)} = {_value(x)}" for k, x in v.items()) + " }"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
@@ -50,8 +52,9 @@ def dumps(data: Mapping[str, Any]) -> str:
     lines: list[str] = []
 
     def emit(table: Mapping[str, Any], prefix: tuple[str, ...]) -> None:
-        scalars = {k: v for k, v in table.items() if v is not None and not isinstance(v, Mapping)}
-        tables = {k: v for k, v in table.items() if isinstance(v, Mapping)}
+        # Empty tables are written inline (`params = {}`) to keep files short.
+        scalars = {k: v for k, v in table.items() if v is not None and (not isinstance(v, Mapping) or not v)}
+        tables = {k: v for k, v in table.items() if isinstance(v, Mapping) and v}
         if prefix and (scalars or not tables):
             if lines:
                 lines.append("")
