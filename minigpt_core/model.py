@@ -112,6 +112,9 @@ class GPT(nn.Module):
             self.out_head.weight = self.tok_emb.weight
         components["init"].build(ctx)(self)
         self.supports_kv_cache = components["attention"].entry.has("kv_cache")
+        # Modules that add a training loss (e.g. a mixture-of-experts load-balancing term) set
+        # `self.aux_loss` in forward; found once here so the training step does no module walk.
+        self._aux_loss_modules = [m for m in self.modules() if m is not self and hasattr(m, "aux_loss")]
 
     def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         # idx: (B, T) token ids -> logits (B, T, vocab_size)
@@ -130,6 +133,11 @@ class GPT(nn.Module):
             kv_cache.advance(t)
         x = self.final_norm(x)
         return self.out_head(x)  # (B, T, V)
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Sum of the auxiliary losses the last forward pass produced, or None if no module adds one."""
+        losses = [m.aux_loss for m in self._aux_loss_modules if m.aux_loss is not None]
+        return torch.stack([l.float() for l in losses]).sum() if losses else None
 
     def new_kv_cache(self, max_len: int | None = None) -> KVCache:
         if not self.supports_kv_cache:
