@@ -23,11 +23,16 @@ class RefMultiHeadAttention(nn.Module):
 
     def forward(self, x):
         b, t, _ = x.shape
-        split = lambda y: y.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        q, k, v = split(self.W_query(x)), split(self.W_key(x)), split(self.W_value(x))
-        scores = (q @ k.transpose(2, 3)).masked_fill(self.mask.bool()[:t, :t], -torch.inf)
-        w = self.dropout(torch.softmax(scores / k.shape[-1] ** 0.5, dim=-1))
-        return self.out_proj((w @ v).transpose(1, 2).reshape(b, t, self.d_out))
+        keys = self.W_key(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        queries = self.W_query(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        values = self.W_value(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        attn_scores = queries @ keys.transpose(2, 3)
+        attn_scores.masked_fill_(self.mask.bool()[:t, :t], -torch.inf)
+        attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
+        attn_weights = self.dropout(attn_weights)
+        context_vec = (attn_weights @ values).transpose(1, 2)
+        context_vec = context_vec.contiguous().view(b, t, self.d_out)
+        return self.out_proj(context_vec)
 
 
 class RefLayerNorm(nn.Module):
@@ -38,14 +43,15 @@ class RefLayerNorm(nn.Module):
         self.shift = nn.Parameter(torch.zeros(emb_dim))
 
     def forward(self, x):
-        mean = x.mean(-1, keepdim=True)
-        var = x.var(-1, keepdim=True, unbiased=False)
-        return self.scale * (x - mean) / torch.sqrt(var + self.eps) + self.shift
+        mean = x.mean(dim=-1, keepdim=True)
+        var = x.var(dim=-1, keepdim=True, unbiased=False)
+        norm_x = (x - mean) / torch.sqrt(var + self.eps)
+        return self.scale * norm_x + self.shift
 
 
 class RefGELU(nn.Module):
     def forward(self, x):
-        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
 
 
 class RefFeedForward(nn.Module):
@@ -69,8 +75,12 @@ class RefTransformerBlock(nn.Module):
         self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
 
     def forward(self, x):
-        x = x + self.drop_shortcut(self.att(self.norm1(x)))
-        return x + self.drop_shortcut(self.ff(self.norm2(x)))
+        shortcut = x
+        x = self.drop_shortcut(self.att(self.norm1(x)))
+        x = x + shortcut
+        shortcut = x
+        x = self.drop_shortcut(self.ff(self.norm2(x)))
+        return x + shortcut
 
 
 class RefGPTModel(nn.Module):
@@ -85,9 +95,12 @@ class RefGPTModel(nn.Module):
 
     def forward(self, idx):
         t = idx.shape[1]
-        x = self.tok_emb(idx) + self.pos_emb(torch.arange(t, device=idx.device))
-        x = self.trf_blocks(self.drop_emb(x))
-        return self.out_head(self.final_norm(x))
+        tok_embeds = self.tok_emb(idx)
+        pos_embeds = self.pos_emb(torch.arange(t, device=idx.device))
+        x = self.drop_emb(tok_embeds + pos_embeds)
+        x = self.trf_blocks(x)
+        x = self.final_norm(x)
+        return self.out_head(x)
 
 
 def generate_text_simple(model, idx, max_new_tokens, context_size):

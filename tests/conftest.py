@@ -1,0 +1,35 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))  # tests/book_reference.py
+
+# The suite runs on 2 cores next to other work; one intra-op thread keeps timings stable.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def registry():
+    """A registry freshly loaded from the installed entry points (no shared state between tests)."""
+    from minigpt_core import load_registry
+
+    return load_registry()
+
+
+@pytest.fixture
+def minigpt_cli():
+    """Run the installed `minigpt` console script in a subprocess, as a user would."""
+    import subprocess
+
+    exe = Path(sys.executable).with_name("minigpt")
+
+    def run(*args, env=None, cwd=ROOT):
+        full_env = {**os.environ, **(env or {})}
+        return subprocess.run([str(exe), *args], capture_output=True, text=True, env=full_env, cwd=cwd,
+                              timeout=300)
+
+    return run
