@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -28,6 +28,9 @@ __all__ = [
     "ComponentSlot",
     "ModelSpec",
     "ExperimentSpec",
+    "DataSpec",
+    "TrainSpec",
+    "WandbSpec",
     "PRESETS",
     "MODEL_SLOTS",
     "ResolvedComponent",
@@ -112,12 +115,99 @@ class ModelSpec(_Strict):
         return self.emb_dim // self.n_heads
 
 
+class DataSpec(_Strict):
+    """Where training tokens come from and how they are cut into samples."""
+
+    source: ComponentSlot = slot_field("python-docs", "registered dataset that provides the text or tokens",
+                                       kind="dataset")
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of the token stream held out for validation")
+    split_block: int = Field(4096, gt=0, description="tokens per block of the train/validation split; "
+                             "blocks are assigned to validation evenly spaced, so the split is deterministic")
+    max_length: int | None = Field(None, gt=0, description="tokens per training sample (default model.context_length)")
+    stride: int | None = Field(None, gt=0, description="tokens between the starts of consecutive samples, as in "
+                               "the book's sliding window (default max_length: no overlap)")
+    shuffle: bool = Field(True, description="visit the samples of each epoch in a seeded random order")
+    cache_dir: str | None = Field(None, description="where tokenized text is cached "
+                                  "(default $MINIGPT_CACHE or ~/.cache/minigpt)")
+    workers: int = Field(0, ge=0, description="processes that tokenize text in parallel (0: one per CPU)")
+
+
+class TrainSpec(_Strict):
+    """The optimisation loop: budget, batch, optimiser, schedule, precision, evaluation, checkpoints."""
+
+    out_dir: str = Field("runs", description="runs are written to out_dir/<name>")
+    max_steps: int | None = Field(1000, gt=0, description="optimizer steps (training stops at max_steps or "
+                                  "max_tokens, whichever comes first)")
+    max_tokens: int | None = Field(None, gt=0, description="training tokens budget")
+    batch_size: int = Field(32, gt=0, description="sequences per optimizer step, over all processes and "
+                            "accumulation steps")
+    micro_batch_size: int | None = Field(None, gt=0, description="sequences per forward pass on each process "
+                                         "(default batch_size / processes: no gradient accumulation)")
+    lr: float = Field(6e-4, gt=0, description="peak learning rate")
+    min_lr: float | None = Field(None, ge=0, description="learning rate at the end of the decay (default lr / 10)")
+    warmup_steps: int = Field(100, ge=0, description="linear warm-up from 0 to lr")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warm-up")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay of matrices (not biases, norms)")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
+    grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this (0: no clipping)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast dtype (fp16 uses a "
+                                                       "gradient scaler and needs a GPU)")
+    device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    compile: bool = Field(False, description="torch.compile the model")
+    deterministic: bool = Field(False, description="deterministic kernels only (bitwise-reproducible on CPU)")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="with several processes (torchrun): "
+                                             "DistributedDataParallel or FSDP2 fully_shard")
+    threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")
+    log_every: int = Field(10, gt=0, description="log train metrics every N steps")
+    eval_every: int = Field(200, ge=0, description="evaluate every N steps (0: only at the end)")
+    eval_batches: int = Field(10, gt=0, description="validation batches (of batch_size sequences) per evaluation")
+    sample_every: int = Field(200, ge=0, description="generate a text sample every N steps (0: only at the end)")
+    sample_prompt: str = Field("The", description="prompt of the generated samples")
+    sample_tokens: int = Field(64, ge=0, description="tokens per generated sample (0: no samples)")
+    sample_temperature: float = Field(0.8, ge=0, description="sampling temperature (0: greedy)")
+    sample_top_k: int | None = Field(40, gt=0, description="sample among the k most likely tokens")
+    save_every: int = Field(500, ge=0, description="write a checkpoint every N steps (0: only at the end)")
+    keep_last: int = Field(2, gt=0, description="checkpoints kept besides the best one")
+    keep_best: bool = Field(True, description="also keep the checkpoint with the lowest validation loss")
+    peak_flops: float | None = Field(None, gt=0, description="device peak FLOP/s for MFU (default: measured)")
+
+    @model_validator(mode="after")
+    def _micro_batch_divides(self) -> "TrainSpec":
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
+                f"({self.micro_batch_size}): each optimizer step accumulates whole micro-batches"
+            )
+        if self.min_lr is not None and self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        return self
+
+
+class WandbSpec(_Strict):
+    """Weights & Biases run settings; WANDB_MODE in the environment overrides ``mode``."""
+
+    mode: Literal["offline", "online", "disabled"] = Field("offline", description="offline needs no account "
+                                                           "(upload later with `wandb sync`)")
+    project: str = Field("minigpt", description="W&B project")
+    entity: str | None = Field(None, description="W&B user or team (default: the account's default)")
+    group: str | None = Field(None, description="groups related runs, e.g. an ablation")
+    job_type: str = Field("train", description="W&B job type")
+    tags: list[str] = Field(default_factory=list, description="W&B tags")
+
+
 class ExperimentSpec(_Strict):
     name: str = Field("experiment", description="run name (also the W&B run name)")
     description: str = Field("", description="free text")
     preset: str | None = Field(None, description="preset this spec started from (informative once resolved)")
     seed: int = Field(123, description="torch.manual_seed before the model is built")
     model: ModelSpec = Field(default_factory=ModelSpec)
+    tokenizer: ComponentSlot = slot_field("gpt2", "tokenizer that turns text into token ids", kind="tokenizer")
+    init_from: str | None = Field(None, description="start from these weights instead of the init scheme: "
+                                  "'hf:PATH_OR_HUB_ID' (Hugging Face GPT-2) or a minigpt checkpoint directory")
+    data: DataSpec = Field(default_factory=DataSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    wandb: WandbSpec = Field(default_factory=WandbSpec)
 
 
 _GPT2_BOOK = {"vocab_size": 50257, "context_length": 1024, "drop_rate": 0.1, "qkv_bias": False}
