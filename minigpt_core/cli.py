@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
 import warnings
@@ -50,7 +51,6 @@ def _plugins(args) -> int:
     _print_table(rows, ["plugin", "distribution", "version", "components", "module"])
     for f in reg.failures:
         print(f"\nFAILED: {f.message()}")
-    import os
     if os.environ.get(PLUGINS_ENV_VAR) is not None:
         print(f"\n({PLUGINS_ENV_VAR}={os.environ[PLUGINS_ENV_VAR]!r} restricts loading)")
     return 0

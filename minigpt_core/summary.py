@@ -52,18 +52,19 @@ def summarize(model: GPT) -> ParameterSummary:
     rows = [("token embedding", "nn.Embedding", count_parameters(model.tok_emb), 1)]
     if model.pos_emb is not None:
         rows.append(("positional", s.positional.name, count_parameters(model.pos_emb), 1))
-    per_block = count_parameters(first)
-    named = {id(m) for m in (getattr(first, a, None) for a in ("att", "ff", "norm1", "norm2")) if m is not None}
-    if hasattr(first, "att"):
-        rows.append(("attention", s.attention.name, count_parameters(first.att), s.n_layers))
-    if hasattr(first, "ff"):
-        rows.append(("feedforward", s.feedforward.name, count_parameters(first.ff), s.n_layers))
-    norms = [getattr(first, a) for a in ("norm1", "norm2") if getattr(first, a, None) is not None]
+    parts = {"attention": ("att", s.attention.name), "feedforward": ("ff", s.feedforward.name)}
+    accounted = 0
+    for part, (attr, comp) in parts.items():
+        n = count_parameters(getattr(first, attr, None))
+        if n:
+            rows.append((part, comp, n, s.n_layers))
+            accounted += n
+    norms = sum(count_parameters(getattr(first, a, None)) for a in ("norm1", "norm2"))
     if norms:
-        rows.append(("block norms", s.norm.name, sum(count_parameters(n) for n in norms), s.n_layers))
-    rest = per_block - sum(count_parameters(m) for m in first.children() if id(m) in named)
-    if rest:
-        rows.append(("other block params", s.block.name, rest, s.n_layers))
+        rows.append(("block norms", s.norm.name, norms, s.n_layers))
+        accounted += norms
+    if count_parameters(first) > accounted:  # a layout with parts of its own (e.g. extra gates)
+        rows.append(("other block params", s.block.name, count_parameters(first) - accounted, s.n_layers))
     rows.append(("final norm", s.norm.name, count_parameters(model.final_norm), 1))
     tied = model.out_head.weight is model.tok_emb.weight
     head = 0 if tied else count_parameters(model.out_head)
