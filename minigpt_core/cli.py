@@ -104,8 +104,8 @@ def _components(args) -> int:
 
 
 # -- validate / summary / schema ----------------------------------------------------------
-def _file_args(p):
-    p.add_argument("file", help="experiment TOML file")
+def _file_args(p, what: str = "experiment TOML file"):
+    p.add_argument("file", help=what)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, e.g. --set model.n_layers=4 (repeatable)")
 
@@ -122,13 +122,26 @@ def _validate(args) -> int:
     return 0
 
 
+def _summary_args(p):
+    _file_args(p, "experiment TOML file, or a checkpoint directory (its spec.toml)")
+
+
 @command("summary", "per-component and total parameter counts and training FLOPs per token")
-@arguments(_file_args)
+@arguments(_summary_args)
 def _summary(args) -> int:
+    from pathlib import Path
+
+    from .checkpoint import SPEC_FILE
+    from .errors import CheckpointError
     from .spec import load_spec
     from .summary import summarize_spec
 
-    spec = load_spec(args.file, overrides=args.overrides)
+    path = Path(args.file)
+    if path.is_dir():  # a checkpoint directory: its resolved spec describes the model
+        if not (path / SPEC_FILE).is_file():
+            raise CheckpointError(f"{path} is a directory without {SPEC_FILE}; it is not a minigpt checkpoint.")
+        path = path / SPEC_FILE
+    spec = load_spec(path, overrides=args.overrides)
     print(f"{spec.name} ({args.file})")
     print(summarize_spec(spec).format())
     return 0

@@ -1,1 +1,2 @@
 """CLI commands beyond the core ones, one module each; importing a module registers its command(s)."""
+from . import hf  # noqa: F401  import-hf, export-hf
