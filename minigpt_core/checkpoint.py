@@ -66,10 +66,14 @@ def _unwrap(model: torch.nn.Module) -> GPT:
     return model  # type: ignore[return-value]
 
 
-def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Contiguous CPU tensors, each storage once (safetensors refuses shared tensors)."""
+def model_state_for_saving(model: torch.nn.Module,
+                           state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, each storage once (safetensors refuses shared tensors).
+
+    ``state`` replaces ``model.state_dict()``, e.g. the full state gathered from FSDP shards.
+    """
     model = _unwrap(model)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in (state or model.state_dict()).items()}
     if model.out_head.weight is model.tok_emb.weight:
         state.pop("out_head.weight", None)
     # Causal-mask buffers are rebuilt from the spec; storing them would only waste space.
@@ -105,8 +109,12 @@ def _plugin_versions(registry: ComponentRegistry | None) -> dict[str, str]:
 
 
 def save_model(model: torch.nn.Module, spec: ExperimentSpec, directory: str | Path,
-               meta: dict[str, Any] | None = None, registry: ComponentRegistry | None = None) -> Path:
-    """Write weights, spec and metadata into ``directory`` (created if needed)."""
+               meta: dict[str, Any] | None = None, registry: ComponentRegistry | None = None,
+               state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write weights, spec and metadata into ``directory`` (created if needed).
+
+    ``state``: the weights to write instead of ``model.state_dict()`` (see model_state_for_saving).
+    """
     from safetensors.torch import save
 
     from . import __version__
@@ -116,7 +124,7 @@ def save_model(model: torch.nn.Module, spec: ExperimentSpec, directory: str | Pa
     full_meta = {"minigpt_version": __version__, "torch_version": torch.__version__,
                  "plugins": _plugin_versions(registry), **(meta or {})}
     # Weights first, metadata last: a directory whose meta.json exists is complete.
-    atomic_write_bytes(directory / WEIGHTS_FILE, save(model_state_for_saving(model)))
+    atomic_write_bytes(directory / WEIGHTS_FILE, save(model_state_for_saving(model, state)))
     atomic_write_bytes(directory / SPEC_FILE, dump_spec(spec).encode("utf-8"))
     atomic_write_bytes(directory / META_FILE, json.dumps(full_meta, indent=2).encode("utf-8"))
     return directory

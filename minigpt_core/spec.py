@@ -181,6 +181,8 @@ class TrainSpec(_Strict):
             )
         if self.min_lr is not None and self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.max_steps is None and self.max_tokens is None:
+            raise ValueError("set a training budget: max_steps, max_tokens or both")
         return self
 
 

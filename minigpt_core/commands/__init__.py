@@ -1,2 +1,3 @@
 """CLI commands beyond the core ones, one module each; importing a module registers its command(s)."""
 from . import hf  # noqa: F401  import-hf, export-hf
+from . import train  # noqa: F401  train, sample, eval, prepare

@@ -1,0 +1,210 @@
+"""``minigpt train``, ``sample``, ``eval`` and ``prepare``."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+from ..cli import arguments, command
+from ..errors import MinigptError
+
+__all__ = ["source_slot"]
+
+
+def source_slot(source: str, params: list[str] | None = None) -> dict:
+    """A data.source slot from a command-line SOURCE: a dataset name, a shards directory or text paths."""
+    from .._plugins import get_registry
+    from ..data import is_shard_dir
+    from ..spec import apply_overrides
+
+    extra = apply_overrides({}, params or [])
+    if ("dataset", source) in get_registry():
+        return {"name": source, "params": extra}
+    if is_shard_dir(source):
+        return {"name": "shards", "params": {"path": source, **extra}}
+    return {"name": "text", "params": {"paths": [source], **extra}}
+
+
+# -- train --------------------------------------------------------------------------------
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="experiment TOML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field, e.g. --set train.lr=3e-4 --set model.n_layers=4 (repeatable)")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                   help="continue the experiment's latest run exactly (or the given run or checkpoint)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in CI logs)")
+
+
+@command("train", "train the experiment's model, with checkpoints and W&B / JSONL logging (torchrun for several processes)")
+@arguments(_train_args)
+def _train(args) -> int:
+    from ..spec import load_spec
+    from ..train import train
+
+    spec = load_spec(args.file, overrides=args.overrides)
+    result = train(spec, resume=args.resume, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    print()
+    if result.val_loss is not None:
+        verdict = "below" if result.val_loss < result.unigram_entropy else "NOT below"
+        print(f"validation loss {result.val_loss:.4f} nats/token (perplexity {math.exp(min(result.val_loss, 50)):.2f}), "
+              f"{verdict} the unigram entropy {result.unigram_entropy:.4f} "
+              f"({result.unigram_entropy - result.val_loss:+.4f}: what the model learnt from context)")
+    if result.sample is not None:
+        print(f"sample after step {result.step}: {(spec.train.sample_prompt + result.sample)!r}")
+    print(f"run directory: {result.run_dir} (metrics in {result.run_dir / 'metrics.jsonl'})")
+    if result.checkpoint is not None:
+        print(f"checkpoint:    {result.checkpoint}" + (f" (best: {result.best_checkpoint})"
+                                                        if result.best_checkpoint else ""))
+        print(f"  minigpt sample {result.checkpoint} --prompt {spec.train.sample_prompt!r}")
+    if result.wandb_dir is not None:
+        where = "offline run" if result.wandb_mode == "offline" else "run (synced online)"
+        print(f"W&B {where}: {result.wandb_dir}")
+        if result.wandb_mode == "offline":
+            print(f"  upload it with: wandb sync {result.wandb_dir}")
+    if result.interrupted:
+        print(f"interrupted at step {result.step}; continue with: minigpt train {args.file} --resume "
+              f"{result.checkpoint or ''}".rstrip())
+        return 130
+    return 0
+
+
+# -- sample -------------------------------------------------------------------------------
+def _load_for_inference(path: str, device: str, prefer: str = "best"):
+    from ..checkpoint import load_model, read_meta
+    from ..tokenizers import build_tokenizer, tokenizer_from_state
+    from ..train import resolve_checkpoint, select_device
+
+    ckpt = resolve_checkpoint(path, prefer=prefer)
+    dev = select_device(device)
+    model, spec = load_model(ckpt, map_location=dev)
+    state = read_meta(ckpt).get("tokenizer")
+    tokenizer = tokenizer_from_state(state) if state else build_tokenizer(spec)
+    return ckpt, model, spec, tokenizer, dev
+
+
+def _sample_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="checkpoint directory, or a run / experiment directory (its best checkpoint)")
+    p.add_argument("--prompt", default="", help="text to continue (default: start from end-of-text)")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: a different sample each time)")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--device", default="auto")
+
+
+@command("sample", "generate text from a checkpoint")
+@arguments(_sample_args)
+def _sample(args) -> int:
+    import torch
+
+    from ..generate import generate
+
+    if args.max_new_tokens < 0 or args.temperature < 0 or args.num_samples < 1:
+        raise MinigptError("--max-new-tokens and --temperature must be >= 0 and --num-samples >= 1.")
+    ckpt, model, spec, tokenizer, device = _load_for_inference(args.checkpoint, args.device)
+    prompt = tokenizer.encode(args.prompt) if args.prompt else []
+    if not prompt:
+        prompt = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
+    gen = torch.Generator(device)
+    gen.manual_seed(args.seed) if args.seed is not None else gen.seed()
+    idx = torch.tensor([prompt[-spec.model.context_length:]] * args.num_samples, device=device)
+    out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, eos_id=None, generator=gen)
+    print(f"# {ckpt}", file=sys.stderr)
+    for i, row in enumerate(out.tolist()):
+        if i:
+            print("\n" + "-" * 40)
+        print(args.prompt + tokenizer.decode(row[idx.shape[1]:]))
+    return 0
+
+
+# -- eval ---------------------------------------------------------------------------------
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="checkpoint directory, or a run / experiment directory (its best checkpoint)")
+    p.add_argument("--data", default=None, metavar="SOURCE",
+                   help="evaluate on all of this instead of the run's validation split: a dataset name, a "
+                        "shards directory or text files / a glob")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="params of the --data source")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+
+
+@command("eval", "validation loss and perplexity of a checkpoint (on its run's validation split or other data)")
+@arguments(_eval_args)
+def _eval(args) -> int:
+    import numpy as np
+
+    from ..checkpoint import read_meta
+    from ..data import TokenCorpus, load_tokens, load_training_data, sample_length, window_starts
+    from ..spec import parse_spec
+    from ..train.evaluate import eval_windows, evaluate
+
+    ckpt, model, spec, tokenizer, device = _load_for_inference(args.checkpoint, args.device)
+    state = read_meta(ckpt).get("tokenizer")
+    if args.data is None:
+        data = load_training_data(spec, tokenizer_state=state)
+        corpus, starts, length = data.split.corpus, data.split.val, data.split.length
+        what = f"the validation split of {data.source}"
+    else:
+        raw = spec.model_dump(mode="json", exclude_none=True)
+        raw["data"]["source"] = source_slot(args.data, args.param)
+        other = parse_spec(raw)
+        _, shards, desc = load_tokens(other, tokenizer_state=state)
+        length = sample_length(other) + 1
+        corpus = TokenCorpus(shards.parts)
+        segments = [(int(corpus.offsets[i]), int(corpus.offsets[i + 1])) for i in range(len(shards.parts))]
+        starts = window_starts(segments, length, length - 1)
+        what = desc
+        if len(starts) == 0:
+            raise MinigptError(f"{args.data} holds {corpus.n_tokens} tokens, fewer than one window of {length}.")
+    if args.max_windows:
+        starts = starts[eval_windows(len(starts), args.max_windows)]
+    loss = evaluate(model, corpus, np.asarray(starts), length, micro_batch=args.batch_size, device=device,
+                    precision=args.precision)
+    print(f"{ckpt} on {what}: {len(starts):,} windows of {length - 1} tokens")
+    print(f"loss {loss:.4f} nats/token, perplexity {math.exp(min(loss, 50)):.3f}")
+    return 0
+
+
+# -- prepare ------------------------------------------------------------------------------
+def _prepare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="a dataset name (python-docs, hf, ...) or text files / a glob ('data/*.txt')")
+    p.add_argument("out", help="new output directory for the shards")
+    p.add_argument("--tokenizer", default="gpt2", help="registered tokenizer (default gpt2)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="params of the source")
+    p.add_argument("--workers", type=int, default=0, help="tokenizing processes (0: one per CPU)")
+    p.add_argument("--shard-tokens", type=int, default=1 << 28, help="tokens per shard file (default 2^28)")
+
+
+@command("prepare", "tokenize a text source into uint16 memory-mapped shards for training (dataset 'shards')")
+@arguments(_prepare_args)
+def _prepare(args) -> int:
+    from ..data import build_source, write_shards
+    from ..data.pipeline import text_tokenizer
+    from ..data.sources import TokenSource
+    from ..spec import parse_spec
+
+    if args.workers < 0 or args.shard_tokens <= 0:
+        raise MinigptError("--workers must be >= 0 and --shard-tokens > 0.")
+    # The model section only has to admit the tokenizer's vocabulary; nothing is built.
+    spec = parse_spec({"tokenizer": {"name": args.tokenizer}, "model": {"vocab_size": 1 << 30},
+                       "data": {"source": source_slot(args.source, args.param)}})
+    source = build_source(spec)
+    if isinstance(source, TokenSource):
+        raise MinigptError(f"{args.source} is already tokenized; `minigpt prepare` reads text sources.")
+    tokenizer = text_tokenizer(spec, source)
+    shards = write_shards(source.documents(), tokenizer, Path(args.out), shard_tokens=args.shard_tokens,
+                          workers=args.workers, progress=True, source=source.describe())
+    print(f"{shards.n_tokens:,} tokens of {shards.meta['documents']:,} documents in {len(shards.parts)} shard(s) "
+          f"({shards.meta['dtype']}) under {args.out}, tokenizer {tokenizer.name}")
+    print(f"train on them with: [data.source] name = \"shards\", params = {{ path = \"{args.out}\" }}")
+    return 0

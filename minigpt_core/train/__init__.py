@@ -1,0 +1,42 @@
+"""Training: the loop, optimizer and schedule, checkpoints and exact resume, loggers, several processes."""
+
+from __future__ import annotations
+
+from .device import DeviceError, autocast, select_device
+from .distributed import DistEnv, init_distributed, wrap_model
+from .evaluate import evaluate, lm_loss
+from .flops import measure_matmul_peak, mfu
+from .loggers import ConsoleLogger, JsonlLogger, Logger, MultiLogger, WandbLogger
+from .optim import build_optimizer, lr_at, param_groups
+from .state import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .trainer import TrainResult, Trainer, experiment_dir, train, unigram_entropy
+
+__all__ = [
+    "DeviceError",
+    "select_device",
+    "autocast",
+    "DistEnv",
+    "init_distributed",
+    "wrap_model",
+    "evaluate",
+    "lm_loss",
+    "measure_matmul_peak",
+    "mfu",
+    "Logger",
+    "JsonlLogger",
+    "ConsoleLogger",
+    "WandbLogger",
+    "MultiLogger",
+    "param_groups",
+    "build_optimizer",
+    "lr_at",
+    "save_checkpoint",
+    "load_checkpoint",
+    "list_checkpoints",
+    "resolve_checkpoint",
+    "Trainer",
+    "TrainResult",
+    "train",
+    "experiment_dir",
+    "unigram_entropy",
+]

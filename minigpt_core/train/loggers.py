@@ -1,0 +1,162 @@
+"""Where metrics go: one small interface, three implementations (jsonl, console, wandb).
+
+The JSONL log in the run directory always receives everything, so nothing is lost when W&B is
+unreachable or disabled; W&B gets the same metrics plus the generated samples as a table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from ..errors import MinigptError
+from ..spec import WandbSpec
+
+__all__ = ["Logger", "JsonlLogger", "ConsoleLogger", "WandbLogger", "MultiLogger", "wandb_mode", "METRICS_FILE"]
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class Logger:
+    """Receives metrics (``{"train/loss": 2.1, ...}`` at an optimizer step) and text samples."""
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        raise NotImplementedError
+
+    def log_sample(self, step: int, prompt: str, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class JsonlLogger(Logger):
+    """Appends one JSON object per call to ``metrics.jsonl``; flushed at once, so a crash loses nothing."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._f.flush()
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        # NaN/inf are not JSON: written as null, so the file stays parseable.
+        clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in metrics.items()}
+        self._write({"step": step, "time": round(time.time(), 3), **clean})
+
+    def log_sample(self, step: int, prompt: str, text: str) -> None:
+        self._write({"step": step, "time": round(time.time(), 3), "sample/prompt": prompt, "sample/text": text})
+
+    def event(self, step: int, **fields: Any) -> None:
+        """A non-metric record (run started, resumed, interrupted)."""
+        self._write({"step": step, "time": round(time.time(), 3), **fields})
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class ConsoleLogger(Logger):
+    """Prints evaluation results and samples (the progress bar shows the per-step loss)."""
+
+    def __init__(self, write: Callable[[str], None] = print):
+        self.write = write
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        if "val/loss" in metrics:
+            self.write(f"step {step}: val loss {metrics['val/loss']:.4f}, perplexity "
+                       f"{metrics['val/perplexity']:.2f}"
+                       + (f", train loss {metrics['train/loss']:.4f}" if "train/loss" in metrics else ""))
+
+    def log_sample(self, step: int, prompt: str, text: str) -> None:
+        self.write(f"step {step} sample: {(prompt + text)!r}")
+
+
+_MODES = {"online": "online", "offline": "offline", "disabled": "disabled", "dryrun": "offline", "run": "online"}
+
+
+def wandb_mode(spec: WandbSpec) -> str:
+    """The spec's mode unless WANDB_MODE is set in the environment."""
+    env = os.environ.get("WANDB_MODE")
+    if env is None or env == "":
+        return spec.mode
+    if env not in _MODES:
+        raise MinigptError(f"WANDB_MODE={env!r} is not a W&B mode; use online, offline or disabled "
+                           f"(or unset it to use wandb.mode from the experiment file).")
+    return _MODES[env]
+
+
+class WandbLogger(Logger):
+    """A real ``wandb`` run (offline by default: no account needed, `wandb sync` uploads later)."""
+
+    def __init__(self, spec: WandbSpec, *, name: str, run_dir: Path, config: dict[str, Any],
+                 run_id: str | None = None):
+        import wandb
+
+        self.mode = wandb_mode(spec)
+        try:
+            self.run = wandb.init(
+                project=spec.project, entity=spec.entity, name=name, group=spec.group, job_type=spec.job_type,
+                tags=list(spec.tags) or None, config=config, dir=str(run_dir), mode=self.mode,
+                id=run_id, resume="allow" if run_id else None,
+                # console="off": W&B must not wrap stdout/stderr, the progress bar owns the terminal.
+                settings=wandb.Settings(console="off", silent=True, save_code=False),
+            )
+        except Exception as exc:  # wandb raises many types (auth, network, usage)
+            hint = (" Log in with `wandb login`, or use wandb.mode = \"offline\"." if self.mode == "online"
+                    else "")
+            raise MinigptError(f"Weights & Biases could not start a {self.mode} run: {type(exc).__name__}: "
+                               f"{exc}.{hint} Metrics are still written to {METRICS_FILE}.") from None
+        self._wandb = wandb
+        self._samples: list[list[Any]] = []
+
+    @property
+    def run_id(self) -> str:
+        return self.run.id
+
+    @property
+    def directory(self) -> Path | None:
+        """The run's local directory (offline-run-...), where `wandb sync` reads it from."""
+        return None if self.mode == "disabled" else Path(self.run.dir).parent
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        self.run.log(dict(metrics), step=step)
+
+    def log_sample(self, step: int, prompt: str, text: str) -> None:
+        # A table logged again with all rows so far: W&B shows the latest version of it.
+        self._samples.append([step, prompt, text])
+        self.run.log({"samples": self._wandb.Table(columns=["step", "prompt", "text"], data=self._samples)},
+                     step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MultiLogger(Logger):
+    def __init__(self, loggers: list[Logger]):
+        self.loggers = loggers
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        for logger in self.loggers:
+            logger.log(metrics, step)
+
+    def log_sample(self, step: int, prompt: str, text: str) -> None:
+        for logger in self.loggers:
+            logger.log_sample(step, prompt, text)
+
+    def close(self) -> None:
+        errors = []
+        for logger in self.loggers:
+            try:
+                logger.close()
+            except Exception as exc:  # one failing sink must not keep the others from closing
+                errors.append(exc)
+        if errors:
+            print(f"warning: a logger failed to close: {errors[0]}", file=sys.stderr)

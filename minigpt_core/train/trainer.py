@@ -1,0 +1,500 @@
+"""The training loop: from a spec to a trained, checkpointed, logged model.
+
+One code path for one process and for torchrun: every process builds the same model from the
+same seed, reads its share of each global batch (rank-sharded sampler), and only rank 0 logs
+and writes files. A global batch of ``train.batch_size`` sequences is split into
+``micro_batch_size`` pieces per process; gradients of the pieces are accumulated (without the
+all-reduce until the last one) and the loss is their mean, so the same spec gives the same
+optimisation with 1, 2 or N processes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import __version__
+from ..checkpoint import _plugin_versions, atomic_write_bytes, load_model_state
+from ..data import BatchSampler, load_training_data
+from ..errors import CheckpointError, MinigptError, SpecError
+from ..generate import generate
+from ..registry import ComponentRegistry
+from ..spec import ExperimentSpec, dump_spec, parse_spec
+from ..summary import summarize
+from .device import autocast, make_grad_scaler, select_device, set_deterministic
+from .distributed import DistEnv, gradient_sync, init_distributed, shutdown, wrap_model
+from .evaluate import eval_windows, evaluate, lm_loss
+from .flops import PRECISION_DTYPES, measure_matmul_peak, mfu
+from .loggers import METRICS_FILE, ConsoleLogger, JsonlLogger, Logger, MultiLogger, WandbLogger, wandb_mode
+from .optim import build_optimizer, lr_at
+from .state import CHECKPOINTS_DIR, LoadedState, load_checkpoint, resolve_checkpoint, save_checkpoint
+
+__all__ = ["TrainResult", "Trainer", "train", "experiment_dir", "unigram_entropy"]
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    checkpoint: Path | None
+    best_checkpoint: Path | None
+    val_loss: float | None
+    best_val_loss: float | None
+    unigram_entropy: float
+    sample: str | None
+    wandb_dir: Path | None
+    wandb_mode: str
+    interrupted: bool = False
+
+
+def experiment_dir(spec: ExperimentSpec) -> Path:
+    """Where the runs of this experiment go: train.out_dir/name (one sub-directory per run)."""
+    return Path(spec.train.out_dir).expanduser() / spec.name
+
+
+def unigram_entropy(parts: list[np.ndarray], n_vocab: int, max_tokens: int = 100_000_000) -> float:
+    """Entropy (nats) of the token frequencies: the loss of a model that ignores context."""
+    counts = np.zeros(n_vocab, dtype=np.int64)
+    seen = 0
+    for part in parts:
+        take = part[: max_tokens - seen]
+        counts += np.bincount(np.asarray(take), minlength=n_vocab)[:n_vocab]
+        seen += len(take)
+        if seen >= max_tokens:
+            break
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def _new_run_dir(spec: ExperimentSpec) -> Path:
+    base = experiment_dir(spec)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run, n = base / stamp, 1
+    while run.exists():
+        n += 1
+        run = base / f"{stamp}-{n}"
+    run.mkdir(parents=True)
+    return run
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # Windows
+        return math.nan
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _merge_resumed_spec(file_spec: ExperimentSpec, saved: ExperimentSpec, write: Callable[[str], None],
+                        registry: ComponentRegistry | None) -> ExperimentSpec:
+    """The checkpoint's model, tokenizer and data with the file's train and wandb sections."""
+    kept = ("model", "tokenizer", "data", "seed", "name")
+    differing = [k for k in kept if getattr(file_spec, k) != getattr(saved, k)]
+    if differing and file_spec.init_from is None:
+        write(f"note: resuming with the checkpoint's {', '.join(differing)} (the experiment file differs)")
+    data = saved.model_dump(mode="json", exclude_none=True)
+    data["train"] = file_spec.train.model_dump(mode="json", exclude_none=True)
+    data["wandb"] = file_spec.wandb.model_dump(mode="json", exclude_none=True)
+    return parse_spec(data, registry=registry)
+
+
+class Trainer:
+    """Set up with the constructor, run with :meth:`run`; see :func:`train`."""
+
+    def __init__(self, spec: ExperimentSpec, *, registry: ComponentRegistry | None = None,
+                 resume: str | Path | bool | None = None, progress: bool = True,
+                 write: Callable[[str], None] | None = None, loggers: list[Logger] | None = None):
+        self.registry = registry
+        self.progress = progress
+        t = spec.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        set_deterministic(t.deterministic)
+        self.device = select_device(t.device, int(os.environ.get("LOCAL_RANK", "0")))
+        self.env: DistEnv = init_distributed(self.device.type)
+        self._bar = None
+        self.write = write or self._print
+        self._stop = False
+
+        # -- where: a new run directory, or the run of the checkpoint we resume ---------------
+        self.loaded: LoadedState | None = None
+        if resume is not None and resume is not False:
+            target = experiment_dir(spec) if resume is True else Path(resume)
+            ckpt = resolve_checkpoint(target, prefer="latest")
+            self.loaded = load_checkpoint(ckpt)
+            saved = parse_spec(self._saved_spec_data(ckpt), source=str(ckpt), registry=registry)
+            spec = _merge_resumed_spec(spec, saved, self.write if self.env.is_main else (lambda s: None),
+                                       registry)
+            self.run_dir = ckpt.parent.parent
+        else:
+            self.run_dir = Path(self.env.broadcast(str(_new_run_dir(spec)) if self.env.is_main else None))
+
+        # -- model ---------------------------------------------------------------------------
+        if self.loaded is None:
+            from ..pretrained import load_init_from
+
+            model, spec = load_init_from(spec, registry)
+        else:
+            from ..model import build_model
+
+            model = build_model(spec, registry)
+            load_model_state(model, self.loaded.model_state, str(self.loaded.directory))
+        self.spec = spec
+        t = spec.train
+        self.flops_per_token = summarize(model).flops_per_token
+        self.n_params = sum(p.numel() for p in model.parameters())
+
+        # -- data ----------------------------------------------------------------------------
+        self.data = load_training_data(
+            spec, registry, tokenizer_state=self.loaded.meta.get("tokenizer") if self.loaded else None,
+            progress=progress and self.env.is_main, writer=self.env.is_main, barrier=self.env.barrier)
+        self.tokenizer = self.data.tokenizer
+        split = self.data.split
+        self.seq_len = split.length - 1
+
+        # -- batch geometry --------------------------------------------------------------------
+        world = self.env.world_size
+        micro = t.micro_batch_size or t.batch_size // world
+        if t.batch_size % (micro * world):
+            raise SpecError([("train.batch_size", f"{t.batch_size} sequences cannot be split into micro-batches "
+                              f"of {micro} on {world} process(es); make it a multiple of "
+                              f"{micro * world} or change train.micro_batch_size")])
+        self.micro_batch, self.accum = micro, t.batch_size // (micro * world)
+        self.tokens_per_step = t.batch_size * self.seq_len
+        budgets = [t.max_steps or math.inf,
+                   math.ceil(t.max_tokens / self.tokens_per_step) if t.max_tokens else math.inf]
+        self.total_steps = int(min(budgets))
+
+        # -- device, wrapping, optimizer -----------------------------------------------------------
+        self.model = model.to(self.device)  # the plain GPT: checkpoints, evaluation, sampling
+        self.wrapped = wrap_model(model, t.strategy, self.env, self.device)
+        self.fsdp = self.env.enabled and t.strategy == "fsdp"
+        self.forward = torch.compile(self.wrapped) if t.compile else self.wrapped
+        self.optimizer = build_optimizer(self.model, t, self.device)
+        self.scaler = make_grad_scaler(self.device, t.precision)
+        self.sampler = BatchSampler(len(split.train), t.batch_size, seed=spec.seed, shuffle=spec.data.shuffle,
+                                    rank=self.env.rank, world_size=world)
+        self.val_idx = eval_windows(len(split.val), t.eval_batches * t.batch_size, world)
+
+        self.step = 0
+        self.tokens = 0
+        self.best_val: float | None = None
+        self.best_step: int | None = None
+        self.last_val: float | None = None
+        self.last_sample: str | None = None
+        self.wandb_run_id: str | None = None
+        self.entropy: float | None = None
+        if self.loaded is not None:
+            self._restore(self.loaded)
+        else:
+            torch.manual_seed(spec.seed + self.env.rank)  # dropout streams differ between ranks
+        if self.entropy is None:
+            self.entropy = unigram_entropy(self.data.shards.parts, self.tokenizer.n_vocab)
+        self.peak_flops = t.peak_flops or self.env.broadcast(
+            measure_matmul_peak(self.device, PRECISION_DTYPES[t.precision], seconds=0.2)
+            if self.env.is_main else None)
+        self.loggers = MultiLogger(loggers if loggers is not None else self._default_loggers())
+
+    # -- set-up helpers ---------------------------------------------------------------------------
+    @staticmethod
+    def _saved_spec_data(ckpt: Path) -> dict[str, Any]:
+        from .. import _toml
+        from ..checkpoint import SPEC_FILE
+
+        return _toml.loads((ckpt / SPEC_FILE).read_text(encoding="utf-8"))  # hash-verified on load
+
+    def _print(self, text: str) -> None:
+        if not self.env.is_main:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def _restore(self, loaded: LoadedState) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        tr = loaded.trainer
+        self.step, self.tokens = tr["step"], tr["tokens"]
+        self.best_val, self.best_step = tr.get("best_val_loss"), tr.get("best_step")
+        self.last_val, self.wandb_run_id, self.entropy = tr.get("val_loss"), tr.get("wandb_run_id"), \
+            tr.get("unigram_entropy")
+        try:
+            self.sampler.load_state_dict(tr["sampler"])
+            set_optimizer_state_dict(self.model, self.optimizer, loaded.optimizer_state,
+                                     options=StateDictOptions(full_state_dict=self.fsdp))
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise CheckpointError(f"{loaded.directory} does not fit this run: {exc}. Resume with the "
+                                  f"experiment file (and --set overrides) the checkpoint was made with.") from None
+        if tr.get("scaler"):
+            self.scaler.load_state_dict(tr["scaler"])
+        mine = loaded.rng_states.get(self.env.rank)
+        if tr.get("world_size") == self.env.world_size and mine is not None:
+            torch.set_rng_state(mine["cpu"])
+            if "cuda" in mine and self.device.type == "cuda":
+                torch.cuda.set_rng_state(mine["cuda"], self.device)
+        else:
+            self.write(f"note: the checkpoint was written by {tr.get('world_size')} process(es), this run has "
+                       f"{self.env.world_size}; dropout random streams are re-seeded (the resume is not bitwise)")
+            torch.manual_seed(self.spec.seed + 7919 * self.step + self.env.rank)
+
+    def _config(self) -> dict[str, Any]:
+        return {**self.spec.model_dump(mode="json"), "plugins": _plugin_versions(self.registry),
+                "minigpt_version": __version__, "torch_version": torch.__version__,
+                "world_size": self.env.world_size, "device": str(self.device), "parameters": self.n_params,
+                "tokens_per_step": self.tokens_per_step, "micro_batch_size": self.micro_batch,
+                "grad_accumulation": self.accum, "data_source": self.data.source,
+                "tokenizer_vocab": self.tokenizer.n_vocab}
+
+    def _default_loggers(self) -> list[Logger]:
+        if not self.env.is_main:
+            return []
+        self.jsonl = JsonlLogger(self.run_dir / METRICS_FILE)
+        out: list[Logger] = [self.jsonl, ConsoleLogger(self.write)]
+        if wandb_mode(self.spec.wandb) != "disabled":
+            self.wandb = WandbLogger(self.spec.wandb, name=self.spec.name, run_dir=self.run_dir,
+                                     config=self._config(), run_id=self.wandb_run_id)
+            self.wandb_run_id = self.wandb.run_id
+            out.append(self.wandb)
+        return out
+
+    # -- one optimizer step -----------------------------------------------------------------------
+    def _batch(self) -> torch.Tensor:
+        idx = self.sampler.next_batch()  # this rank's windows of the global batch
+        windows = self.data.split.corpus.windows(self.data.split.train[idx], self.data.split.length)
+        return torch.from_numpy(windows).to(self.device, non_blocking=True)  # (B_local, T + 1)
+
+    def train_step(self) -> dict[str, float]:
+        t = self.spec.train
+        lr = lr_at(self.step, t, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batch = self._batch()
+        loss_sum = torch.zeros((), device=self.device)
+        aux_sum = None
+        for i in range(self.accum):
+            piece = batch[i * self.micro_batch:(i + 1) * self.micro_batch]
+            with gradient_sync(self.wrapped, t.strategy, sync=i == self.accum - 1):
+                with autocast(self.device, t.precision):
+                    logits = self.forward(piece[:, :-1])  # (B, T, V)
+                loss = lm_loss(logits, piece[:, 1:])
+                aux = self.model.aux_loss()  # e.g. a mixture-of-experts balance term, else None
+                total = loss if aux is None else loss + aux
+                self.scaler.scale(total / self.accum).backward()
+            loss_sum += loss.detach() / self.accum
+            if aux is not None:
+                aux_sum = (aux_sum if aux_sum is not None else 0) + aux.detach() / self.accum
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+            norm = norm.full_tensor()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += self.tokens_per_step
+        out = {"loss": loss_sum, "lr": lr, "grad_norm": norm}
+        if aux_sum is not None:
+            out["aux_loss"] = aux_sum
+        return out
+
+    # -- evaluation, samples, checkpoints -----------------------------------------------------------
+    def evaluate(self) -> float:
+        split = self.data.split
+        return evaluate(self.wrapped if self.fsdp else self.model, split.corpus, split.val[self.val_idx],
+                        split.length, micro_batch=self.micro_batch, device=self.device,
+                        precision=self.spec.train.precision, env=self.env)
+
+    def sample(self) -> str | None:
+        t = self.spec.train
+        if t.sample_tokens == 0 or not (self.env.is_main or self.fsdp):  # FSDP: every rank runs the forward
+            return None
+        try:
+            prompt = self.tokenizer.encode(t.sample_prompt)
+        except MinigptError as exc:
+            self.write(f"note: no sample: the prompt cannot be encoded ({exc})")
+            return None
+        if not prompt:
+            prompt = [self.tokenizer.eot_id or 0]
+        idx = torch.tensor([prompt[-self.spec.model.context_length:]], device=self.device)
+        gen = torch.Generator(self.device).manual_seed(self.spec.seed + self.step)  # training RNG untouched
+        model = self.wrapped if self.fsdp else self.model
+        with autocast(self.device, t.precision):
+            out = generate(model, idx, t.sample_tokens, temperature=t.sample_temperature, top_k=t.sample_top_k,
+                           generator=gen)
+        return self.tokenizer.decode(out[0, idx.shape[1]:].tolist())
+
+    def save(self) -> Path | None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        # FSDP: every rank takes part in gathering the full tensors; rank 0 writes.
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True) if self.fsdp else StateDictOptions()
+        model_state = get_model_state_dict(self.model, options=options) if self.fsdp else None
+        optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        rng = self.env.gather(_rng_state(self.device))
+        path = None
+        if self.env.is_main:
+            trainer = {
+                "tokens": self.tokens, "sampler": self.sampler.state_dict(), "val_loss": self.last_val,
+                "best_val_loss": self.best_val, "best_step": self.best_step, "wandb_run_id": self.wandb_run_id,
+                "world_size": self.env.world_size, "scaler": self.scaler.state_dict(),
+                "unigram_entropy": self.entropy, "total_steps": self.total_steps,
+                "schedule": {"lr": lr_at(max(self.step - 1, 0), self.spec.train, self.total_steps),
+                             "kind": self.spec.train.schedule, "warmup_steps": self.spec.train.warmup_steps},
+            }
+            meta = {"tokenizer": self.tokenizer.state(), "step": self.step, "val_loss": self.last_val}
+            path = save_checkpoint(
+                self.run_dir / CHECKPOINTS_DIR, self.step, model=self.model, spec=self.spec, model_state=model_state,
+                optimizer_state=optim_state, rng_states=rng, trainer=trainer, meta=meta, registry=self.registry,
+                keep_last=self.spec.train.keep_last, best_step=self.best_step if self.spec.train.keep_best else None)
+        self.env.barrier()
+        return path
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        def stop(signum, frame):
+            if self._stop and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            self._stop = True
+
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, stop)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return previous
+
+    def _due(self, every: int) -> bool:
+        return self.step == self.total_steps or (every > 0 and self.step % every == 0)
+
+    def run(self) -> TrainResult:
+        t = self.spec.train
+        from tqdm.auto import tqdm
+
+        if self.env.is_main:
+            atomic_write_bytes(self.run_dir / "spec.toml", dump_spec(self.spec).encode("utf-8"))
+            self.write(self.describe())
+            if hasattr(self, "jsonl"):
+                self.jsonl.event(self.step, event="resume" if self.loaded else "start", run_dir=str(self.run_dir))
+        if self.loaded is None:
+            self.loggers.log({"data/unigram_entropy": self.entropy}, step=0)
+        previous = self._install_signal_handlers()
+        self._bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                         disable=not (self.progress and self.env.is_main), file=sys.stderr, mininterval=1.0)
+        last_saved = self.step if self.loaded else None
+        window_start, window_tokens, paused = time.perf_counter(), 0, 0.0
+        try:
+            while self.step < self.total_steps:
+                if self.env.any(self._stop, self.device):
+                    break
+                stats = self.train_step()
+                window_tokens += self.tokens_per_step
+                self._bar.update(1)
+                metrics: dict[str, float] = {}
+                if self._due(t.log_every):
+                    loss = self.env.mean(stats["loss"]).item()  # .item(): waits for the device
+                    elapsed = time.perf_counter() - window_start - paused
+                    tok_s = window_tokens / max(elapsed, 1e-9)
+                    metrics = {"train/loss": loss, "train/lr": stats["lr"], "train/grad_norm": float(stats["grad_norm"]),
+                               "train/tokens_per_s": tok_s, "train/tokens": self.tokens,
+                               "train/epoch": self.sampler.epoch,
+                               "train/mfu": mfu(self.flops_per_token, tok_s, self.peak_flops * self.env.world_size),
+                               "train/peak_memory_mb": _peak_memory_mb(self.device)}
+                    if "aux_loss" in stats:
+                        metrics["train/aux_loss"] = self.env.mean(stats["aux_loss"]).item()
+                    self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+                    window_start, window_tokens, paused = time.perf_counter(), 0, 0.0
+                pause_start = time.perf_counter()
+                improved = False
+                if self._due(t.eval_every):
+                    self.last_val = self.evaluate()
+                    metrics.update({"val/loss": self.last_val, "val/perplexity": math.exp(min(self.last_val, 50))})
+                    if self.best_val is None or self.last_val < self.best_val:
+                        self.best_val, self.best_step, improved = self.last_val, self.step, True
+                if metrics:
+                    self.loggers.log(metrics, step=self.step)
+                if self._due(t.sample_every):
+                    text = self.sample()
+                    if text is not None and self.env.is_main:
+                        self.last_sample = text
+                        self.loggers.log_sample(self.step, t.sample_prompt, text)
+                if self._due(t.save_every) or (improved and t.keep_best):
+                    self.save()
+                    last_saved = self.step
+                paused += time.perf_counter() - pause_start
+            interrupted = self.step < self.total_steps
+            if interrupted and last_saved != self.step:
+                self.write(f"interrupted: saving a checkpoint at step {self.step}")
+                self.save()
+            if interrupted and self.env.is_main and hasattr(self, "jsonl"):
+                self.jsonl.event(self.step, event="interrupted")
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self._bar.close()
+            self._bar = None
+            self.loggers.close()
+        return self._result(interrupted)
+
+    def describe(self) -> str:
+        t, m = self.spec.train, self.spec.model
+        lines = [
+            f"run {self.run_dir} ({'resumed at step ' + str(self.step) if self.loaded else 'new'})",
+            f"model: {self.n_params:,} parameters ({m.n_layers} layers, emb {m.emb_dim}, {m.n_heads} heads, "
+            f"attention {m.attention.name}); tokenizer {self.tokenizer.name} ({self.tokenizer.n_vocab:,} ids)",
+            f"data: {self.data.source}: {self.data.split.describe()}",
+            f"training: {self.total_steps} steps of {t.batch_size} x {self.seq_len} tokens "
+            f"({self.micro_batch} per micro-batch x {self.accum} accumulation x {self.env.world_size} process(es)), "
+            f"{self.device} {t.precision}{', compiled' if t.compile else ''}",
+            f"unigram entropy of the data: {self.entropy:.3f} nats/token (the loss of a model that ignores context)",
+        ]
+        return "\n".join(lines)
+
+    def _result(self, interrupted: bool) -> TrainResult:
+        root = self.run_dir / CHECKPOINTS_DIR
+        ckpt = best = None
+        if self.env.is_main:
+            try:
+                ckpt = resolve_checkpoint(self.run_dir, prefer="latest")
+                best = resolve_checkpoint(self.run_dir, prefer="best") if (root / "best").exists() else None
+            except CheckpointError:
+                pass
+        wb = getattr(self, "wandb", None)
+        return TrainResult(self.run_dir, self.step, ckpt, best, self.last_val, self.best_val, self.entropy or math.nan,
+                           self.last_sample, wb.directory if wb else None, wandb_mode(self.spec.wandb), interrupted)
+
+
+def train(spec: ExperimentSpec, *, registry: ComponentRegistry | None = None, resume: str | Path | bool | None = None,
+          progress: bool = True, write: Callable[[str], None] | None = None) -> TrainResult:
+    """Train the spec's model; ``resume=True`` continues the experiment's latest run, a path that checkpoint."""
+    try:
+        trainer = Trainer(spec, registry=registry, resume=resume, progress=progress, write=write)
+        return trainer.run()
+    finally:
+        shutdown()
