@@ -1,3 +1,4 @@
 """CLI commands beyond the core ones, one module each; importing a module registers its command(s)."""
 from . import hf  # noqa: F401  import-hf, export-hf
+from . import check  # noqa: F401  check
 from . import train  # noqa: F401  train, sample, eval, prepare

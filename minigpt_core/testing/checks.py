@@ -1,0 +1,440 @@
+"""The conformance checks. Each takes a :class:`Subject` and raises CheckFailed (or CheckSkipped).
+
+A check declares the kinds it applies to and, where it depends on a declared capability, the
+capability; registering one with :func:`conformance_check` makes every matching component run
+it, in ``minigpt check`` and in ``parametrize_component_checks``.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..interop import attention_canonical_state, load_attention_canonical_state
+from ..model import LayerKVCache
+from ..registry import KINDS, ComponentEntry
+from ..spec import MODEL_SLOTS
+from .subject import MODULE_KINDS, SEQUENCE_KINDS, CheckSkipped, Subject
+
+__all__ = ["Check", "CHECKS", "conformance_check", "applicable_checks", "REFERENCE_ATTENTION"]
+
+# The attention the equivalence check compares against (the book's MultiHeadAttention).
+REFERENCE_ATTENTION = "book.multihead"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    description: str
+    fn: Callable[[Subject], None]
+    kinds: frozenset[str]
+    when: Callable[[ComponentEntry], bool] | None = None  # e.g. only attentions declaring 'causal'
+    for_lm: bool = False  # builds a language model: not for entries marked not_for_lm
+
+    def applies(self, entry: ComponentEntry) -> bool:
+        if entry.kind not in self.kinds:
+            return False
+        if self.name in entry.expected_failures:
+            return True  # run it, so a declared failure that stops happening is reported
+        if self.when is not None and not self.when(entry):
+            return False
+        return not (self.for_lm and entry.not_for_lm)
+
+
+CHECKS: dict[str, Check] = {}
+
+
+def conformance_check(name: str, description: str, kinds: Iterable[str], *,
+                      when: Callable[[ComponentEntry], bool] | None = None, for_lm: bool = False):
+    """Register a check function; every registered component of ``kinds`` runs it from then on.
+
+    ``when`` narrows it to entries that declare something (a capability); ``for_lm`` skips
+    components marked not for language models. A check that an entry lists in its
+    ``expected_failures`` always runs on it, so a fixed failure shows up as an unexpected pass.
+    """
+    def wrap(fn: Callable[[Subject], None]) -> Callable[[Subject], None]:
+        if name in CHECKS:
+            raise ValueError(f"a conformance check named {name!r} already exists")
+        CHECKS[name] = Check(name, description, fn, frozenset(kinds), when, for_lm)
+        return fn
+    return wrap
+
+
+def _declares(capability: str) -> Callable[[ComponentEntry], bool]:
+    return lambda e: e.has(capability)
+
+
+def _attention_declares(capability: str) -> Callable[[ComponentEntry], bool]:
+    # Other kinds (norms, feed-forwards, blocks) must always pass the check.
+    return lambda e: e.kind != "attention" or e.has(capability)
+
+
+def applicable_checks(entry: ComponentEntry, names: Iterable[str] | None = None) -> list[Check]:
+    wanted = set(names) if names is not None else None
+    return [c for c in CHECKS.values() if c.applies(entry) and (wanted is None or c.name in wanted)]
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def _forward(module: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    return module(x, **kwargs)
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def _aux_loss(module: nn.Module) -> torch.Tensor | None:
+    losses = [m.aux_loss for m in module.modules() if isinstance(getattr(m, "aux_loss", None), torch.Tensor)]
+    return torch.stack([l.float() for l in losses]).sum() if losses else None
+
+
+def _expect_close(s: Subject, got: torch.Tensor, want: torch.Tensor, what: str, atol: float = 1e-5) -> None:
+    if got.shape != want.shape:
+        raise s.fail(f"{what}: shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+    diff = _max_diff(got, want)
+    if not diff <= atol * (1 + want.abs().max().item()):
+        raise s.fail(f"{what}: differs by up to {diff:.3g} (tolerance {atol:g})")
+
+
+# -- every kind ------------------------------------------------------------------------------
+@conformance_check("declaration", "expected failures name existing checks; params validate", KINDS)
+def check_declaration(s: Subject) -> None:
+    unknown = sorted(set(s.entry.expected_failures) - set(CHECKS))
+    if unknown:
+        raise s.fail(f"expected_failures names unknown check(s) {unknown}; checks are: {', '.join(CHECKS)}")
+    empty = [k for k, reason in s.entry.expected_failures.items() if not str(reason).strip()]
+    if empty:
+        raise s.fail(f"expected_failures {empty} need a reason")
+    s.validated_params()
+
+
+# -- modules ---------------------------------------------------------------------------------
+def _expected_shape(s: Subject, x: torch.Tensor) -> tuple[int, ...]:
+    return (x.shape[0], s.model_spec().emb_dim) if s.entry.kind == "positional" else tuple(x.shape)
+
+
+@conformance_check("forward_fp32", "float32 input gives a finite float32 output of the right shape", MODULE_KINDS)
+def check_forward_fp32(s: Subject) -> None:
+    module = s.build_module()
+    x = s.inputs()
+    y = _forward(module, x)
+    if not isinstance(y, torch.Tensor):
+        raise s.fail(f"forward returned {type(y).__name__}, not a tensor")
+    if tuple(y.shape) != _expected_shape(s, x):
+        raise s.fail(f"output shape {tuple(y.shape)} for input {tuple(x.shape)}; expected {_expected_shape(s, x)}")
+    if y.dtype != torch.float32:
+        raise s.fail(f"float32 input gave a {y.dtype} output")
+    if not torch.isfinite(y).all():
+        raise s.fail("output has NaN or inf")
+
+
+@conformance_check("forward_bf16", "in bfloat16 the output stays bfloat16, finite and close to float32", MODULE_KINDS)
+def check_forward_bf16(s: Subject) -> None:
+    module = s.build_module().eval()
+    x = s.inputs()
+    want = _forward(module, x)
+    module = module.to(torch.bfloat16)
+    xb = x.to(torch.bfloat16) if x.is_floating_point() else x
+    with torch.no_grad():
+        got = _forward(module, xb)
+    if got.dtype != torch.bfloat16:
+        raise s.fail(f"bfloat16 module and input gave a {got.dtype} output")
+    if not torch.isfinite(got).all():
+        raise s.fail("bfloat16 output has NaN or inf")
+    # bfloat16 keeps 8 significant bits; a few roundings compound to a few percent.
+    diff = _max_diff(got, want)
+    if diff > 0.05 * (1 + want.abs().max().item()):
+        raise s.fail(f"bfloat16 output differs from float32 by up to {diff:.3g}")
+
+
+@conformance_check("gradients", "a backward pass gives every parameter (and the input) a finite, non-zero gradient",
+                   MODULE_KINDS)
+def check_gradients(s: Subject) -> None:
+    module = s.build_module().train()
+    x = s.inputs()
+    if x.is_floating_point():
+        x.requires_grad_(True)
+    elif not any(True for _ in module.parameters()):
+        raise CheckSkipped(f"{s.label} has no parameters and takes integer positions: nothing to differentiate")
+    y = _forward(module, x)
+    # A random projection, not a plain sum: the sum of a normalised vector has no gradient.
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(y.device)
+    loss = (y * w).sum()
+    aux = _aux_loss(module)
+    (loss if aux is None else loss + aux).backward()
+    for name, p in module.named_parameters():
+        if p.grad is None:
+            raise s.fail(f"parameter '{name}' gets no gradient (is it used in forward?)")
+        if not torch.isfinite(p.grad).all():
+            raise s.fail(f"parameter '{name}' has a NaN or inf gradient")
+        if not p.grad.abs().sum() > 0:
+            raise s.fail(f"parameter '{name}' gets an all-zero gradient")
+    if x.requires_grad and (x.grad is None or not torch.isfinite(x.grad).all() or not x.grad.abs().sum() > 0):
+        raise s.fail("the input gets no (or a zero or non-finite) gradient")
+
+
+@conformance_check("determinism", "in eval mode the same input gives the identical output twice", MODULE_KINDS)
+def check_determinism(s: Subject) -> None:
+    module = s.build_module().eval()
+    x = s.inputs()
+    with torch.no_grad():
+        a, b = _forward(module, x), _forward(module, x)
+    if not torch.equal(a, b):
+        raise s.fail(f"two eval-mode calls on the same input differ by up to {_max_diff(a, b):.3g}")
+
+
+@conformance_check("batch_independence", "each sequence's output is the same alone as in a batch", SEQUENCE_KINDS)
+def check_batch_independence(s: Subject) -> None:
+    module = s.build_module().eval()
+    x = s.inputs(batch=3)
+    with torch.no_grad():
+        batched = _forward(module, x)
+        for i in range(x.shape[0]):
+            alone = _forward(module, x[i:i + 1])
+            diff = _max_diff(alone[0], batched[i])
+            if diff > 1e-5 * (1 + batched.abs().max().item()):
+                raise s.fail(f"sequence {i} gives a different output in a batch of {x.shape[0]} than alone "
+                             f"(up to {diff:.3g}): the batch leaks between sequences")
+
+
+@conformance_check("state_dict", "state_dict -> safetensors -> load_state_dict(strict) reproduces the outputs",
+                   MODULE_KINDS)
+def check_state_dict(s: Subject) -> None:
+    from safetensors.torch import load, save
+
+    source = s.build_module(seed=0).eval()
+    target = s.build_module(seed=1).eval()
+    blob = save({k: v.detach().contiguous().clone() for k, v in source.state_dict().items()})
+    missing, unexpected = target.load_state_dict(load(blob), strict=False)
+    if missing or unexpected:
+        raise s.fail(f"state dict does not load into a fresh instance: missing {missing}, unexpected {unexpected}")
+    x = s.inputs()
+    with torch.no_grad():
+        want, got = _forward(source, x), _forward(target, x)
+    if not torch.equal(want, got):
+        raise s.fail(f"after loading the state dict the output differs by up to {_max_diff(want, got):.3g}: "
+                     f"some state is not in state_dict()")
+
+
+@conformance_check("causality", "changing the input at a position leaves every earlier output unchanged",
+                   SEQUENCE_KINDS, when=_attention_declares("causal"))
+def check_causality(s: Subject) -> None:
+    module = s.build_module().eval()
+    x = s.inputs(batch=2, t=8)
+    with torch.no_grad():
+        base = _forward(module, x)
+        # Exact up to rounding: a matrix product over a different set of rows (a mixture of experts
+        # routing the changed token elsewhere) may round differently in the last bits.
+        tol = 1e-6 * (1 + base.abs().max().item())
+        for j in range(1, x.shape[1]):
+            changed = x.clone()
+            changed[:, j] = torch.randn(changed[:, j].shape, generator=torch.Generator().manual_seed(j)).to(x.device)
+            out = _forward(module, changed)
+            moved = (out[:, :j] - base[:, :j]).abs().flatten(2).amax(dim=(0, 2))  # (j,) earlier positions
+            if (moved > tol).any():
+                i = int((moved > tol).nonzero()[0])
+                raise s.fail(f"not causal: changing only the input at position {j} changed the output at "
+                             f"earlier position {i} (by up to {moved[i].item():.3g}); position {i} sees the future")
+
+
+@conformance_check("kv_cache", "decoding in pieces with a KV cache gives the full forward pass's outputs",
+                   {"attention", "block"}, when=_attention_declares("kv_cache"))
+def check_kv_cache(s: Subject) -> None:
+    module = s.build_module().eval()
+    x = s.inputs(batch=2, t=8)
+    cache = LayerKVCache(max_len=s.model_spec().context_length)
+    pieces = [(0, 3), (3, 4), (4, 6), (6, 7), (7, 8)]  # a prompt, single tokens, a multi-token step
+    with torch.no_grad():
+        full = _forward(module, x)
+        for start, end in pieces:
+            got = _forward(module, x[:, start:end], kv_cache=cache)
+            want = full[:, start:end]
+            diff = _max_diff(got, want) if got.shape == want.shape else math.inf
+            if diff > 1e-5 * (1 + want.abs().max().item()):
+                raise s.fail(f"with a KV cache, positions {start}..{end - 1} (after {start} cached) differ from "
+                             f"the full forward pass by up to {diff:.3g}")
+
+
+@conformance_check("attention_weights", "return_weights gives (B, H, T, T) rows summing to 1, zero on the future",
+                   {"attention"}, when=_declares("attn_weights"))
+def check_attention_weights(s: Subject) -> None:
+    module = s.build_module().eval()
+    x = s.inputs(batch=2, t=8)
+    with torch.no_grad():
+        plain = _forward(module, x)
+        out = module(x, return_weights=True)
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise s.fail("forward(x, return_weights=True) must return (output, weights)")
+    y, w = out
+    _expect_close(s, y, plain, "output with return_weights=True")
+    b, t = x.shape[:2]
+    if w.dim() != 4 or w.shape[0] != b or w.shape[2:] != (t, t):
+        raise s.fail(f"weights have shape {tuple(w.shape)}; expected (B={b}, heads, {t}, {t})")
+    _expect_close(s, w.sum(-1), torch.ones_like(w.sum(-1)), "attention weight rows' sums")
+    if s.entry.has("causal") and w.triu(1).abs().max() > 0:
+        raise s.fail("attention weights are non-zero above the diagonal: weight on future positions")
+
+
+def _canonical_or_skip(s: Subject, module: nn.Module) -> tuple[dict[str, torch.Tensor], bool]:
+    """The module's weights in the canonical layout, and whether it can load them back.
+
+    Head-concatenating wrappers (the book's MultiHeadAttentionWrapper: ``heads`` with their own
+    W_query/W_key/W_value and no output projection) are multi-head attention whose output
+    projection is the identity.
+    """
+    if s.entry.has("gpt2"):
+        return attention_canonical_state(module), True
+    heads = getattr(module, "heads", None)
+    if isinstance(heads, nn.ModuleList) and not hasattr(module, "out_proj") and \
+            all(hasattr(h, "W_query") for h in heads):
+        state = {}
+        for name in ("W_query", "W_key", "W_value"):
+            for part in ("weight", "bias"):
+                if getattr(getattr(heads[0], name), part) is not None:
+                    state[f"{name}.{part}"] = torch.cat([getattr(getattr(h, name), part).detach() for h in heads])
+        c = state["W_query.weight"].shape[0]
+        state["out_proj.weight"] = torch.eye(c, device=state["W_query.weight"].device)
+        state["out_proj.bias"] = torch.zeros(c, device=state["W_query.weight"].device)
+        return state, False
+    raise CheckSkipped(f"{s.label} has no canonical (GPT-2) weight layout to copy weights through")
+
+
+@conformance_check("equivalence", f"equals {REFERENCE_ATTENTION} (<= 1e-5) after copying weights through the "
+                   f"canonical layout", {"attention"}, when=lambda e: e.has("gpt2") or e.has("multihead"))
+def check_equivalence(s: Subject) -> None:
+    if ("attention", REFERENCE_ATTENTION) not in s.registry:
+        raise CheckSkipped(f"the reference attention {REFERENCE_ATTENTION} is not registered")
+    reference = Subject(s.registry.get("attention", REFERENCE_ATTENTION), s.registry, device=s.device)
+    x = s.inputs()
+    for qkv_bias in (False, True):
+        candidate = s.build_module(seed=0, qkv_bias=qkv_bias).eval()
+        state, loadable = _canonical_or_skip(s, candidate)
+        ref = reference.build_module(seed=1, qkv_bias=qkv_bias).eval()
+        load_attention_canonical_state(ref, state)
+        with torch.no_grad():
+            _expect_close(s, _forward(candidate, x), _forward(ref, x),
+                          f"with qkv_bias={qkv_bias}, after copying its weights into {REFERENCE_ATTENTION}, output")
+        if loadable:  # and the other way: the reference's weights loaded into a fresh instance
+            fresh = s.build_module(seed=2, qkv_bias=qkv_bias).eval()
+            load_attention_canonical_state(fresh, attention_canonical_state(ref))
+            with torch.no_grad():
+                _expect_close(s, _forward(fresh, x), _forward(ref, x),
+                              f"with qkv_bias={qkv_bias}, after loading {REFERENCE_ATTENTION}'s weights, output")
+
+
+@conformance_check("positions_offset", "positions p.. give the rows p.. of positions 0..", {"positional"})
+def check_positions_offset(s: Subject) -> None:
+    module = s.build_module().eval()
+    with torch.no_grad():
+        full = module(torch.arange(8, device=s.device))
+        tail = module(torch.arange(5, 8, device=s.device))
+    if not torch.equal(full[5:], tail):
+        raise s.fail("the embedding of positions 5..7 depends on where the call starts: cached decoding, which "
+                     "embeds one position at a time, would see different positions")
+
+
+# -- whole models ----------------------------------------------------------------------------
+@conformance_check("generate_cached", "greedy generation gives the same tokens with and without the KV cache",
+                   {"attention", "block", "positional"}, when=_attention_declares("kv_cache"), for_lm=True)
+def check_generate_cached(s: Subject) -> None:
+    from ..generate import generate
+
+    model = s.tiny_gpt()
+    if not model.supports_kv_cache:
+        raise CheckSkipped(f"the model's attention '{model.spec.attention.name}' has no KV cache")
+    prompt = torch.randint(0, model.spec.vocab_size, (2, 3), generator=torch.Generator().manual_seed(3))
+    prompt = prompt.to(s.device)
+    cached = generate(model, prompt, 10, use_cache=True)
+    uncached = generate(model, prompt, 10, use_cache=False)
+    if not torch.equal(cached, uncached):
+        at = int((cached != uncached).any(0).nonzero()[0])
+        raise s.fail(f"greedy generation with the KV cache first differs from without it at token {at}")
+
+
+@conformance_check("trains", "a tiny GPT using it lowers its loss over 20 steps on a fixed batch",
+                   MODEL_SLOTS, for_lm=True)
+def check_trains(s: Subject) -> None:
+    model = s.tiny_gpt().train()
+    spec = model.spec
+    batch = torch.randint(0, spec.vocab_size, (4, spec.context_length + 1), generator=torch.Generator().manual_seed(4))
+    batch = batch.to(s.device)
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(20):
+        loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+        aux = model.aux_loss()
+        opt.zero_grad(set_to_none=True)
+        (loss if aux is None else loss + aux).backward()
+        opt.step()
+        losses.append(loss.item())
+    if not all(math.isfinite(v) for v in losses):
+        raise s.fail(f"training loss became non-finite: {losses}")
+    if not losses[-1] < 0.9 * losses[0]:
+        raise s.fail(f"a tiny GPT using it did not learn a fixed batch: loss {losses[0]:.3f} -> {losses[-1]:.3f} "
+                     f"over 20 AdamW steps (expected at least a 10% drop)")
+
+
+@conformance_check("init_reproducible", "the same seed gives the same finite weights; another seed others", {"init"})
+def check_init_reproducible(s: Subject) -> None:
+    a, b, c = (s.tiny_gpt(seed=seed).state_dict() for seed in (0, 0, 1))
+    for name, tensor in a.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise s.fail(f"'{name}' has NaN or inf after initialisation")
+        if not torch.equal(tensor, b[name]):
+            raise s.fail(f"'{name}' differs between two builds with the same seed")
+    if all(torch.equal(a[k], c[k]) for k in a):
+        raise s.fail("two different seeds give identical weights")
+
+
+# -- tokenizers and datasets -----------------------------------------------------------------
+SAMPLE_TEXT = "Every effort moves you, 42 times.\nThe quick brown fox jumps over the lazy dog!"
+
+
+@conformance_check("tokenizer_roundtrip", "decode(encode(text)) == text, ids in range, state() rebuilds it",
+                   {"tokenizer"})
+def check_tokenizer_roundtrip(s: Subject) -> None:
+    from ..tokenizers import TokenizerContext, tokenizer_from_state
+
+    tok = s.entry.factory(TokenizerContext(training_text=SAMPLE_TEXT), s.validated_params())
+    ids = tok.encode(SAMPLE_TEXT)
+    if not ids or not all(isinstance(i, int) and 0 <= i < tok.n_vocab for i in ids):
+        raise s.fail(f"encode gave ids outside 0..n_vocab-1 ({tok.n_vocab}) or none at all")
+    if tok.decode(ids) != SAMPLE_TEXT:
+        raise s.fail(f"decode(encode(text)) gave {tok.decode(ids)!r}, not the text")
+    if tok.eot_id is not None and not 0 <= tok.eot_id < tok.n_vocab:
+        raise s.fail(f"eot_id {tok.eot_id} is outside 0..{tok.n_vocab - 1}")
+    rebuilt = tokenizer_from_state(tok.state(), s.registry)
+    if rebuilt.encode(SAMPLE_TEXT) != ids or rebuilt.n_vocab != tok.n_vocab:
+        raise s.fail("the tokenizer rebuilt from its state() encodes differently")
+
+
+@conformance_check("dataset_source", "builds a text or token source whose documents and fingerprint are stable",
+                   {"dataset"})
+def check_dataset_source(s: Subject) -> None:
+    from ..data import DataContext, TextSource, TokenSource
+
+    params = s.validated_params()
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = DataContext(cache_dir=Path(tmp))
+        source = s.entry.factory(ctx, params)
+        if isinstance(source, TokenSource):
+            return
+        if not isinstance(source, TextSource):
+            raise s.fail(f"factory returned {type(source).__name__}, not a TextSource or TokenSource")
+        again = s.entry.factory(ctx, params)
+        if not source.fingerprint() or source.fingerprint() != again.fingerprint():
+            raise s.fail("fingerprint() is empty or changes between two builds of the same source")
+        first = [d for d, _ in zip(source.documents(), range(3))]
+        if not first or not all(isinstance(d, str) for d in first):
+            raise s.fail("documents() yields no documents, or something other than str")
+        if first != [d for d, _ in zip(again.documents(), range(3))]:
+            raise s.fail("documents() yields a different order on a second read")
+
