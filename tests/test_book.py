@@ -152,7 +152,7 @@ def test_assembled_forward_runs_exactly_the_hand_written_ops():
     cfg = dict(BOOK_CFG, vocab_size=300, context_length=32, emb_dim=64, n_heads=4, n_layers=3)
     torch.manual_seed(123)
     ref = RefGPTModel(cfg).eval()
-    model = build_model(spec_from_preset("gpt2-124m", model={k: v for k, v in cfg.items()})).eval()
+    model = build_model(spec_from_preset("gpt2-124m", model=cfg, tokenizer={"name": "char"})).eval()
     idx = torch.randint(0, 300, (2, 32))
     with OpRecorder() as a:
         ref_out = ref(idx)

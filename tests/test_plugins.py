@@ -82,7 +82,7 @@ def test_third_party_plugin_is_discovered_and_used_in_a_spec(site):
     assert (entry.plugin, entry.distribution, entry.version) == ("third", "thirdparty-attn", "0.3.0")
     spec = spec_from_preset("tiny", registry=reg, model={
         "n_layers": 2, "emb_dim": 32, "n_heads": 2, "context_length": 16, "vocab_size": 100,
-        "attention": {"name": "third.tempered", "params": {"temperature": 2.0}}})
+        "attention": {"name": "third.tempered", "params": {"temperature": 2.0}}}, tokenizer={"name": "char"})
     model = build_model(spec, reg)
     assert type(model.trf_blocks[0].att).__name__ == "TemperedAttention"
     assert model.trf_blocks[0].att.temperature == 2.0

@@ -118,7 +118,8 @@ def test_validation_happens_before_building(registry):
     registry.add("norm", "probe.norm", lambda ctx, p: built.append(ctx) or book_norm.build(ctx),
                  description="records that it was built")
     spec = ExperimentSpec.model_validate({"model": {**TINY, "norm": {"name": "probe.norm"},
-                                                    "activation": {"name": "nope.act"}}})
+                                                    "activation": {"name": "nope.act"}},
+                                          "tokenizer": {"name": "char"}})
     with pytest.raises(SpecError, match="model.activation.name"):
         build_model(spec, registry)
     assert built == []
