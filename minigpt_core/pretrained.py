@@ -476,7 +476,7 @@ def load_init_from(spec: ExperimentSpec, registry: ComponentRegistry | None = No
     """The model a run starts from, and the spec that describes it.
 
     ``init_from = "hf:PATH_OR_HUB_ID"`` loads Hugging Face GPT-2 weights; ``init_from = "DIR"`` a
-    minigpt checkpoint directory; ``None`` builds the spec's model with its init scheme. The model
+    minigpt checkpoint directory (a run or experiment directory: its latest checkpoint); ``None`` builds the spec's model with its init scheme. The model
     section comes from the weights; the file may still choose any GPT-2 compatible attention
     (``[model.attention]``) and the dropout rate, and all its other sections are kept.
     """
@@ -494,9 +494,12 @@ def load_init_from(spec: ExperimentSpec, registry: ComponentRegistry | None = No
         if not Path(source).is_dir():
             raise CheckpointError(
                 f"init_from = {source!r}: no such checkpoint directory. Use a minigpt checkpoint "
-                f"directory, or 'hf:PATH_OR_HUB_ID' for Hugging Face GPT-2 weights."
+                f"directory (or a run directory: its latest checkpoint), or 'hf:PATH_OR_HUB_ID' for "
+                f"Hugging Face GPT-2 weights."
             )
-        loaded, loaded_spec = load_model(source, registry)
+        from .train.state import resolve_checkpoint  # imported here: the training stack is heavy
+
+        loaded, loaded_spec = load_model(resolve_checkpoint(source), registry)
         new_spec = _respec(spec, _merge_model_section(spec, loaded_spec.model, source), registry)
         if new_spec.model.attention == loaded_spec.model.attention:
             model = build_model(new_spec, registry)

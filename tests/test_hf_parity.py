@@ -167,9 +167,8 @@ def test_init_from_hf_in_an_experiment_file(hf_small, registry):
     assert resolved.model.n_layers == 2 and resolved.model.qkv_bias
     with torch.no_grad():
         assert _max_diff(model.eval()(hf_small["idx"]), hf_small["logits"]) <= TOL
-    bad = spec.model_copy(update={"model": spec.model.model_copy(update={"attention": spec.model.attention.model_copy(
-        update={"name": "book.causal"})})})
-    with pytest.raises(PretrainedError, match="model.attention"):
+    bad = parse_spec({"init_from": spec.init_from, "model": {"attention": {"name": "book.causal"}}}, registry=registry)
+    with pytest.raises(PretrainedError, match="model.attention: 'book.causal'"):
         load_init_from(bad, registry)
 
 
@@ -187,6 +186,14 @@ def test_init_from_a_minigpt_checkpoint_switches_attention(hf_small, registry, t
             assert _max_diff(started.eval()(hf_small["idx"]), hf_small["logits"]) <= TOL
     with pytest.raises(CheckpointError, match="no such checkpoint directory"):
         load_init_from(ExperimentSpec(init_from=str(tmp_path / "missing")), registry)
+    # A training run's directory means its latest checkpoint.
+    from minigpt_core.train.state import save_checkpoint
+    save_checkpoint(tmp_path / "run" / "checkpoints", 3, model=model, spec=spec,
+                    model_state=model.state_dict(), optimizer_state={"state": {}, "param_groups": []},
+                    rng_states=[{"cpu": torch.get_rng_state()}], trainer={}, meta={}, registry=registry)
+    started, _ = load_init_from(ExperimentSpec(init_from=str(tmp_path / "run")), registry)
+    with torch.no_grad():
+        assert _max_diff(started.eval()(hf_small["idx"]), hf_small["logits"]) <= TOL
 
 
 def test_hub_id_offline_fails_fast_with_a_clear_message(tmp_path, monkeypatch):
@@ -206,24 +213,35 @@ def test_hub_id_offline_fails_fast_with_a_clear_message(tmp_path, monkeypatch):
         resolve_hf_source(str(tmp_path / "no" / "such" / "dir"))
 
 
-def test_cli_import_summary_export(hf_small, tmp_path, minigpt_cli):
-    out = minigpt_cli("import-hf", str(hf_small["dir"]), str(tmp_path / "ckpt"))
-    assert out.returncode == 0, out.stderr
-    summary = minigpt_cli("summary", str(tmp_path / "ckpt"))
-    assert summary.returncode == 0, summary.stderr
+def test_cli_import_summary_export(hf_small, tmp_path, capsys, monkeypatch):
+    from minigpt_core.cli import main  # in-process: the same code path as the console script
+
+    def cli(*args):
+        rc = main(list(args))
+        out = capsys.readouterr()
+        return rc, out.out, out.err
+
+    rc, _, err = cli("import-hf", str(hf_small["dir"]), str(tmp_path / "ckpt"))
+    assert rc == 0, err
+    rc, summary, err = cli("summary", str(tmp_path / "ckpt"))
+    assert rc == 0, err
     n = sum(p.numel() for p in hf_small["model"].parameters())  # transformers counts the tied head once
-    assert f"{n:,}" in summary.stdout and "tied to tok_emb" in summary.stdout
-    exported = minigpt_cli("export-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf"))
-    assert exported.returncode == 0, exported.stderr
+    assert f"{n:,}" in summary and "tied to tok_emb" in summary
+    rc, _, err = cli("export-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf"))
+    assert rc == 0, err
     with torch.no_grad():
         logits = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()(hf_small["idx"]).logits
     assert _max_diff(logits, hf_small["logits"]) <= 1e-6
     # An existing output directory is never overwritten.
-    again = minigpt_cli("import-hf", str(hf_small["dir"]), str(tmp_path / "ckpt"))
-    assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
-    offline = minigpt_cli("import-hf", "gpt2", str(tmp_path / "x"),
-                          env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")})
-    assert offline.returncode == 2 and "HF_HUB_OFFLINE" in offline.stderr and "Traceback" not in offline.stderr
+    before = (tmp_path / "ckpt" / "model.safetensors").read_bytes()
+    rc, _, err = cli("import-hf", str(hf_small["dir"]), str(tmp_path / "ckpt"))
+    assert rc == 2 and "already exists" in err
+    assert (tmp_path / "ckpt" / "model.safetensors").read_bytes() == before
+    rc, _, err = cli("summary", str(tmp_path))
+    assert rc == 2 and "not a minigpt checkpoint" in err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub id no machine has cached
+    rc, _, err = cli("import-hf", "minigpt-tests/no-such-model", str(tmp_path / "x"))
+    assert rc == 2 and "HF_HUB_OFFLINE" in err and not (tmp_path / "x").exists()
     loaded, _ = load_model(tmp_path / "ckpt")
     assert loaded.spec.qkv_bias
 

@@ -47,7 +47,8 @@ def import_hf_command(args) -> int:
 
 
 def _export_args(p):
-    p.add_argument("checkpoint", help="minigpt checkpoint directory (model.safetensors + spec.toml + meta.json)")
+    p.add_argument("checkpoint", help="minigpt checkpoint directory, or a run / experiment directory "
+                                      "(its latest checkpoint)")
     p.add_argument("out", help="new directory for transformers' GPT2LMHeadModel.from_pretrained")
 
 
@@ -56,9 +57,10 @@ def _export_args(p):
 def export_hf_command(args) -> int:
     from ..checkpoint import load_model
     from ..pretrained import export_hf
+    from ..train.state import resolve_checkpoint
 
     out = _fresh_output(args.out)
-    model, spec = load_model(args.checkpoint)
+    model, spec = load_model(resolve_checkpoint(args.checkpoint))
     export_hf(model, spec, out)
     print(f"exported {args.checkpoint} -> {out} (load with transformers.GPT2LMHeadModel.from_pretrained)")
     return 0

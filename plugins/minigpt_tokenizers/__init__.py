@@ -22,7 +22,8 @@ class GPT2Params(BaseModel):
 
 class TiktokenParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    encoding: str = Field(description="tiktoken encoding name, e.g. cl100k_base, o200k_base, r50k_base")
+    encoding: str = Field("gpt2", description="tiktoken encoding name, e.g. cl100k_base, o200k_base, r50k_base "
+                                              "(the default, gpt2, needs no download)")
 
 
 def _gpt2(ctx: TokenizerContext, p: GPT2Params) -> TiktokenTokenizer:
