@@ -341,18 +341,24 @@ def check_positions_offset(s: Subject) -> None:
 
 
 # -- whole models ----------------------------------------------------------------------------
-@conformance_check("generate_cached", "greedy generation gives the same tokens with and without the KV cache",
-                   {"attention", "block", "positional"}, when=_attention_declares("kv_cache"), for_lm=True)
+@conformance_check("generate_cached", "a tiny GPT decoding with its KV cache gives the full pass's logits and "
+                   "the same greedy tokens", {"attention", "block", "positional"},
+                   when=_attention_declares("kv_cache"), for_lm=True)
 def check_generate_cached(s: Subject) -> None:
     from ..generate import generate
 
-    model = s.tiny_gpt()
+    model = s.tiny_gpt().eval()
     if not model.supports_kv_cache:
         raise CheckSkipped(f"the model's attention '{model.spec.attention.name}' has no KV cache")
-    prompt = torch.randint(0, model.spec.vocab_size, (2, 3), generator=torch.Generator().manual_seed(3))
-    prompt = prompt.to(s.device)
-    cached = generate(model, prompt, 10, use_cache=True)
-    uncached = generate(model, prompt, 10, use_cache=False)
+    idx = torch.randint(0, model.spec.vocab_size, (2, 8), generator=torch.Generator().manual_seed(3)).to(s.device)
+    cache = model.new_kv_cache()
+    with torch.no_grad():
+        full = model(idx)
+        stepped = torch.cat([model(idx[:, :3], kv_cache=cache)] +
+                            [model(idx[:, t:t + 1], kv_cache=cache) for t in range(3, 8)], dim=1)
+    _expect_close(s, stepped, full, "a GPT's logits decoded one token at a time with its KV cache")
+    cached = generate(model, idx[:, :3], 10, use_cache=True)
+    uncached = generate(model, idx[:, :3], 10, use_cache=False)
     if not torch.equal(cached, uncached):
         at = int((cached != uncached).any(0).nonzero()[0])
         raise s.fail(f"greedy generation with the KV cache first differs from without it at token {at}")
