@@ -137,7 +137,7 @@ def test_pytorch_model_bin_is_loaded_without_unpickling_objects(hf_small, regist
         def __reduce__(self):
             return (print, ("pwned",))
 
-    (tmp_path / "pytorch_model.bin").write_bytes(pickle.dumps({"x": Payload()}))
+    (tmp_path / "pytorch_model.bin").write_bytes(pickle.dumps({"x": Payload()}, protocol=2))
     with pytest.raises(CheckpointError, match="cannot be loaded safely"):
         import_hf(tmp_path, registry)
 
