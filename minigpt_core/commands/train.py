@@ -116,7 +116,7 @@ def _sample(args) -> int:
     gen.manual_seed(args.seed) if args.seed is not None else gen.seed()
     idx = torch.tensor([prompt[-spec.model.context_length:]] * args.num_samples, device=device)
     out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, eos_id=None, generator=gen)
+                   top_p=args.top_p, generator=gen, n_vocab=tokenizer.n_vocab)
     print(f"# {ckpt}", file=sys.stderr)
     for i, row in enumerate(out.tolist()):
         if i:

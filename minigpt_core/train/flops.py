@@ -28,8 +28,9 @@ def measure_matmul_peak(device: torch.device | str = "cpu", dtype: torch.dtype =
     """
     device = torch.device(device)
     n = n or (8192 if device.type == "cuda" else 1024)
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    gen = torch.Generator(device).manual_seed(0)  # leaves the global RNG (dropout streams) untouched
+    a = torch.randn(n, n, device=device, generator=gen).to(dtype)
+    b = torch.randn(n, n, device=device, generator=gen).to(dtype)
     torch.mm(a, b)  # warm-up: kernel selection, page faults
     _sync(device)
     t0 = time.perf_counter()

@@ -342,7 +342,7 @@ class Trainer:
         model = self.wrapped if self.fsdp else self.model
         with autocast(self.device, t.precision):
             out = generate(model, idx, t.sample_tokens, temperature=t.sample_temperature, top_k=t.sample_top_k,
-                           generator=gen)
+                           generator=gen, n_vocab=self.tokenizer.n_vocab)
         return self.tokenizer.decode(out[0, idx.shape[1]:].tolist())
 
     def save(self) -> Path | None:

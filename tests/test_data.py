@@ -1,0 +1,188 @@
+"""Data pipeline: python-docs corpus, shards and `minigpt prepare`, the split, the sampler."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from minigpt_core import load_registry, parse_spec
+from minigpt_core.data import (
+    BatchSampler,
+    DataError,
+    TokenCorpus,
+    document_tokens,
+    load_training_data,
+    open_shards,
+    split_corpus,
+    split_segments,
+    write_shards,
+)
+from minigpt_core.tokenizers import tokenizer_from_state
+from training_utils import corpus_text, run_minigpt, tiny_spec_data, write_corpus
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return tokenizer_from_state({"name": "gpt2", "params": {}})
+
+
+# -- python-docs -----------------------------------------------------------------------------
+def test_python_docs_is_deterministic_prose_from_the_standard_library(registry):
+    from minigpt_core.data import DataContext
+
+    entry = registry.get("dataset", "python-docs")
+    a = entry.build(DataContext(cache_dir=None))
+    b = entry.build(DataContext(cache_dir=None))
+    docs = list(a.documents())
+    assert docs == list(b.documents())
+    assert a.fingerprint() == b.fingerprint()
+    size = sum(len(d) for d in docs)
+    assert 1_000_000 < size < 2_500_000  # about 1.5 MB with Python 3.11
+    from pydoc_data.topics import topics
+
+    assert docs[0] == topics[sorted(topics)[0]].strip()  # the language reference comes first
+    import json
+
+    assert any(json.__doc__.strip()[:200] in d for d in docs)  # then the stdlib docstrings
+    only_topics = entry.build(DataContext(cache_dir=None), {"docstrings": False})
+    assert len(list(only_topics.documents())) == len(topics)
+
+
+# -- shards ----------------------------------------------------------------------------------
+def test_shards_round_trip_across_files_and_worker_processes(tmp_path, gpt2):
+    docs = [corpus_text(30_000)[i:i + 3_000] for i in range(0, 30_000, 3_000)]
+    expected = np.concatenate([document_tokens(gpt2, [d]) for d in docs])
+    shards = write_shards(docs, gpt2, tmp_path / "out", shard_tokens=1_000, workers=2, progress=False)
+    assert len(shards.parts) == -(-len(expected) // 1_000) > 2
+    assert shards.parts[0].dtype == np.uint16 and isinstance(shards.parts[0], np.memmap)
+    np.testing.assert_array_equal(open_shards(tmp_path / "out").tokens(), expected)
+    assert shards.meta["documents"] == len(docs)
+    with pytest.raises(DataError, match="already holds token shards"):
+        write_shards(docs, gpt2, tmp_path / "out", progress=False)
+
+
+def test_truncated_shard_is_refused_with_a_clear_error(tmp_path, gpt2):
+    write_shards([corpus_text(5_000)], gpt2, tmp_path / "s", shard_tokens=500, progress=False)
+    victim = tmp_path / "s" / "tokens_00001.bin"
+    victim.write_bytes(victim.read_bytes()[:100])
+    with pytest.raises(DataError, match="truncated"):
+        open_shards(tmp_path / "s")
+
+
+def test_prepare_cli_writes_shards_equal_to_tiktoken_gpt2(tmp_path):
+    from minigpt_tokenizers.bpe import gpt2_encoding
+
+    text_a, text_b = corpus_text(20_000), "Second file: naïve café, emoji 🙂 and tabs\tand  spaces.\n"
+    (tmp_path / "a.txt").write_text(text_a, encoding="utf-8")
+    (tmp_path / "b.txt").write_text(text_b, encoding="utf-8")
+    r = run_minigpt("prepare", str(tmp_path / "*.txt"), tmp_path / "shards", "--workers", "2",
+                    "--shard-tokens", "1500")
+    assert r.returncode == 0, r.stderr
+    assert "tokens of 2 documents" in r.stdout
+    enc = gpt2_encoding()  # a tiktoken.Encoding
+    eot = enc.eot_token
+    expected = enc.encode_ordinary(text_a) + [eot] + enc.encode_ordinary(text_b) + [eot]
+    shards = open_shards(tmp_path / "shards")
+    assert len(shards.parts) > 1
+    assert shards.tokens().tolist() == expected
+    assert shards.meta["tokenizer"] == {"name": "gpt2", "params": {}}
+
+
+def test_prepare_cli_reports_user_errors_without_traceback(tmp_path):
+    r = run_minigpt("prepare", str(tmp_path / "missing-*.txt"), tmp_path / "out")
+    assert r.returncode == 2
+    assert "found no file" in r.stderr and "Traceback" not in r.stderr
+
+
+# -- split and windows -------------------------------------------------------------------------
+def test_split_is_deterministic_exact_and_disjoint():
+    train, val = split_segments(100_000, 1_000, 0.1)
+    val_tokens = sum(e - s for s, e in val)
+    assert val_tokens == 10_000
+    assert split_segments(100_000, 1_000, 0.1) == (train, val)
+    covered = sorted(train + val)
+    assert covered[0][0] == 0 and covered[-1][1] == 100_000
+    assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))  # a partition, no overlap
+    assert [s // 1_000 for s, _ in val] == list(range(9, 100, 10))  # evenly spaced blocks
+
+
+def test_windows_never_cross_into_validation_tokens():
+    tokens = np.arange(20_000, dtype=np.uint16) % 5_000
+    corpus = TokenCorpus([tokens[:12_345], tokens[12_345:]])
+    split = split_corpus(corpus, max_length=31, stride=16, split_block=256, val_fraction=0.2)
+    starts_train = set()
+    for s in split.train:
+        starts_train.update(range(s, s + split.length))
+    starts_val = set()
+    for s in split.val:
+        starts_val.update(range(s, s + split.length))
+    assert not starts_train & starts_val
+    assert abs(len(starts_val) / (len(starts_train) + len(starts_val)) - 0.2) < 0.03
+    # a window is the book's (input, target) pair: length max_length + 1, read from one part
+    w = corpus.windows(split.train[:3], split.length)
+    assert w.shape == (3, 32)
+    np.testing.assert_array_equal(w[0], np.concatenate([tokens[:12_345], tokens[12_345:]])[split.train[0]:][:32])
+    with pytest.raises(DataError, match="split_block"):
+        split_corpus(corpus, max_length=300, stride=300, split_block=256, val_fraction=0.2)
+
+
+# -- sampler ---------------------------------------------------------------------------------
+def test_sampler_covers_each_epoch_and_resumes_exactly():
+    s = BatchSampler(50, 8, seed=3)
+    stream = np.concatenate([s.next_batch() for _ in range(25)])  # 200 windows = 4 epochs
+    for e in range(4):
+        assert sorted(stream[e * 50:(e + 1) * 50]) == list(range(50))
+    assert not np.array_equal(stream[:50], stream[50:100])  # reshuffled every epoch
+    again = BatchSampler(50, 8, seed=3)
+    for _ in range(7):
+        again.next_batch()
+    resumed = BatchSampler(50, 8, seed=3)
+    resumed.load_state_dict(again.state_dict())
+    np.testing.assert_array_equal(np.concatenate([resumed.next_batch() for _ in range(18)]), stream[56:])
+    with pytest.raises(ValueError, match="seed"):
+        BatchSampler(50, 8, seed=4).load_state_dict(again.state_dict())
+
+
+def test_ranks_split_each_global_batch_between_them():
+    one = BatchSampler(37, 12, seed=1)
+    ranks = [BatchSampler(37, 12, seed=1, rank=r, world_size=3) for r in range(3)]
+    for _ in range(10):
+        np.testing.assert_array_equal(one.next_batch(), np.concatenate([r.next_batch() for r in ranks]))
+
+
+# -- the pipeline from a spec -------------------------------------------------------------------
+def test_text_source_is_tokenized_once_into_the_cache(tmp_path):
+    spec = parse_spec(tiny_spec_data(tmp_path))
+    data = load_training_data(spec, progress=False)
+    assert data.tokenizer.name == "char"
+    text = corpus_text()
+    assert data.shards.tokens().tolist() == data.tokenizer.encode(text) + data.tokenizer.encode("\n\n")
+    cached = list((tmp_path / "cache" / "tokens").iterdir())
+    assert len(cached) == 1
+    mtime = (cached[0] / "meta.json").stat().st_mtime_ns
+    again = load_training_data(spec, progress=False)
+    assert (cached[0] / "meta.json").stat().st_mtime_ns == mtime
+    np.testing.assert_array_equal(again.split.train, data.split.train)
+
+
+def test_shards_source_must_match_the_spec_tokenizer(tmp_path, gpt2):
+    write_shards([corpus_text(20_000)], gpt2, tmp_path / "s", progress=False)
+    raw = tiny_spec_data(tmp_path, data={"source": {"name": "shards", "params": {"path": str(tmp_path / "s")}}})
+    with pytest.raises(DataError, match="written with the gpt2 tokenizer"):
+        load_training_data(parse_spec(raw), progress=False)
+    raw["tokenizer"] = {"name": "gpt2"}
+    raw["model"]["vocab_size"] = 50257
+    data = load_training_data(parse_spec(raw), progress=False)
+    assert data.tokenizer.name == "gpt2" and len(data.split.val) > 0
+
+
+def test_data_section_is_validated_like_model_slots(tmp_path):
+    from minigpt_core import SpecError
+
+    raw = tiny_spec_data(tmp_path, data={"source": {"name": "pyhton-docs"}})
+    with pytest.raises(SpecError, match="data.source.name.*python-docs"):
+        parse_spec(raw)
+    raw = tiny_spec_data(tmp_path, data={"source": {"name": "text", "params": {"path": "x"}}})
+    with pytest.raises(SpecError, match="data.source.params"):
+        parse_spec(raw)
+    assert "hf" in {u.name for u in load_registry().unavailable} or ("dataset", "hf") in load_registry()

@@ -1,0 +1,77 @@
+"""Helpers shared by the data, training, resume, distributed and W&B tests: tiny specs on a tiny corpus."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from minigpt_core import _toml
+
+ROOT = Path(__file__).resolve().parents[1]
+MINIGPT = Path(sys.executable).with_name("minigpt")
+
+
+def corpus_text(n_chars: int = 40_000) -> str:
+    """Deterministic English prose: the first language-reference topics that ship with Python."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    return text[:n_chars]
+
+
+def write_corpus(directory: Path, n_chars: int = 40_000) -> Path:
+    path = directory / "corpus.txt"
+    path.write_text(corpus_text(n_chars), encoding="utf-8")
+    return path
+
+
+def tiny_spec_data(tmp_path: Path, corpus: Path | None = None, **sections) -> dict:
+    """A raw spec: 2-layer, 32-wide char model on a 40 kB text file; wandb disabled; files in tmp_path."""
+    corpus = corpus or write_corpus(tmp_path)
+    data = {
+        "name": "tiny-test",
+        "seed": 7,
+        "model": {"vocab_size": 128, "context_length": 32, "emb_dim": 32, "n_heads": 2, "n_layers": 2,
+                  "drop_rate": 0.0, "tie_weights": True, "init": {"name": "gpt2.normal"}},
+        "tokenizer": {"name": "char"},
+        "data": {"source": {"name": "text", "params": {"paths": [str(corpus)]}}, "cache_dir": str(tmp_path / "cache"),
+                 "split_block": 512, "workers": 1},
+        "train": {"out_dir": str(tmp_path / "runs"), "max_steps": 12, "batch_size": 8, "lr": 3e-3,
+                  "warmup_steps": 2, "log_every": 1, "eval_every": 6, "eval_batches": 2, "sample_every": 0,
+                  "sample_tokens": 0, "save_every": 6, "threads": 1},
+        "wandb": {"mode": "disabled"},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(data.get(section), dict):
+            data[section] = {**data[section], **values}
+        else:
+            data[section] = values
+    return data
+
+
+def write_spec(tmp_path: Path, name: str = "spec.toml", **sections) -> Path:
+    path = tmp_path / name
+    path.write_text(_toml.dumps(tiny_spec_data(tmp_path, **sections)), encoding="utf-8")
+    return path
+
+
+def run_minigpt(*args, env=None, timeout=300, cwd=ROOT) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([str(MINIGPT), *map(str, args)], capture_output=True, text=True, env=full_env,
+                          cwd=cwd, timeout=timeout)
+
+
+def runs_of(out_dir: Path, name: str = "tiny-test") -> list[Path]:
+    return sorted(p for p in (out_dir / name).iterdir() if p.is_dir())
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
+    """Step -> last logged value (a resumed run logs again the steps after its checkpoint)."""
+    return {r["step"]: r[key] for r in read_metrics(run_dir) if key in r}
