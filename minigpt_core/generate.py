@@ -27,12 +27,14 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 @torch.no_grad()
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-             use_cache: bool | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+             use_cache: bool | None = None, generator: torch.Generator | None = None,
+             n_vocab: int | None = None) -> torch.Tensor:
     """Append up to ``max_new_tokens`` tokens to ``idx`` (B, T) and return (B, T + n).
 
     temperature 0 is greedy (argmax); otherwise logits are divided by the temperature, filtered
     by top-k / top-p, and sampled. Stops early when every row has produced ``eos_id``.
-    Uses the KV cache when the model's attention declares one (``use_cache=None``).
+    Uses the KV cache when the model's attention declares one (``use_cache=None``). ``n_vocab``
+    restricts sampling to ids below it, for a tokenizer smaller than the model's vocabulary.
     """
     was_training = model.training
     model.eval()
@@ -45,7 +47,7 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
     try:
         for _ in range(max_new_tokens):
             logits = model(step_input, kv_cache=cache) if cache is not None else model(step_input)
-            logits = logits[:, -1, :].float()  # (B, V)
+            logits = logits[:, -1, :n_vocab].float()  # (B, V)
             if temperature > 0:
                 logits = filter_logits(logits / temperature, top_k, top_p)
                 probs = torch.softmax(logits, dim=-1)
