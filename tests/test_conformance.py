@@ -205,3 +205,10 @@ def test_check_command_user_errors(capsys):
     assert "Unknown conformance check(s) causalty" in capsys.readouterr().err
     assert main(["check", "--list"]) == 0
     assert "kv_cache" in capsys.readouterr().out
+
+
+def test_check_command_takes_component_params(capsys):
+    assert main(["check", "modern.sliding_window", "--param", "window=2", "--check", "kv_cache"]) == 0
+    assert "1 components, 1 checks: 1 passed" in capsys.readouterr().out
+    assert main(["check", "modern.*", "--param", "window=2"]) == 2  # modern.gqa takes no window
+    assert "does not fit attention 'modern.alibi'" in capsys.readouterr().err

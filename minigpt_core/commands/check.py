@@ -18,6 +18,8 @@ def _args(p) -> None:
     p.add_argument("--kind", action="append", help="only this kind (repeatable): attention, norm, ...")
     p.add_argument("--check", dest="checks", action="append", metavar="NAME",
                    help="only this check (repeatable); `minigpt check --list` names them")
+    p.add_argument("--param", dest="params", action="append", default=[], metavar="KEY=VALUE",
+                   help="a component param instead of its default, e.g. --param window=3 (repeatable)")
     p.add_argument("--device", default="cpu", help="device the components run on (cpu, cuda, ...)")
     p.add_argument("-v", "--verbose", action="store_true", help="also list skipped checks and their reasons")
     p.add_argument("--list", action="store_true", help="list the checks and exit")
@@ -42,6 +44,9 @@ def format_row(kind: str, name: str, results, name_width: int) -> str:
 @arguments(_args)
 def _check(args) -> int:
     from .._plugins import get_registry
+    from pydantic import ValidationError
+
+    from ..spec import apply_overrides
     from ..testing import CHECKS, ConformanceError, run_checks, select_entries
 
     if args.list:
@@ -56,10 +61,22 @@ def _check(args) -> int:
             f"{' among kinds ' + ', '.join(args.kind) if args.kind else ''}. Patterns are shell-style "
             f"wildcards over names, e.g. 'torch.*' or 'modern.rope'; `minigpt components` lists the names."
         )
+    params = apply_overrides({}, args.params)
+    for e in entries if params else []:
+        try:
+            e.make_params(params)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in exc.errors())
+            raise ConformanceError(
+                f"--param {' '.join(args.params)} does not fit {e.kind} '{e.name}' ({problems}). "
+                f"`minigpt components {e.kind} {e.name}` lists its params; narrow the pattern to the "
+                f"components that take them."
+            ) from None
     width = max(len(e.name) for e in entries)
     print("  ".join([_COLUMNS[0].ljust(_WIDTHS[0]), _COLUMNS[1].ljust(width), " pass", "fail", "xfail",
                      "skip", "result"]))
     results = run_checks(registry, args.pattern, kinds=args.kind, checks=args.checks, device=args.device,
+                         params=params,
                          on_component=lambda e, rs: print(format_row(e.kind, e.name, rs, width), flush=True))
 
     def section(title: str, statuses: tuple[str, ...]) -> None:

@@ -92,18 +92,20 @@ def select_entries(registry: ComponentRegistry, pattern: str = "*",
 
 def run_checks(registry: ComponentRegistry | None = None, pattern: str = "*", *,
                kinds: Iterable[str] | None = None, checks: Iterable[str] | None = None,
-               device: str | torch.device = "cpu",
+               device: str | torch.device = "cpu", params: Mapping[str, Any] | None = None,
                on_component: Callable[[ComponentEntry, list[CheckResult]], None] | None = None) -> list[CheckResult]:
     """Check every registered component whose name matches ``pattern``; return all results.
 
-    ``on_component`` is called after each component (the CLI prints its row there).
+    ``params`` replace the defaults of every matched component (so match one component, or
+    components sharing those params); ``on_component`` is called after each component (the
+    CLI prints its row there).
     """
     from .._plugins import get_registry
 
     registry = registry or get_registry()
     results: list[CheckResult] = []
     for entry in select_entries(registry, pattern, kinds):
-        found = check_component(entry, registry=registry, checks=checks, device=device)
+        found = check_component(entry, registry=registry, params=params, checks=checks, device=device)
         results += found
         if on_component is not None:
             on_component(entry, found)

@@ -235,7 +235,8 @@ class FlexAttention(SDPAttention):
     """SDPAttention whose kernel is ``flex_attention`` with a causal (optionally windowed) block mask.
 
     The kernel is compiled once per process (uncompiled, flex_attention materialises the full
-    score matrix). It has no attention dropout: drop_rate still applies to embeddings and residuals.
+    score matrix; heads narrower than 16 always run uncompiled). It has no attention dropout:
+    drop_rate still applies to embeddings and residuals.
     """
 
     _compiled = None
@@ -266,7 +267,7 @@ class FlexAttention(SDPAttention):
     def _kernel(self):
         from torch.nn.attention.flex_attention import flex_attention
 
-        if not self.compile:
+        if not self.compile or self.head_dim < 16:  # the compiled (Triton) kernels need head_dim >= 16
             return flex_attention
         if FlexAttention._compiled is None:
             FlexAttention._compiled = torch.compile(flex_attention, dynamic=False)
