@@ -127,6 +127,7 @@ class Trainer:
                  write: Callable[[str], None] | None = None, loggers: list[Logger] | None = None):
         self.registry = registry
         self.progress = progress
+        wandb_mode(spec.wandb)  # a bad WANDB_MODE fails before anything is written
         t = spec.train
         if t.threads:
             torch.set_num_threads(t.threads)
