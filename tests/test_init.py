@@ -27,7 +27,7 @@ def test_gpt2_normal_params_and_default_differ():
     flat = build_model(spec_from_preset("tiny", model={
         **SHAPE, "init": {"name": "gpt2.normal", "params": {"std": 0.05, "scale_residual": False}}}, tokenizer=CHAR))
     assert abs(flat.trf_blocks[0].att.out_proj.weight.std().item() - 0.05) < 2e-3
-    default = build_model(spec_from_preset("tiny", model=SHAPE, tokenizer=CHAR))
+    default = build_model(spec_from_preset("gpt2-124m", model=SHAPE, tokenizer=CHAR))
     # PyTorch's Linear default is U(-1/sqrt(fan_in), 1/sqrt(fan_in)): std = 1/sqrt(3 * fan_in)
     w = default.trf_blocks[0].att.W_query.weight
     assert abs(w.std().item() - 1 / math.sqrt(3 * 256)) < 2e-3
