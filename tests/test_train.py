@@ -221,3 +221,10 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     step = max(losses(metrics.parent))
     assert f"interrupted at step {step}" in out and "--resume" in out
     assert (metrics.parent / "checkpoints" / f"step_{step:08d}" / "trainer.json").is_file()
+
+
+def test_a_run_that_cannot_start_leaves_nothing_behind(tmp_path):
+    spec = write_spec(tmp_path, data={"source": {"name": "text", "params": {"paths": [str(tmp_path / "nope.txt")]}}})
+    r = run_minigpt("train", spec)
+    assert r.returncode == 2 and "found no file" in r.stderr and "Traceback" not in r.stderr
+    assert not list((tmp_path / "runs" / "tiny-test").iterdir())

@@ -150,7 +150,15 @@ class Trainer:
             self.run_dir = ckpt.parent.parent
         else:
             self.run_dir = Path(self.env.broadcast(str(_new_run_dir(spec)) if self.env.is_main else None))
+        try:
+            self._setup(spec, loggers)
+        except BaseException:
+            if self.loaded is None and self.env.is_main and self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
+                self.run_dir.rmdir()  # a run that never started leaves no empty directory behind
+            raise
 
+    def _setup(self, spec: ExperimentSpec, loggers: list[Logger] | None) -> None:
+        registry, progress = self.registry, self.progress
         # -- model ---------------------------------------------------------------------------
         if self.loaded is None:
             from ..pretrained import load_init_from
@@ -169,7 +177,7 @@ class Trainer:
         # -- data ----------------------------------------------------------------------------
         self.data = load_training_data(
             spec, registry, tokenizer_state=self.loaded.meta.get("tokenizer") if self.loaded else None,
-            progress=progress and self.env.is_main, writer=self.env.is_main, barrier=self.env.barrier)
+            progress=progress and self.env.is_main, writer=self.env.local_rank == 0, barrier=self.env.barrier)
         self.tokenizer = self.data.tokenizer
         split = self.data.split
         self.seq_len = split.length - 1
