@@ -188,7 +188,8 @@ def test_check_command_prints_a_table_and_fails_on_a_broken_component(cli_regist
     assert main(["check", "torch.sdpa"]) == 0
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("attention") and "torch.sdpa" in line)
-    assert row.split()[2:] == ["13", "0", "0", "0", "ok"]
+    n_pass, n_fail, n_xfail, n_skip, result = row.split()[2:]
+    assert int(n_pass) >= 13 and (n_fail, n_xfail, n_skip, result) == ("0", "0", "0", "ok")
 
 
 def test_check_command_shows_expected_failures_with_reasons(capsys):

@@ -18,7 +18,7 @@ from minigpt_core.data import (
     write_shards,
 )
 from minigpt_core.tokenizers import tokenizer_from_state
-from training_utils import corpus_text, run_minigpt, tiny_spec_data, write_corpus
+from training_utils import corpus_text, run_minigpt, tiny_spec_data
 
 
 @pytest.fixture(scope="module")

@@ -52,6 +52,8 @@ def test_two_gloo_ranks_log_the_losses_of_one_process(tmp_path, strategy):
     # the checkpoint written by rank 0 holds the full model and resumes in a single process
     ckpt = load_checkpoint(run_two / "checkpoints" / "step_00000006")
     assert ckpt.trainer["world_size"] == 2 and set(ckpt.rng_states) == {0, 1}
+    if strategy == "fsdp":
+        return  # the gathered checkpoint is the same format; resuming it once (ddp) is enough
     resumed = run_minigpt("train", spec, "--resume", run_two, "--no-progress", "--set", "train.max_steps=7",
                           "--set", f"train.out_dir={tmp_path / 'two'}")
     assert resumed.returncode == 0, resumed.stderr

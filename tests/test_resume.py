@@ -14,7 +14,7 @@ from minigpt_core import parse_spec
 from minigpt_core.checkpoint import load_model_state, model_state_for_saving
 from minigpt_core.errors import CheckpointError
 from minigpt_core.train import Trainer, load_checkpoint, train
-from training_utils import MINIGPT, ROOT, losses, run_minigpt, runs_of, tiny_spec_data, write_spec
+from training_utils import MINIGPT, ROOT, cli, losses, run_minigpt, runs_of, tiny_spec_data, write_spec
 
 quiet = dict(progress=False, write=lambda s: None)
 
@@ -53,10 +53,10 @@ def test_resume_after_sigkill_logs_bitwise_identical_losses(tmp_path):
     assert losses(killed_run, "val/loss") == losses(ref_run, "val/loss")
 
 
-def test_corrupt_or_truncated_checkpoint_is_refused_and_the_previous_one_still_works(tmp_path):
+def test_corrupt_or_truncated_checkpoint_is_refused_and_the_previous_one_still_works(tmp_path, capsys):
     spec = write_spec(tmp_path, train={"max_steps": 8, "save_every": 4, "eval_every": 4})
-    r = run_minigpt("train", spec, "--no-progress")
-    assert r.returncode == 0, r.stderr
+    status, _, err = cli(capsys, "train", spec, "--no-progress")
+    assert status == 0, err
     (run,) = runs_of(tmp_path / "runs")
     latest, previous = run / "checkpoints" / "step_00000008", run / "checkpoints" / "step_00000004"
 
@@ -76,10 +76,10 @@ def test_corrupt_or_truncated_checkpoint_is_refused_and_the_previous_one_still_w
         load_checkpoint(previous)
     optimizer.write_bytes(pristine)
 
-    s = run_minigpt("sample", previous, "--prompt", "The", "--max-new-tokens", "5", "--seed", "0")
-    assert s.returncode == 0 and s.stdout.startswith("The")
-    r = run_minigpt("train", spec, "--resume", previous, "--no-progress", "--set", "train.max_steps=12")
-    assert r.returncode == 0, r.stderr
+    status, out, _ = cli(capsys, "sample", previous, "--prompt", "The", "--max-new-tokens", "5", "--seed", "0")
+    assert status == 0 and out.startswith("The")
+    status, _, err = cli(capsys, "train", spec, "--resume", previous, "--no-progress", "--set", "train.max_steps=12")
+    assert status == 0, err
     assert sorted(losses(run)) == list(range(1, 13))
     assert load_checkpoint(run / "checkpoints" / "step_00000008").trainer["step"] == 8  # rewritten intact
 

@@ -11,7 +11,7 @@ import pytest
 
 from minigpt_core import MinigptError, parse_spec
 from minigpt_core.train import train
-from training_utils import losses, read_metrics, run_minigpt, runs_of, tiny_spec_data, write_spec
+from training_utils import cli, losses, read_metrics, runs_of, tiny_spec_data, write_spec
 
 _BLOCK, _HEADER = 32768, 7  # the LevelDB log layout W&B uses for run-*.wandb
 _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
@@ -95,15 +95,17 @@ def test_offline_run_holds_config_metrics_and_samples(tmp_path):
     assert [row[2] for row in table["data"]] == samples
 
 
-def test_wandb_mode_env_overrides_the_spec(tmp_path):
+def test_wandb_mode_env_overrides_the_spec(tmp_path, capsys, monkeypatch):
     spec = write_spec(tmp_path, train={"max_steps": 2, "eval_every": 0, "save_every": 0}, wandb={"mode": "offline"})
-    r = run_minigpt("train", spec, "--no-progress", env={"WANDB_MODE": "disabled"})
-    assert r.returncode == 0, r.stderr
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    status, out, err = cli(capsys, "train", spec, "--no-progress")
+    assert status == 0, err
     (run,) = runs_of(tmp_path / "runs")
-    assert not (run / "wandb").exists() and "W&B" not in r.stdout
+    assert not (run / "wandb").exists() and "W&B" not in out
     assert sorted(losses(run)) == [1, 2]  # the JSONL log is written regardless
-    r = run_minigpt("train", spec, "--no-progress", env={"WANDB_MODE": "sometimes"})
-    assert r.returncode == 2 and "WANDB_MODE='sometimes'" in r.stderr
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    status, _, err = cli(capsys, "train", spec, "--no-progress")
+    assert status == 2 and "WANDB_MODE='sometimes'" in err
 
 
 def test_wandb_section_rejects_unknown_fields():

@@ -75,3 +75,13 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def losses(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
     """Step -> last logged value (a resumed run logs again the steps after its checkpoint)."""
     return {r["step"]: r[key] for r in read_metrics(run_dir) if key in r}
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """Run the `minigpt` command line in this process (faster than a subprocess): (status, stdout, stderr)."""
+    from minigpt_core.cli import main
+
+    capsys.readouterr()
+    status = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return status, out, err

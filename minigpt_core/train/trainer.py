@@ -22,7 +22,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch import nn
 
 from .. import __version__
 from ..checkpoint import _plugin_versions, atomic_write_bytes, load_model_state

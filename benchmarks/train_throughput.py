@@ -1,0 +1,182 @@
+"""Training throughput: assembled GPT-2 recipes vs Hugging Face transformers' GPT2LMHeadModel.
+
+One training step = forward, loss, backward, AdamW step, on random tokens. Models of identical
+shapes (GPT-2's recipe: q/k/v biases, tied head, tanh GELU, LayerNorm, dropout 0) are timed
+round-robin in one process, in fp32 and bf16 autocast, so machine noise hits them alike:
+
+* ``ours/book.multihead``: the book's MultiHeadAttention;
+* ``ours/<name>`` for every other registered attention with the ``gpt2`` capability
+  (``torch.sdpa``, ...), the fastest of which is what the GPT-2 recipe should use;
+* ``transformers``: GPT2LMHeadModel, its default attention implementation.
+
+MFU is achieved model FLOP/s over this machine's matmul peak in the same dtype, measured here
+(minigpt_core.train.flops.measure_matmul_peak). Peak memory of a training step is measured in a
+fresh child process per model (CPU: growth of the peak resident set over the process after
+imports, with freed blocks returned to the OS; CUDA: torch.cuda.max_memory_allocated).
+
+    python benchmarks/train_throughput.py            # CPU default: 4 layers, emb 256, ctx 256, batch 4
+    python benchmarks/train_throughput.py --write    # also append the table to benchmarks/RESULTS.md
+    python benchmarks/train_throughput.py --layers 12 --emb 768 --heads 12 --ctx 1024 --batch 8   # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import append_results, machine, time_alternating  # noqa: E402
+
+from minigpt_core import build_model, get_registry, spec_from_preset  # noqa: E402
+from minigpt_core.summary import summarize  # noqa: E402
+from minigpt_core.train import autocast, build_optimizer, lm_loss, select_device  # noqa: E402
+from minigpt_core.train.flops import PRECISION_DTYPES, measure_matmul_peak  # noqa: E402
+
+BOOK = "book.multihead"
+HF = "transformers"
+
+
+def gpt2_attentions() -> list[str]:
+    """The book's attention first, then every other registered one that can hold GPT-2 weights."""
+    reg = get_registry()
+    others = [e.name for e in reg.entries("attention") if e.has("gpt2") and e.has("causal") and e.name != BOOK]
+    return [BOOK, *others]
+
+
+def build(name: str, a: argparse.Namespace) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if name == HF:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(vocab_size=a.vocab, n_positions=a.ctx, n_embd=a.emb, n_layer=a.layers, n_head=a.heads,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        return GPT2LMHeadModel(config)
+    spec = spec_from_preset("gpt2-124m", model={
+        "vocab_size": a.vocab, "context_length": a.ctx, "emb_dim": a.emb, "n_layers": a.layers, "n_heads": a.heads,
+        "drop_rate": 0.0, "qkv_bias": True, "tie_weights": True, "attention": {"name": name.split("/", 1)[1]},
+        "init": {"name": "gpt2.normal"}}, tokenizer={"name": "char"})  # no text is tokenized here
+    return build_model(spec)
+
+
+def make_step(model: torch.nn.Module, precision: str, a: argparse.Namespace, device: torch.device):
+    """A closure running one full training step (the same loss and optimizer for every model)."""
+    model.to(device).train()
+    optimizer = build_optimizer(model, spec_from_preset("tiny").train, device)
+    gen = torch.Generator().manual_seed(1)
+    batch = torch.randint(0, a.vocab, (a.batch, a.ctx + 1), generator=gen).to(device)
+    x, y = batch[:, :-1], batch[:, 1:]
+    is_hf = not hasattr(model, "trf_blocks")
+
+    def step() -> None:
+        with autocast(device, precision):
+            logits = model(input_ids=x).logits if is_hf else model(x)  # (B, T, V)
+        lm_loss(logits, y).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def sync_fn(device: torch.device):
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
+# -- peak memory (one child process per model) ---------------------------------------------------
+def _peak_memory_here(name: str, precision: str, a: argparse.Namespace, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step = make_step(build(name, a), precision, a, device)
+        step()
+        step()  # the second step also holds the optimizer state
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB: the process after imports
+    step = make_step(build(name, a), precision, a, device)
+    step()
+    step()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+
+
+def peak_memory(name: str, precision: str, a: argparse.Namespace) -> float:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed big blocks go back to the OS
+    cmd = [sys.executable, __file__, "--_memory", name, precision, *sys.argv[1:]]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+# -- report ------------------------------------------------------------------------------------------
+def report(times: dict, memory: dict, peaks: dict, flops_per_token: int, a: argparse.Namespace, n_params: dict) -> str:
+    tokens = a.batch * a.ctx
+    lines = [
+        f"Training step (forward, loss, backward, fused AdamW) of GPT-2-recipe models: {a.layers} layers, emb {a.emb}, "
+        f"{a.heads} heads, context {a.ctx}, vocab {a.vocab}, batch {a.batch} ({tokens:,} tokens/step), dropout 0; "
+        f"{n_params[HF]:,} parameters each (ours: {sorted(set(n_params.values()))}). Median of {a.repeats} "
+        f"round-robin repeats after a warm-up step. Matmul peak measured here: "
+        + ", ".join(f"{p} {peaks[p] / 1e9:,.0f} GFLOP/s" for p in a.precisions) + ".",
+        "",
+        "| model | precision | tokens/s | vs transformers | vs own fp32 | MFU | peak memory MiB | memory vs transformers |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (name, precision), seconds in times.items():
+        tok_s = tokens / seconds
+        hf = tokens / times[(HF, precision)]
+        own_fp32 = tokens / times[(name, "fp32")] if (name, "fp32") in times else None
+        mfu = flops_per_token * tok_s / peaks[precision]
+        mem = memory.get((name, precision))
+        mem_hf = memory.get((HF, precision))
+        lines.append(
+            f"| {name} | {precision} | {tok_s:,.0f} | {tok_s / hf:.2f}x | "
+            f"{f'{tok_s / own_fp32:.2f}x' if own_fp32 else '-'} | {mfu:.1%} | "
+            f"{f'{mem:,.0f}' if mem is not None else '-'} | {f'{mem / mem_hf:.2f}x' if mem and mem_hf else '-'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--emb", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--ctx", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=50257)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--attentions", default=None, help="comma list (default: book.multihead and every gpt2-capable one)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    p.add_argument("--write", action="store_true", help="append the results to benchmarks/RESULTS.md")
+    p.add_argument("--_memory", nargs=2, metavar=("MODEL", "PRECISION"), help=argparse.SUPPRESS)
+    a = p.parse_args()
+    a.precisions = a.precisions.split(",")
+    device = select_device(a.device)
+    if a._memory:
+        print(_peak_memory_here(a._memory[0], a._memory[1], a, device))
+        return
+
+    attentions = a.attentions.split(",") if a.attentions else gpt2_attentions()
+    names = [f"ours/{n}" for n in attentions] + [HF]
+    models = {n: build(n, a) for n in names}
+    n_params = {n: sum(t.numel() for t in m.parameters()) for n, m in models.items()}
+    flops_per_token = summarize(models[names[0]]).flops_per_token
+    print(f"{machine()}\nmodels: {n_params}", flush=True)
+    peaks = {prec: measure_matmul_peak(device, PRECISION_DTYPES[prec]) for prec in a.precisions}
+    steps = {(n, prec): make_step(m, prec, a, device) for n, m in models.items() for prec in a.precisions}
+    times = time_alternating(steps, repeats=a.repeats, warmup=1, sync=sync_fn(device))
+    del models, steps
+    memory = {} if a.no_memory else {(n, prec): peak_memory(n, prec, a) for n in names for prec in a.precisions}
+    table = report(times, memory, peaks, flops_per_token, a, n_params)
+    print(table)
+    if a.write:
+        append_results("Training throughput: assembled GPT-2 recipe vs transformers GPT2LMHeadModel", table)
+
+
+if __name__ == "__main__":
+    main()
