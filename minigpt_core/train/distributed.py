@@ -27,14 +27,11 @@ class DistEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    enabled: bool = False  # started by torchrun (even with one process): a process group exists
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
 
     # -- collectives (no-ops in a single process) -------------------------------------------
     def barrier(self) -> None:
@@ -81,11 +78,14 @@ class DistEnv:
 
 
 def init_distributed(device_type: str | None = None) -> DistEnv:
-    """Join the torchrun process group if this process was started by torchrun."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    """Join the torchrun process group if this process was started by torchrun.
+
+    ``torchrun --nproc_per_node 1`` counts: the model is wrapped (DDP or FSDP2) as with more.
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return DistEnv()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_available():
         raise MinigptError("This PyTorch build has no torch.distributed; train with one process.")
     if not dist.is_initialized():
@@ -93,7 +93,7 @@ def init_distributed(device_type: str | None = None) -> DistEnv:
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
-    return DistEnv(rank, world_size, local_rank)
+    return DistEnv(rank, world_size, local_rank, enabled=True)
 
 
 def wrap_model(model: nn.Module, strategy: str, env: DistEnv, device: torch.device) -> nn.Module:

@@ -478,7 +478,8 @@ class Trainer:
             f"attention {m.attention.name}); tokenizer {self.tokenizer.name} ({self.tokenizer.n_vocab:,} ids)",
             f"data: {self.data.source}: {self.data.split.describe()}",
             f"training: {self.total_steps} steps of {t.batch_size} x {self.seq_len} tokens "
-            f"({self.micro_batch} per micro-batch x {self.accum} accumulation x {self.env.world_size} process(es)), "
+            f"({self.micro_batch} per micro-batch x {self.accum} accumulation x {self.env.world_size} process(es)"
+            f"{', ' + t.strategy if self.env.enabled else ''}), "
             f"{self.device} {t.precision}{', compiled' if t.compile else ''}",
             f"unigram entropy of the data: {self.entropy:.3f} nats/token (the loss of a model that ignores context)",
         ]
