@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from minigpt_book import FeedForward, LayerNorm, MultiHeadAttention
-from minigpt_core import SpecError, build_model, parse_spec
+from minigpt_core import SpecError, build_model, load_registry, parse_spec
 from minigpt_core.model import LayerKVCache
 from minigpt_core.testing import check_component
 from minigpt_modern import (
@@ -27,6 +29,7 @@ from minigpt_modern import (
 )
 from minigpt_torch import FlexAttention, FusedQKVAttention, SDPAttention, TorchMultiheadAttention, attention_bias
 
+ROOT = Path(__file__).resolve().parents[1]
 C, H, T = 32, 4, 10
 
 
@@ -456,3 +459,39 @@ def test_block_layouts_build_their_parts_from_the_slots(registry):
     block = model.trf_blocks[0]
     assert isinstance(block, ParallelBlock) and block.att.n_kv_heads == 2
     assert isinstance(block.norm1, RMSNorm) and isinstance(block.ff, GatedFeedForward)
+
+
+# -- the quickstart experiment with each causal attention -----------------------------------------
+CAUSAL_ATTENTIONS = [e.name for e in load_registry().entries("attention") if e.has("causal") and not e.not_for_lm]
+TINY_BUDGET = ["train.max_steps=12", "train.batch_size=8", "train.warmup_steps=2", "train.eval_every=0",
+               "train.eval_batches=1", "train.sample_tokens=0", "train.save_every=0", "train.log_every=1",
+               "wandb.mode=disabled", "data.source.params.docstrings=false", "train.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def quickstart_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("quickstart-cache")  # python-docs is tokenized once for all runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", CAUSAL_ATTENTIONS)
+def test_quickstart_trains_with_each_causal_attention(attention, tmp_path, quickstart_cache):
+    """experiments/quickstart.toml plus one [model.attention] table, on a tiny budget (--set overrides)."""
+    from minigpt_core import load_spec
+    from minigpt_core.train import train
+
+    quickstart = ROOT / "experiments" / "quickstart.toml"
+    experiment = tmp_path / "quickstart.toml"
+    experiment.write_text(quickstart.read_text(encoding="utf-8") + f'\n[model.attention]\nname = "{attention}"\n')
+    spec = load_spec(experiment, overrides=TINY_BUDGET + [f"train.out_dir={tmp_path / 'runs'}",
+                                                          f"data.cache_dir={quickstart_cache}"])
+    assert spec.model.attention.name == attention
+    threads = torch.get_num_threads()
+    try:
+        result = train(spec, progress=False)
+    finally:
+        torch.set_num_threads(threads)  # the trainer applies train.threads process-wide
+    metrics = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["train/loss"] for m in metrics if "train/loss" in m]
+    assert len(losses) == 12 and all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0] - 0.5, losses  # from ln(128) = 4.85 towards the character statistics
