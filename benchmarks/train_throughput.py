@@ -11,8 +11,8 @@ round-robin in one process, in fp32 and bf16 autocast, so machine noise hits the
 
 MFU is achieved model FLOP/s over this machine's matmul peak in the same dtype, measured here
 (minigpt_core.train.flops.measure_matmul_peak). Peak memory of a training step is measured in a
-fresh child process per model (CPU: growth of the peak resident set over the process after
-imports, with freed blocks returned to the OS; CUDA: torch.cuda.max_memory_allocated).
+fresh child process per model (CPU, Linux: growth of the peak resident set VmHWM over the RSS
+after imports, freed blocks returned to the OS; CUDA: torch.cuda.max_memory_allocated).
 
     python benchmarks/train_throughput.py            # CPU default: 4 layers, emb 256, ctx 256, batch 4
     python benchmarks/train_throughput.py --write    # also append the table to benchmarks/RESULTS.md
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -98,14 +97,24 @@ def _peak_memory_here(name: str, precision: str, a: argparse.Namespace, device: 
         step()  # the second step also holds the optimizer state
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB: the process after imports
+    import transformers  # noqa: F401  imported before the baseline, for every model alike
+
+    status = Path("/proc/self/status")
+
+    def kib(field: str) -> int:
+        return int(next(line for line in status.read_text().splitlines() if line.startswith(field)).split()[1])
+
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak (VmHWM) to the current RSS
+    before = kib("VmRSS:")
     step = make_step(build(name, a), precision, a, device)
     step()
     step()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    return (kib("VmHWM:") - before) / 1024
 
 
-def peak_memory(name: str, precision: str, a: argparse.Namespace) -> float:
+def peak_memory(name: str, precision: str, a: argparse.Namespace) -> float | None:
+    if not Path("/proc/self/clear_refs").exists():
+        return None  # not Linux: no resettable peak-RSS counter
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed big blocks go back to the OS
     cmd = [sys.executable, __file__, "--_memory", name, precision, *sys.argv[1:]]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)

@@ -186,3 +186,18 @@ def test_data_section_is_validated_like_model_slots(tmp_path):
     with pytest.raises(SpecError, match="data.source.params"):
         parse_spec(raw)
     assert "hf" in {u.name for u in load_registry().unavailable} or ("dataset", "hf") in load_registry()
+
+
+def test_hf_source_streams_a_local_dataset(tmp_path):
+    pytest.importorskip("datasets", reason="the hf extra (pip install -e '.[hf]') is not installed")
+    import json
+
+    rows = [{"text": f"Document number {i}: " + corpus_text(300)[i * 10:] } for i in range(6)]
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    raw = tiny_spec_data(tmp_path, data={"source": {"name": "hf", "params": {
+        "path": "json", "data_files": [str(tmp_path / "docs.jsonl")], "max_documents": 5}}, "split_block": 64},
+        model={"context_length": 16})
+    data = load_training_data(parse_spec(raw), progress=False)
+    tok = data.tokenizer
+    expected = "".join(r["text"] + "\n\n" for r in rows[:5])
+    assert tok.decode(data.shards.tokens().tolist()) == expected

@@ -41,6 +41,7 @@ class HFParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str = Field(description="dataset on the Hugging Face hub, e.g. 'roneneldan/TinyStories'")
     name: str | None = Field(None, description="dataset configuration")
+    data_files: list[str] | None = Field(None, description="files of the dataset to read (e.g. with path = 'json')")
     split: str = Field("train", description="split to read")
     text_field: str = Field("text", description="column holding the text")
     revision: str | None = Field(None, description="pin a revision so the token cache stays exact")
@@ -71,7 +72,7 @@ def minigpt_register(registry):
 
         registry.add(
             "dataset", "hf", lambda ctx, p: HFDataset(p.path, p.name, p.split, p.text_field, p.revision,
-                                                      p.max_documents, p.streaming),
+                                                      p.max_documents, p.streaming, p.data_files),
             params=HFParams,
             description="a Hugging Face datasets dataset, streamed and tokenized into the cache (needs "
                         "the hf extra and network access)",
