@@ -234,9 +234,9 @@ def flex_unavailable_reason() -> str | None:
 class FlexAttention(SDPAttention):
     """SDPAttention whose kernel is ``flex_attention`` with a causal (optionally windowed) block mask.
 
-    The kernel is compiled once per process (uncompiled, flex_attention materialises the full
-    score matrix; heads narrower than 16 always run uncompiled). It has no attention dropout:
-    drop_rate still applies to embeddings and residuals.
+    The kernel is compiled once per process for full sequences (uncompiled, flex_attention
+    materialises the score matrix); KV-cache decoding steps and heads narrower than 16 run it
+    uncompiled. It has no attention dropout: drop_rate still applies to embeddings and residuals.
     """
 
     _compiled = None
@@ -264,10 +264,12 @@ class FlexAttention(SDPAttention):
             self._masks[key] = create_block_mask(visible, None, None, t_q, t_k, device=device)
         return self._masks[key]
 
-    def _kernel(self):
+    def _kernel(self, past: int):
         from torch.nn.attention.flex_attention import flex_attention
 
-        if not self.compile or self.head_dim < 16:  # the compiled (Triton) kernels need head_dim >= 16
+        # Compiled kernels need head_dim >= 16, and a compiled graph is specialised to the key
+        # length, so decoding (which grows it every step) would recompile: it runs eagerly.
+        if not self.compile or self.head_dim < 16 or past:
             return flex_attention
         if FlexAttention._compiled is None:
             FlexAttention._compiled = torch.compile(flex_attention, dynamic=False)
@@ -277,4 +279,4 @@ class FlexAttention(SDPAttention):
         if return_weights:  # flex_attention returns no weights: take the reference path
             return super()._attend(q, k, v, past, return_weights)
         mask = self._block_mask(q.shape[2], k.shape[2], past, q.device)
-        return self._kernel()(q, k, v, block_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+        return self._kernel(past)(q, k, v, block_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
