@@ -19,6 +19,7 @@ rather than memory cached by earlier ones.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import subprocess
@@ -40,9 +41,10 @@ BASELINE = "book.multihead"
 SHAPE = dict(emb_dim=768, n_heads=12, drop_rate=0.0, qkv_bias=False)
 
 
-def causal_attentions(pattern: str) -> list[str]:
+def causal_attentions(patterns: list[str]) -> list[str]:
     reg = get_registry()
-    return [e.name for e in reg.entries("attention", pattern) if e.has("causal") and not e.not_for_lm]
+    return [e.name for e in reg.entries("attention") if e.has("causal") and not e.not_for_lm
+            and any(fnmatch.fnmatchcase(e.name, p) for p in patterns)]
 
 
 def build_attention(name: str, context_length: int, device: torch.device) -> torch.nn.Module:
@@ -168,7 +170,7 @@ def format_tables(results: dict, names: list[str], repeats: int) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--attention", default="*", help="name pattern of the attentions to compare")
+    ap.add_argument("--attention", nargs="+", default=["*"], help="name patterns of the attentions to compare")
     ap.add_argument("--batch", type=int, nargs="+", default=[8, 2])
     ap.add_argument("--seq", type=int, nargs="+", default=[256, 1024, 2048])
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per attention and shape (median)")

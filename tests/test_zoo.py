@@ -495,3 +495,20 @@ def test_quickstart_trains_with_each_causal_attention(attention, tmp_path, quick
     losses = [m["train/loss"] for m in metrics if "train/loss" in m]
     assert len(losses) == 12 and all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0] - 0.5, losses  # from ln(128) = 4.85 towards the character statistics
+
+
+@pytest.mark.parametrize("options", [{"alibi_slopes": alibi_slopes(H)}, {"window": 3}, {"n_kv_heads": 2}, {}])
+def test_masked_variants_run_on_the_fused_kernel(options):
+    """A mask SDPA's fused kernel cannot take (e.g. a 3-D one) silently falls back to the math kernel,
+    which materialises the (B, H, T, T) scores; restricting SDPA to the fused kernel makes that an error."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    m = SDPAttention(C, H, **options)
+    x = _x(t=12).requires_grad_(True)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        m(x).sum().backward()
+        with torch.no_grad():
+            cache = LayerKVCache(16)
+            m(x[:, :5], kv_cache=cache)
+            m(x[:, 5:7], kv_cache=cache)  # several queries after a prefix: an explicit mask
+    assert x.grad is not None

@@ -1,7 +1,7 @@
 """The conformance checks. Each takes a :class:`Subject` and raises CheckFailed (or CheckSkipped).
 
-A check declares the kinds it applies to and, where it depends on a declared capability, the
-capability; registering one with :func:`conformance_check` makes every matching component run
+A check declares the kinds it applies to and, where it depends on a declared capability, a
+predicate on the entry; registering one with :func:`conformance_check` makes every matching component run
 it, in ``minigpt check`` and in ``parametrize_component_checks``.
 """
 
@@ -82,10 +82,6 @@ def applicable_checks(entry: ComponentEntry, names: Iterable[str] | None = None)
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def _forward(module: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
-    return module(x, **kwargs)
-
-
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
@@ -124,7 +120,7 @@ def _expected_shape(s: Subject, x: torch.Tensor) -> tuple[int, ...]:
 def check_forward_fp32(s: Subject) -> None:
     module = s.build_module()
     x = s.inputs()
-    y = _forward(module, x)
+    y = module(x)
     if not isinstance(y, torch.Tensor):
         raise s.fail(f"forward returned {type(y).__name__}, not a tensor")
     if tuple(y.shape) != _expected_shape(s, x):
@@ -139,11 +135,10 @@ def check_forward_fp32(s: Subject) -> None:
 def check_forward_bf16(s: Subject) -> None:
     module = s.build_module().eval()
     x = s.inputs()
-    want = _forward(module, x)
-    module = module.to(torch.bfloat16)
-    xb = x.to(torch.bfloat16) if x.is_floating_point() else x
     with torch.no_grad():
-        got = _forward(module, xb)
+        want = module(x)
+        module = module.to(torch.bfloat16)
+        got = module(x.to(torch.bfloat16) if x.is_floating_point() else x)
     if got.dtype != torch.bfloat16:
         raise s.fail(f"bfloat16 module and input gave a {got.dtype} output")
     if not torch.isfinite(got).all():
@@ -163,7 +158,7 @@ def check_gradients(s: Subject) -> None:
         x.requires_grad_(True)
     elif not any(True for _ in module.parameters()):
         raise CheckSkipped(f"{s.label} has no parameters and takes integer positions: nothing to differentiate")
-    y = _forward(module, x)
+    y = module(x)
     # A random projection, not a plain sum: the sum of a normalised vector has no gradient.
     w = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(y.device)
     loss = (y * w).sum()
@@ -185,7 +180,7 @@ def check_determinism(s: Subject) -> None:
     module = s.build_module().eval()
     x = s.inputs()
     with torch.no_grad():
-        a, b = _forward(module, x), _forward(module, x)
+        a, b = module(x), module(x)
     if not torch.equal(a, b):
         raise s.fail(f"two eval-mode calls on the same input differ by up to {_max_diff(a, b):.3g}")
 
@@ -195,9 +190,9 @@ def check_batch_independence(s: Subject) -> None:
     module = s.build_module().eval()
     x = s.inputs(batch=3)
     with torch.no_grad():
-        batched = _forward(module, x)
+        batched = module(x)
         for i in range(x.shape[0]):
-            alone = _forward(module, x[i:i + 1])
+            alone = module(x[i:i + 1])
             diff = _max_diff(alone[0], batched[i])
             if diff > 1e-5 * (1 + batched.abs().max().item()):
                 raise s.fail(f"sequence {i} gives a different output in a batch of {x.shape[0]} than alone "
@@ -217,7 +212,7 @@ def check_state_dict(s: Subject) -> None:
         raise s.fail(f"state dict does not load into a fresh instance: missing {missing}, unexpected {unexpected}")
     x = s.inputs()
     with torch.no_grad():
-        want, got = _forward(source, x), _forward(target, x)
+        want, got = source(x), target(x)
     if not torch.equal(want, got):
         raise s.fail(f"after loading the state dict the output differs by up to {_max_diff(want, got):.3g}: "
                      f"some state is not in state_dict()")
@@ -229,14 +224,14 @@ def check_causality(s: Subject) -> None:
     module = s.build_module().eval()
     x = s.inputs(batch=2, t=8)
     with torch.no_grad():
-        base = _forward(module, x)
+        base = module(x)
         # Exact up to rounding: a matrix product over a different set of rows (a mixture of experts
         # routing the changed token elsewhere) may round differently in the last bits.
         tol = 1e-6 * (1 + base.abs().max().item())
         for j in range(1, x.shape[1]):
             changed = x.clone()
             changed[:, j] = torch.randn(changed[:, j].shape, generator=torch.Generator().manual_seed(j)).to(x.device)
-            out = _forward(module, changed)
+            out = module(changed)
             moved = (out[:, :j] - base[:, :j]).abs().flatten(2).amax(dim=(0, 2))  # (j,) earlier positions
             if (moved > tol).any():
                 i = int((moved > tol).nonzero()[0])
@@ -252,9 +247,9 @@ def check_kv_cache(s: Subject) -> None:
     cache = LayerKVCache(max_len=s.model_spec().context_length)
     pieces = [(0, 3), (3, 4), (4, 6), (6, 7), (7, 8)]  # a prompt, single tokens, a multi-token step
     with torch.no_grad():
-        full = _forward(module, x)
+        full = module(x)
         for start, end in pieces:
-            got = _forward(module, x[:, start:end], kv_cache=cache)
+            got = module(x[:, start:end], kv_cache=cache)
             want = full[:, start:end]
             diff = _max_diff(got, want) if got.shape == want.shape else math.inf
             if diff > 1e-5 * (1 + want.abs().max().item()):
@@ -268,7 +263,7 @@ def check_attention_weights(s: Subject) -> None:
     module = s.build_module().eval()
     x = s.inputs(batch=2, t=8)
     with torch.no_grad():
-        plain = _forward(module, x)
+        plain = module(x)
         out = module(x, return_weights=True)
     if not (isinstance(out, tuple) and len(out) == 2):
         raise s.fail("forward(x, return_weights=True) must return (output, weights)")
@@ -319,13 +314,13 @@ def check_equivalence(s: Subject) -> None:
         ref = reference.build_module(seed=1, qkv_bias=qkv_bias).eval()
         load_attention_canonical_state(ref, state)
         with torch.no_grad():
-            _expect_close(s, _forward(candidate, x), _forward(ref, x),
+            _expect_close(s, candidate(x), ref(x),
                           f"with qkv_bias={qkv_bias}, after copying its weights into {REFERENCE_ATTENTION}, output")
         if loadable:  # and the other way: the reference's weights loaded into a fresh instance
             fresh = s.build_module(seed=2, qkv_bias=qkv_bias).eval()
             load_attention_canonical_state(fresh, attention_canonical_state(ref))
             with torch.no_grad():
-                _expect_close(s, _forward(fresh, x), _forward(ref, x),
+                _expect_close(s, fresh(x), ref(x),
                               f"with qkv_bias={qkv_bias}, after loading {REFERENCE_ATTENTION}'s weights, output")
 
 

@@ -35,7 +35,7 @@ __all__ = [
 
 def attention_bias(t_q: int, t_k: int, past: int, *, window: int | None = None,
                    alibi_slopes: torch.Tensor | None = None, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Additive attention bias (T_q, T_k), or (H, T_q, T_k) with ALiBi.
+    """Additive attention bias (T_q, T_k), or (1, H, T_q, T_k) with ALiBi.
 
     Query i sits at absolute position past + i and may see key j when 0 <= past + i - j < window;
     ALiBi adds -slope_h * (past + i - j), a penalty growing with distance.
@@ -46,7 +46,9 @@ def attention_bias(t_q: int, t_k: int, past: int, *, window: int | None = None,
         hidden |= dist >= window
     bias = torch.zeros(t_q, t_k, device=device, dtype=dtype).masked_fill(hidden, -torch.inf)
     if alibi_slopes is not None:
-        bias = bias - alibi_slopes.to(dtype)[:, None, None] * dist.to(dtype)  # (H, T_q, T_k)
+        # 4-D: SDPA's fused CPU kernel takes a (1, H, T_q, T_k) mask but falls back to the
+        # score-materialising math kernel for a 3-D one.
+        bias = bias - alibi_slopes.to(dtype)[None, :, None, None] * dist.to(dtype)
     return bias
 
 
