@@ -194,7 +194,7 @@ def resolve_checkpoint(path: str | Path, prefer: str = "latest") -> Path:
     """
     path = Path(path)
     if (path / META_FILE).is_file() or (path / TRAINER_FILE).is_file():
-        return path
+        return path.resolve() if path.is_symlink() else path  # checkpoints/latest -> step_...
     root = path if path.name == CHECKPOINTS_DIR else path / CHECKPOINTS_DIR
     if not root.is_dir():
         runs = _runs(path)
