@@ -127,7 +127,8 @@ def report(times: dict, memory: dict, peaks: dict, flops_per_token: int, a: argp
     lines = [
         f"Training step (forward, loss, backward, fused AdamW) of GPT-2-recipe models: {a.layers} layers, emb {a.emb}, "
         f"{a.heads} heads, context {a.ctx}, vocab {a.vocab}, batch {a.batch} ({tokens:,} tokens/step), dropout 0; "
-        f"{n_params[HF]:,} parameters each (ours: {sorted(set(n_params.values()))}). Median of {a.repeats} "
+        f"{n_params[HF]:,} parameters each"
+        f"{'' if len(set(n_params.values())) == 1 else ' (ours differ: ' + str(n_params) + ')'}. Median of {a.repeats} "
         f"round-robin repeats after a warm-up step. Matmul peak measured here: "
         + ", ".join(f"{p} {peaks[p] / 1e9:,.0f} GFLOP/s" for p in a.precisions) + ".",
         "",

@@ -58,8 +58,9 @@ def _train(args) -> int:
         print(f"sample after step {result.step}: {(spec.train.sample_prompt + result.sample)!r}")
     print(f"run directory: {result.run_dir} (metrics in {result.run_dir / 'metrics.jsonl'})")
     if result.checkpoint is not None:
-        print(f"checkpoint:    {result.checkpoint}" + (f" (best: {result.best_checkpoint})"
-                                                        if result.best_checkpoint else ""))
+        best = result.best_checkpoint
+        other_best = best is not None and best.resolve() != result.checkpoint.resolve()
+        print(f"checkpoint:    {result.checkpoint}" + (f" (best: {best})" if other_best else ""))
         print(f"  minigpt sample {result.checkpoint} --prompt {spec.train.sample_prompt!r}")
     if result.wandb_dir is not None:
         where = "offline run" if result.wandb_mode == "offline" else "run (synced online)"
