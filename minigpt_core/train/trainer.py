@@ -132,6 +132,7 @@ class Trainer:
             torch.set_num_threads(t.threads)
         set_deterministic(t.deterministic)
         self.device = select_device(t.device, int(os.environ.get("LOCAL_RANK", "0")))
+        autocast(self.device, t.precision)  # fp16 without a GPU fails here, before any work
         self.env: DistEnv = init_distributed(self.device.type)
         self._bar = None
         self.write = write or self._print
