@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minigpt_book.layers import TransformerBlock  # the parts PostNormBlock rearranges
 from minigpt_core.model import BuildContext, LayerKVCache, mark_residual_projection
 
 __all__ = [
@@ -138,16 +139,11 @@ def _attend(att: nn.Module, x: torch.Tensor, kv_cache: LayerKVCache | None) -> t
     return att(x) if kv_cache is None else att(x, kv_cache=kv_cache)
 
 
-class PostNormBlock(nn.Module):
-    """The original Transformer's layout: x = norm1(x + drop(att(x))), then norm2(x + drop(ff(x)))."""
+class PostNormBlock(TransformerBlock):
+    """The original Transformer's layout: x = norm1(x + drop(att(x))), then norm2(x + drop(ff(x))).
 
-    def __init__(self, ctx: BuildContext):
-        super().__init__()
-        self.att = ctx.build("attention")
-        self.ff = ctx.build("feedforward")
-        self.norm1 = ctx.build("norm")
-        self.norm2 = ctx.build("norm")
-        self.drop_shortcut = nn.Dropout(ctx.drop_rate)
+    The book's block's parts, in its creation order; only where the norms sit differs.
+    """
 
     def forward(self, x: torch.Tensor, kv_cache: LayerKVCache | None = None) -> torch.Tensor:
         x = self.norm1(x + self.drop_shortcut(_attend(self.att, x, kv_cache)))
