@@ -358,7 +358,11 @@ def resolve_hf_source(source: str, cache_dir: str | Path | None = None) -> Path:
     if path.exists():
         raise CheckpointError(f"{source} is a file; pass the Hugging Face checkpoint directory that holds it.")
     if not _HUB_ID.match(source) or ".." in source:
-        raise CheckpointError(f"No Hugging Face checkpoint directory at {source}.")
+        raise CheckpointError(
+            f"No Hugging Face checkpoint directory at {source}. Pass a directory holding config.json and "
+            f"model.safetensors (or pytorch_model.bin), e.g. one written by save_pretrained, or a hub id "
+            f"such as gpt2 when online."
+        )
     return _hub_download(source, cache_dir)
 
 
