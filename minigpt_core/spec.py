@@ -14,11 +14,12 @@ entries carry dotted paths such as ``model.attention.params.window``.
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import _toml
 from .errors import SpecError
@@ -198,8 +199,12 @@ class WandbSpec(_Strict):
     tags: list[str] = Field(default_factory=list, description="W&B tags")
 
 
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+
+
 class ExperimentSpec(_Strict):
-    name: str = Field("experiment", description="run name (also the W&B run name)")
+    name: str = Field("experiment", description="run name (also the W&B run name and the directory "
+                      "train.out_dir/<name>): letters, digits, '.', '_' and '-', at most 100 characters")
     description: str = Field("", description="free text")
     preset: str | None = Field(None, description="preset this spec started from (informative once resolved)")
     seed: int = Field(123, description="torch.manual_seed before the model is built")
@@ -210,6 +215,16 @@ class ExperimentSpec(_Strict):
     data: DataSpec = Field(default_factory=DataSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     wandb: WandbSpec = Field(default_factory=WandbSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        # The name is a directory under train.out_dir: no separators, no '..', nothing hidden.
+        if not _NAME.fullmatch(name):
+            shown = name if len(name) <= 40 else name[:40] + f"... ({len(name)} characters)"
+            raise ValueError(f"{shown!r} is not a valid experiment name: use 1 to 100 letters, digits, '.', '_' "
+                             f"or '-', not starting with '.' (it names the directory train.out_dir/<name>)")
+        return name
 
 
 _GPT2_BOOK = {"vocab_size": 50257, "context_length": 1024, "drop_rate": 0.1, "qkv_bias": False}

@@ -30,11 +30,13 @@ def source_slot(source: str, params: list[str] | None = None) -> dict:
 
 # -- train --------------------------------------------------------------------------------
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", help="experiment TOML file")
+    p.add_argument("file", nargs="?", default=None,
+                   help="experiment TOML file (not needed with --resume RUN_OR_CHECKPOINT: the run's own spec)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, e.g. --set train.lr=3e-4 --set model.n_layers=4 (repeatable)")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
-                   help="continue the experiment's latest run exactly (or the given run or checkpoint)")
+                   help="continue the experiment's latest run exactly, or the given run or checkpoint (an earlier "
+                        "checkpoint than the run's latest starts a branch in a new run directory)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in CI logs)")
 
 
@@ -43,8 +45,15 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 def _train(args) -> int:
     from ..spec import load_spec
     from ..train import train
+    from ..train.trainer import run_spec
 
-    spec = load_spec(args.file, overrides=args.overrides)
+    if args.file is None:
+        if args.resume is None or args.resume is True:
+            raise MinigptError("minigpt train needs an experiment file (minigpt train experiments/quickstart.toml), "
+                               "or a run or checkpoint to resume (minigpt train --resume runs/NAME/RUN).")
+        spec = run_spec(args.resume, overrides=args.overrides)  # the run's own spec.toml
+    else:
+        spec = load_spec(args.file, overrides=args.overrides)
     result = train(spec, resume=args.resume, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
@@ -66,10 +75,14 @@ def _train(args) -> int:
         where = "offline run" if result.wandb_mode == "offline" else "run (synced online)"
         print(f"W&B {where}: {result.wandb_dir}")
         if result.wandb_mode == "offline":
-            print(f"  upload it with: wandb sync {result.wandb_dir}")
+            # A resumed run writes one offline-run-* folder per session: upload them all.
+            segments = sorted(result.wandb_dir.parent.glob(f"offline-run-*-{result.wandb_dir.name.rsplit('-', 1)[-1]}"))
+            what = result.wandb_dir if len(segments) <= 1 else \
+                result.wandb_dir.parent / f"offline-run-*-{result.wandb_dir.name.rsplit('-', 1)[-1]}"
+            print(f"  upload it with: wandb sync {what}")
     if result.interrupted:
-        print(f"interrupted at step {result.step}; continue with: minigpt train {args.file} --resume "
-              f"{result.checkpoint or ''}".rstrip())
+        print(f"interrupted at step {result.step}; continue with: minigpt train --resume "
+              f"{result.checkpoint or result.run_dir}")
         return 130
     return 0
 

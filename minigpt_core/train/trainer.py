@@ -10,6 +10,7 @@ optimisation with 1, 2 or N processes.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -37,9 +38,21 @@ from .evaluate import eval_windows, evaluate, lm_loss
 from .flops import PRECISION_DTYPES, measure_matmul_peak, mfu
 from .loggers import METRICS_FILE, ConsoleLogger, JsonlLogger, Logger, MultiLogger, WandbLogger, wandb_mode
 from .optim import build_optimizer, lr_at
-from .state import CHECKPOINTS_DIR, LoadedState, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .lock import RunLock
+from .state import (
+    CHECKPOINTS_DIR,
+    LoadedState,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
 
-__all__ = ["TrainResult", "Trainer", "train", "experiment_dir", "unigram_entropy"]
+__all__ = ["TrainResult", "Trainer", "train", "experiment_dir", "unigram_entropy", "run_spec", "BRANCH_FILE",
+           "RESUME_SAFE_FIELDS"]
+
+BRANCH_FILE = "branch.json"  # in a run that resumed from an earlier checkpoint of another run
 
 
 @dataclass
@@ -76,15 +89,19 @@ def unigram_entropy(parts: list[np.ndarray], n_vocab: int, max_tokens: int = 100
     return float(-(p * np.log(p)).sum())
 
 
-def _new_run_dir(spec: ExperimentSpec) -> Path:
-    base = experiment_dir(spec)
+def _new_run_dir(spec: ExperimentSpec, base: Path | None = None) -> Path:
+    """A new, empty run directory under ``base`` (default the experiment's directory)."""
+    base = experiment_dir(spec) if base is None else base
+    base.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    run, n = base / stamp, 1
-    while run.exists():
-        n += 1
-        run = base / f"{stamp}-{n}"
-    run.mkdir(parents=True)
-    return run
+    for n in range(1, 10_000):
+        run = base / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            run.mkdir()  # atomic: of two processes starting in the same second, one gets -2
+        except FileExistsError:
+            continue
+        return run
+    raise MinigptError(f"{base} already holds 10,000 runs started at {stamp}.")
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -105,27 +122,128 @@ def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     return state
 
 
-def _merge_resumed_spec(file_spec: ExperimentSpec, saved: ExperimentSpec, write: Callable[[str], None],
-                        registry: ComponentRegistry | None) -> ExperimentSpec:
-    """The checkpoint's model, tokenizer and data with the file's train and wandb sections."""
-    kept = ("model", "tokenizer", "data", "seed", "name")
-    differing = [k for k in kept if getattr(file_spec, k) != getattr(saved, k)]
-    if differing and file_spec.init_from is None:
-        write(f"note: resuming with the checkpoint's {', '.join(differing)} (the experiment file differs)")
-    data = saved.model_dump(mode="json", exclude_none=True)
-    data["train"] = file_spec.train.model_dump(mode="json", exclude_none=True)
-    data["wandb"] = file_spec.wandb.model_dump(mode="json", exclude_none=True)
+# What a resume may change: the budget, the bookkeeping and where things go, nothing that
+# changes the optimisation of the steps already planned (wandb.* is matched as a prefix).
+RESUME_SAFE_FIELDS = (
+    "train.max_steps", "train.max_tokens", "train.eval_every", "train.sample_every", "train.save_every",
+    "train.log_every", "train.keep_last", "train.keep_best", "train.threads", "train.device", "train.compile",
+    "train.out_dir", "train.peak_flops", "train.sample_prompt", "train.sample_tokens", "train.sample_temperature",
+    "train.sample_top_k", "data.cache_dir", "data.workers", "description", "wandb.*",
+)
+_UNSET = object()
+
+
+def _safe_on_resume(key: str) -> bool:
+    return key in RESUME_SAFE_FIELDS or key.split(".")[0] + ".*" in RESUME_SAFE_FIELDS
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _spec_differences(spec: ExperimentSpec, saved: ExperimentSpec) -> dict[str, tuple[Any, Any]]:
+    """Dotted field -> (the run's value, the new value) where they differ."""
+    a, b = _flatten(saved.model_dump(mode="json")), _flatten(spec.model_dump(mode="json"))
+    out = {k: (a.get(k, _UNSET), b.get(k, _UNSET)) for k in sorted(set(a) | set(b)) if a.get(k, _UNSET) != b.get(k, _UNSET)}
+    if spec.init_from is not None and spec.init_from == saved.init_from:
+        # The run's model section was read from the init_from weights; the file's is only a sketch.
+        out = {k: v for k, v in out.items() if not k.startswith("model.")}
+    return out
+
+
+def _shown(value: Any) -> str:
+    return "(unset)" if value is _UNSET or value is None else repr(value)
+
+
+def _resumed_spec(spec: ExperimentSpec | None, saved: ExperimentSpec, ckpt: Path, write: Callable[[str], None],
+                  registry: ComponentRegistry | None) -> ExperimentSpec:
+    """The run's own spec, with the changes a resume may make; any other change is refused."""
+    if spec is None:
+        return saved
+    diff = _spec_differences(spec, saved)
+    unsafe = {k: v for k, v in diff.items() if not _safe_on_resume(k)}
+    if unsafe:
+        fields = "; ".join(f"{k}: the run has {_shown(old)}, now {_shown(new)}" for k, (old, new) in unsafe.items())
+        raise MinigptError(
+            f"Cannot resume from {ckpt}: the experiment file / --set values differ from the run's own spec "
+            f"({ckpt.parent.parent / 'spec.toml'}) in {len(unsafe)} field(s) that change the training: {fields}. "
+            f"Resume with the run's spec: `minigpt train --resume {ckpt}` (no experiment file; --set may change "
+            f"only {', '.join(RESUME_SAFE_FIELDS)}); or train a new run with the changed spec, e.g. with "
+            f"init_from = \"{ckpt}\" to start from these weights.")
+    if not diff:
+        return saved
+    write("note: resuming with changes to the run's spec: "
+          + "; ".join(f"{k} {_shown(old)} -> {_shown(new)}" for k, (old, new) in diff.items()))
+    data = saved.model_dump(mode="json")
+    for key, (_, new) in diff.items():
+        *parents, leaf = key.split(".")
+        node = data
+        for p in parents:
+            node = node.setdefault(p, {})
+        if new is _UNSET:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = new
     return parse_spec(data, registry=registry)
+
+
+def run_spec(path: str | Path, overrides: list[str] | None = None,
+             registry: ComponentRegistry | None = None) -> ExperimentSpec:
+    """The spec a run (or checkpoint, or experiment directory: its latest run) was trained with, plus ``--set``s."""
+    from ..spec import apply_overrides
+
+    ckpt = resolve_checkpoint(path, prefer="latest")
+    data = Trainer._saved_spec_data(ckpt)
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return parse_spec(data, source=str(ckpt / "spec.toml"), registry=registry)
+
+
+def _later_checkpoints(ckpt: Path) -> tuple[list[Path], list[Path]]:
+    """The intact and the corrupt checkpoints of ``ckpt``'s run after it."""
+    found = list_checkpoints(ckpt.parent)
+    mine = [s for s, path in found if path.resolve() == ckpt.resolve()]
+    intact: list[Path] = []
+    corrupt: list[Path] = []
+    for s, path in found:
+        if mine and s > mine[0]:
+            try:
+                verify_checkpoint(path)
+                intact.append(path)
+            except CheckpointError:
+                corrupt.append(path)
+    return intact, corrupt
 
 
 class Trainer:
     """Set up with the constructor, run with :meth:`run`; see :func:`train`."""
 
-    def __init__(self, spec: ExperimentSpec, *, registry: ComponentRegistry | None = None,
+    def __init__(self, spec: ExperimentSpec | None, *, registry: ComponentRegistry | None = None,
                  resume: str | Path | bool | None = None, progress: bool = True,
                  write: Callable[[str], None] | None = None, loggers: list[Logger] | None = None):
         self.registry = registry
         self.progress = progress
+        self._lock: RunLock | None = None
+        self.parent: Path | None = None  # the checkpoint this run branched from
+        ckpt: Path | None = None
+        notes: list[str] = []
+        if resume is None or resume is False:
+            if spec is None:
+                raise MinigptError("Nothing to train: give an experiment spec, or a run or checkpoint to resume.")
+        else:
+            if resume is True and spec is None:
+                raise MinigptError("resume=True continues the experiment's latest run, so it needs the experiment "
+                                   "spec; or give the run or checkpoint to resume instead.")
+            target = experiment_dir(spec) if resume is True else Path(resume)
+            ckpt = resolve_checkpoint(target, prefer="latest")
+            saved = parse_spec(self._saved_spec_data(ckpt), source=str(ckpt), registry=registry)
+            spec = _resumed_spec(spec, saved, ckpt, notes.append, registry)
         wandb_mode(spec.wandb)  # a bad WANDB_MODE fails before anything is written
         t = spec.train
         if t.threads:
@@ -137,25 +255,65 @@ class Trainer:
         self._bar = None
         self.write = write or self._print
         self._stop = False
+        for note in notes if self.env.is_main else ():
+            self.write(note)
 
-        # -- where: a new run directory, or the run of the checkpoint we resume ---------------
+        # -- where: a new run directory, the run of the checkpoint we resume, or a branch of it ----
+        # Rank 0 decides and holds the run's lock; the others follow (or raise the same error).
         self.loaded: LoadedState | None = None
-        if resume is not None and resume is not False:
-            target = experiment_dir(spec) if resume is True else Path(resume)
-            ckpt = resolve_checkpoint(target, prefer="latest")
-            self.loaded = load_checkpoint(ckpt)
-            saved = parse_spec(self._saved_spec_data(ckpt), source=str(ckpt), registry=registry)
-            spec = _merge_resumed_spec(spec, saved, self.write if self.env.is_main else (lambda s: None),
-                                       registry)
-            self.run_dir = ckpt.parent.parent
-        else:
-            self.run_dir = Path(self.env.broadcast(str(_new_run_dir(spec)) if self.env.is_main else None))
+        created = resume is None or resume is False
+        where: tuple[str, str | None, str | None] | MinigptError = ("", None, None)
+        if self.env.is_main:
+            try:
+                where = self._claim_run_dir(spec, ckpt)
+            except MinigptError as exc:
+                where = exc
+        where = self.env.broadcast(where)
+        if isinstance(where, MinigptError):
+            raise where from None
+        self.run_dir = Path(where[0])
+        self.parent = Path(where[1]) if where[1] else None
+        created = created or self.parent is not None
         try:
+            if where[2]:
+                self.write(where[2])
+            if ckpt is not None:
+                self.loaded = load_checkpoint(ckpt)
             self._setup(spec, loggers)
         except BaseException:
-            if self.loaded is None and self.env.is_main and self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
+            self._release(remove=created)
+            if created and self.env.is_main and self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
                 self.run_dir.rmdir()  # a run that never started leaves no empty directory behind
             raise
+
+    def _claim_run_dir(self, spec: ExperimentSpec, ckpt: Path | None) -> tuple[str, str | None, str | None]:
+        """(run directory, parent checkpoint of a branch, a note), with the run's lock held."""
+        if ckpt is None:
+            run = _new_run_dir(spec)
+            self._lock = RunLock(run).acquire()
+            return str(run), None, None
+        run = ckpt.parent.parent
+        later, corrupt = _later_checkpoints(ckpt)
+        if not later:
+            self._lock = RunLock(run).acquire()
+            later, corrupt = _later_checkpoints(ckpt)  # again, now that nobody else can add one
+            if later:
+                self._release()
+        if not later:
+            note = (f"note: {', '.join(p.name for p in corrupt)} after {ckpt.name} fail(s) verification and "
+                    f"will be rewritten") if corrupt else None
+            return str(run), None, note
+        # Resuming from an earlier checkpoint: the later ones stay as they are, the new steps go elsewhere.
+        branch = _new_run_dir(spec, base=run.parent)
+        self._lock = RunLock(branch).acquire()
+        return (str(branch), str(ckpt),
+                f"branch: {ckpt} is not the latest checkpoint of {run} (it has {later[-1].name}); training "
+                f"continues from it in the new run directory {branch} and leaves {run} as it is")
+
+    def _release(self, remove: bool = False) -> None:
+        if self._lock is not None:
+            self._lock.release(remove=remove)
+            self._lock = None
 
     def _setup(self, spec: ExperimentSpec, loggers: list[Logger] | None) -> None:
         registry, progress = self.registry, self.progress
@@ -249,6 +407,8 @@ class Trainer:
         self.best_val, self.best_step = tr.get("best_val_loss"), tr.get("best_step")
         self.last_val, self.wandb_run_id, self.entropy = tr.get("val_loss"), tr.get("wandb_run_id"), \
             tr.get("unigram_entropy")
+        if self.parent is not None:
+            self.wandb_run_id = None  # a branch is a W&B run of its own: its steps would overwrite the parent's
         try:
             self.sampler.load_state_dict(tr["sampler"])
             set_optimizer_state_dict(self.model, self.optimizer, loaded.optimizer_state,
@@ -408,15 +568,22 @@ class Trainer:
 
         if self.env.is_main:
             atomic_write_bytes(self.run_dir / "spec.toml", dump_spec(self.spec).encode("utf-8"))
+            if self.parent is not None:
+                record = {"parent_checkpoint": str(self.parent.resolve()), "parent_run": str(self.parent.parent.parent.resolve()),
+                          "step": self.step}
+                atomic_write_bytes(self.run_dir / BRANCH_FILE, (json.dumps(record, indent=1) + "\n").encode("utf-8"))
             self.write(self.describe())
             if hasattr(self, "jsonl"):
-                self.jsonl.event(self.step, event="resume" if self.loaded else "start", run_dir=str(self.run_dir))
+                if self.parent is not None:
+                    self.jsonl.event(self.step, event="branch", run_dir=str(self.run_dir), parent=str(self.parent))
+                else:
+                    self.jsonl.event(self.step, event="resume" if self.loaded else "start", run_dir=str(self.run_dir))
         if self.loaded is None:
             self.loggers.log({"data/unigram_entropy": self.entropy}, step=0)
         previous = self._install_signal_handlers()
         self._bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                          disable=not (self.progress and self.env.is_main), file=sys.stderr, mininterval=1.0)
-        last_saved = self.step if self.loaded else None
+        last_saved = self.step if self.loaded and self.parent is None else None
         window_start, window_tokens, paused = time.perf_counter(), 0, 0.0
         try:
             while self.step < self.total_steps:
@@ -468,13 +635,16 @@ class Trainer:
                 signal.signal(sig, handler)
             self._bar.close()
             self._bar = None
-            self.loggers.close()
+            try:
+                self.loggers.close()
+            finally:
+                self._release()
         return self._result(interrupted)
 
     def describe(self) -> str:
         t, m = self.spec.train, self.spec.model
         lines = [
-            f"run {self.run_dir} ({'resumed at step ' + str(self.step) if self.loaded else 'new'})",
+            f"run {self.run_dir} ({self._origin()})",
             f"model: {self.n_params:,} parameters ({m.n_layers} layers, emb {m.emb_dim}, {m.n_heads} heads, "
             f"attention {m.attention.name}); tokenizer {self.tokenizer.name} ({self.tokenizer.n_vocab:,} ids)",
             f"data: {self.data.source}: {self.data.split.describe()}",
@@ -485,6 +655,11 @@ class Trainer:
             f"unigram entropy of the data: {self.entropy:.3f} nats/token (the loss of a model that ignores context)",
         ]
         return "\n".join(lines)
+
+    def _origin(self) -> str:
+        if self.parent is not None:
+            return f"a branch of {self.parent}, resumed at step {self.step}"
+        return f"resumed at step {self.step}" if self.loaded else "new"
 
     def _result(self, interrupted: bool) -> TrainResult:
         root = self.run_dir / CHECKPOINTS_DIR
@@ -500,9 +675,13 @@ class Trainer:
                            self.last_sample, wb.directory if wb else None, wandb_mode(self.spec.wandb), interrupted)
 
 
-def train(spec: ExperimentSpec, *, registry: ComponentRegistry | None = None, resume: str | Path | bool | None = None,
+def train(spec: ExperimentSpec | None, *, registry: ComponentRegistry | None = None, resume: str | Path | bool | None = None,
           progress: bool = True, write: Callable[[str], None] | None = None) -> TrainResult:
-    """Train the spec's model; ``resume=True`` continues the experiment's latest run, a path that checkpoint."""
+    """Train the spec's model; ``resume=True`` continues the experiment's latest run, a path that run or checkpoint.
+
+    On resume, ``spec`` may be None (the run's own spec) or may differ from it only in RESUME_SAFE_FIELDS;
+    resuming from a checkpoint other than its run's latest starts a branch in a new run directory.
+    """
     try:
         trainer = Trainer(spec, registry=registry, resume=resume, progress=progress, write=write)
         return trainer.run()
