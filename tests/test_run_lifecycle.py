@@ -197,3 +197,24 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
         sys.setswitchinterval(old)
     assert not failed
     assert len(set(made)) == len(made) == 5 * n
+
+
+# -- W&B: the upload command covers every session of a resumed run ------------------------------
+@pytest.mark.slow
+def test_after_a_resume_the_wandb_sync_command_uploads_every_offline_segment(tmp_path, capsys):
+    spec = write_spec(tmp_path, train={"max_steps": 2, "save_every": 2, "eval_every": 2},
+                      wandb={"mode": "offline", "project": "minigpt-tests"})
+    env = {k: os.environ.pop(k) for k in ("WANDB_MODE",) if k in os.environ}
+    try:
+        assert cli(capsys, "train", spec, "--no-progress")[0] == 0
+        (run,) = runs_of(tmp_path / "runs")
+        status, out, err = cli(capsys, "train", "--resume", run, "--no-progress", "--set", "train.max_steps=4")
+    finally:
+        os.environ.update(env)
+    assert status == 0, err
+    segments = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(segments) == 2 and len({s.name.rsplit("-", 1)[1] for s in segments}) == 1  # one W&B run id
+    (line,) = [x for x in out.splitlines() if "wandb sync" in x]
+    command = line.split("upload it with: ")[1]
+    expanded = subprocess.run(f"echo {command}", shell=True, capture_output=True, text=True).stdout.split()
+    assert expanded[2:] == [str(s) for s in segments]
