@@ -198,6 +198,19 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
     assert not failed
     assert len(set(made)) == len(made) == 5 * n
 
+    # Deterministically, what a race looks like: the name was free when looked at, taken when made
+    # (here a dangling link, which exists() reports as free). The next suffix is used instead.
+    from datetime import datetime, timedelta
+
+    spec = parse_spec(tiny_spec_data(tmp_path, name="race"))
+    base = tmp_path / "runs" / "race"
+    base.mkdir(parents=True)
+    now = datetime.now()
+    for s in range(4):
+        (base / (now + timedelta(seconds=s)).strftime("%Y%m%d-%H%M%S")).symlink_to(tmp_path / "gone")
+    run = _new_run_dir(spec)
+    assert run.is_dir() and not run.is_symlink() and run.name.endswith("-2")
+
 
 # -- W&B: the upload command covers every session of a resumed run ------------------------------
 @pytest.mark.slow
