@@ -103,7 +103,7 @@ def test_a_run_in_use_is_refused_naming_its_holder_and_is_free_once_the_holder_d
     try:
         assert holder.stdout.readline().strip() == "held"
         before = tree_hashes(run)
-        status, _, err = cli(capsys, "train", "--resume", run, "--no-progress", "--set", "train.max_steps=6")
+        status, _, err = cli(capsys, "train", spec, "--resume", run, "--no-progress", "--set", "train.max_steps=6")
         assert status == 2 and "Traceback" not in err
         assert f"process {holder.pid} on host {socket.gethostname()}" in err
         assert str(run / ".lock") in err
@@ -124,7 +124,7 @@ def test_the_trainer_holds_its_runs_lock_while_it_trains(tmp_path):
     def during(text):  # called from inside the training loop of the resumed run
         if text.startswith("step 6"):
             with pytest.raises(RunLockedError, match=f"process {os.getpid()}"):
-                train(None, resume=first.run_dir, **quiet)
+                train(spec, resume=first.run_dir, **quiet)
             refusals.append(text)
 
     train(spec.model_copy(update={"train": spec.train.model_copy(update={"max_steps": 6})}),
@@ -141,7 +141,7 @@ def test_resuming_from_an_earlier_checkpoint_branches_and_leaves_the_run_as_it_w
     (run,) = runs_of(tmp_path / "runs")
     before = tree_hashes(run)
     parent = run / "checkpoints" / "step_00000002"
-    status, out, err = cli(capsys, "train", "--resume", parent, "--no-progress")
+    status, out, err = cli(capsys, "train", spec, "--resume", parent, "--no-progress")
     assert status == 0, err
     assert "branch:" in out and "not the latest checkpoint" in out
     assert tree_hashes(run) == before  # steps 4 and 6 (and the metrics) untouched
@@ -221,7 +221,7 @@ def test_after_a_resume_the_wandb_sync_command_uploads_every_offline_segment(tmp
     try:
         assert cli(capsys, "train", spec, "--no-progress")[0] == 0
         (run,) = runs_of(tmp_path / "runs")
-        status, out, err = cli(capsys, "train", "--resume", run, "--no-progress", "--set", "train.max_steps=4")
+        status, out, err = cli(capsys, "train", spec, "--resume", run, "--no-progress", "--set", "train.max_steps=4")
     finally:
         os.environ.update(env)
     assert status == 0, err
