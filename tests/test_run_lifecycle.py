@@ -46,6 +46,7 @@ def interrupt_when(path_glob: str, base: Path, ready) -> threading.Thread:
 
 
 # -- 1: resume from the run's own spec ---------------------------------------------------------
+@pytest.mark.slow
 def test_resume_uses_the_runs_spec_with_its_set_values_and_refuses_other_changes(tmp_path, capsys):
     spec = write_spec(tmp_path, train={"eval_every": 0, "save_every": 0, "log_every": 1})
     # the run's spec differs from the file by its --set values; Ctrl-C after a few steps
@@ -92,13 +93,17 @@ def test_train_needs_a_file_or_a_run_to_resume(tmp_path, capsys):
 
 
 # -- 2: one process per run -------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_run_in_use_is_refused_naming_its_holder_and_is_free_once_the_holder_dies(tmp_path, capsys):
     spec = write_spec(tmp_path, train={"max_steps": 4, "save_every": 2, "eval_every": 2})
     assert cli(capsys, "train", spec, "--no-progress")[0] == 0
     (run,) = runs_of(tmp_path / "runs")
+    # another process holding the run's lock the way a trainer does (flock + its PID and host)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from minigpt_core.train.lock import RunLock; "
-         f"lock = RunLock({str(run)!r}).acquire(); print('held', flush=True); sys.stdin.read()"],
+        [sys.executable, "-c", "import fcntl, json, os, socket, sys; "
+         f"fd = os.open({str(run / '.lock')!r}, os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); os.ftruncate(fd, 0); "
+         "os.write(fd, json.dumps({'pid': os.getpid(), 'host': socket.gethostname()}).encode()); "
+         "print('held', flush=True); sys.stdin.read()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         assert holder.stdout.readline().strip() == "held"
