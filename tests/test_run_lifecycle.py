@@ -101,7 +101,8 @@ def test_a_run_in_use_is_refused_naming_its_holder_and_is_free_once_the_holder_d
     # another process holding the run's lock the way a trainer does (flock + its PID and host)
     holder = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, json, os, socket, sys; "
-         f"fd = os.open({str(run / '.lock')!r}, os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); os.ftruncate(fd, 0); "
+         f"fd = os.open({str(run / '.lock')!r}, os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); "
+         "os.ftruncate(fd, 0); "
          "os.write(fd, json.dumps({'pid': os.getpid(), 'host': socket.gethostname()}).encode()); "
          "print('held', flush=True); sys.stdin.read()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)

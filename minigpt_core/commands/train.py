@@ -76,9 +76,9 @@ def _train(args) -> int:
         print(f"W&B {where}: {result.wandb_dir}")
         if result.wandb_mode == "offline":
             # A resumed run writes one offline-run-* folder per session: upload them all.
-            segments = sorted(result.wandb_dir.parent.glob(f"offline-run-*-{result.wandb_dir.name.rsplit('-', 1)[-1]}"))
-            what = result.wandb_dir if len(segments) <= 1 else \
-                result.wandb_dir.parent / f"offline-run-*-{result.wandb_dir.name.rsplit('-', 1)[-1]}"
+            pattern = f"offline-run-*-{result.wandb_dir.name.rsplit('-', 1)[-1]}"  # ...-DATE_TIME-RUNID
+            segments = list(result.wandb_dir.parent.glob(pattern))
+            what = result.wandb_dir if len(segments) <= 1 else result.wandb_dir.parent / pattern
             print(f"  upload it with: wandb sync {what}")
     if result.interrupted:
         print(f"interrupted at step {result.step}; continue with: minigpt train --resume "

@@ -150,7 +150,8 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _spec_differences(spec: ExperimentSpec, saved: ExperimentSpec) -> dict[str, tuple[Any, Any]]:
     """Dotted field -> (the run's value, the new value) where they differ."""
     a, b = _flatten(saved.model_dump(mode="json")), _flatten(spec.model_dump(mode="json"))
-    out = {k: (a.get(k, _UNSET), b.get(k, _UNSET)) for k in sorted(set(a) | set(b)) if a.get(k, _UNSET) != b.get(k, _UNSET)}
+    pairs = {k: (a.get(k, _UNSET), b.get(k, _UNSET)) for k in sorted(set(a) | set(b))}
+    out = {k: (old, new) for k, (old, new) in pairs.items() if old != new}
     if spec.init_from is not None and spec.init_from == saved.init_from:
         # The run's model section was read from the init_from weights; the file's is only a sketch.
         out = {k: v for k, v in out.items() if not k.startswith("model.")}
@@ -569,8 +570,8 @@ class Trainer:
         if self.env.is_main:
             atomic_write_bytes(self.run_dir / "spec.toml", dump_spec(self.spec).encode("utf-8"))
             if self.parent is not None:
-                record = {"parent_checkpoint": str(self.parent.resolve()), "parent_run": str(self.parent.parent.parent.resolve()),
-                          "step": self.step}
+                record = {"parent_checkpoint": str(self.parent.resolve()),
+                          "parent_run": str(self.parent.parent.parent.resolve()), "step": self.step}
                 atomic_write_bytes(self.run_dir / BRANCH_FILE, (json.dumps(record, indent=1) + "\n").encode("utf-8"))
             self.write(self.describe())
             if hasattr(self, "jsonl"):
@@ -675,8 +676,9 @@ class Trainer:
                            self.last_sample, wb.directory if wb else None, wandb_mode(self.spec.wandb), interrupted)
 
 
-def train(spec: ExperimentSpec | None, *, registry: ComponentRegistry | None = None, resume: str | Path | bool | None = None,
-          progress: bool = True, write: Callable[[str], None] | None = None) -> TrainResult:
+def train(spec: ExperimentSpec | None, *, registry: ComponentRegistry | None = None,
+          resume: str | Path | bool | None = None, progress: bool = True,
+          write: Callable[[str], None] | None = None) -> TrainResult:
     """Train the spec's model; ``resume=True`` continues the experiment's latest run, a path that run or checkpoint.
 
     On resume, ``spec`` may be None (the run's own spec) or may differ from it only in RESUME_SAFE_FIELDS;
