@@ -1,0 +1,142 @@
+"""Hardening: kills during checkpoint pruning/re-saving, divergence, a full disk (issue 8, items 5, 6, 8)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+
+import pytest
+
+from minigpt_core import parse_spec
+from minigpt_core.train import Trainer, load_checkpoint, train
+from minigpt_core.train.state import (
+    list_checkpoints,
+    resolve_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from training_utils import tiny_spec_data
+
+quiet = dict(progress=False, write=lambda s: None)
+
+
+def _spec(tmp_path, **train_values):
+    values = {"max_steps": 4, "save_every": 2, "eval_every": 0, "keep_last": 2, **train_values}
+    return parse_spec(tiny_spec_data(tmp_path, train=values))
+
+
+def _steps(root):
+    return [s for s, _ in list_checkpoints(root)]
+
+
+def _continue(spec, run_dir, max_steps):
+    t = spec.train.model_copy(update={"max_steps": max_steps})
+    return Trainer(spec.model_copy(update={"train": t}), resume=run_dir, **quiet)
+
+
+# -- item 5: checkpoint directory edge cases -------------------------------------------------------
+def test_a_step_dir_left_half_deleted_is_never_listed_resolved_or_resumed(tmp_path):
+    spec = _spec(tmp_path, max_steps=6)
+    result = train(spec, **quiet)
+    root = result.run_dir / "checkpoints"
+    assert _steps(root) == [4, 6]
+    # what a SIGKILL in the middle of deleting step 6 used to leave: trainer.json, no weights
+    (root / "step_00000006" / "model.safetensors").unlink()
+    assert _steps(root) == [4]
+    assert resolve_checkpoint(result.run_dir) == root / "step_00000004"
+    assert resolve_checkpoint(root / "latest") == root / "step_00000004"  # the link's target is incomplete
+    (root / "best").unlink(missing_ok=True)
+    os.symlink("step_00000006", root / "best")
+    assert resolve_checkpoint(result.run_dir, prefer="best") == root / "step_00000004"
+    resumed = _continue(spec, result.run_dir, 8)
+    assert resumed.step == 4
+    resumed.run()
+    # the partial directory is gone, every remaining one is complete
+    assert sorted(p.name for p in root.iterdir() if not p.is_symlink()) == ["step_00000006", "step_00000008"]
+    for _, path in list_checkpoints(root):
+        verify_checkpoint(path)
+
+
+def test_a_kill_between_the_renames_of_a_re_save_keeps_the_step(tmp_path):
+    spec = _spec(tmp_path)
+    result = train(spec, **quiet)
+    root = result.run_dir / "checkpoints"
+    step4 = root / "step_00000004"
+    record = (step4 / "trainer.json").read_bytes()
+    # save_checkpoint of step 4 again, killed after step_4 -> .step_4.old and before tmp -> step_4
+    shutil.copytree(step4, root / ".step_00000004.x1y2.tmp")
+    os.replace(step4, root / ".step_00000004.old")
+    assert _steps(root) == [2, 4]  # the old copy is still the checkpoint of step 4
+    assert resolve_checkpoint(root / "latest").name == ".step_00000004.old"
+    resumed = _continue(spec, result.run_dir, 6)
+    assert resumed.step == 4
+    resumed.run()
+    assert sorted(p.name for p in root.iterdir() if not p.is_symlink()) == ["step_00000004", "step_00000006"]
+    assert (step4 / "trainer.json").read_bytes() == record  # put back, not deleted
+    verify_checkpoint(step4)
+
+
+def _fs_ops_killed_at(k):
+    """In a forked child: SIGKILL the process at its k-th rename/unlink/rmdir/symlink."""
+    count = [0]
+
+    def wrap(fn):
+        def hooked(*args, **kwargs):
+            count[0] += 1
+            if count[0] == k:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return fn(*args, **kwargs)
+        return hooked
+
+    for name in ("replace", "rename", "unlink", "rmdir", "symlink"):
+        setattr(os, name, wrap(getattr(os, name)))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork to kill a save at each point")
+def test_sigkill_at_any_point_of_a_save_leaves_only_complete_checkpoints(tmp_path):
+    import torch
+
+    spec = _spec(tmp_path)
+    result = train(spec, **quiet)
+    root = result.run_dir / "checkpoints"
+    pristine = tmp_path / "pristine"
+    shutil.copytree(root, pristine, symlinks=True)
+    state = load_checkpoint(root / "step_00000004")
+    from minigpt_core.model import build_model
+
+    model = build_model(spec)
+    model.load_state_dict(state.model_state, strict=False)
+
+    def save(step):  # re-save step 4 or write step 6; keep_last=1 prunes the others
+        save_checkpoint(root, step, model=model, spec=spec, model_state=None,
+                        optimizer_state=state.optimizer_state, rng_states=[{"cpu": torch.get_rng_state()}],
+                        trainer={k: v for k, v in state.trainer.items() if k not in ("step", "optimizer", "sha256")},
+                        meta=state.meta, keep_last=1)
+
+    for step in (4, 6):
+        for k in range(1, 200):
+            shutil.rmtree(root)
+            shutil.copytree(pristine, root, symlinks=True)
+            pid = os.fork()
+            if pid == 0:  # the child: save, killed at the k-th filesystem change
+                try:
+                    _fs_ops_killed_at(k)
+                    save(step)
+                finally:
+                    os._exit(0)
+            _, status = os.waitpid(pid, 0)
+            killed = os.WIFSIGNALED(status)
+            listed = list_checkpoints(root)
+            latest = resolve_checkpoint(result.run_dir)
+            for _, path in listed:
+                verify_checkpoint(path)
+            assert 4 in dict(listed) or (step == 6 and 6 in dict(listed)), (step, k, os.listdir(root))
+            for link in ("latest", "best"):  # the links may lag a step behind, never at a partial dir
+                verify_checkpoint(resolve_checkpoint(root / link) if (root / link).exists() else latest)
+            save(step)  # the next save recovers
+            assert sorted(p.name for p in root.iterdir() if not p.is_symlink()) == [f"step_0000000{step}"]
+            if not killed:
+                break
+        assert not killed and k > 5
