@@ -16,7 +16,8 @@ from minigpt_core.train.state import (
     save_checkpoint,
     verify_checkpoint,
 )
-from training_utils import tiny_spec_data
+from minigpt_core.errors import MinigptError
+from training_utils import cli, read_metrics, runs_of, tiny_spec_data, write_spec
 
 quiet = dict(progress=False, write=lambda s: None)
 
@@ -140,3 +141,53 @@ def test_sigkill_at_any_point_of_a_save_leaves_only_complete_checkpoints(tmp_pat
             if not killed:
                 break
         assert not killed and k > 5
+
+
+# -- item 6: divergence ------------------------------------------------------------------------------
+def test_a_diverging_run_stops_with_a_message_and_keeps_finite_checkpoints(tmp_path, capsys):
+    import torch
+
+    # lr 1e4: finite (if absurd) losses up to step 5, NaN from step 6; logged every 5 steps only, so the
+    # NaN is caught at the step-6 evaluation/save from the device-side flag
+    spec = write_spec(tmp_path, train={"lr": 1e4, "warmup_steps": 0, "schedule": "constant", "max_steps": 12,
+                                       "log_every": 5, "eval_every": 2, "save_every": 2, "keep_last": 10})
+    status, _, err = cli(capsys, "train", spec, "--no-progress")
+    assert status == 2 and "Traceback" not in err
+    assert "Training diverged at step 6: the training loss became NaN or infinite" in err
+    assert "the last finite training loss was" in err and "at step 5" in err
+    assert "Lower train.lr (now 10000)" in err and "warmup_steps" in err
+    (run,) = runs_of(tmp_path / "runs")
+    root = run / "checkpoints"
+    assert _steps(root) == [2, 4]  # nothing saved at or after step 6
+    for link in ("latest", "best"):
+        ckpt = resolve_checkpoint(run, prefer=link)
+        state = load_checkpoint(ckpt)
+        assert all(torch.isfinite(t).all() for t in state.model_state.values())
+        assert state.trainer["best_val_loss"] is not None and state.trainer["best_val_loss"] < float("inf")
+    assert read_metrics(run)[-1]["event"] == "diverged"
+    status, out, err = cli(capsys, "sample", run, "--prompt", "The", "--max-new-tokens", "5", "--seed", "0")
+    assert status == 0 and out.startswith("The"), err
+
+
+def test_a_non_finite_validation_loss_never_becomes_best_and_nan_weights_are_never_saved(tmp_path):
+    import torch
+
+    spec = _spec(tmp_path, max_steps=4, eval_every=2)
+    trainer = Trainer(spec, **quiet)
+    finite_eval = trainer.evaluate
+    trainer.evaluate = lambda: float("nan") if trainer.step == 2 else finite_eval()
+    with pytest.raises(MinigptError, match="diverged at step 2: the validation loss"):
+        trainer.run()
+    assert trainer.best_step is None and not list_checkpoints(trainer.run_dir / "checkpoints")
+    # the safety net: a save of NaN weights is refused, whatever let them through
+    trainer = Trainer(spec, **quiet)
+    with torch.no_grad():
+        next(trainer.model.parameters())[0] = float("nan")
+    with pytest.raises(MinigptError, match="the weights became NaN or infinite"):
+        trainer.save()
+    assert not list_checkpoints(trainer.run_dir / "checkpoints")
+
+
+def test_the_learning_rate_must_be_finite(tmp_path, capsys):
+    status, _, err = cli(capsys, "train", write_spec(tmp_path), "--set", "train.lr=inf")
+    assert status == 2 and "train.lr: Input should be a finite number" in err
