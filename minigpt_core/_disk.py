@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import errno
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import MinigptError
 
-__all__ = ["NO_SPACE", "DiskFullError", "disk_full_error"]
+__all__ = ["NO_SPACE", "DiskFullError", "disk_full_error", "reporting_full_disk"]
 
 # ENOSPC: the filesystem is full; EDQUOT: the user's quota is; EFBIG: a file size limit (ulimit -f).
 NO_SPACE = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EFBIG) if e is not None)
@@ -44,3 +45,14 @@ def disk_full_error(path: str | Path, needed: int | None, exc: OSError) -> DiskF
         f"checkpoints are intact. Free some space (or set train.out_dir to a larger disk, train.keep_last "
         f"lower) and continue with `minigpt train SPEC --resume`."
     )
+
+
+@contextmanager
+def reporting_full_disk(path: str | Path, needed: int | None = None):
+    """Turn a full-disk OSError inside the block into the DiskFullError for ``path``."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in NO_SPACE:
+            raise
+        raise disk_full_error(exc.filename or path, needed, exc) from None

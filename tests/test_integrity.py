@@ -191,3 +191,52 @@ def test_a_non_finite_validation_loss_never_becomes_best_and_nan_weights_are_nev
 def test_the_learning_rate_must_be_finite(tmp_path, capsys):
     status, _, err = cli(capsys, "train", write_spec(tmp_path), "--set", "train.lr=inf")
     assert status == 2 and "train.lr: Input should be a finite number" in err
+
+
+# -- item 8: a full disk -------------------------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real filesystem of 1 MiB (a tmpfs): writes past it fail with ENOSPC, as on a full disk."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill (needs root): {r.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_stops_with_one_message_and_earlier_checkpoints_stay_intact(tmp_path, small_disk, capsys):
+    # a checkpoint of this model is ~0.4 MB: the second fits on the 1 MiB disk, the third cannot
+    spec = write_spec(tmp_path, train={"out_dir": str(small_disk / "runs"), "max_steps": 12, "save_every": 2,
+                                       "eval_every": 2, "keep_last": 3})
+    status, _, err = cli(capsys, "train", spec, "--no-progress")
+    assert status == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    (run,) = runs_of(small_disk / "runs")
+    root = run / "checkpoints"
+    assert f"error: Cannot write {root / 'step_00000006'}: the disk (or your quota) is full (" in err
+    assert " free on " in err and "it needs about 3" in err and "--resume" in err
+    assert _steps(root) == [2, 4]
+    for _, path in list_checkpoints(root):
+        verify_checkpoint(path)
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no partial leftovers take space
+
+
+def test_a_full_disk_while_logging_metrics_names_the_log(small_disk):
+    from minigpt_core._disk import DiskFullError
+    from minigpt_core.train.loggers import JsonlLogger
+
+    logger = JsonlLogger(small_disk / "metrics.jsonl")
+    logger.log({"train/loss": 1.5}, step=1)
+    with open(small_disk / "filler", "wb", buffering=0) as f:  # someone else fills the disk
+        with pytest.raises(OSError):
+            while True:
+                f.write(b"\0" * 4096)
+    with pytest.raises(DiskFullError, match=f"Cannot write {small_disk / 'metrics.jsonl'}: the disk"):
+        for step in range(2, 10_000):
+            logger.log({"train/loss": 1.5}, step=step)
+    logger.close()  # quietly: the lost line was reported already
+    assert (small_disk / "metrics.jsonl").read_text().startswith('{"step": 1,')

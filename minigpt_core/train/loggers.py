@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from .._disk import NO_SPACE, disk_full_error
 from ..errors import MinigptError
 from ..spec import WandbSpec
 
@@ -42,10 +43,18 @@ class JsonlLogger(Logger):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.path, "a", encoding="utf-8")
+        self._full = False
 
     def _write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._f.flush()
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        try:
+            self._f.write(line)
+            self._f.flush()
+        except OSError as exc:
+            if exc.errno not in NO_SPACE:
+                raise
+            self._full = True
+            raise disk_full_error(self.path, len(line.encode("utf-8")), exc) from None
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         # NaN/inf are not JSON: written as null, so the file stays parseable.
@@ -60,7 +69,11 @@ class JsonlLogger(Logger):
         self._write({"step": step, "time": round(time.time(), 3), **fields})
 
     def close(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError:
+            if not self._full:  # the unwritten line was reported already
+                raise
 
 
 class ConsoleLogger(Logger):

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from .._disk import NO_SPACE, disk_full_error, reporting_full_disk
 from ..checkpoint import _plugin_versions, atomic_write_bytes, load_model_state
 from ..data import BatchSampler, load_training_data
 from ..errors import CheckpointError, MinigptError, SpecError
@@ -451,7 +452,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         if self.env.is_main:
-            atomic_write_bytes(self.run_dir / "spec.toml", dump_spec(self.spec).encode("utf-8"))
+            with reporting_full_disk(self.run_dir / "spec.toml"):
+                atomic_write_bytes(self.run_dir / "spec.toml", dump_spec(self.spec).encode("utf-8"))
             self.write(self.describe())
             if hasattr(self, "jsonl"):
                 self.jsonl.event(self.step, event="resume" if self.loaded else "start", run_dir=str(self.run_dir))
@@ -512,6 +514,10 @@ class Trainer:
                 self.save()
             if interrupted and self.env.is_main and hasattr(self, "jsonl"):
                 self.jsonl.event(self.step, event="interrupted")
+        except OSError as exc:
+            if exc.errno not in NO_SPACE:
+                raise
+            raise disk_full_error(exc.filename or self.run_dir, None, exc) from None
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
