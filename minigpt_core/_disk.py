@@ -42,8 +42,8 @@ def disk_full_error(path: str | Path, needed: int | None, exc: OSError) -> DiskF
     need = f"; it needs about {_size(needed)}" if needed else ""
     return DiskFullError(
         f"Cannot write {path}: {what} ({free} on {where}{need}). Nothing written before is lost: earlier "
-        f"checkpoints are intact. Free some space (or set train.out_dir to a larger disk, train.keep_last "
-        f"lower) and continue with `minigpt train SPEC --resume`."
+        f"checkpoints are intact. Free some space (a lower train.keep_last keeps fewer checkpoints) and "
+        f"continue with `minigpt train SPEC --resume`."
     )
 
 
@@ -55,4 +55,4 @@ def reporting_full_disk(path: str | Path, needed: int | None = None):
     except OSError as exc:
         if exc.errno not in NO_SPACE:
             raise
-        raise disk_full_error(exc.filename or path, needed, exc) from None
+        raise disk_full_error(exc.filename2 or exc.filename or path, needed, exc) from None  # 2: a copy's target

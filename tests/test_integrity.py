@@ -240,3 +240,29 @@ def test_a_full_disk_while_logging_metrics_names_the_log(small_disk):
             logger.log({"train/loss": 1.5}, step=step)
     logger.close()  # quietly: the lost line was reported already
     assert (small_disk / "metrics.jsonl").read_text().startswith('{"step": 1,')
+
+
+def _fill(disk):
+    with open(disk / "filler", "wb", buffering=0) as f:  # someone else fills the disk
+        with pytest.raises(OSError):
+            while True:
+                f.write(b"\0" * 4096)
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_wandb_is_one_message_not_a_traceback_per_line(tmp_path, small_disk, capsys):
+    from minigpt_core._disk import DiskFullError
+    from minigpt_core.spec import WandbSpec
+    from minigpt_core.train.loggers import WandbLogger
+
+    logger = WandbLogger(WandbSpec(mode="offline"), name="full", run_dir=small_disk / "a", config={})
+    logger.log({"train/loss": 1.0}, step=1)
+    _fill(small_disk)
+    with pytest.raises(DiskFullError, match=r"Cannot write .*table\.json: the disk \(or your quota\) is full"):
+        logger.log_sample(2, "The", " end")
+    logger.close()
+    # a run started on the full disk: W&B's own log file fails at every line it writes
+    with pytest.raises(MinigptError, match=r"Cannot write .*debug\.log: the disk \(or your quota\) is full"):
+        WandbLogger(WandbSpec(mode="offline"), name="full", run_dir=small_disk / "b", config={})
+    _, err = capsys.readouterr()
+    assert "Traceback" not in err and "Logging error" not in err, err

@@ -517,7 +517,7 @@ class Trainer:
         except OSError as exc:
             if exc.errno not in NO_SPACE:
                 raise
-            raise disk_full_error(exc.filename or self.run_dir, None, exc) from None
+            raise disk_full_error(exc.filename2 or exc.filename or self.run_dir, None, exc) from None
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
