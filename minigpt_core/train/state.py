@@ -12,8 +12,9 @@
     RUN/checkpoints/best   -> step_00000400
 
 A checkpoint is written into a temporary directory and renamed into place, so a crash (even
-SIGKILL) leaves either the whole checkpoint or none of it. Loading verifies the hashes and reads
-only safetensors and JSON: nothing is unpickled.
+SIGKILL) leaves either the whole checkpoint or none of it; deleting renames to a hidden name first.
+Only complete checkpoints (trainer.json and every file it hashes) are listed, resolved or linked.
+Loading verifies the hashes and reads only safetensors and JSON: nothing is unpickled.
 """
 
 from __future__ import annotations
