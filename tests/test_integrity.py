@@ -266,3 +266,21 @@ def test_a_full_disk_under_wandb_is_one_message_not_a_traceback_per_line(tmp_pat
         WandbLogger(WandbSpec(mode="offline"), name="full", run_dir=small_disk / "b", config={})
     _, err = capsys.readouterr()
     assert "Traceback" not in err and "Logging error" not in err, err
+
+
+@pytest.mark.slow
+def test_a_file_size_limit_stops_with_one_message_too(tmp_path):
+    # needs no root (unlike the tmpfs above): ulimit -f makes a large write fail with EFBIG
+    import subprocess
+    import sys
+
+    spec = write_spec(tmp_path, train={"max_steps": 4, "save_every": 2, "eval_every": 0})
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)); "
+            "from minigpt_core.cli import main; sys.exit(main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", code, "train", str(spec), "--no-progress"], capture_output=True,
+                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    (run,) = runs_of(tmp_path / "runs")
+    assert f"error: Cannot write {run / 'checkpoints' / 'step_00000002'}: the file size limit (ulimit -f)" in r.stderr
+    assert not list((run / "checkpoints").iterdir())  # nothing partial left behind
