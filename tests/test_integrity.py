@@ -191,6 +191,8 @@ def test_a_non_finite_validation_loss_never_becomes_best_and_nan_weights_are_nev
 def test_the_learning_rate_must_be_finite(tmp_path, capsys):
     status, _, err = cli(capsys, "train", write_spec(tmp_path), "--set", "train.lr=inf")
     assert status == 2 and "train.lr: Input should be a finite number" in err
+    status, _, err = cli(capsys, "train", write_spec(tmp_path), "--set", "train.min_lr=nan")
+    assert status == 2 and "train.min_lr: Input should be a finite number" in err
 
 
 # -- item 8: a full disk -------------------------------------------------------------------------------
