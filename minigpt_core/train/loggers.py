@@ -134,6 +134,7 @@ class WandbLogger(Logger):
         finally:
             logging.raiseExceptions = quiet
         self._wandb = wandb
+        self._samples: list[list[Any]] = []
         try:
             self._watch_log_errors()
         except MinigptError:
@@ -163,7 +164,6 @@ class WandbLogger(Logger):
     def _check_disk(self) -> None:
         if self._disk_error is not None:
             raise disk_full_error(self._disk_error[0], None, self._disk_error[1])
-        self._samples: list[list[Any]] = []
 
     @property
     def run_id(self) -> str:
