@@ -193,7 +193,9 @@ def _recover(root: Path) -> None:
         if m and not (root / m.group(1)).exists() and _complete(child):
             os.replace(child, root / m.group(1))  # killed between the renames of a re-save: put it back
         elif child.name.startswith(".step_") and child.is_dir():
-            shutil.rmtree(child, ignore_errors=True)  # temp, .deleting, or an .old whose step is in place
+            # temp, .deleting, or an .old whose step is in place; a finished temp dir is never promoted:
+            # listing did not show it, so a run may already have resumed from an earlier step
+            shutil.rmtree(child, ignore_errors=True)
         elif _STEP_DIR.match(child.name) and child.is_dir() and not _complete(child):
             _remove(child)  # an old-style deletion killed part-way
 
