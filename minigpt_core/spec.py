@@ -144,8 +144,9 @@ class TrainSpec(_Strict):
                             "accumulation steps")
     micro_batch_size: int | None = Field(None, gt=0, description="sequences per forward pass on each process "
                                          "(default batch_size / processes: no gradient accumulation)")
-    lr: float = Field(6e-4, gt=0, description="peak learning rate")
-    min_lr: float | None = Field(None, ge=0, description="learning rate at the end of the decay (default lr / 10)")
+    lr: float = Field(6e-4, gt=0, allow_inf_nan=False, description="peak learning rate")
+    min_lr: float | None = Field(None, ge=0, allow_inf_nan=False,
+                                 description="learning rate at the end of the decay (default lr / 10)")
     warmup_steps: int = Field(100, ge=0, description="linear warm-up from 0 to lr")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warm-up")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay of matrices (not biases, norms)")

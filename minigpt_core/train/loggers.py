@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from .._disk import NO_SPACE, disk_full_error, reporting_full_disk
 from ..errors import MinigptError
 from ..spec import WandbSpec
 
@@ -42,10 +43,18 @@ class JsonlLogger(Logger):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.path, "a", encoding="utf-8")
+        self._full = False
 
     def _write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._f.flush()
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        try:
+            self._f.write(line)
+            self._f.flush()
+        except OSError as exc:
+            if exc.errno not in NO_SPACE:
+                raise
+            self._full = True
+            raise disk_full_error(self.path, len(line.encode("utf-8")), exc) from None
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         # NaN/inf are not JSON: written as null, so the file stays parseable.
@@ -60,7 +69,11 @@ class JsonlLogger(Logger):
         self._write({"step": step, "time": round(time.time(), 3), **fields})
 
     def close(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError:
+            if not self._full:  # the unwritten line was reported already
+                raise
 
 
 class ConsoleLogger(Logger):
@@ -98,9 +111,13 @@ class WandbLogger(Logger):
 
     def __init__(self, spec: WandbSpec, *, name: str, run_dir: Path, config: dict[str, Any],
                  run_id: str | None = None):
+        import logging
+
         import wandb
 
         self.mode = wandb_mode(spec)
+        self._disk_error: tuple[str, OSError] | None = None
+        quiet, logging.raiseExceptions = logging.raiseExceptions, False  # see _watch_log_errors
         try:
             self.run = wandb.init(
                 project=spec.project, entity=spec.entity, name=name, group=spec.group, job_type=spec.job_type,
@@ -114,8 +131,39 @@ class WandbLogger(Logger):
                     else "")
             raise MinigptError(f"Weights & Biases could not start a {self.mode} run: {type(exc).__name__}: "
                                f"{exc}.{hint} Metrics are still written to {METRICS_FILE}.") from None
+        finally:
+            logging.raiseExceptions = quiet
         self._wandb = wandb
         self._samples: list[list[Any]] = []
+        try:
+            self._watch_log_errors()
+        except MinigptError:
+            self.close()  # quietly: the disk is full
+            raise
+
+    def _watch_log_errors(self) -> None:
+        """W&B's debug log on a full disk prints a traceback per line logged: note the error instead."""
+        import logging
+
+        for handler in logging.getLogger("wandb").handlers:
+            def handle_error(record, handler=handler, original=handler.handleError):
+                exc = sys.exc_info()[1]
+                if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+                    self._disk_error = self._disk_error or (getattr(handler, "baseFilename", "wandb"), exc)
+                else:
+                    original(record)
+            handler.handleError = handle_error
+            try:
+                handler.flush()  # a line it could not write during wandb.init fails again here
+            except OSError as exc:
+                if exc.errno not in NO_SPACE:
+                    raise
+                self._disk_error = self._disk_error or (getattr(handler, "baseFilename", "wandb"), exc)
+        self._check_disk()
+
+    def _check_disk(self) -> None:
+        if self._disk_error is not None:
+            raise disk_full_error(self._disk_error[0], None, self._disk_error[1])
 
     @property
     def run_id(self) -> str:
@@ -127,16 +175,25 @@ class WandbLogger(Logger):
         return None if self.mode == "disabled" else Path(self.run.dir).parent
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
-        self.run.log(dict(metrics), step=step)
+        self._check_disk()
+        with reporting_full_disk(self.run.dir):
+            self.run.log(dict(metrics), step=step)
+        self._check_disk()
 
     def log_sample(self, step: int, prompt: str, text: str) -> None:
         # A table logged again with all rows so far: W&B shows the latest version of it.
         self._samples.append([step, prompt, text])
-        self.run.log({"samples": self._wandb.Table(columns=["step", "prompt", "text"], data=self._samples)},
-                     step=step)
+        with reporting_full_disk(self.run.dir):  # the table is copied into the run directory
+            self.run.log({"samples": self._wandb.Table(columns=["step", "prompt", "text"], data=self._samples)},
+                         step=step)
+        self._check_disk()
 
     def close(self) -> None:
-        self.run.finish()
+        try:
+            self.run.finish()
+        except Exception:
+            if self._disk_error is None:  # on a full disk the error was reported already
+                raise
 
 
 class MultiLogger(Logger):

@@ -12,8 +12,9 @@
     RUN/checkpoints/best   -> step_00000400
 
 A checkpoint is written into a temporary directory and renamed into place, so a crash (even
-SIGKILL) leaves either the whole checkpoint or none of it. Loading verifies the hashes and reads
-only safetensors and JSON: nothing is unpickled.
+SIGKILL) leaves either the whole checkpoint or none of it; deleting renames to a hidden name first.
+Only complete checkpoints (trainer.json and every file it hashes) are listed, resolved or linked.
+Loading verifies the hashes and reads only safetensors and JSON: nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from typing import Any
 import torch
 
 from ..checkpoint import META_FILE, SPEC_FILE, WEIGHTS_FILE, atomic_write_bytes, load_weights_file, save_model
+from .._disk import NO_SPACE as _NO_SPACE
+from .._disk import disk_full_error
 from ..errors import CheckpointError
 
 __all__ = [
@@ -54,6 +57,7 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 _HASHED = (WEIGHTS_FILE, SPEC_FILE, META_FILE, OPTIMIZER_FILE, RNG_FILE)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_OLD_DIR = re.compile(r"^\.(step_\d+)\.old$")  # a step saved again, while the new copy moves in
 
 
 def _step_name(step: int) -> str:
@@ -105,6 +109,7 @@ def save_checkpoint(root: Path, step: int, *, model: torch.nn.Module, spec, mode
 
     root.mkdir(parents=True, exist_ok=True)
     final = root / _step_name(step)
+    _recover(root)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
     try:
         save_model(model, spec, tmp, meta=meta, registry=registry, state=model_state)
@@ -118,16 +123,24 @@ def save_checkpoint(root: Path, step: int, *, model: torch.nn.Module, spec, mode
         atomic_write_bytes(tmp / TRAINER_FILE, json.dumps(record, indent=1).encode("utf-8"))
         os.chmod(tmp, 0o755)
         if final.exists():  # the same step saved again (e.g. Ctrl-C right after a scheduled save)
+            # Killed between the two renames, only .old holds the step: listing reads it there and
+            # recovery renames it back (never deletes it).
             old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
             os.replace(final, old)
             os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         else:
             os.replace(tmp, final)
         _fsync_dir(root)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+            need = sum(t.numel() * t.element_size() for t in [
+                *(model_state or model.state_dict()).values(),
+                *(v for per_param in optimizer_state["state"].values() for v in per_param.values()
+                  if torch.is_tensor(v))])
+            raise disk_full_error(final, need, exc) from None
         raise
     _link(root / "latest", final.name)
     if best_step is not None and (root / _step_name(best_step)).is_dir():
@@ -159,14 +172,41 @@ def _link(link: Path, target: str) -> None:
         pass
 
 
+def _remove(path: Path) -> None:
+    """Delete a directory so that a kill part-way never leaves a partial one under a listed name."""
+    if not path.exists():
+        return
+    doomed = path.with_name(f".{path.name.lstrip('.')}.deleting")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)  # atomic: the name is gone before any file is
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _recover(root: Path) -> None:
+    """Tidy what killed writes, re-saves and deletions left; never deletes a complete checkpoint."""
+    if not root.is_dir():
+        return
+    for child in list(root.iterdir()):
+        if child.is_symlink():
+            continue
+        m = _OLD_DIR.match(child.name)
+        if m and not (root / m.group(1)).exists() and _complete(child):
+            os.replace(child, root / m.group(1))  # killed between the renames of a re-save: put it back
+        elif child.name.startswith(".step_") and child.is_dir():
+            # temp, .deleting, or an .old whose step is in place; a finished temp dir is never promoted:
+            # listing did not show it, so a run may already have resumed from an earlier step
+            shutil.rmtree(child, ignore_errors=True)
+        elif _STEP_DIR.match(child.name) and child.is_dir() and not _complete(child):
+            _remove(child)  # an old-style deletion killed part-way
+
+
 def _prune(root: Path, keep_last: int, best_step: int | None) -> None:
     steps = [s for s, _ in list_checkpoints(root)]
     keep = set(steps[-keep_last:]) | ({best_step} if best_step is not None else set())
     for s in steps:
         if s not in keep:
-            shutil.rmtree(root / _step_name(s), ignore_errors=True)
-    for stale in root.glob(".step_*"):  # temp dirs of writes that were killed
-        shutil.rmtree(stale, ignore_errors=True)
+            _remove(root / _step_name(s))
+    _recover(root)
 
 
 # -- finding -------------------------------------------------------------------------------
@@ -174,12 +214,23 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     """(step, directory) of the complete checkpoints under ``root``, oldest first."""
     if not root.is_dir():
         return []
-    found = []
+    found = {}
     for child in root.iterdir():
-        m = _STEP_DIR.match(child.name)
-        if m and not child.is_symlink() and (child / TRAINER_FILE).is_file():
-            found.append((int(m.group(1)), child))
-    return sorted(found)
+        m = _STEP_DIR.match(child.name) or _OLD_DIR.match(child.name)
+        if m and not child.is_symlink() and _complete(child):
+            step = int(m.group(1).removeprefix("step_") if m.re is _OLD_DIR else m.group(1))
+            if step not in found or child.name.startswith("step_"):
+                found[step] = child
+    return sorted(found.items())
+
+
+def _complete(directory: Path) -> bool:
+    """trainer.json and every file it holds a hash for exist (the hashes are checked on load)."""
+    try:
+        hashes = json.loads((directory / TRAINER_FILE).read_text(encoding="utf-8"))["sha256"]
+        return all((directory / name).is_file() for name in hashes)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _runs(experiment_dir: Path) -> list[Path]:
@@ -193,8 +244,12 @@ def resolve_checkpoint(path: str | Path, prefer: str = "latest") -> Path:
     In a run, ``prefer`` picks ``latest`` or ``best`` (falling back to the latest).
     """
     path = Path(path)
+    if path.is_symlink() and path.name in ("latest", "best") and path.parent.name == CHECKPOINTS_DIR:
+        if _complete(path):  # checkpoints/latest -> step_...
+            return path.resolve()
+        path, prefer = path.parent, path.name  # its target was pruned or is incomplete: fall back
     if (path / META_FILE).is_file() or (path / TRAINER_FILE).is_file():
-        return path.resolve() if path.is_symlink() else path  # checkpoints/latest -> step_...
+        return path
     root = path if path.name == CHECKPOINTS_DIR else path / CHECKPOINTS_DIR
     if not root.is_dir():
         runs = _runs(path)
@@ -205,9 +260,10 @@ def resolve_checkpoint(path: str | Path, prefer: str = "latest") -> Path:
                 f"runs/NAME/RUN/{CHECKPOINTS_DIR}/step_00000100 (or runs/NAME for its latest run)."
             )
         root = runs[-1] / CHECKPOINTS_DIR
-    if prefer == "best" and (root / "best").is_dir():
-        return (root / "best").resolve()
     found = list_checkpoints(root)
+    best = root / "best"
+    if prefer == "best" and best.is_dir() and best.resolve() in {p.resolve() for _, p in found}:
+        return best.resolve()
     if not found:
         raise CheckpointError(f"{root} holds no complete checkpoint (a run killed before its first save "
                               f"leaves none).")

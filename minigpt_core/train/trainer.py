@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from .._disk import NO_SPACE, disk_full_error, reporting_full_disk
 from ..checkpoint import _plugin_versions, atomic_write_bytes, load_model_state
 from ..data import BatchSampler, load_training_data
 from ..errors import CheckpointError, MinigptError, SpecError
@@ -373,6 +374,9 @@ class Trainer:
         self.last_sample: str | None = None
         self.wandb_run_id: str | None = None
         self.entropy: float | None = None
+        # 2 * (first step with a non-finite loss or grad norm) + (1 if the loss itself), 0 while finite
+        self._nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._last_finite: tuple[int, float] | None = None
         if self.loaded is not None:
             self._restore(self.loaded)
         else:
@@ -479,6 +483,11 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
         if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
             norm = norm.full_tensor()
+        # fp16: an inf gradient is the scaler's business (it skips the step); only the loss counts.
+        loss_ok = torch.isfinite(loss_sum)
+        ok = loss_ok if self.scaler.is_enabled() else loss_ok & torch.isfinite(norm)
+        code = 2 * (self.step + 1) + (~loss_ok).long()
+        self._nonfinite = torch.where((self._nonfinite == 0) & ~ok, code, self._nonfinite)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -522,6 +531,7 @@ class Trainer:
             get_optimizer_state_dict,
         )
 
+        self._check_finite()
         # FSDP: every rank takes part in gathering the full tensors; rank 0 writes.
         options = StateDictOptions(full_state_dict=True, cpu_offload=True) if self.fsdp else StateDictOptions()
         model_state = get_model_state_dict(self.model, options=options) if self.fsdp else None
@@ -544,6 +554,41 @@ class Trainer:
                 keep_last=self.spec.train.keep_last, best_step=self.best_step if self.spec.train.keep_best else None)
         self.env.barrier()
         return path
+
+    # -- divergence ---------------------------------------------------------------------------------
+    def _check_finite(self, metrics: dict[str, float] | None = None, val_loss: float | None = None) -> None:
+        """Stop the run (nothing saved) if a loss, a grad norm, the weights or ``val_loss`` went NaN/inf."""
+        code = int(self._nonfinite.item())  # waits for the device: called only where metrics/saves do anyway
+        weights_bad = False
+        if code == 0 and val_loss is None and metrics is None:  # before a save: the weights themselves
+            local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in self.model.parameters()]
+            weights_bad = not bool(torch.stack([torch.isfinite(t).all() for t in local]).all())
+        val_bad = val_loss is not None and not math.isfinite(val_loss)
+        if not self.env.any(code != 0 or weights_bad or val_bad, self.device):
+            return
+        if metrics:
+            self.loggers.log(metrics, step=self.step)
+        if code:
+            step, what = code // 2, "the training loss" if code % 2 else "the gradient norm"
+        elif val_bad:
+            step, what = self.step, f"the validation loss ({val_loss})"
+        else:
+            step, what = self.step, "the weights" if weights_bad else "the loss on another process"
+        t = self.spec.train
+        last = (f"the last finite training loss was {self._last_finite[1]:.4g} at step {self._last_finite[0]}"
+                if self._last_finite else "no finite training loss was logged")
+        saved = list_checkpoints(self.run_dir / CHECKPOINTS_DIR)
+        kept = (f"Nothing was saved after the divergence: the latest checkpoint {saved[-1][1]} holds finite weights; "
+                f"continue from it with `minigpt train SPEC --resume --set train.lr=...`." if saved
+                else "No checkpoint was saved.")
+        if self.env.is_main and hasattr(self, "jsonl"):
+            self.jsonl.event(self.step, event="diverged", diverged_at=step)
+        raise MinigptError(
+            f"Training diverged at step {step}: {what} became NaN or infinite ({last}). {kept} Lower "
+            f"train.lr (now {t.lr:g}), raise train.warmup_steps (now {t.warmup_steps}), keep train.grad_clip "
+            f"on (now {t.grad_clip:g})"
+            + (", or train in bf16 (fp16 overflows more easily)." if t.precision == "fp16" else ".")
+        )
 
     # -- the loop ---------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> dict[int, Any]:
@@ -568,7 +613,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         if self.env.is_main:
-            atomic_write_bytes(self.run_dir / "spec.toml", dump_spec(self.spec).encode("utf-8"))
+            with reporting_full_disk(self.run_dir / "spec.toml"):
+                atomic_write_bytes(self.run_dir / "spec.toml", dump_spec(self.spec).encode("utf-8"))
             if self.parent is not None:
                 record = {"parent_checkpoint": str(self.parent.resolve()),
                           "parent_run": str(self.parent.parent.parent.resolve()), "step": self.step}
@@ -605,12 +651,17 @@ class Trainer:
                                "train/peak_memory_mb": _peak_memory_mb(self.device)}
                     if "aux_loss" in stats:
                         metrics["train/aux_loss"] = self.env.mean(stats["aux_loss"]).item()
+                    if math.isfinite(loss):
+                        self._last_finite = (self.step, loss)
                     self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
                     window_start, window_tokens, paused = time.perf_counter(), 0, 0.0
                 pause_start = time.perf_counter()
+                if metrics or any(self._due(e) for e in (t.eval_every, t.sample_every, t.save_every)):
+                    self._check_finite(metrics)  # before a NaN model is evaluated, sampled or saved
                 improved = False
                 if self._due(t.eval_every):
                     self.last_val = self.evaluate()
+                    self._check_finite(metrics, val_loss=self.last_val)
                     metrics.update({"val/loss": self.last_val, "val/perplexity": math.exp(min(self.last_val, 50))})
                     if self.best_val is None or self.last_val < self.best_val:
                         self.best_val, self.best_step, improved = self.last_val, self.step, True
@@ -631,6 +682,10 @@ class Trainer:
                 self.save()
             if interrupted and self.env.is_main and hasattr(self, "jsonl"):
                 self.jsonl.event(self.step, event="interrupted")
+        except OSError as exc:
+            if exc.errno not in NO_SPACE:
+                raise
+            raise disk_full_error(exc.filename2 or exc.filename or self.run_dir, None, exc) from None
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
