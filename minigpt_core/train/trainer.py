@@ -160,6 +160,11 @@ class Trainer:
     def _setup(self, spec: ExperimentSpec, loggers: list[Logger] | None) -> None:
         registry, progress = self.registry, self.progress
         # -- model ---------------------------------------------------------------------------
+        if spec.init_from is None or self.loaded is not None:  # refuse what cannot fit before building it
+            from ..model import check_model_fits
+            from ..spec import resolve_components
+
+            check_model_fits(spec.model, resolve_components(spec, registry), training=True, device=self.device)
         if self.loaded is None:
             from ..pretrained import load_init_from
 
@@ -472,11 +477,14 @@ class Trainer:
         return self._result(interrupted)
 
     def describe(self) -> str:
+        from ..cli import describe_components
+        from ..spec import spec_warnings
+
         t, m = self.spec.train, self.spec.model
         lines = [
             f"run {self.run_dir} ({'resumed at step ' + str(self.step) if self.loaded else 'new'})",
-            f"model: {self.n_params:,} parameters ({m.n_layers} layers, emb {m.emb_dim}, {m.n_heads} heads, "
-            f"attention {m.attention.name}); tokenizer {self.tokenizer.name} ({self.tokenizer.n_vocab:,} ids)",
+            f"model: {self.n_params:,} parameters ({m.n_layers} layers, emb {m.emb_dim}, {m.n_heads} heads; "
+            f"{describe_components(m)}); tokenizer {self.tokenizer.name} ({self.tokenizer.n_vocab:,} ids)",
             f"data: {self.data.source}: {self.data.split.describe()}",
             f"training: {self.total_steps} steps of {t.batch_size} x {self.seq_len} tokens "
             f"({self.micro_batch} per micro-batch x {self.accum} accumulation x {self.env.world_size} process(es)"
@@ -484,6 +492,7 @@ class Trainer:
             f"{self.device} {t.precision}{', compiled' if t.compile else ''}",
             f"unigram entropy of the data: {self.entropy:.3f} nats/token (the loss of a model that ignores context)",
         ]
+        lines += [f"warning: {w}" for w in spec_warnings(self.spec, self.registry, total_steps=self.total_steps)]
         return "\n".join(lines)
 
     def _result(self, interrupted: bool) -> TrainResult:
