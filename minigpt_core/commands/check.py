@@ -58,8 +58,7 @@ def _check(args) -> int:
     try:  # one message for a device that is not there, not a failure per check
         device = str(select_device(args.device))
     except DeviceError as exc:
-        raise DeviceError(str(exc).replace("train.device = ", "--device ").replace(
-            'use train.device = "auto" or "cpu"', "use --device cpu").replace(
+        raise DeviceError(str(exc).replace('use train.device = "auto" or "cpu"', "use --device cpu").replace(
             "train.device = ", "--device ")) from None
     registry = get_registry()
     entries = select_entries(registry, args.pattern, args.kind)
