@@ -159,6 +159,7 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow  # `minigpt schema` builds the whole JSON schema: seconds on a loaded machine
 def test_schema_into_a_closed_pipe_is_quiet():
     proc = subprocess.Popen([str(MINIGPT), "schema"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
     proc.stdout.read(10)
