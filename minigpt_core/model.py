@@ -162,8 +162,9 @@ def build_model(spec: ExperimentSpec | ModelSpec, registry: ComponentRegistry | 
         seed = spec.seed if seed is None else seed
     else:
         components = resolve_components(ExperimentSpec(model=model_spec), registry)
-    if torch.get_default_device().type != "meta":  # refuse a model that cannot fit before allocating it
-        check_model_fits(model_spec, components, training=False)
+    device = torch.get_default_device()
+    if device.type != "meta":  # refuse a model that cannot fit before allocating it
+        check_model_fits(model_spec, components, training=False, device=device)
     if seed is not None:
         torch.manual_seed(seed)
     return GPT(model_spec, components)
