@@ -18,7 +18,7 @@ from .registry import ComponentRegistry
 from .spec import ExperimentSpec, ModelSpec, ResolvedComponent, resolve_components
 
 __all__ = ["BuildContext", "KVCache", "LayerKVCache", "GPT", "build_model", "mark_residual_projection",
-           "estimate_model_size", "check_model_fits", "available_memory"]
+           "estimate_model_size", "check_model_fits", "available_memory", "training_memory_warning"]
 
 RESIDUAL_PROJECTION_ATTR = "_minigpt_residual_projection"
 
@@ -253,3 +253,26 @@ def check_model_fits(model: ModelSpec, components: dict[str, ResolvedComponent] 
             f"(model.n_layers, model.emb_dim, model.vocab_size) or use a machine with more memory."
         )
     return params
+
+
+def training_memory_warning(model: ModelSpec, n_params: int, micro_batch: int, seq_len: int,
+                            device: torch.device | str) -> str | None:
+    """A warning when weights, AdamW state and a rough fp32 activation estimate exceed the free memory.
+
+    Activations follow Korthikanti et al. 2022 (34 C + 5 H T values a token and layer, doubled for fp32,
+    with attention scores materialised) plus the logits and their gradient; only a hint, never a refusal.
+    """
+    available = available_memory(device)
+    if available is None:
+        return None
+    tokens = micro_batch * seq_len
+    activations = tokens * model.n_layers * (34 * model.emb_dim + 5 * model.n_heads * seq_len) * 2
+    activations += tokens * model.vocab_size * 4 * 2
+    need = n_params * 16 + activations
+    if need <= available:
+        return None
+    return (f"training needs roughly {need / _GiB:,.1f} GiB ({n_params * 16 / _GiB:,.1f} GiB for weights, gradients "
+            f"and AdamW state, about {activations / _GiB:,.1f} GiB of activations for {micro_batch} x {seq_len} "
+            f"tokens per micro-batch), but {torch.device(device)} has {available / _GiB:,.1f} GiB available: "
+            f"the run may be killed for memory. Lower train.micro_batch_size (batch_size stays, by gradient "
+            f"accumulation) or data.max_length")

@@ -183,3 +183,16 @@ def test_ctrl_c_during_start_up_is_one_line_exit_130(tmp_path, presses):
     assert "Traceback" not in err, err
     assert proc.returncode == 130, (proc.returncode, err)
     assert err.strip().splitlines()[-1] == "interrupted" and err.count("interrupted") == 1, err
+
+
+def test_default_124m_shape_at_a_huge_micro_batch_warns_about_activations():
+    """The empty file's 124M shape fits as weights + AdamW (2.6 GB); its activations are what overflow."""
+    from minigpt_core.model import training_memory_warning
+    from minigpt_core.spec import parse_spec
+
+    model = parse_spec({}).model
+    warning = training_memory_warning(model, 163_037_184, 4096, 1024, "cpu")  # ~10 TB of activations
+    assert warning is not None and "activations" in warning and "train.micro_batch_size" in warning
+    tiny = parse_spec({"tokenizer": {"name": "char"}, "model": {"vocab_size": 128, "context_length": 32,
+                                                                 "emb_dim": 32, "n_heads": 2, "n_layers": 2}}).model
+    assert training_memory_warning(tiny, 30_000, 8, 32, "cpu") is None

@@ -492,7 +492,11 @@ class Trainer:
             f"{self.device} {t.precision}{', compiled' if t.compile else ''}",
             f"unigram entropy of the data: {self.entropy:.3f} nats/token (the loss of a model that ignores context)",
         ]
-        lines += [f"warning: {w}" for w in spec_warnings(self.spec, self.registry, total_steps=self.total_steps)]
+        from ..model import training_memory_warning
+
+        warns = spec_warnings(self.spec, self.registry, total_steps=self.total_steps)
+        warns.append(training_memory_warning(m, self.n_params, self.micro_batch, self.seq_len, self.device))
+        lines += [f"warning: {w}" for w in warns if w]
         return "\n".join(lines)
 
     def _result(self, interrupted: bool) -> TrainResult:
