@@ -1,5 +1,5 @@
 import sys
 
-from minigpt_core.cli import main
+from minigpt import main
 
 sys.exit(main())

@@ -139,7 +139,9 @@ def load_registry(
             seen.add(ep.name)
             try:
                 candidates.append((info, ep.load()))
-            except Exception as exc:  # a broken plugin must not break the tool
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # a broken plugin (even one calling sys.exit) must not break the tool
                 fail(info, "import", exc)
         if wanted is not None:
             found = {i.name for i, _ in candidates} | {f.name for f in registry.failures}
@@ -166,7 +168,9 @@ def load_registry(
         registrar = PluginRegistrar(registry, info)
         try:
             impl.function(registry=registrar)
-        except Exception as exc:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # SystemExit included
             fail(info, "register", exc)
             continue
         for entry in registrar.staged:

@@ -115,11 +115,28 @@ def _file_args(p, what: str = "experiment TOML file"):
 def _validate(args) -> int:
     from .spec import load_spec
 
+    from .spec import spec_warnings
+
     spec = load_spec(args.file, overrides=args.overrides)
     m = spec.model
+    origin = ""
+    if spec.init_from is not None:
+        from .pretrained import init_from_model
+
+        m = init_from_model(spec)
+        origin = f", shape from init_from {spec.init_from}"
     print(f"{args.file}: OK ({spec.name}: {m.n_layers} layers, emb {m.emb_dim}, {m.n_heads} heads, "
-          f"attention {m.attention.name})")
+          f"vocab {m.vocab_size}, context {m.context_length}{origin}; {describe_components(m)})")
+    for w in spec_warnings(spec):
+        print(f"warning: {w}", file=sys.stderr)
     return 0
+
+
+def describe_components(model) -> str:
+    """Every component slot of a model section, for the one-line descriptions of validate and train."""
+    from .spec import MODEL_SLOTS
+
+    return ", ".join(f"{slot} {getattr(model, slot).name}" for slot in MODEL_SLOTS)
 
 
 def _summary_args(p):
@@ -185,21 +202,46 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"warning: {message}", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.command:
-        parser.print_help()
-        return 2
-    warnings.showwarning = _show_warning
+def _interrupted() -> int:
+    import signal
+
+    try:  # a second Ctrl-C while we report the first must not end in a traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        pass
+    print("interrupted", file=sys.stderr)
+    return 130
+
+
+def _broken_pipe() -> int:
+    # `minigpt schema | head`: the reader left. Point stdout at /dev/null so the flush at exit stays quiet.
     try:
-        return COMMANDS[args.command][2](args) or 0
-    except MinigptError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141  # 128 + SIGPIPE, what a shell reports for a program the pipe ended
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not args.command:
+            parser.print_help()
+            return 2
+        warnings.showwarning = _show_warning
+        try:
+            status = COMMANDS[args.command][2](args) or 0
+            sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+            return status
+        except MinigptError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return _interrupted()
+    except BrokenPipeError:
+        return _broken_pipe()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ __all__ = [
     "DuplicateComponentError",
     "PluginLoadWarning",
     "CheckpointError",
+    "ComponentBuildError",
+    "InsufficientMemoryError",
 ]
 
 
@@ -48,6 +50,14 @@ class DuplicateComponentError(MinigptError):
 
 class CheckpointError(MinigptError):
     """A checkpoint is missing, truncated, corrupt or incompatible."""
+
+
+class ComponentBuildError(MinigptError):
+    """A component's factory raised while the model was built; the message names the component and plugin."""
+
+
+class InsufficientMemoryError(MinigptError):
+    """The model (and its training state) would not fit in the memory this machine has."""
 
 
 class PluginLoadWarning(UserWarning):

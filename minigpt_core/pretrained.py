@@ -50,6 +50,7 @@ __all__ = [
     "hf_state_from_model",
     "export_hf",
     "load_init_from",
+    "init_from_model",
 ]
 
 HF_PREFIX = "hf:"  # init_from = "hf:PATH_OR_HUB_ID"
@@ -473,6 +474,48 @@ def _merge_model_section(spec: ExperimentSpec, imported: ModelSpec, source: str)
     if "drop_rate" in chosen:
         merged["drop_rate"] = mine.drop_rate
     return merged
+
+
+def init_from_model(spec: ExperimentSpec, registry: ComponentRegistry | None = None) -> ModelSpec:
+    """The model section a run with ``init_from`` will have, read cheaply (config files, no weights).
+
+    ``validate`` shows this shape instead of the file's (which init_from overrides). A Hub id that is
+    not cached locally is not fetched: the file's own section is returned.
+    """
+    from . import _toml
+    from .checkpoint import SPEC_FILE
+
+    source = spec.init_from
+    if source is None:
+        return spec.model
+    if source.startswith(HF_PREFIX):
+        directory = Path(source[len(HF_PREFIX):]).expanduser()
+        if not (directory / "config.json").is_file():
+            return spec.model
+        try:
+            config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{directory / 'config.json'} is unreadable or corrupt ({exc}).") from None
+        imported = ModelSpec.model_validate(gpt2_model_section(config))
+    else:
+        if not Path(source).is_dir():
+            raise CheckpointError(
+                f"init_from = {source!r}: no such checkpoint directory. Use a minigpt checkpoint "
+                f"directory (or a run directory: its latest checkpoint), or 'hf:PATH_OR_HUB_ID' for "
+                f"Hugging Face GPT-2 weights."
+            )
+        from .train.state import resolve_checkpoint
+
+        ckpt = resolve_checkpoint(source)
+        try:
+            saved = _toml.loads((ckpt / SPEC_FILE).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, _toml.TOMLDecodeError) as exc:
+            raise CheckpointError(f"{ckpt / SPEC_FILE} is unreadable or corrupt ({exc}).") from None
+        imported = parse_spec(saved, source=str(ckpt / SPEC_FILE), registry=registry).model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the run itself warns about ignored fields
+        merged = _merge_model_section(spec, imported, source)
+    return ModelSpec.model_validate(merged)
 
 
 def load_init_from(spec: ExperimentSpec, registry: ComponentRegistry | None = None,

@@ -48,6 +48,8 @@ CAPABILITIES: dict[str, str] = {
     "attn_weights": "forward(x, return_weights=True) also returns (B, H, T, T) attention weights",
     "gpt2": "weights map one-to-one onto Hugging Face GPT-2 (import/export)",
     "multihead": "splits the embedding into n_heads heads",
+    "positions": "attention that encodes token positions itself (RoPE, ALiBi): no absolute positions needed",
+    "absolute": "positional embedding that adds absolute positions to the token embeddings",
 }
 
 # Namespaced names (plugin.component) are the convention; a few first-party data sources and

@@ -22,7 +22,7 @@ from typing import Any, Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import _toml
-from .errors import SpecError
+from .errors import ComponentBuildError, MinigptError, SpecError
 from .registry import ComponentEntry, ComponentRegistry
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "apply_overrides",
     "slot_field",
     "iter_slots",
+    "spec_warnings",
 ]
 
 
@@ -208,7 +209,8 @@ class ExperimentSpec(_Strict):
                       "train.out_dir/<name>): letters, digits, '.', '_' and '-', at most 100 characters")
     description: str = Field("", description="free text")
     preset: str | None = Field(None, description="preset this spec started from (informative once resolved)")
-    seed: int = Field(123, description="torch.manual_seed before the model is built")
+    # Below 2**63: torch and numpy take unsigned 64-bit seeds, and runs add ranks and steps to it.
+    seed: int = Field(123, ge=0, lt=2**63, description="torch.manual_seed before the model is built")
     model: ModelSpec = Field(default_factory=ModelSpec)
     tokenizer: ComponentSlot = slot_field("gpt2", "tokenizer that turns text into token ids", kind="tokenizer")
     init_from: str | None = Field(None, description="start from these weights instead of the init scheme: "
@@ -253,7 +255,17 @@ class ResolvedComponent:
     params: BaseModel
 
     def build(self, ctx: Any) -> Any:
-        return self.entry.factory(ctx, self.params)
+        try:
+            return self.entry.factory(ctx, self.params)
+        except (MinigptError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # a plugin's factory failed: name it instead of a raw traceback
+            e = self.entry
+            raise ComponentBuildError(
+                f"The {e.kind} component '{e.name}' (plugin {e.source}) raised while building the "
+                f"model: {type(exc).__name__}: {exc}. Its params were {self.params.model_dump()}; check them "
+                f"against `minigpt components {e.kind} {e.name}`, or report it to the plugin's authors."
+            ) from exc
 
 
 def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -270,13 +282,63 @@ def _path(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc) or "<root>"
 
 
-def _problems(err: ValidationError, prefix: tuple[Any, ...] = ()) -> list[tuple[str, str]]:
+def _known_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the section at ``loc`` (the parent of an unknown key), or [] if not a spec section."""
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _problems(err: ValidationError, prefix: tuple[Any, ...] = (),
+              model: type[BaseModel] | None = None) -> list[tuple[str, str]]:
+    import difflib
+
     out = []
     for e in err.errors():
         reason = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            reason = "unknown field (misspelt? `minigpt schema` lists every field)"
+            loc = tuple(e["loc"])
+            close = difflib.get_close_matches(str(loc[-1]), _known_fields(model, loc[:-1]), n=1) if model else []
+            hint = f"did you mean '{_path(prefix + loc[:-1] + (close[0],))}'? " if close else "misspelt? "
+            reason = f"unknown field ({hint}`minigpt schema` lists every field)"
         out.append((_path(prefix + tuple(e["loc"])), reason))
+    return out
+
+
+def _cross_section_problems(spec: "ExperimentSpec") -> list[tuple[str, str]]:
+    """Rules between sections, checked at validation so `validate` catches what `train` would refuse."""
+    problems = []
+    d, m = spec.data, spec.model
+    if d.max_length is not None and d.max_length > m.context_length and spec.init_from is None:
+        problems.append(("data.max_length", f"{d.max_length} exceeds model.context_length ({m.context_length}); "
+                         f"the model cannot attend over longer samples: lower data.max_length or raise "
+                         f"model.context_length"))
+    return problems
+
+
+def spec_warnings(spec: "ExperimentSpec", registry: ComponentRegistry | None = None,
+                  total_steps: int | None = None) -> list[str]:
+    """Settings that are valid but almost certainly not what was meant (printed by validate and train)."""
+    from ._plugins import get_registry
+
+    out = []
+    t = spec.train
+    steps = total_steps if total_steps is not None else t.max_steps
+    if steps is not None and t.warmup_steps > steps:
+        out.append(f"train.warmup_steps ({t.warmup_steps}) is longer than the run ({steps} steps): the learning "
+                   f"rate never reaches its peak train.lr ({t.lr:g}); lower train.warmup_steps")
+    registry = registry or get_registry()
+    m = spec.model
+    if ("attention", m.attention.name) in registry and ("positional", m.positional.name) in registry:
+        att, pos = registry.get("attention", m.attention.name), registry.get("positional", m.positional.name)
+        if att.has("positions") and pos.has("absolute"):
+            out.append(f"attention '{att.name}' encodes positions itself, and positional '{pos.name}' adds "
+                       f"absolute position embeddings on top: the model gets positions twice. Set "
+                       f"[model.positional] name = \"modern.none\" unless that is the experiment")
     return out
 
 
@@ -295,7 +357,10 @@ def parse_spec(data: Mapping[str, Any], source: str | None = None,
     try:
         spec = ExperimentSpec.model_validate(data)
     except ValidationError as err:
-        raise SpecError(_problems(err), source) from None
+        raise SpecError(_problems(err, model=ExperimentSpec), source) from None
+    problems = _cross_section_problems(spec)
+    if problems:
+        raise SpecError(problems, source)
     resolve_components(spec, registry, source=source)
     return spec
 
@@ -308,14 +373,25 @@ def load_spec(path: str | Path, registry: ComponentRegistry | None = None,
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError([("<file>", f"no such experiment file: {path}")]) from None
+    except IsADirectoryError:
+        raise SpecError([("<file>", f"{path} is a directory; give the experiment's TOML file")]) from None
     except OSError as exc:
         raise SpecError([("<file>", f"cannot read {path}: {exc.strerror}")]) from None
+    except UnicodeDecodeError as exc:
+        raise SpecError([("<file>", f"{path} is not a text file (byte {exc.start} is not UTF-8); an experiment "
+                          f"file is TOML text, e.g. experiments/tiny.toml")]) from None
     try:
         data = _toml.loads(text)
     except _toml.TOMLDecodeError as exc:
         raise SpecError([("<file>", f"not valid TOML: {exc}")], str(path)) from None
     if overrides:
         data = apply_overrides(data, overrides)
+    if not data:
+        import warnings
+
+        warnings.warn(f"{path} sets nothing: it is the default experiment (the gpt2-124m shape, 163M "
+                      f"parameters, on the python-docs dataset); start from experiments/tiny.toml for a "
+                      f"model that trains in minutes", stacklevel=2)
     return parse_spec(data, source=str(path), registry=registry)
 
 

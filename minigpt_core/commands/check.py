@@ -53,6 +53,13 @@ def _check(args) -> int:
         for check in CHECKS.values():
             print(f"{check.name:20} {', '.join(sorted(check.kinds)):52} {check.description}")
         return 0
+    from ..train.device import DeviceError, select_device
+
+    try:  # one message for a device that is not there, not a failure per check
+        device = str(select_device(args.device))
+    except DeviceError as exc:
+        raise DeviceError(str(exc).replace('use train.device = "auto" or "cpu"', "use --device cpu").replace(
+            "train.device = ", "--device ")) from None
     registry = get_registry()
     entries = select_entries(registry, args.pattern, args.kind)
     if not entries:
@@ -75,7 +82,7 @@ def _check(args) -> int:
     width = max(len(e.name) for e in entries)
     print("  ".join([_COLUMNS[0].ljust(_WIDTHS[0]), _COLUMNS[1].ljust(width), " pass", "fail", "xfail",
                      "skip", "result"]))
-    results = run_checks(registry, args.pattern, kinds=args.kind, checks=args.checks, device=args.device,
+    results = run_checks(registry, args.pattern, kinds=args.kind, checks=args.checks, device=device,
                          params=params,
                          on_component=lambda e, rs: print(format_row(e.kind, e.name, rs, width), flush=True))
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from ..errors import SpecError
 from ..registry import ComponentRegistry
 from ..spec import ExperimentSpec, resolve_components
@@ -121,6 +123,23 @@ def sample_length(spec: ExperimentSpec) -> int:
     return max_length
 
 
+def _check_token_ids(shards: ShardSet, vocab_size: int) -> None:
+    """Ids at or above the vocabulary would index past the embedding at the first forward pass."""
+    if "fingerprint" in shards.meta:  # our own cache of a text source: written by the checked tokenizer
+        return
+    for part in shards.parts:
+        if len(part) == 0 or np.iinfo(part.dtype).max < vocab_size:  # this dtype cannot hold a bad id
+            continue
+        top = int(part.max())
+        if top >= vocab_size:
+            raise DataError(
+                f"The token shards in {shards.directory} hold id {top}, but model.vocab_size is {vocab_size}, "
+                f"so ids run from 0 to {vocab_size - 1}. The shards were written with another tokenizer or "
+                f"are corrupt: set model.vocab_size to at least {top + 1}, or write the shards again with "
+                f"`minigpt prepare` and this spec's tokenizer."
+            )
+
+
 def load_training_data(spec: ExperimentSpec, registry: ComponentRegistry | None = None, *,
                        tokenizer_state: dict[str, Any] | None = None, progress: bool = True,
                        writer: bool = True, barrier: Callable[[], None] | None = None) -> TrainingData:
@@ -130,6 +149,7 @@ def load_training_data(spec: ExperimentSpec, registry: ComponentRegistry | None 
     if tokenizer.n_vocab > spec.model.vocab_size:
         raise SpecError([("model.vocab_size", f"{spec.model.vocab_size} is smaller than the {tokenizer.name} "
                           f"tokenizer's {tokenizer.n_vocab} token ids; set it to at least {tokenizer.n_vocab}")])
+    _check_token_ids(shards, spec.model.vocab_size)
     split = split_corpus(TokenCorpus(shards.parts), max_length, spec.data.stride or max_length,
                          spec.data.split_block, spec.data.val_fraction)
     return TrainingData(tokenizer, shards, split, desc)

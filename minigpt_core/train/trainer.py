@@ -320,6 +320,11 @@ class Trainer:
     def _setup(self, spec: ExperimentSpec, loggers: list[Logger] | None) -> None:
         registry, progress = self.registry, self.progress
         # -- model ---------------------------------------------------------------------------
+        if spec.init_from is None or self.loaded is not None:  # refuse what cannot fit before building it
+            from ..model import check_model_fits
+            from ..spec import resolve_components
+
+            check_model_fits(spec.model, resolve_components(spec, registry), training=True, device=self.device)
         if self.loaded is None:
             from ..pretrained import load_init_from
 
@@ -698,11 +703,14 @@ class Trainer:
         return self._result(interrupted)
 
     def describe(self) -> str:
+        from ..cli import describe_components
+        from ..spec import spec_warnings
+
         t, m = self.spec.train, self.spec.model
         lines = [
             f"run {self.run_dir} ({self._origin()})",
-            f"model: {self.n_params:,} parameters ({m.n_layers} layers, emb {m.emb_dim}, {m.n_heads} heads, "
-            f"attention {m.attention.name}); tokenizer {self.tokenizer.name} ({self.tokenizer.n_vocab:,} ids)",
+            f"model: {self.n_params:,} parameters ({m.n_layers} layers, emb {m.emb_dim}, {m.n_heads} heads; "
+            f"{describe_components(m)}); tokenizer {self.tokenizer.name} ({self.tokenizer.n_vocab:,} ids)",
             f"data: {self.data.source}: {self.data.split.describe()}",
             f"training: {self.total_steps} steps of {t.batch_size} x {self.seq_len} tokens "
             f"({self.micro_batch} per micro-batch x {self.accum} accumulation x {self.env.world_size} process(es)"
@@ -710,6 +718,11 @@ class Trainer:
             f"{self.device} {t.precision}{', compiled' if t.compile else ''}",
             f"unigram entropy of the data: {self.entropy:.3f} nats/token (the loss of a model that ignores context)",
         ]
+        from ..model import training_memory_warning
+
+        warns = spec_warnings(self.spec, self.registry, total_steps=self.total_steps)
+        warns.append(training_memory_warning(m, self.n_params, self.micro_batch, self.seq_len, self.device))
+        lines += [f"warning: {w}" for w in warns if w]
         return "\n".join(lines)
 
     def _origin(self) -> str:

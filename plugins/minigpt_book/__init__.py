@@ -120,7 +120,7 @@ def minigpt_register(registry):
         lambda ctx, p: LearnedPositionalEmbedding(p.max_positions or ctx.context_length, ctx.emb_dim),
         params=LearnedPositionalParams, check=_check_positions,
         description="learned absolute positional embeddings, one vector per position (ch. 2)",
-        capabilities={"gpt2"},
+        capabilities={"gpt2", "absolute"},
     )
     registry.add(
         "block", "book.pre_norm", lambda ctx, p: TransformerBlock(ctx),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from minigpt_core import hookimpl
 
@@ -30,6 +30,18 @@ class TextParams(BaseModel):
     paths: list[str] = Field(min_length=1, description="files or glob patterns ('data/**/*.txt'); each "
                              "file is a document")
     encoding: str = Field("utf-8", description="text encoding of the files")
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, v: str) -> str:
+        import codecs
+
+        try:
+            codecs.lookup(v)
+        except LookupError:
+            raise ValueError(f"unknown text encoding {v!r}; use a Python codec name such as 'utf-8', "
+                             f"'latin-1' or 'cp1252'") from None
+        return v
 
 
 class ShardsParams(BaseModel):

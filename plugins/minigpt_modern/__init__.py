@@ -144,9 +144,9 @@ def _moe(ctx, p: MoEParams) -> MoEFeedForward:
 
 @hookimpl
 def minigpt_register(registry):
-    def attention(name, factory, params, description):
+    def attention(name, factory, params, description, extra=()):
         registry.add("attention", name, factory, params=params, check=_check_attention,
-                     description=description, capabilities=ATTENTION_CAPS)
+                     description=description, capabilities=ATTENTION_CAPS | set(extra))
 
     attention("modern.gqa", _attention, GQAParams,
               "grouped-query attention (Ainslie et al. 2023): n_kv_heads key/value heads shared by groups of "
@@ -155,10 +155,10 @@ def minigpt_register(registry):
               "multi-query attention (Shazeer 2019): one key/value head shared by all query heads")
     attention("modern.rope", _attention, RoPEParams,
               "attention with rotary position embeddings (RoFormer) on queries and keys; pair with "
-              "positional 'modern.none'")
+              "positional 'modern.none'", extra={"positions"})
     attention("modern.alibi", lambda ctx, p: _attention(ctx, p, alibi=True), AttentionParams,
               "ALiBi (Press et al. 2022): a per-head linear penalty on query-key distance instead of position "
-              "embeddings; pair with positional 'modern.none'")
+              "embeddings; pair with positional 'modern.none'", extra={"positions"})
     attention("modern.sliding_window", _attention, WindowParams,
               "local causal attention (Longformer / Mistral): each token sees the last `window` positions")
 
@@ -182,7 +182,7 @@ def minigpt_register(registry):
 
     registry.add("positional", "modern.sinusoidal",
                  lambda ctx, p: SinusoidalPositionalEmbedding(ctx.context_length, ctx.emb_dim, p.base),
-                 params=SinusoidalParams,
+                 params=SinusoidalParams, capabilities={"absolute"},
                  description="fixed sinusoidal absolute positions (the original Transformer); no parameters")
     registry.add("positional", "modern.none", lambda ctx, p: None,
                  description="no absolute positions: for RoPE or ALiBi attention (or NoPE, causal masking alone)")

@@ -1,0 +1,198 @@
+"""Inputs that used to end in a traceback, a run-away allocation or a silent kill: each is refused
+with exit status 2, one `error:` paragraph, no traceback, and nothing new on disk."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from test_plugins import make_distribution
+from training_utils import MINIGPT, cli, write_corpus, write_spec
+
+
+def _files(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file()}
+
+
+def _shards_with_ids_beyond_vocab(tmp_path: Path) -> Path:
+    """Real shards written by the char tokenizer, then one id overwritten past the vocabulary (corruption)."""
+    from minigpt_core.data import write_shards
+    from minigpt_core.tokenizers import build_tokenizer
+    from minigpt_core.spec import parse_spec
+
+    text = "hello shards\n\n" * 200
+    spec = parse_spec({"tokenizer": {"name": "char"}, "model": {"vocab_size": 128}})
+    tok = build_tokenizer(spec, training_text=text)
+    shards = write_shards([text], tok, tmp_path / "shards", workers=1, progress=False)
+    part = shards.parts[0]
+    bad = np.memmap(part.filename, dtype=part.dtype, mode="r+", shape=part.shape)
+    bad[5] = 1000
+    bad.flush()
+    return tmp_path / "shards"
+
+
+@pytest.fixture
+def inputs(tmp_path, monkeypatch):
+    """A tiny valid spec, a binary file and corrupt shards; the working directory is tmp_path."""
+    monkeypatch.chdir(tmp_path)
+    spec = write_spec(tmp_path)
+    (tmp_path / "binary.toml").write_bytes(bytes(range(256)) * 4)
+    shards = _shards_with_ids_beyond_vocab(tmp_path)
+    return {"spec": str(spec), "shards": str(shards)}
+
+
+# (command and arguments with {spec}/{shards} placeholders, a phrase the message must contain)
+BAD_INPUTS = [
+    (["train", "{spec}", "--set", "model.n_layers=100000", "--set", "model.emb_dim=768"], "too large"),
+    (["train", "{spec}", "--set", "model.emb_dim=10000000"], "too large"),
+    (["train", "{spec}", "--set", "model.vocab_size=10000000000000"], "too large"),
+    (["sample", "{spec}"], ""),  # not a checkpoint
+    (["validate", "binary.toml"], "not a text file"),
+    (["validate", "{spec}", "--set", "seed=-1"], "seed"),
+    (["validate", "{spec}", "--set", "seed=18446744073709551617"], "seed"),
+    (["train", "{spec}", "--set", "seed=18446744073709551617"], "seed"),
+    (["validate", "{spec}", "--set", "data.source.params.encoding=no-such-codec"], "unknown text encoding"),
+    (["validate", "{spec}", "--set", "data.max_length=64"], "data.max_length"),
+    (["train", "{spec}", "--set", "data.source.name=shards", "--set", "data.source.params={{path='{shards}'}}"],
+     "hold id 1000"),
+    (["validate", "{spec}", "--set", "model.n_layer=3"], "did you mean 'model.n_layers'"),
+    (["check", "--device", "nonsense"], "not a device"),
+]
+
+
+@pytest.mark.parametrize("argv,phrase", BAD_INPUTS, ids=[" ".join(a[:1] + a[2:4]) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_error_paragraph_exit_2_and_writes_nothing(inputs, tmp_path, capsys, argv, phrase):
+    args = [a.format(**inputs) for a in argv] + (["--no-progress"] if argv[0] == "train" else [])
+    before = _files(tmp_path)
+    status, out, err = cli(capsys, *args)
+    assert status == 2, (out, err)
+    assert "Traceback" not in err + out
+    assert err.startswith("error: ") and err.count("error:") == 1 and "\n\n" not in err.strip(), err
+    assert phrase in err
+    assert _files(tmp_path) == before  # no run files, checkpoints, logs or token caches
+
+
+def test_memory_refusal_names_parameters_and_memory_before_allocating(inputs, capsys):
+    import resource
+
+    status, _, err = cli(capsys, "train", inputs["spec"], "--no-progress", "--set", "model.n_layers=100000",
+                         "--set", "model.emb_dim=768")
+    assert status == 2
+    assert "parameters" in err and "GiB" in err and "available" in err
+    # Nothing near the terabytes that model needs was ever allocated.
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 8 * 2**20  # KiB: under 8 GiB
+
+
+def test_empty_experiment_file_says_it_is_the_default_124m_experiment(tmp_path, capsys):
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    status, out, err = cli(capsys, "validate", empty)
+    assert status == 0
+    assert "12 layers, emb 768" in out
+    assert "sets nothing" in err and "gpt2-124m" in err
+
+
+def test_check_on_a_missing_cuda_device_is_one_message(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    status, out, err = cli(capsys, "check", "--device", "cuda")
+    assert status == 2
+    assert "fail" not in out.lower() and err.startswith("error: ") and "CUDA" in err and "--device cpu" in err
+
+
+# -- plugins -------------------------------------------------------------------------------------
+EXITING = "import sys\nsys.exit('this plugin quits')\n"
+RAISING_FACTORY = '''
+from minigpt_core import hookimpl
+
+def _factory(ctx, params):
+    raise RuntimeError("factory exploded")
+
+@hookimpl
+def minigpt_register(registry):
+    registry.add("norm", "boom.norm", _factory, description="a norm whose factory raises")
+'''
+
+
+@pytest.fixture
+def bad_plugins(tmp_path, monkeypatch):
+    from minigpt_core._plugins import reset_registry
+
+    site = tmp_path / "site"
+    site.mkdir()
+    make_distribution(site, "exiting-plugin", "0.1", "exiting_plugin", EXITING, "exiting")
+    make_distribution(site, "boom-plugin", "0.2", "boom_plugin", RAISING_FACTORY, "boom")
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    reset_registry()
+    yield site
+    reset_registry()
+
+
+def test_plugin_calling_sys_exit_at_import_is_a_failed_plugin_not_a_silent_exit(bad_plugins, tmp_path, capsys):
+    spec = write_spec(tmp_path)
+    status, out, err = cli(capsys, "validate", spec)
+    assert status == 0 and "OK" in out
+    assert "'exiting'" in err and "exiting-plugin 0.1" in err and "this plugin quits" in err
+
+
+def test_component_factory_raising_names_component_kind_and_plugin(bad_plugins, tmp_path, capsys):
+    spec = write_spec(tmp_path, model={"vocab_size": 128, "context_length": 32, "emb_dim": 32, "n_heads": 2,
+                                       "n_layers": 2, "norm": {"name": "boom.norm"}})
+    status, out, err = cli(capsys, "summary", spec)
+    assert status == 2 and "Traceback" not in err
+    assert "norm component 'boom.norm'" in err and "boom" in err and "boom-plugin 0.2" in err
+    assert "RuntimeError: factory exploded" in err
+
+
+# -- the process: pipes and Ctrl-C ---------------------------------------------------------------
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow  # `minigpt schema` builds the whole JSON schema: seconds on a loaded machine
+def test_schema_into_a_closed_pipe_is_quiet():
+    proc = subprocess.Popen([str(MINIGPT), "schema"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+    proc.stdout.read(10)
+    proc.stdout.close()  # like `| head -c 10`
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    assert err == ""
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_during_start_up_is_one_line_exit_130(tmp_path, presses):
+    spec = write_spec(tmp_path)
+    proc = subprocess.Popen([str(MINIGPT), "train", str(spec), "--no-progress"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(), cwd=tmp_path)
+    time.sleep(0.6)  # importing torch and the plugins
+    for _ in range(presses):
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+    out, err = proc.communicate(timeout=120)
+    assert "Traceback" not in err, err
+    assert proc.returncode == 130, (proc.returncode, err)
+    assert err.strip().splitlines()[-1] == "interrupted" and err.count("interrupted") == 1, err
+
+
+def test_default_124m_shape_at_a_huge_micro_batch_warns_about_activations():
+    """The empty file's 124M shape fits as weights + AdamW (2.6 GB); its activations are what overflow."""
+    from minigpt_core.model import training_memory_warning
+    from minigpt_core.spec import parse_spec
+
+    model = parse_spec({}).model
+    warning = training_memory_warning(model, 163_037_184, 4096, 1024, "cpu")  # ~10 TB of activations
+    assert warning is not None and "activations" in warning and "train.micro_batch_size" in warning
+    tiny = parse_spec({"tokenizer": {"name": "char"}, "model": {"vocab_size": 128, "context_length": 32,
+                                                                 "emb_dim": 32, "n_heads": 2, "n_layers": 2}}).model
+    assert training_memory_warning(tiny, 30_000, 8, 32, "cpu") is None
