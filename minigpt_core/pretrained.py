@@ -553,7 +553,7 @@ def load_init_from(spec: ExperimentSpec, registry: ComponentRegistry | None = No
 
         ckpt, which = pick_checkpoint(source)
         if report is not None:
-            report(f"init_from: checkpoint {ckpt} ({which})")
+            report(f"init_from checkpoint: {ckpt} ({which})")
         loaded, loaded_spec = load_model(ckpt, registry)
         new_spec = _respec(spec, _merge_model_section(spec, loaded_spec.model, source), registry)
         if new_spec.model.attention == loaded_spec.model.attention:

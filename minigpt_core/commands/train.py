@@ -89,7 +89,7 @@ def _threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
-def _load_for_inference(path: str, device: str, file=sys.stdout):
+def _load_for_inference(path: str, device: str, file=None):
     """Load the checkpoint every inference command uses (see pick_checkpoint), saying which it is."""
     from ..checkpoint import load_model, read_meta
     from ..tokenizers import build_tokenizer, tokenizer_from_state
@@ -97,7 +97,7 @@ def _load_for_inference(path: str, device: str, file=sys.stdout):
     from ..train.state import pick_checkpoint
 
     ckpt, which = pick_checkpoint(path)
-    print(f"checkpoint: {ckpt} ({which})", file=file, flush=True)
+    print(f"checkpoint: {ckpt} ({which})", file=file or sys.stdout, flush=True)
     dev = select_device(device)
     model, spec = load_model(ckpt, map_location=dev)
     state = read_meta(ckpt).get("tokenizer")
