@@ -234,9 +234,9 @@ def _eval(args) -> int:
         t = spec.train
         logged = len(eval_windows(len(starts), t.eval_batches * t.batch_size))
         # The training log's val/loss averages a fixed subset, so the two numbers differ slightly.
-        scope = (f"all of the split (the training log's val/loss used {logged:,} of them: eval_batches x "
-                 f"batch_size = {t.eval_batches} x {t.batch_size})" if logged < len(starts) else
-                 "all of the split, the same windows as the training log's val/loss")
+        scope = (f"all of the split (the training log's val/loss: {logged:,} of them, eval_batches x "
+                 f"batch_size = {t.eval_batches} x {t.batch_size}, so it differs a little)"
+                 if logged < len(starts) else "all of the split, as in the training log's val/loss")
     else:
         raw = spec.model_dump(mode="json", exclude_none=True)
         raw["data"]["source"] = source_slot(args.data, args.param)
