@@ -18,7 +18,7 @@ import torch
 from minigpt_core import _toml, build_model, parse_spec
 from minigpt_core.checkpoint import load_model, save_model
 from minigpt_core.errors import CheckpointError
-from minigpt_core.generate import SamplingError, generate
+from minigpt_core.generate import generate
 from minigpt_core.train import train
 from training_utils import MINIGPT, ROOT, cli, tiny_spec_data
 
@@ -128,7 +128,7 @@ def test_every_command_uses_the_best_checkpoint_and_says_which(run, tmp_path, ca
     (("--num-samples", "0"), "--num-samples must be between 1 and 1,000"),
     (("--max-new-tokens", "1000000000"), "would run for hours"),
     (("--threads", "0"), "--threads must be >= 1"),
-])
+], ids=lambda v: "_".join(v).replace("-", "") if isinstance(v, tuple) else "")
 def test_sample_refuses_out_of_range_settings(run, capsys, args, expected):
     _, result = run
     status, out, err = cli(capsys, "sample", result.checkpoint, "--max-new-tokens", "2", *args)
@@ -137,6 +137,8 @@ def test_sample_refuses_out_of_range_settings(run, capsys, args, expected):
 
 
 def test_generate_refuses_nan_settings_from_python_too(registry):
+    from minigpt_core.generate import SamplingError
+
     model = build_model(parse_spec({"model": {"vocab_size": 64, "context_length": 16, "emb_dim": 16,
                                               "n_heads": 2, "n_layers": 1}, "tokenizer": {"name": "char"}}, registry=registry), registry)
     with pytest.raises(SamplingError, match="top_p"):
