@@ -546,8 +546,8 @@ def load_init_from(spec: ExperimentSpec, registry: ComponentRegistry | None = No
         if not Path(source).is_dir():
             raise CheckpointError(
                 f"init_from = {source!r}: no such checkpoint directory. Use a minigpt checkpoint "
-                f"directory (or a run directory: its latest checkpoint), or 'hf:PATH_OR_HUB_ID' for "
-                f"Hugging Face GPT-2 weights."
+                f"directory (or a run directory: its best checkpoint, else its latest), or "
+                f"'hf:PATH_OR_HUB_ID' for Hugging Face GPT-2 weights."
             )
         from .train.state import pick_checkpoint  # imported here: the training stack is heavy
 

@@ -140,7 +140,8 @@ def test_generate_refuses_nan_settings_from_python_too(registry):
     from minigpt_core.generate import SamplingError
 
     model = build_model(parse_spec({"model": {"vocab_size": 64, "context_length": 16, "emb_dim": 16,
-                                              "n_heads": 2, "n_layers": 1}, "tokenizer": {"name": "char"}}, registry=registry), registry)
+                                              "n_heads": 2, "n_layers": 1}, "tokenizer": {"name": "char"}},
+                                  registry=registry), registry)
     with pytest.raises(SamplingError, match="top_p"):
         generate(model, torch.zeros(1, 2, dtype=torch.long), 3, temperature=1.0, top_p=float("nan"))
 
@@ -222,7 +223,8 @@ def test_eval_says_how_many_windows_against_the_training_log(run, capsys):
 # -- generation past the context length -------------------------------------------------------------
 def test_generation_past_the_context_says_so_once(registry):
     model = build_model(parse_spec({"model": {"vocab_size": 64, "context_length": 8, "emb_dim": 16,
-                                              "n_heads": 2, "n_layers": 1}, "tokenizer": {"name": "char"}}, registry=registry), registry)
+                                              "n_heads": 2, "n_layers": 1}, "tokenizer": {"name": "char"}},
+                                  registry=registry), registry)
     prompt = torch.tensor([[1, 2, 3, 4]])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -256,7 +258,8 @@ def test_torch_layernorm_exports_as_gpt2_layernorm(tmp_path, registry):
             for name, p in model.named_parameters():
                 if "norm" in name:
                     p.add_(torch.randn_like(p) * 0.1)
-        out = export_hf(model, spec, tmp_path / f"hf-{bias}", registry, tokenizer_state={"name": "char", "chars": chars})
+        out = export_hf(model, spec, tmp_path / f"hf-{bias}", registry,
+                        tokenizer_state={"name": "char", "chars": chars})
         hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
         idx = torch.randint(0, 64, (2, 10))
         with torch.no_grad():
