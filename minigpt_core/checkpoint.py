@@ -2,7 +2,8 @@
 
     CKPT/model.safetensors   weights (a tied output head is stored once, as tok_emb.weight)
     CKPT/spec.toml           the resolved experiment spec: enough to rebuild the model
-    CKPT/meta.json           minigpt and plugin versions, and whatever the writer adds
+    CKPT/meta.json           minigpt and plugin versions, the sha256 of the two files above,
+                             and whatever the writer adds
 
 Every file is written to a temporary name and renamed into place, so a crash never
 leaves a half-written file under the real name. Loading never unpickles anything:
@@ -11,6 +12,7 @@ safetensors, TOML and JSON only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -33,6 +35,8 @@ __all__ = [
     "save_model",
     "load_model",
     "read_meta",
+    "file_sha256",
+    "verify_files",
     "model_state_for_saving",
     "load_model_state",
 ]
@@ -121,11 +125,17 @@ def save_model(model: torch.nn.Module, spec: ExperimentSpec, directory: str | Pa
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    weights = save(model_state_for_saving(model, state))
+    spec_bytes = dump_spec(spec).encode("utf-8")
+    # The hashes let every load (sample, eval, export, init_from) notice a damaged file, also in
+    # checkpoints that have no trainer.json (e.g. written by import-hf).
     full_meta = {"minigpt_version": __version__, "torch_version": torch.__version__,
-                 "plugins": _plugin_versions(registry), **(meta or {})}
+                 "plugins": _plugin_versions(registry), **(meta or {}),
+                 "sha256": {WEIGHTS_FILE: hashlib.sha256(weights).hexdigest(),
+                            SPEC_FILE: hashlib.sha256(spec_bytes).hexdigest()}}
     # Weights first, metadata last: a directory whose meta.json exists is complete.
-    atomic_write_bytes(directory / WEIGHTS_FILE, save(model_state_for_saving(model, state)))
-    atomic_write_bytes(directory / SPEC_FILE, dump_spec(spec).encode("utf-8"))
+    atomic_write_bytes(directory / WEIGHTS_FILE, weights)
+    atomic_write_bytes(directory / SPEC_FILE, spec_bytes)
     atomic_write_bytes(directory / META_FILE, json.dumps(full_meta, indent=2).encode("utf-8"))
     return directory
 
@@ -141,6 +151,50 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is corrupt ({exc}); use an earlier checkpoint.") from None
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_files(directory: Path, hashes: Any, names: tuple[str, ...], recorded_in: str) -> None:
+    """Check each of ``names`` that ``hashes`` records; a mismatch is a CheckpointError naming the file."""
+    if not isinstance(hashes, dict):
+        raise CheckpointError(f"{directory / recorded_in} is corrupt: its sha256 record is not a mapping.")
+    for name in names:
+        expected = hashes.get(name)
+        if expected is None:
+            continue
+        file = directory / name
+        if not file.is_file():
+            raise CheckpointError(f"{directory} is incomplete: {name} is missing.")
+        actual = file_sha256(file)
+        if actual != expected:
+            raise CheckpointError(
+                f"{file} is truncated or corrupt: its sha256 is {actual[:16]}..., {recorded_in} recorded "
+                f"{expected[:16]}... ({file.stat().st_size:,} bytes now). Use another checkpoint of the run "
+                f"(or restore this file from a copy)."
+            )
+
+
+def _verify_model_files(directory: Path, meta: dict[str, Any]) -> None:
+    """Hash-check the files a model load reads: against trainer.json (training checkpoints, which
+    also covers meta.json) or else meta.json's own record. Checkpoints older than these records
+    carry no hashes and load unchecked."""
+    trainer = directory / "trainer.json"  # train.state.TRAINER_FILE (not imported: a cycle)
+    if trainer.is_file():
+        try:
+            hashes = json.loads(trainer.read_text(encoding="utf-8"))["sha256"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{trainer} is truncated or corrupt ({type(exc).__name__}: {exc}); "
+                                  f"use another checkpoint of the run.") from None
+        verify_files(directory, hashes, (META_FILE, SPEC_FILE, WEIGHTS_FILE), trainer.name)
+    elif "sha256" in meta:
+        verify_files(directory, meta["sha256"], (SPEC_FILE, WEIGHTS_FILE), META_FILE)
 
 
 def load_spec_from_checkpoint(directory: str | Path, registry: ComponentRegistry | None = None) -> ExperimentSpec:
@@ -176,11 +230,14 @@ def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
 
 def load_model(directory: str | Path, registry: ComponentRegistry | None = None,
                map_location: str | torch.device = "cpu") -> tuple[GPT, ExperimentSpec]:
-    """Rebuild the model from ``spec.toml`` and load ``model.safetensors`` into it."""
+    """Rebuild the model from ``spec.toml`` and load ``model.safetensors`` into it.
+
+    The files are checked against their recorded sha256 first (CheckpointError naming a damaged one).
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"No checkpoint directory at {directory}.")
-    read_meta(directory)
+    _verify_model_files(directory, read_meta(directory))
     spec = load_spec_from_checkpoint(directory, registry)
     state = load_weights_file(directory / WEIGHTS_FILE)
     model = build_model(spec, registry)

@@ -2,11 +2,36 @@
 
 from __future__ import annotations
 
+import math
+import warnings
+from typing import Callable
+
 import torch
 
+from .errors import MinigptError
 from .model import GPT
 
-__all__ = ["generate", "filter_logits"]
+__all__ = ["generate", "filter_logits", "check_sampling", "SamplingError"]
+
+
+class SamplingError(MinigptError):
+    """A sampling setting (temperature, top-k, top-p, token count) is out of range."""
+
+
+def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                   max_new_tokens: int = 0) -> None:
+    """Refuse settings that would sample nonsense silently (NaN, negative, an empty nucleus)."""
+    problems = []
+    if not (math.isfinite(temperature) and temperature >= 0):
+        problems.append(f"temperature must be a finite number >= 0 (0: greedy), not {temperature}")
+    if top_k is not None and top_k < 1:
+        problems.append(f"top_k must be >= 1 (leave it unset to keep every token), not {top_k}")
+    if top_p is not None and not (0 < top_p <= 1):  # also False for NaN
+        problems.append(f"top_p must be in (0, 1] (1 keeps every token), not {top_p}")
+    if max_new_tokens < 0:
+        problems.append(f"the number of new tokens must be >= 0, not {max_new_tokens}")
+    if problems:
+        raise SamplingError("Invalid sampling settings: " + "; ".join(problems) + ".")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -28,24 +53,39 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
              use_cache: bool | None = None, generator: torch.Generator | None = None,
-             n_vocab: int | None = None) -> torch.Tensor:
+             n_vocab: int | None = None,
+             on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """Append up to ``max_new_tokens`` tokens to ``idx`` (B, T) and return (B, T + n).
 
     temperature 0 is greedy (argmax); otherwise logits are divided by the temperature, filtered
     by top-k / top-p, and sampled. Stops early when every row has produced ``eos_id``.
     Uses the KV cache when the model's attention declares one (``use_cache=None``). ``n_vocab``
     restricts sampling to ids below it, for a tokenizer smaller than the model's vocabulary.
+    ``on_token`` is called with each step's new ids (B, 1), e.g. to print them as they come.
+
+    Past the context length each token sees only the last ``context_length`` tokens (a sliding
+    window); a warning says so once per call.
     """
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
     was_training = model.training
     model.eval()
     ctx_len = model.spec.context_length
     cache_ok = model.supports_kv_cache if use_cache is None else use_cache
-    # The cache cannot slide: fall back to recomputing once the sequence outgrows the context.
-    cache = model.new_kv_cache() if cache_ok and idx.shape[1] + max_new_tokens <= ctx_len else None
+    cache = model.new_kv_cache() if cache_ok and max_new_tokens > 0 else None
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     step_input = idx[:, -ctx_len:]
+    warned = False
     try:
         for _ in range(max_new_tokens):
+            if idx.shape[1] > ctx_len and not warned:
+                warned = True
+                warnings.warn(
+                    f"the text passed the model's context length ({ctx_len} tokens): from here on each new "
+                    f"token sees only the last {ctx_len} tokens (a sliding window)"
+                    + (", recomputed without the KV cache (slower)" if cache_ok else ""), stacklevel=3)
+            if cache is not None and cache.offset + step_input.shape[1] > ctx_len:
+                # Learned positions make cached keys depend on where they sat: the cache cannot slide.
+                cache, step_input = None, idx[:, -ctx_len:]
             logits = model(step_input, kv_cache=cache) if cache is not None else model(step_input)
             logits = logits[:, -1, :n_vocab].float()  # (B, V)
             if temperature > 0:
@@ -58,6 +98,8 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
                 next_id = torch.where(finished[:, None], torch.full_like(next_id, eos_id), next_id)
                 finished |= next_id[:, 0] == eos_id
             idx = torch.cat([idx, next_id], dim=1)
+            if on_token is not None:
+                on_token(next_id)
             step_input = next_id if cache is not None else idx[:, -ctx_len:]
             if eos_id is not None and bool(finished.all()):
                 break

@@ -20,7 +20,7 @@ import socket
 import urllib.request
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 import torch
@@ -174,10 +174,21 @@ def _canonical_from_hf(hf: Mapping[str, torch.Tensor], n_layers: int, tied: bool
     return out
 
 
+def _book_norm_names(model: GPT, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torch.nn.LayerNorm (torch.layernorm) names its gain and bias weight / bias where the book's
+    LayerNorm says scale / shift; it computes the same function (a missing bias is a zero one)."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.LayerNorm) and f"{name}.weight" in state:
+            weight, bias = state.pop(f"{name}.weight"), state.pop(f"{name}.bias", None)
+            state[f"{name}.scale"] = weight
+            state[f"{name}.shift"] = torch.zeros_like(weight) if bias is None else bias
+    return state
+
+
 def hf_state_from_model(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's weights under GPT2LMHeadModel's names (q/k/v biases are zeros when the model has none)."""
     model = _unwrap(model)
-    state = canonical_model_state(model)
+    state = _book_norm_names(model, canonical_model_state(model))
     n_layers = len(model.trf_blocks)
     out = {f"transformer.{theirs}": state.pop(ours) for theirs, ours in _GLOBAL_NAMES}
     for i in range(n_layers):
@@ -416,21 +427,43 @@ def _hf_config(model: GPT) -> dict[str, Any]:
     }
 
 
-def _write_gpt2_tokenizer_files(directory: Path, vocab_dir: str | None) -> None:
+def _write_gpt2_tokenizer_files(directory: Path, vocab_dir: str | None) -> bool:
     """GPT-2's vocab.json / merges.txt (the same files as encoder.json / vocab.bpe), so the export
     also loads with transformers' GPT-2 tokenizer. Skipped when the tokenizers plugin is absent."""
     try:
         from minigpt_tokenizers.bpe import packaged_gpt2_dir
     except ImportError:
-        return
+        return False
     src = Path(vocab_dir) if vocab_dir else packaged_gpt2_dir()
     for ours, theirs in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
         atomic_write_bytes(directory / theirs, (src / ours).read_bytes())
+    return True
+
+
+def _write_char_tokenizer_files(directory: Path, chars: str, context_length: int) -> None:
+    """A Hugging Face ``tokenizer.json`` with the char tokenizer's ids: every character its own
+    token (an empty-pattern split), decoded by concatenation; AutoTokenizer loads it."""
+    tokenizer = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+        "pre_tokenizer": {"type": "Split", "pattern": {"String": ""}, "behavior": "Isolated", "invert": False},
+        "post_processor": None, "decoder": {"type": "Fuse"},
+        # No unknown token, like minigpt's char tokenizer: a character outside the vocabulary is an error.
+        "model": {"type": "WordLevel", "vocab": {c: i for i, c in enumerate(chars)}, "unk_token": "<unk>"},
+    }
+    atomic_write_bytes(directory / "tokenizer.json", json.dumps(tokenizer, ensure_ascii=False).encode("utf-8"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context_length}
+    atomic_write_bytes(directory / "tokenizer_config.json", json.dumps(config, indent=2).encode("utf-8"))
 
 
 def export_hf(model: torch.nn.Module, spec: ExperimentSpec, directory: str | Path,
-              registry: ComponentRegistry | None = None) -> Path:
-    """Write a directory ``transformers.GPT2LMHeadModel.from_pretrained`` loads with identical logits."""
+              registry: ComponentRegistry | None = None,
+              tokenizer_state: Mapping[str, Any] | None = None) -> Path:
+    """Write a directory ``transformers.GPT2LMHeadModel.from_pretrained`` loads with identical logits.
+
+    Tokenizer files come along for the gpt2 tokenizer and for ``char`` (given its saved
+    ``tokenizer_state``, as in a checkpoint's meta.json); for any other a warning says that the
+    directory has no tokenizer.
+    """
     from safetensors.torch import save
 
     model = _unwrap(model)
@@ -448,8 +481,20 @@ def export_hf(model: torch.nn.Module, spec: ExperimentSpec, directory: str | Pat
     directory.mkdir(parents=True, exist_ok=True)
     # Weights first, config.json last: a directory with a config is complete.
     atomic_write_bytes(directory / "model.safetensors", save(state, metadata={"format": "pt"}))
-    if spec.tokenizer.name == "gpt2":
-        _write_gpt2_tokenizer_files(directory, spec.tokenizer.params.get("vocab_dir"))
+    name = spec.tokenizer.name
+    written = False
+    if name == "gpt2":
+        written = _write_gpt2_tokenizer_files(directory, spec.tokenizer.params.get("vocab_dir"))
+    elif name == "char" and isinstance((tokenizer_state or {}).get("chars"), str):
+        _write_char_tokenizer_files(directory, tokenizer_state["chars"], spec.model.context_length)
+        written = True
+    if not written:
+        warnings.warn(
+            f"{directory} has no tokenizer files: the model was trained with the {name!r} tokenizer, "
+            f"which this export cannot write{' without its saved state' if name == 'char' else ''}. "
+            f"Its token ids are that tokenizer's ids, not GPT-2's: encode and decode text with it "
+            f"(minigpt_core.tokenizers.tokenizer_from_state of the checkpoint's meta.json 'tokenizer').",
+            stacklevel=2)
     atomic_write_bytes(directory / "config.json", json.dumps(_hf_config(model), indent=2).encode("utf-8"))
     return directory
 
@@ -519,13 +564,16 @@ def init_from_model(spec: ExperimentSpec, registry: ComponentRegistry | None = N
 
 
 def load_init_from(spec: ExperimentSpec, registry: ComponentRegistry | None = None,
-                   cache_dir: str | Path | None = None) -> tuple[GPT, ExperimentSpec]:
+                   cache_dir: str | Path | None = None,
+                   report: Callable[[str], None] | None = None) -> tuple[GPT, ExperimentSpec]:
     """The model a run starts from, and the spec that describes it.
 
     ``init_from = "hf:PATH_OR_HUB_ID"`` loads Hugging Face GPT-2 weights; ``init_from = "DIR"`` a
-    minigpt checkpoint directory (a run or experiment directory: its latest checkpoint); ``None`` builds the spec's model with its init scheme. The model
-    section comes from the weights; the file may still choose any GPT-2 compatible attention
-    (``[model.attention]``) and the dropout rate, and all its other sections are kept.
+    minigpt checkpoint directory (a run or experiment directory: its best checkpoint, else its
+    latest; the files are hash-checked); ``None`` builds the spec's model with its init scheme. The
+    model section comes from the weights; the file may still choose any GPT-2 compatible attention
+    (``[model.attention]``) and the dropout rate, and all its other sections are kept. ``report``
+    receives a line naming the checkpoint used.
     """
     source = spec.init_from
     if source is None:
@@ -541,12 +589,15 @@ def load_init_from(spec: ExperimentSpec, registry: ComponentRegistry | None = No
         if not Path(source).is_dir():
             raise CheckpointError(
                 f"init_from = {source!r}: no such checkpoint directory. Use a minigpt checkpoint "
-                f"directory (or a run directory: its latest checkpoint), or 'hf:PATH_OR_HUB_ID' for "
-                f"Hugging Face GPT-2 weights."
+                f"directory (or a run directory: its best checkpoint, else its latest), or "
+                f"'hf:PATH_OR_HUB_ID' for Hugging Face GPT-2 weights."
             )
-        from .train.state import resolve_checkpoint  # imported here: the training stack is heavy
+        from .train.state import pick_checkpoint  # imported here: the training stack is heavy
 
-        loaded, loaded_spec = load_model(resolve_checkpoint(source), registry)
+        ckpt, which = pick_checkpoint(source)
+        if report is not None:
+            report(f"init_from checkpoint: {ckpt} ({which})")
+        loaded, loaded_spec = load_model(ckpt, registry)
         new_spec = _respec(spec, _merge_model_section(spec, loaded_spec.model, source), registry)
         if new_spec.model.attention == loaded_spec.model.attention:
             model = build_model(new_spec, registry)

@@ -47,9 +47,23 @@ class TokenizerContext:
     state: Mapping[str, Any] | None = None  # a saved Tokenizer.state() to rebuild from
 
 
-def build_tokenizer(spec: ExperimentSpec, registry: ComponentRegistry | None = None,
+def build_tokenizer(spec: ExperimentSpec | str, registry: ComponentRegistry | None = None,
                     training_text: str | None = None) -> Tokenizer:
-    """The tokenizer the spec's ``tokenizer`` slot names, checked against ``model.vocab_size``."""
+    """The tokenizer the spec's ``tokenizer`` slot names, checked against ``model.vocab_size``.
+
+    ``spec`` may also be a registered tokenizer name (``"gpt2"``, ``"char"``), built with its
+    default params and no vocabulary check.
+    """
+    if isinstance(spec, str):
+        from .spec import parse_spec
+
+        # The model section only has to admit the tokenizer's vocabulary; nothing is built.
+        spec = parse_spec({"tokenizer": {"name": spec}, "model": {"vocab_size": 1 << 30}}, registry=registry)
+    elif not isinstance(spec, ExperimentSpec):
+        raise TokenizerError(
+            f"build_tokenizer takes an ExperimentSpec (e.g. load_spec('experiments/tiny.toml')) or a "
+            f"tokenizer name such as 'gpt2' or 'char'; got {type(spec).__name__} {spec!r:.80}."
+        )
     slot = resolve_components(spec, registry)["tokenizer"]
     tok = slot.entry.factory(TokenizerContext(training_text=training_text), slot.params)
     # Entries check vocab sizes they know up front; this catches ones learnt from the text (char).

@@ -48,19 +48,21 @@ def import_hf_command(args) -> int:
 
 def _export_args(p):
     p.add_argument("checkpoint", help="minigpt checkpoint directory, or a run / experiment directory "
-                                      "(its latest checkpoint)")
+                                      "(its best checkpoint, else its latest)")
     p.add_argument("out", help="new directory for transformers' GPT2LMHeadModel.from_pretrained")
 
 
 @command("export-hf", "write a GPT-2 compatible minigpt checkpoint as a Hugging Face GPT-2 directory")
 @arguments(_export_args)
 def export_hf_command(args) -> int:
-    from ..checkpoint import load_model
+    from ..checkpoint import load_model, read_meta
     from ..pretrained import export_hf
-    from ..train.state import resolve_checkpoint
+    from ..train.state import pick_checkpoint
 
     out = _fresh_output(args.out)
-    model, spec = load_model(resolve_checkpoint(args.checkpoint))
-    export_hf(model, spec, out)
-    print(f"exported {args.checkpoint} -> {out} (load with transformers.GPT2LMHeadModel.from_pretrained)")
+    ckpt, which = pick_checkpoint(args.checkpoint)
+    print(f"checkpoint: {ckpt} ({which})", flush=True)
+    model, spec = load_model(ckpt)
+    export_hf(model, spec, out, tokenizer_state=read_meta(ckpt).get("tokenizer"))
+    print(f"exported {ckpt} -> {out} (load with transformers.GPT2LMHeadModel.from_pretrained)")
     return 0

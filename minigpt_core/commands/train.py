@@ -87,13 +87,30 @@ def _train(args) -> int:
     return 0
 
 
-# -- sample -------------------------------------------------------------------------------
-def _load_for_inference(path: str, device: str, prefer: str = "best"):
+# -- sample ---------------------------------------------------------------------------------
+MAX_SAMPLES = 1000  # more is almost certainly a typo; generate in several runs (other --seed)
+MAX_NEW_TOKENS = 100_000  # hours on a CPU; the text is printed as it comes in any case
+_SAMPLE_BATCH = 64  # samples generated together: bounds memory whatever --num-samples is
+
+
+def _threads(n: int | None) -> None:
+    import torch
+
+    if n is not None:
+        if n < 1:
+            raise MinigptError(f"--threads must be >= 1, not {n}.")
+        torch.set_num_threads(n)
+
+
+def _load_for_inference(path: str, device: str, file=None):
+    """Load the checkpoint every inference command uses (see pick_checkpoint), saying which it is."""
     from ..checkpoint import load_model, read_meta
     from ..tokenizers import build_tokenizer, tokenizer_from_state
-    from ..train import resolve_checkpoint, select_device
+    from ..train import select_device
+    from ..train.state import pick_checkpoint
 
-    ckpt = resolve_checkpoint(path, prefer=prefer)
+    ckpt, which = pick_checkpoint(path)
+    print(f"checkpoint: {ckpt} ({which})", file=file or sys.stdout, flush=True)
     dev = select_device(device)
     model, spec = load_model(ckpt, map_location=dev)
     state = read_meta(ckpt).get("tokenizer")
@@ -101,73 +118,138 @@ def _load_for_inference(path: str, device: str, prefer: str = "best"):
     return ckpt, model, spec, tokenizer, dev
 
 
+_WHICH = "checkpoint directory, or a run / experiment directory (its best checkpoint, else its latest)"
+
+
 def _sample_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="checkpoint directory, or a run / experiment directory (its best checkpoint)")
+    p.add_argument("checkpoint", help=_WHICH)
     p.add_argument("--prompt", default="", help="text to continue (default: start from end-of-text)")
-    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--max-new-tokens", type=int, default=100, help=f"at most {MAX_NEW_TOKENS:,}")
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (k >= 1)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, 0 < p <= 1")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: a different sample each time)")
-    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--num-samples", type=int, default=1, help=f"1 to {MAX_SAMPLES}")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar for several samples")
+
+
+class _Stream:
+    """Prints one sample's tokens as they come, holding back ids that end inside a character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.pending = tokenizer, []
+
+    def __call__(self, next_id) -> None:
+        self.pending.append(int(next_id[0, 0]))
+        text = self.tokenizer.decode(self.pending)
+        if not text.endswith("\ufffd") or len(self.pending) > 8:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            self.pending = []
+
+    def close(self) -> None:
+        if self.pending:
+            sys.stdout.write(self.tokenizer.decode(self.pending))
+        sys.stdout.write("\n")
+        sys.stdout.flush()
 
 
 @command("sample", "generate text from a checkpoint")
 @arguments(_sample_args)
 def _sample(args) -> int:
     import torch
+    from tqdm.auto import tqdm
 
-    from ..generate import generate
+    from ..generate import check_sampling, generate
 
-    if args.max_new_tokens < 0 or args.temperature < 0 or args.num_samples < 1:
-        raise MinigptError("--max-new-tokens and --temperature must be >= 0 and --num-samples >= 1.")
-    ckpt, model, spec, tokenizer, device = _load_for_inference(args.checkpoint, args.device)
+    check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
+    if not 1 <= args.num_samples <= MAX_SAMPLES:
+        raise MinigptError(f"--num-samples must be between 1 and {MAX_SAMPLES:,}, not {args.num_samples:,}; "
+                           f"for more, run sample several times with different --seed values.")
+    if args.max_new_tokens > MAX_NEW_TOKENS:
+        raise MinigptError(f"--max-new-tokens {args.max_new_tokens:,} is more than {MAX_NEW_TOKENS:,}, which "
+                           f"would run for hours; ask for fewer tokens (or continue from the end of a sample).")
+    _threads(args.threads)
+    ckpt, model, spec, tokenizer, device = _load_for_inference(args.checkpoint, args.device, file=sys.stderr)
     prompt = tokenizer.encode(args.prompt) if args.prompt else []
     if not prompt:
         prompt = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
     gen = torch.Generator(device)
     gen.manual_seed(args.seed) if args.seed is not None else gen.seed()
-    idx = torch.tensor([prompt[-spec.model.context_length:]] * args.num_samples, device=device)
-    out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, generator=gen, n_vocab=tokenizer.n_vocab)
-    print(f"# {ckpt}", file=sys.stderr)
-    for i, row in enumerate(out.tolist()):
-        if i:
-            print("\n" + "-" * 40)
-        print(args.prompt + tokenizer.decode(row[idx.shape[1]:]))
+    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=gen,
+              n_vocab=tokenizer.n_vocab)
+    if args.num_samples == 1:  # printed as it comes: a long generation is never silent
+        stream = _Stream(tokenizer)
+        sys.stdout.write(args.prompt)
+        try:
+            generate(model, torch.tensor([prompt], device=device), args.max_new_tokens, on_token=stream, **kw)
+        finally:
+            stream.close()
+        return 0
+    bar = tqdm(total=args.num_samples * args.max_new_tokens, unit="token", file=sys.stderr, dynamic_ncols=True,
+               disable=args.no_progress, delay=1.0, mininterval=0.5)
+    done = 0
+    try:
+        while done < args.num_samples:
+            rows = min(_SAMPLE_BATCH, args.num_samples - done)
+            idx = torch.tensor([prompt] * rows, device=device)
+            out = generate(model, idx, args.max_new_tokens, on_token=lambda t: bar.update(t.shape[0]), **kw)
+            bar.clear()
+            for row in out.tolist():
+                if done:
+                    print("\n" + "-" * 40)
+                print(args.prompt + tokenizer.decode(row[idx.shape[1]:]), flush=True)
+                done += 1
+    finally:
+        bar.close()
     return 0
 
 
 # -- eval ---------------------------------------------------------------------------------
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="checkpoint directory, or a run / experiment directory (its best checkpoint)")
+    p.add_argument("checkpoint", help=_WHICH)
     p.add_argument("--data", default=None, metavar="SOURCE",
                    help="evaluate on all of this instead of the run's validation split: a dataset name, a "
-                        "shards directory or text files / a glob")
+                        "shards directory or text files / a quoted glob ('notes/*.txt')")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="params of the --data source")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in CI logs)")
 
 
 @command("eval", "validation loss and perplexity of a checkpoint (on its run's validation split or other data)")
 @arguments(_eval_args)
 def _eval(args) -> int:
     import numpy as np
+    from tqdm.auto import tqdm
 
     from ..checkpoint import read_meta
     from ..data import TokenCorpus, load_tokens, load_training_data, sample_length, window_starts
     from ..spec import parse_spec
     from ..train.evaluate import eval_windows, evaluate
 
+    if args.batch_size < 1:
+        raise MinigptError(f"--batch-size must be >= 1, not {args.batch_size}.")
+    if args.max_windows is not None and args.max_windows < 1:
+        raise MinigptError(f"--max-windows must be >= 1 (leave it out for all windows), not {args.max_windows}.")
+    _threads(args.threads)
     ckpt, model, spec, tokenizer, device = _load_for_inference(args.checkpoint, args.device)
     state = read_meta(ckpt).get("tokenizer")
     if args.data is None:
         data = load_training_data(spec, tokenizer_state=state)
         corpus, starts, length = data.split.corpus, data.split.val, data.split.length
         what = f"the validation split of {data.source}"
+        t = spec.train
+        logged = len(eval_windows(len(starts), t.eval_batches * t.batch_size))
+        # The training log's val/loss averages a fixed subset, so the two numbers differ slightly.
+        scope = (f"all of the split (the training log's val/loss: {logged:,} of them, eval_batches x "
+                 f"batch_size = {t.eval_batches} x {t.batch_size}, so it differs a little)"
+                 if logged < len(starts) else "all of the split, as in the training log's val/loss")
     else:
         raw = spec.model_dump(mode="json", exclude_none=True)
         raw["data"]["source"] = source_slot(args.data, args.param)
@@ -178,13 +260,17 @@ def _eval(args) -> int:
         segments = [(int(corpus.offsets[i]), int(corpus.offsets[i + 1])) for i in range(len(shards.parts))]
         starts = window_starts(segments, length, length - 1)
         what = desc
+        scope = "all of them"
         if len(starts) == 0:
             raise MinigptError(f"{args.data} holds {corpus.n_tokens} tokens, fewer than one window of {length}.")
-    if args.max_windows:
+    if args.max_windows and args.max_windows < len(starts):
+        scope = f"{args.max_windows:,} of its {len(starts):,} windows, spread evenly (--max-windows)"
         starts = starts[eval_windows(len(starts), args.max_windows)]
-    loss = evaluate(model, corpus, np.asarray(starts), length, micro_batch=args.batch_size, device=device,
-                    precision=args.precision)
-    print(f"{ckpt} on {what}: {len(starts):,} windows of {length - 1} tokens")
+    with tqdm(total=len(starts), unit="window", file=sys.stderr, dynamic_ncols=True, disable=args.no_progress,
+              mininterval=0.5, desc="eval") as bar:
+        loss = evaluate(model, corpus, np.asarray(starts), length, micro_batch=args.batch_size, device=device,
+                        precision=args.precision, progress=bar.update)
+    print(f"{ckpt} on {what}: {len(starts):,} windows of {length - 1} tokens: {scope}")
     print(f"loss {loss:.4f} nats/token, perplexity {math.exp(min(loss, 50)):.3f}")
     return 0
 

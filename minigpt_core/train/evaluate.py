@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import torch
@@ -30,8 +31,11 @@ def eval_windows(n_windows: int, wanted: int, world_size: int = 1) -> np.ndarray
 
 @torch.no_grad()
 def evaluate(model: nn.Module, corpus: TokenCorpus, starts: np.ndarray, length: int, *, micro_batch: int,
-             device: torch.device, precision: str = "fp32", env: DistEnv | None = None) -> float:
+             device: torch.device, precision: str = "fp32", env: DistEnv | None = None,
+             progress: Callable[[int], None] | None = None) -> float:
     """Mean next-token loss (nats) over the windows at ``starts``, split evenly over processes.
+
+    ``progress`` is called with the number of windows each forward pass evaluated (a progress bar).
 
     Every process runs the same number of forward passes (FSDP needs all of them in each).
     """
@@ -48,6 +52,8 @@ def evaluate(model: nn.Module, corpus: TokenCorpus, starts: np.ndarray, length: 
                 logits = model(batch[:, :-1])
             total += lm_loss(logits, batch[:, 1:], reduction="sum").double()
             count += batch[:, 1:].numel()
+            if progress is not None:
+                progress(len(batch))
     finally:
         model.train(was_training)
     total, count = env.sum(total), env.sum(count)

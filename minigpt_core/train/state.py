@@ -46,6 +46,7 @@ __all__ = [
     "load_checkpoint",
     "list_checkpoints",
     "resolve_checkpoint",
+    "pick_checkpoint",
     "verify_checkpoint",
     "flatten_optimizer_state",
     "unflatten_optimizer_state",
@@ -268,6 +269,21 @@ def resolve_checkpoint(path: str | Path, prefer: str = "latest") -> Path:
         raise CheckpointError(f"{root} holds no complete checkpoint (a run killed before its first save "
                               f"leaves none).")
     return found[-1][1]
+
+
+def pick_checkpoint(path: str | Path) -> tuple[Path, str]:
+    """The checkpoint that sample, eval, export-hf and init_from load, and which one it is.
+
+    One rule for all of them: a checkpoint directory as given; in a run (or an experiment's latest
+    run) its best checkpoint when it has one, else its latest. The label is "as given", "best" or
+    "latest", for the line each command prints.
+    """
+    path = Path(path)
+    ckpt = resolve_checkpoint(path, prefer="best")
+    if (path / META_FILE).is_file() or (path / TRAINER_FILE).is_file():
+        return ckpt, "as given"
+    best = ckpt.parent / "best"
+    return ckpt, "best" if best.is_dir() and best.resolve() == ckpt.resolve() else "latest"
 
 
 # -- reading -------------------------------------------------------------------------------

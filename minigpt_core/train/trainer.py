@@ -328,7 +328,7 @@ class Trainer:
         if self.loaded is None:
             from ..pretrained import load_init_from
 
-            model, spec = load_init_from(spec, registry)
+            model, spec = load_init_from(spec, registry, report=self.write if self.env.is_main else None)
         else:
             from ..model import build_model
 

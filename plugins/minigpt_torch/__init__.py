@@ -86,6 +86,7 @@ def minigpt_register(registry):
         "norm", "torch.layernorm",
         lambda ctx, p: nn.LayerNorm(ctx.emb_dim, eps=p.eps, bias=p.bias), params=LayerNormParams,
         description="torch.nn.LayerNorm over the embedding (fused kernel; same math as book.layernorm)",
+        capabilities={"gpt2"},  # exports as GPT-2's ln_* (weight/bias are the book's scale/shift)
     )
     registry.add("activation", "torch.gelu", lambda ctx, p: nn.GELU(),
                  description="exact GELU, x * Phi(x) (torch.nn.GELU; book.gelu is the tanh approximation)")
