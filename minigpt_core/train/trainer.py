@@ -503,8 +503,15 @@ class Trainer:
 def train(spec: ExperimentSpec, *, registry: ComponentRegistry | None = None, resume: str | Path | bool | None = None,
           progress: bool = True, write: Callable[[str], None] | None = None) -> TrainResult:
     """Train the spec's model; ``resume=True`` continues the experiment's latest run, a path that checkpoint."""
+    trainer = None
+    finished = False
     try:
         trainer = Trainer(spec, registry=registry, resume=resume, progress=progress, write=write)
-        return trainer.run()
+        result = trainer.run()
+        finished = True
+        return result
     finally:
-        shutdown()
+        # The wrapped model and optimizer hold the process group: drop them first, so that
+        # shutdown() destroys it (joining its threads) instead of interpreter exit.
+        del trainer
+        shutdown(barrier=finished)
