@@ -170,4 +170,3 @@ def shutdown(barrier: bool = False) -> None:
         _release_dtensor_caches()
         gc.collect()
         dist.destroy_process_group()
-
