@@ -201,3 +201,27 @@ def test_hf_source_streams_a_local_dataset(tmp_path):
     tok = data.tokenizer
     expected = "".join(r["text"] + "\n\n" for r in rows[:5])
     assert tok.decode(data.shards.tokens().tolist()) == expected
+
+
+def test_window_starts_are_stride_apart_within_each_segment(tmp_path):
+    from minigpt_core.data.corpus import split_segments as segments_of
+
+    length = 33  # data.max_length 32 (the tiny model's context) + the shifted target
+    for stride in (5, 32, 33, 50):  # overlapping, the default (max_length), one window, gaps between windows
+        spec = parse_spec(tiny_spec_data(tmp_path, data={"stride": stride}))
+        data = load_training_data(spec, progress=False)
+        split = data.split
+        assert split.length == length
+        for side, starts in ((0, split.train), (1, split.val)):
+            expected = []
+            for i, part in enumerate(split.corpus.parts):
+                base = int(split.corpus.offsets[i])
+                for s, e in segments_of(len(part), spec.data.split_block, spec.data.val_fraction)[side]:
+                    got = starts[(starts >= base + s) & (starts < base + e)] - base
+                    if e - s < length:
+                        assert len(got) == 0
+                        continue
+                    assert got[0] == s and got[-1] + length <= e < got[-1] + stride + length, (stride, s, e)
+                    assert set(np.diff(got).tolist()) <= {stride}, (stride, s, e)
+                    expected.extend(base + got)
+            assert len(expected) == len(starts) and len(starts) > 10

@@ -58,3 +58,38 @@ def test_two_gloo_ranks_log_the_losses_of_one_process(tmp_path, strategy):
                           "--set", f"train.out_dir={tmp_path / 'two'}")
     assert resumed.returncode == 0, resumed.stderr
     assert "re-seeded" in resumed.stdout and 7 in losses(run_two)
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and _fsdp2_available()), reason="reads /proc; needs FSDP2")
+def test_train_joins_the_process_group_threads_before_returning(tmp_path, monkeypatch):
+    # Threads of a group left alive (FSDP2 and torch's DTensor caches hold it) run on into
+    # interpreter exit, where a rank could abort ("terminate called without an active exception").
+    import torch.distributed as dist
+
+    from minigpt_core import parse_spec
+    from minigpt_core.train import train
+    from training_utils import tiny_spec_data
+
+    def gloo_threads():
+        names = []
+        for task in Path("/proc/self/task").iterdir():
+            try:
+                names.append((task / "comm").read_text().strip())
+            except OSError:  # the thread ended meanwhile
+                pass
+        return [n for n in names if "gloo" in n]
+
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    # torchrun --nproc_per_node 1 in this process: a file store, so no port to race for
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert gloo_threads()
+        spec = parse_spec(tiny_spec_data(tmp_path, train={"max_steps": 2, "strategy": "fsdp", "eval_every": 2,
+                                                          "save_every": 2, "peak_flops": 1e12}))
+        result = train(spec, progress=False, write=lambda s: None)
+        assert result.step == 2 and not dist.is_initialized()
+        assert not gloo_threads()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

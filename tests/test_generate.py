@@ -125,3 +125,20 @@ def test_generation_past_the_context_length(registry, prompt):
         for _ in range(20):
             idx = torch.cat([idx, model(idx[:, -8:])[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, idx)
+
+
+def test_sampling_frequencies_follow_softmax_of_logits_over_temperature(model):
+    # One prompt repeated in many rows: one seeded draw per row samples the next-token distribution.
+    n_vocab, rows = 6, 10_000
+    prompt = torch.tensor([[60]])
+    model.eval()
+    with torch.no_grad():
+        logits = model(prompt)[0, -1, :n_vocab].float()
+    dists = {t: torch.softmax(logits / t, dim=-1) for t in (0.5, 1.0, 2.0)}
+    # the three are far apart, so a missing or inverted temperature cannot pass the check below
+    assert min((dists[a] - dists[b]).abs().max() for a, b in ((0.5, 1.0), (1.0, 2.0), (0.5, 2.0))) > 0.1
+    for t, expected in dists.items():
+        out = generate(model, prompt.expand(rows, -1), 1, temperature=t, n_vocab=n_vocab, use_cache=False,
+                       generator=torch.Generator().manual_seed(0))
+        freq = torch.bincount(out[:, -1], minlength=n_vocab).float() / rows
+        assert (freq - expected).abs().max() < 0.02, (t, freq.tolist(), expected.tolist())  # 4 sigma at most

@@ -231,3 +231,43 @@ def test_a_run_that_cannot_start_leaves_nothing_behind(tmp_path, capsys):
     status, _, err = cli(capsys, "train", spec)
     assert status == 2 and "found no file" in err
     assert not list((tmp_path / "runs" / "tiny-test").iterdir())
+
+
+def test_the_applied_update_uses_the_clipped_gradient(tmp_path):
+    # eps = 1 makes AdamW's first step nearly SGD (lr * g / (|g| + eps)), so the update shows the
+    # gradient's scale; with the default 1e-8 it would be lr * sign(g) whether clipped or not.
+    import copy
+
+    from minigpt_core.train import Trainer
+
+    clip, lr, eps = 0.05, 0.1, 1.0
+    spec = parse_spec(tiny_spec_data(tmp_path, train={
+        "max_steps": 1, "batch_size": 8, "micro_batch_size": 4, "lr": lr, "warmup_steps": 0, "schedule": "constant",
+        "weight_decay": 0.0, "eps": eps, "grad_clip": clip, "peak_flops": 1e12}))
+    trainer = Trainer(spec, loggers=[], **quiet)
+    # the reference: the same batch through a copy of the model, the global norm clipped by hand
+    ref = copy.deepcopy(trainer.model)
+    split = trainer.data.split
+    batch = torch.from_numpy(split.corpus.windows(split.train[copy.deepcopy(trainer.sampler).next_batch()],
+                                                  split.length))
+    logits = ref(batch[:, :-1])
+    nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).backward()
+    grads = {name: p.grad for name, p in ref.named_parameters()}
+    norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads.values()))
+    assert norm > 5 * clip  # clipping has work to do
+    scale = min(1.0, clip / (norm + 1e-6))
+
+    def adamw_first_step(g):  # m_hat = g, v_hat = g**2 after bias correction
+        return -lr * g / (g.abs() + eps)
+
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    stats = trainer.train_step()
+    assert float(stats["grad_norm"]) == pytest.approx(norm, rel=1e-4)  # the norm logged is the unclipped one
+    names = list(before)
+    moved = torch.cat([(p.detach() - before[name]).flatten() for name, p in trainer.model.named_parameters()])
+    expected = torch.cat([adamw_first_step(grads[name] * scale).flatten() for name in names])
+    unclipped = torch.cat([adamw_first_step(grads[name]).flatten() for name in names])
+    # float32 rounding of the parameters (norm gains near 1) bounds the agreement, not the update's own scale
+    tolerance = 1e-3 * float(expected.abs().max())
+    assert float((moved - expected).abs().max()) < tolerance
+    assert float((unclipped - expected).abs().max()) > 10 * tolerance  # the check above tells them apart

@@ -8,6 +8,8 @@ no-op.
 from __future__ import annotations
 
 import contextlib
+import gc
+import importlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -130,6 +132,41 @@ def gradient_sync(model: nn.Module, strategy: str, sync: bool):
     return contextlib.nullcontext()
 
 
-def shutdown() -> None:
+def _release_dtensor_caches() -> None:
+    """FSDP2's DTensors leave their device mesh, and through it the process group, in torch's
+    global DTensor caches (sharding propagation, redistribution plans, mesh topology); cleared
+    best-effort (private torch names that may move between versions)."""
+    import sys
+
+    if "torch.distributed.tensor" not in sys.modules:
+        return
+    clears = [("torch.distributed.tensor.debug", "_clear_sharding_prop_cache"),
+              ("torch.distributed.tensor._redistribute", "clear_redistribute_planner_cache"),
+              ("torch.distributed.tensor._redistribute", "_gen_transform_infos.cache_clear"),
+              ("torch.distributed.tensor._collective_utils", "MeshTopoInfo.build_from_mesh.cache_clear")]
+    for module, name in clears:
+        try:
+            obj = importlib.import_module(module)
+            for part in name.split("."):
+                obj = getattr(obj, part)
+            obj()
+        except Exception:  # noqa: BLE001 - a torch without this cache has nothing to clear
+            pass
+
+
+def shutdown(barrier: bool = False) -> None:
+    """Destroy the process group and with it its threads (gloo: a worker pool and a socket loop).
+
+    The group dies only with its last reference: the wrapped model (FSDP2, DDP) and torch's
+    DTensor caches hold it, and left alone its threads run on into interpreter exit, where a
+    rank could abort with "terminate called without an active exception". The caller drops its
+    model first; here the caches and the reference cycles go, so destroying the group joins its
+    threads. ``barrier`` (a clean finish, where every rank gets here): no rank closes its
+    connections while a peer may still use them.
+    """
     if dist.is_available() and dist.is_initialized():
+        if barrier:
+            dist.barrier()
+        _release_dtensor_caches()
+        gc.collect()
         dist.destroy_process_group()

@@ -752,8 +752,15 @@ def train(spec: ExperimentSpec | None, *, registry: ComponentRegistry | None = N
     On resume, ``spec`` may be None (the run's own spec) or may differ from it only in RESUME_SAFE_FIELDS;
     resuming from a checkpoint other than its run's latest starts a branch in a new run directory.
     """
+    trainer = None
+    finished = False
     try:
         trainer = Trainer(spec, registry=registry, resume=resume, progress=progress, write=write)
-        return trainer.run()
+        result = trainer.run()
+        finished = True
+        return result
     finally:
-        shutdown()
+        # The wrapped model and optimizer hold the process group: drop them first, so that
+        # shutdown() destroys it (joining its threads) instead of interpreter exit.
+        del trainer
+        shutdown(barrier=finished)
