@@ -43,7 +43,7 @@ def disk_full_error(path: str | Path, needed: int | None, exc: OSError) -> DiskF
     return DiskFullError(
         f"Cannot write {path}: {what} ({free} on {where}{need}). Nothing written before is lost: earlier "
         f"checkpoints are intact. Free some space (a lower train.keep_last keeps fewer checkpoints) and "
-        f"continue with `minigpt train SPEC --resume`."
+        f"continue with `minigpt train --resume RUN_DIR` (the run directory under train.out_dir)."
     )
 
 

@@ -113,9 +113,7 @@ def _file_args(p, what: str = "experiment TOML file"):
 @command("validate", "check an experiment file (structure, components, params) without building anything")
 @arguments(_file_args)
 def _validate(args) -> int:
-    from .spec import load_spec
-
-    from .spec import spec_warnings
+    from .spec import load_spec, spec_warnings
 
     spec = load_spec(args.file, overrides=args.overrides)
     m = spec.model

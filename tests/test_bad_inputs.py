@@ -20,7 +20,7 @@ from training_utils import MINIGPT, cli, write_corpus, write_spec
 
 
 def _files(root: Path) -> set[Path]:
-    return {p for p in root.rglob("*") if p.is_file()}
+    return set(root.rglob("*"))  # files and directories: a failed start leaves no empty run directory either
 
 
 def _shards_with_ids_beyond_vocab(tmp_path: Path) -> Path:
@@ -66,6 +66,15 @@ BAD_INPUTS = [
      "hold id 1000"),
     (["validate", "{spec}", "--set", "model.n_layer=3"], "did you mean 'model.n_layers'"),
     (["check", "--device", "nonsense"], "not a device"),
+    (["train", "{spec}", "--set", "name=../escape"], "name"),
+    (["train", "{spec}", "--set", "name=/tmp/abs"], "name"),
+    (["train", "{spec}", "--set", "train.lr=nan"], "train.lr"),
+    (["eval", "{spec}", "--batch-size", "0"], "--batch-size"),
+    (["sample", "{spec}", "--num-samples", "1000000000"], "--num-samples"),
+    (["sample", "{spec}", "--max-new-tokens", "1000000000"], "--max-new-tokens"),
+    (["sample", "{spec}", "--top-p", "nan"], "top_p"),
+    (["sample", "{spec}", "--top-k", "0"], "top_k"),
+    (["sample", "{spec}", "--temperature", "nan"], "temperature"),
 ]
 
 

@@ -10,6 +10,7 @@ optimisation with 1, 2 or N processes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -265,6 +266,8 @@ class Trainer:
         self.loaded: LoadedState | None = None
         created = resume is None or resume is False
         where: tuple[str, str | None, str | None] | MinigptError = ("", None, None)
+        exp_dir = experiment_dir(spec)
+        missing = [d for d in (exp_dir, *exp_dir.parents) if not d.exists()]  # removed again if we fail
         if self.env.is_main:
             try:
                 where = self._claim_run_dir(spec, ckpt)
@@ -285,7 +288,10 @@ class Trainer:
         except BaseException:
             self._release(remove=created)
             if created and self.env.is_main and self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
-                self.run_dir.rmdir()  # a run that never started leaves no empty directory behind
+                self.run_dir.rmdir()  # a run that never started leaves no empty directory behind,
+                for d in missing:  # nor the out_dir / experiment directories it made
+                    with contextlib.suppress(OSError):
+                        d.rmdir()
             raise
 
     def _claim_run_dir(self, spec: ExperimentSpec, ckpt: Path | None) -> tuple[str, str | None, str | None]:
@@ -584,7 +590,8 @@ class Trainer:
                 if self._last_finite else "no finite training loss was logged")
         saved = list_checkpoints(self.run_dir / CHECKPOINTS_DIR)
         kept = (f"Nothing was saved after the divergence: the latest checkpoint {saved[-1][1]} holds finite weights; "
-                f"continue from it with `minigpt train SPEC --resume --set train.lr=...`." if saved
+                f"a resume keeps the run's learning rate, so to go on from those weights with a lower one, start "
+                f"a new run with `--set init_from={saved[-1][1]}`." if saved
                 else "No checkpoint was saved.")
         if self.env.is_main and hasattr(self, "jsonl"):
             self.jsonl.event(self.step, event="diverged", diverged_at=step)
