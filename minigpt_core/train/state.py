@@ -19,7 +19,6 @@ Loading verifies the hashes and reads only safetensors and JSON: nothing is unpi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -31,7 +30,16 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import META_FILE, SPEC_FILE, WEIGHTS_FILE, atomic_write_bytes, load_weights_file, save_model
+from ..checkpoint import (
+    META_FILE,
+    SPEC_FILE,
+    WEIGHTS_FILE,
+    atomic_write_bytes,
+    file_sha256,
+    load_weights_file,
+    save_model,
+    verify_files,
+)
 from .._disk import NO_SPACE as _NO_SPACE
 from .._disk import disk_full_error
 from ..errors import CheckpointError
@@ -63,14 +71,6 @@ _OLD_DIR = re.compile(r"^\.(step_\d+)\.old$")  # a step saved again, while the n
 
 def _step_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # -- optimizer state <-> safetensors + JSON ------------------------------------------------
@@ -120,7 +120,7 @@ def save_checkpoint(root: Path, step: int, *, model: torch.nn.Module, spec, mode
                for kind, t in states.items()}
         atomic_write_bytes(tmp / RNG_FILE, save(rng))
         record = {**trainer, "step": step, "optimizer": rest,
-                  "sha256": {name: _sha256(tmp / name) for name in _HASHED}}
+                  "sha256": {name: file_sha256(tmp / name) for name in _HASHED}}
         atomic_write_bytes(tmp / TRAINER_FILE, json.dumps(record, indent=1).encode("utf-8"))
         os.chmod(tmp, 0o755)
         if final.exists():  # the same step saved again (e.g. Ctrl-C right after a scheduled save)
@@ -318,16 +318,7 @@ def verify_checkpoint(directory: Path) -> dict[str, Any]:
         raise CheckpointError(f"{directory} is not a training checkpoint ({TRAINER_FILE} is missing).") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc}).") from None
-    for name, expected in hashes.items():
-        file = directory / name
-        if not file.is_file():
-            raise CheckpointError(f"{directory} is incomplete: {name} is missing.")
-        actual = _sha256(file)
-        if actual != expected:
-            raise CheckpointError(
-                f"{file} is truncated or corrupt: its sha256 is {actual[:16]}..., the checkpoint recorded "
-                f"{expected[:16]}... ({file.stat().st_size:,} bytes now)."
-            )
+    verify_files(directory, hashes, tuple(hashes) if isinstance(hashes, dict) else (), TRAINER_FILE)
     return trainer
 
 
