@@ -196,7 +196,7 @@ def test_ctrl_c_during_start_up_is_one_line_exit_130(tmp_path, presses):
 
 def test_default_124m_shape_at_a_huge_micro_batch_warns_about_activations():
     """The empty file's 124M shape fits as weights + AdamW (2.6 GB); its activations are what overflow."""
-    from minigpt_core.model import training_memory_warning
+    from minigpt_core.memory import training_memory_warning
     from minigpt_core.spec import parse_spec
 
     model = parse_spec({}).model

@@ -327,7 +327,7 @@ class Trainer:
         registry, progress = self.registry, self.progress
         # -- model ---------------------------------------------------------------------------
         if spec.init_from is None or self.loaded is not None:  # refuse what cannot fit before building it
-            from ..model import check_model_fits
+            from ..memory import check_model_fits
             from ..spec import resolve_components
 
             check_model_fits(spec.model, resolve_components(spec, registry), training=True, device=self.device)
@@ -725,7 +725,7 @@ class Trainer:
             f"{self.device} {t.precision}{', compiled' if t.compile else ''}",
             f"unigram entropy of the data: {self.entropy:.3f} nats/token (the loss of a model that ignores context)",
         ]
-        from ..model import training_memory_warning
+        from ..memory import training_memory_warning
 
         warns = spec_warnings(self.spec, self.registry, total_steps=self.total_steps)
         warns.append(training_memory_warning(m, self.n_params, self.micro_batch, self.seq_len, self.device))
