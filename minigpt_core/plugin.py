@@ -43,7 +43,7 @@ Errors
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence, TypeVar
+from typing import Any, Protocol, Sequence, TypeVar, runtime_checkable
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -235,6 +235,7 @@ class InitProtocol(Protocol):
     def __call__(self, model: nn.Module, /) -> None: ...
 
 
+@runtime_checkable
 class TokenizerProtocol(Tokenizer, Protocol):
     """object with encode(text) -> list[int], decode(ids) -> str, n_vocab, eot_id.
 
@@ -259,6 +260,7 @@ class TokenizerProtocol(Tokenizer, Protocol):
     def state(self) -> dict[str, Any]: ...
 
 
+@runtime_checkable
 class DatasetProtocol(Protocol):
     """object that yields text or token streams for training.
 
