@@ -133,8 +133,8 @@ class Factory(Protocol[_C]):
     feedforward, positional, block, init), a :class:`TokenizerContext` for ``tokenizer`` and a
     :class:`DataContext` for ``dataset``; ``params`` is the validated instance of the entry's
     params model (:class:`Params`; an empty one when the entry declares none). A model part's
-    factory runs once per layer that uses it (``ctx.layer_idx`` says which), so it must return a
-    new module each call. It may raise ``ValueError`` for a combination its ``check`` could not
+    factory runs every time the part is built (each block builds its own attention and norms;
+    ``ctx.layer_idx`` says which block), so it must return a new module each call. It may raise ``ValueError`` for a combination its ``check`` could not
     rule out; prefer ``check=`` (see :meth:`Registrar.add`), which reports before anything is built.
     """
 
@@ -305,8 +305,9 @@ class Capability:
     ``summary`` is the one line of ``CAPABILITIES``; ``kinds`` the kinds it is meant for;
     ``obliges`` what the component must implement; ``relied_on_by`` what in minigpt uses it;
     ``checks`` the conformance checks (``minigpt check``) that hold a component declaring it to it.
-    A block or a whole model inherits the attention's ``causal`` and ``kv_cache``: the checks of a
-    block run when the attention it is built with declares them.
+    Attentions declare ``causal`` and ``kv_cache``; other kinds need not: the ``causality`` check
+    runs on every norm, activation, feed-forward and block too (they must not let a position see
+    later ones), and the ``kv_cache`` check on every block (it must pass its cache on).
     """
 
     name: str
@@ -388,10 +389,11 @@ _CAPABILITY_LIST = (
         checks=("equivalence",)),
     Capability(
         "multihead", "splits the embedding into n_heads heads", ("attention",),
-        obliges="ctx.n_heads heads of ctx.head_dim features; with the book's projections "
-                "(W_query, W_key, W_value, out_proj, or a 'heads' list of single heads) it must equal "
-                "book.multihead given the same weights",
-        relied_on_by="the equivalence check against book.multihead",
+        obliges="ctx.n_heads heads of ctx.head_dim features each; where its weights can be copied "
+                "into book.multihead (the canonical layout of a gpt2 attention, or a 'heads' list of "
+                "single heads with W_query/W_key/W_value and no out_proj, like book.multihead_wrapper) "
+                "it must compute the same function",
+        relied_on_by="the equivalence check against book.multihead (skipped where no weights can be copied)",
         checks=("equivalence",)),
     Capability(
         "positions", "attention that encodes token positions itself (RoPE, ALiBi): no absolute positions needed",
