@@ -134,8 +134,9 @@ class Factory(Protocol[_C]):
     :class:`DataContext` for ``dataset``; ``params`` is the validated instance of the entry's
     params model (:class:`Params`; an empty one when the entry declares none). A model part's
     factory runs every time the part is built (each block builds its own attention and norms;
-    ``ctx.layer_idx`` says which block), so it must return a new module each call. It may raise ``ValueError`` for a combination its ``check`` could not
-    rule out; prefer ``check=`` (see :meth:`Registrar.add`), which reports before anything is built.
+    ``ctx.layer_idx`` says which block), so it must return a new module each call. Refuse a
+    combination of settings that cannot work with ``check=`` (see :meth:`Registrar.add`), which
+    reports it when the spec is validated, before anything is built.
     """
 
     def __call__(self, ctx: Any, params: Any, /) -> _C: ...
