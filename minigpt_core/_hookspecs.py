@@ -8,7 +8,7 @@ group that implements these hooks with the :data:`hookimpl` marker::
     myattn = "my_package.minigpt_plugin"
 
     # my_package/minigpt_plugin.py
-    from minigpt_core import hookimpl
+    from minigpt_core.plugin import hookimpl
 
     @hookimpl
     def minigpt_register(registry):

@@ -67,7 +67,11 @@ class PluginFailure:
 
 
 class PluginRegistrar:
-    """The ``registry`` object a plugin's hook receives: stamps entries with the plugin's origin."""
+    """The ``registry`` object a plugin's hook receives: stamps entries with the plugin's origin.
+
+    Exported as ``minigpt_core.plugin.Registrar``. What a hook adds is staged and enters the
+    registry only if the whole hook succeeds, so a hook that raises leaves nothing behind.
+    """
 
     def __init__(self, registry: ComponentRegistry, plugin: PluginInfo):
         self._registry = registry
@@ -76,6 +80,20 @@ class PluginRegistrar:
         self.staged_unavailable: list[UnavailableComponent] = []
 
     def add(self, kind: str, name: str, factory: Any, **declared: Any) -> ComponentEntry:
+        """Register ``factory`` as the ``kind`` component ``name``; mistakes raise ValueError here.
+
+        ``kind`` is one of ``minigpt_core.plugin.KINDS``; ``name`` is lowercase and namespaced by
+        the plugin (``myplugin.my_attention``); ``factory(ctx, params)`` returns the component (see
+        the kind's protocol in ``minigpt_core.plugin.KIND_PROTOCOLS``). Keywords:
+        ``description`` (required, one line), ``params`` (a pydantic model with
+        ``extra="forbid"``, e.g. a ``Params`` subclass; default none), ``capabilities`` (names
+        from ``CAPABILITIES``: promises the core relies on and the conformance checks verify),
+        ``check(model_spec, params)`` (raise ValueError for a combination that cannot work; it
+        runs when a spec is validated, before anything is built), ``not_for_lm`` (why a language
+        model must not use it: a spec naming it is refused) and ``expected_failures``
+        (``{check name: reason}``: conformance checks it is known to fail; they still run, and
+        one that starts passing is reported).
+        """
         entry = make_entry(
             kind, name, factory, plugin=self._plugin.name,
             distribution=self._plugin.distribution, version=self._plugin.version,
@@ -85,10 +103,16 @@ class PluginRegistrar:
         return entry
 
     def unavailable(self, kind: str, name: str, reason: str) -> None:
-        """Declare a component this plugin cannot provide here, and why (shown by the CLI)."""
+        """Declare a component this plugin cannot provide here, and why (shown by the CLI).
+
+        Use it instead of ``add`` when a dependency or the hardware is missing: ``minigpt
+        components`` lists it as UNAVAILABLE with ``reason``, and a spec naming it fails with
+        the reason instead of "unknown component". ``reason`` says what to install or change.
+        """
         self.staged_unavailable.append(UnavailableComponent(kind, name, reason, self._plugin.name))
 
     def names(self, kind: str) -> list[str]:
+        """Names of the ``kind`` components registered so far by the plugins loaded before this one."""
         return self._registry.names(kind)
 
 

@@ -14,7 +14,8 @@ from torch import nn
 from .registry import ComponentRegistry
 from .spec import ExperimentSpec, ModelSpec, ResolvedComponent, resolve_components
 
-__all__ = ["BuildContext", "KVCache", "LayerKVCache", "GPT", "build_model", "mark_residual_projection"]
+__all__ = ["BuildContext", "KVCache", "LayerKVCache", "GPT", "build_model", "mark_residual_projection",
+           "is_residual_projection"]
 
 RESIDUAL_PROJECTION_ATTR = "_minigpt_residual_projection"
 
@@ -26,6 +27,11 @@ def mark_residual_projection(linear: nn.Module) -> nn.Module:
     """
     setattr(linear, RESIDUAL_PROJECTION_ATTR, True)
     return linear
+
+
+def is_residual_projection(module: nn.Module) -> bool:
+    """Whether :func:`mark_residual_projection` tagged ``module`` (what an init scheme asks)."""
+    return bool(getattr(module, RESIDUAL_PROJECTION_ATTR, False))
 
 
 class BuildContext:

@@ -27,30 +27,25 @@ __all__ = [
     "ComponentRegistry",
 ]
 
-# kind -> what an entry's factory returns. Factories are called as factory(ctx, params)
-# where ctx is a minigpt_core.build.BuildContext and params the validated params model.
-KINDS: dict[str, str] = {
-    "attention": "nn.Module: (B, T, C) -> (B, T, C); forward(x, kv_cache=None) if it declares kv_cache",
-    "norm": "nn.Module: (..., C) -> (..., C)",
-    "activation": "nn.Module applied elementwise",
-    "feedforward": "nn.Module: (B, T, C) -> (B, T, C); builds its activation with ctx.build('activation')",
-    "positional": "nn.Module: positions (T,) -> (T, C) added to token embeddings, or None for no absolute positions",
-    "block": "nn.Module: (B, T, C) -> (B, T, C); a transformer layer built from the other slots",
-    "init": "callable(model) that initialises the parameters of a freshly built model in place",
-    "tokenizer": "object with encode(text) -> list[int], decode(ids) -> str, n_vocab, eot_id",
-    "dataset": "object that yields text or token streams for training",
-}
+# The kinds and capabilities are documented code in minigpt_core.plugin: a protocol per kind
+# (what a factory, called as factory(ctx, params), returns) and a Capability per capability (what
+# declaring it obliges). KINDS and CAPABILITIES are their one-line summaries, kind/capability ->
+# text; looked up on first use, because minigpt_core.plugin imports this module.
+def _contracts():
+    from . import plugin
 
-# Capability names with a meaning the core and the conformance checks rely on.
-CAPABILITIES: dict[str, str] = {
-    "causal": "output at position t depends only on inputs at positions <= t",
-    "kv_cache": "forward(x, kv_cache=cache) decodes incrementally with a key/value cache",
-    "attn_weights": "forward(x, return_weights=True) also returns (B, H, T, T) attention weights",
-    "gpt2": "weights map one-to-one onto Hugging Face GPT-2 (import/export)",
-    "multihead": "splits the embedding into n_heads heads",
-    "positions": "attention that encodes token positions itself (RoPE, ALiBi): no absolute positions needed",
-    "absolute": "positional embedding that adds absolute positions to the token embeddings",
-}
+    return plugin
+
+
+def _kinds() -> dict[str, str]:
+    return _contracts().KINDS
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("KINDS", "CAPABILITIES"):
+        return getattr(_contracts(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # Namespaced names (plugin.component) are the convention; a few first-party data sources and
 # tokenizers use plain names the issues and docs call them by (gpt2, char, python-docs).
@@ -114,7 +109,7 @@ class ComponentRegistry:
     """All registered components, by kind. Built by :func:`minigpt_core.load_registry`."""
 
     def __init__(self) -> None:
-        self._entries: dict[str, dict[str, ComponentEntry]] = {k: {} for k in KINDS}
+        self._entries: dict[str, dict[str, ComponentEntry]] = {k: {} for k in _kinds()}
         self.unavailable: list[UnavailableComponent] = []
         # Filled by the plugin loader: loaded plugins and the ones that failed.
         self.plugins: list[Any] = []
@@ -174,7 +169,7 @@ class ComponentRegistry:
 
     def entries(self, kind: str | None = None, pattern: str = "*") -> list[ComponentEntry]:
         """Entries of one kind (or all kinds) whose name matches a shell-style pattern."""
-        kinds = [kind] if kind else list(KINDS)
+        kinds = [kind] if kind else list(_kinds())
         out = []
         for k in kinds:
             self._check_kind(k)
@@ -195,9 +190,9 @@ class ComponentRegistry:
         )
 
     def _check_kind(self, kind: str) -> None:
-        if kind not in KINDS:
+        if kind not in _kinds():
             raise UnknownComponentError(
-                f"Unknown component kind '{kind}'. Kinds are: {', '.join(KINDS)}."
+                f"Unknown component kind '{kind}'. Kinds are: {', '.join(_kinds())}."
             )
 
 
@@ -217,8 +212,8 @@ def make_entry(
     version: str | None = None,
 ) -> ComponentEntry:
     """Validate what a plugin declares, so mistakes surface at registration, naming the plugin."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown component kind {kind!r} (kinds: {', '.join(KINDS)})")
+    if kind not in _kinds():
+        raise ValueError(f"unknown component kind {kind!r} (kinds: {', '.join(_kinds())})")
     if not _NAME_RE.match(name):
         raise ValueError(
             f"component name {name!r} must be lowercase and namespaced by convention, like 'myplugin.my_attention'"

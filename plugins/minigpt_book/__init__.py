@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from minigpt_core import hookimpl
+from minigpt_core.plugin import hookimpl
 
 from .attention import (
     CausalAttention,

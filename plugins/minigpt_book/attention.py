@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minigpt_core.model import LayerKVCache, mark_residual_projection
+from minigpt_core.plugin import LayerKVCache, mark_residual_projection
 
 __all__ = [
     "SelfAttention_v1",

@@ -11,7 +11,7 @@ import importlib.util
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from minigpt_core import hookimpl
+from minigpt_core.plugin import hookimpl
 
 from .files import Shards, TextFiles
 from .python_docs import PythonDocs

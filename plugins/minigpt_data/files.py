@@ -7,8 +7,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from minigpt_core.data.shards import ShardSet, open_shards
-from minigpt_core.data.sources import DataError, TextSource, TokenSource
+from minigpt_core.plugin import DataError, ShardSet, TextSource, TokenSource, open_shards
 
 __all__ = ["TextFiles", "Shards"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from minigpt_core.data.sources import DataError, TextSource
+from minigpt_core.plugin import DataError, TextSource
 
 __all__ = ["HFDataset"]
 

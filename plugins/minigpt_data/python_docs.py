@@ -14,7 +14,7 @@ import sysconfig
 from pathlib import Path
 from typing import Iterator
 
-from minigpt_core.data.sources import TextSource
+from minigpt_core.plugin import TextSource
 
 __all__ = ["PythonDocs"]
 

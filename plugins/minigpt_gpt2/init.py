@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from minigpt_core.model import RESIDUAL_PROJECTION_ATTR
+from minigpt_core.plugin import is_residual_projection
 
 
 @torch.no_grad()
@@ -20,7 +20,7 @@ def gpt2_normal_init(model: nn.Module, std: float = 0.02, n_layers: int | None =
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Embedding)):
             s = std
-            if n_layers and getattr(module, RESIDUAL_PROJECTION_ATTR, False):
+            if n_layers and is_residual_projection(module):
                 s = std / math.sqrt(2 * n_layers)
             nn.init.normal_(module.weight, mean=0.0, std=s)
             if getattr(module, "bias", None) is not None:

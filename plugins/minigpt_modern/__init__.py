@@ -1,7 +1,7 @@
 """minigpt plugin: components from the models after GPT-2, registered as ``modern.*``.
 
-Attention variants are ``minigpt_torch.SDPAttention`` with different options (grouped-query
-heads, RoPE, ALiBi, a sliding window, QK-norm), so they share one tested core.
+Attention variants are the core's ``SDPAttention`` (from ``minigpt_core.plugin``) with different
+options (grouped-query heads, RoPE, ALiBi, a sliding window, QK-norm), so they share one tested core.
 """
 
 from __future__ import annotations
@@ -9,9 +9,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from minigpt_book import FeedForward
-from minigpt_core import hookimpl
-from minigpt_torch import SDPAttention
+from minigpt_core.plugin import FeedForward, SDPAttention, hookimpl
 
 from .attention import RotaryEmbedding, alibi_slopes, rotary_dims
 from .layers import (

@@ -1,6 +1,7 @@
 """Position schemes that live inside attention: rotary embeddings (RoPE) and ALiBi slopes.
 
-The attention itself is ``minigpt_torch.SDPAttention``; these are the options it is given.
+The attention itself is the core's ``SDPAttention`` (from ``minigpt_core.plugin``); these are
+the options it is given.
 """
 
 from __future__ import annotations

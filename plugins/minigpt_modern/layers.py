@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minigpt_book.layers import TransformerBlock  # the parts PostNormBlock rearranges
-from minigpt_core.model import BuildContext, LayerKVCache, mark_residual_projection
+from minigpt_core.plugin import BuildContext, LayerKVCache, TransformerBlock, mark_residual_projection
 
 __all__ = [
     "RMSNorm",

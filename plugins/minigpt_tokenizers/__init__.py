@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from minigpt_core import hookimpl
-from minigpt_core.tokenizers import TokenizerContext, TokenizerError
+from minigpt_core.plugin import TokenizerContext, TokenizerError, hookimpl
 
 from .bpe import GPT2_N_VOCAB, TiktokenTokenizer, gpt2_encoding, load_tiktoken_encoding
 from .char import CharTokenizer, char_tokenizer

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import tiktoken
 from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenisation regex
 
-from minigpt_core.tokenizers import TokenizerError
+from minigpt_core.plugin import TokenizerError
 
 __all__ = [
     "ENDOFTEXT",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from minigpt_core.tokenizers import TokenizerContext, TokenizerError
+from minigpt_core.plugin import TokenizerContext, TokenizerError
 
 __all__ = ["CharTokenizer", "char_tokenizer"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from minigpt_core import hookimpl
+from minigpt_core.plugin import hookimpl
 
 from .attention import (
     FlexAttention,
