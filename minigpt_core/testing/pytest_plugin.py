@@ -56,10 +56,25 @@ def tiny_spec() -> Callable[..., Any]:
 
 @pytest.fixture
 def tiny_model(minigpt_registry, tiny_spec) -> Callable[..., Any]:
-    from minigpt_core.model import build_model
+    import torch
 
-    def make(seed: int = 0, **overrides: Any):
-        return build_model(tiny_spec(**overrides), minigpt_registry, seed=seed)
+    from minigpt_core.model import GPT
+    from minigpt_core.spec import MODEL_SLOTS, ResolvedComponent
+    from minigpt_core.testing.subject import seeded
+
+    def make(seed: int = 0, **overrides: Any) -> GPT:
+        # The model section alone: build_model would also resolve a tokenizer and data source.
+        model = tiny_spec(**overrides)
+        components = {}
+        for slot in MODEL_SLOTS:
+            chosen = getattr(model, slot)
+            entry = minigpt_registry.get(slot, chosen.name)
+            params = entry.make_params(chosen.params)
+            if entry.check is not None:
+                entry.check(model, params)
+            components[slot] = ResolvedComponent(slot, entry, params)
+        with seeded(seed, torch.device("cpu")):
+            return GPT(model, components)
     return make
 
 
