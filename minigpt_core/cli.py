@@ -59,7 +59,7 @@ def _hook_names(plugin) -> list[str] | None:
 
     eps = [ep for ep in md.entry_points(group=ENTRY_POINT_GROUP, name=plugin.name) if ep.value == plugin.module]
     try:  # already imported by the loader: this only looks it up
-        obj = eps[0].load() if eps else importlib.import_module(plugin.module)
+        obj = eps[0].load() if eps else sys.modules.get(plugin.module) or importlib.import_module(plugin.module)
     except Exception:  # noqa: BLE001 - e.g. an object registered from a notebook
         return None
     pm = pluggy.PluginManager(PROJECT_NAME)
