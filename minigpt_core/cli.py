@@ -42,13 +42,56 @@ def _print_table(rows: list[list[str]], headers: list[str]) -> None:
 
 
 # -- plugins ------------------------------------------------------------------------------
+def _plugins_args(p):
+    p.add_argument("--trace", action="store_true",
+                   help="also show each plugin's hook implementations and the components it registered")
+
+
+def _hook_names(plugin) -> list[str] | None:
+    """The minigpt hooks a loaded plugin implements, read from its module (None: not importable by name)."""
+    import importlib
+    import importlib.metadata as md
+
+    import pluggy
+
+    from ._hookspecs import PROJECT_NAME
+    from ._plugins import ENTRY_POINT_GROUP
+
+    eps = [ep for ep in md.entry_points(group=ENTRY_POINT_GROUP, name=plugin.name) if ep.value == plugin.module]
+    try:  # already imported by the loader: this only looks it up
+        obj = eps[0].load() if eps else sys.modules.get(plugin.module) or importlib.import_module(plugin.module)
+    except Exception:  # noqa: BLE001 - e.g. an object registered from a notebook
+        return None
+    pm = pluggy.PluginManager(PROJECT_NAME)
+    return sorted(n for n in dir(obj) if n.startswith("minigpt_") and pm.parse_hookimpl_opts(obj, n) is not None)
+
+
+def _print_trace(reg) -> None:
+    for p in reg.plugins:
+        hooks = _hook_names(p)
+        origin = f"{p.distribution} {p.version}, " if p.distribution else ""
+        print(f"\n{p.name}  ({origin}module {p.module})")
+        print(f"  hooks: {', '.join(hooks) if hooks else '?' if hooks is None else 'none'}")
+        entries = [e for e in reg.entries() if e.plugin == p.name]
+        kinds = dict.fromkeys(e.kind for e in entries)
+        for kind in kinds:
+            print(textwrap.fill(", ".join(e.name for e in entries if e.kind == kind), 96,
+                                initial_indent=f"  {kind}: ", subsequent_indent=" " * (len(kind) + 4)))
+        for u in reg.unavailable:
+            if u.plugin == p.name:
+                print(f"  unavailable {u.kind}: {u.name} ({u.reason})")
+
+
 @command("plugins", "list loaded plugins, their distributions, and plugins that failed to load")
+@arguments(_plugins_args)
 def _plugins(args) -> int:
     from ._plugins import PLUGINS_ENV_VAR, get_registry
 
     reg = get_registry()
     rows = [[p.name, p.distribution or "-", p.version or "-", str(p.components), p.module] for p in reg.plugins]
     _print_table(rows, ["plugin", "distribution", "version", "components", "module"])
+    if getattr(args, "trace", False):
+        _print_trace(reg)
     for f in reg.failures:
         print(f"\nFAILED: {f.message()}")
     if os.environ.get(PLUGINS_ENV_VAR) is not None:

@@ -1,0 +1,93 @@
+"""minigpt's pytest plugin (the ``pytest11`` entry point ``minigpt``): fixtures for testing components.
+
+- ``minigpt_registry``: a registry freshly loaded from the installed plugins, which is also the
+  process-wide one (``get_registry()``, the CLI) for the duration of the test.
+- ``register_component(kind, name, factory, **declared)``: add a component for this test only.
+- ``tiny_spec(**overrides)`` / ``tiny_model(seed=0, **overrides)``: the conformance checks' tiny
+  model section (or GPT), with slots given as a name or ``{"name": ..., "params": {...}}``.
+- ``assert_conforms(kind, name, params=None, checks=None)``: run the conformance checks on one
+  component; fails the test with every failing check's message.
+
+Nothing is imported at collection time, so loading the plugin costs other test suites nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping
+
+import pytest
+
+
+@pytest.fixture
+def minigpt_registry():
+    from minigpt_core import _plugins
+
+    registry = _plugins.load_registry()
+    before = _plugins._default
+    _plugins._default = registry
+    try:
+        yield registry
+    finally:
+        _plugins._default = before
+
+
+@pytest.fixture
+def register_component(minigpt_registry) -> Callable[..., Any]:
+    """Add a component to this test's registry; it is gone after the test."""
+    def register(kind: str, name: str, factory: Callable[..., Any], *, description: str | None = None,
+                 **declared: Any):
+        return minigpt_registry.add(kind, name, factory, description=description or f"test component {name}",
+                                    plugin=declared.pop("plugin", "<test>"), **declared)
+    return register
+
+
+@pytest.fixture
+def tiny_spec() -> Callable[..., Any]:
+    from minigpt_core.spec import MODEL_SLOTS, ModelSpec
+    from minigpt_core.testing import TINY_MODEL
+
+    def make(**overrides: Any) -> ModelSpec:
+        fields = {**TINY_MODEL}
+        for key, value in overrides.items():
+            fields[key] = {"name": value} if key in MODEL_SLOTS and isinstance(value, str) else value
+        return ModelSpec(**fields)
+    return make
+
+
+@pytest.fixture
+def tiny_model(minigpt_registry, tiny_spec) -> Callable[..., Any]:
+    import torch
+
+    from minigpt_core.model import GPT
+    from minigpt_core.spec import MODEL_SLOTS, ResolvedComponent
+    from minigpt_core.testing.subject import seeded
+
+    def make(seed: int = 0, **overrides: Any) -> GPT:
+        # The model section alone: build_model would also resolve a tokenizer and data source.
+        model = tiny_spec(**overrides)
+        components = {}
+        for slot in MODEL_SLOTS:
+            chosen = getattr(model, slot)
+            entry = minigpt_registry.get(slot, chosen.name)
+            params = entry.make_params(chosen.params)
+            if entry.check is not None:
+                entry.check(model, params)
+            components[slot] = ResolvedComponent(slot, entry, params)
+        with seeded(seed, torch.device("cpu")):
+            return GPT(model, components)
+    return make
+
+
+@pytest.fixture
+def assert_conforms(minigpt_registry) -> Callable[..., Any]:
+    from minigpt_core.testing import check_component
+
+    def check(kind: str, name: str, params: Mapping[str, Any] | None = None,
+              checks: Iterable[str] | None = None, device: str = "cpu"):
+        results = check_component(minigpt_registry.get(kind, name), registry=minigpt_registry, params=params,
+                                  checks=checks, device=device)
+        bad = [r for r in results if not r.ok]
+        if bad:
+            pytest.fail("\n".join(f"{r.check}: {r.message}" for r in bad), pytrace=False)
+        return results
+    return check
