@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -62,48 +63,56 @@ def write_experiment(tmp_path: Path, *, plugins=None, steps: int = 2, **model) -
 
 
 @pytest.mark.slow
-def test_one_file_plugin_trains_and_its_checkpoint_loads_in_a_new_process(tmp_path):
+def test_one_file_plugin_trains_and_its_checkpoint_loads_in_a_new_process(tmp_path, capsys, monkeypatch):
     plugin = write_plugin(tmp_path / "exp" / "plugins")
     exp = write_experiment(tmp_path, plugins=["./plugins/my_attention.py"])  # relative to the experiment file
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
 
-    r = run_minigpt("train", exp, cwd=elsewhere)
-    assert r.returncode == 0, r.stderr
+    status, out, err = cli(capsys, "train", exp)
+    assert status == 0, err
     (run,) = runs_of(tmp_path / "runs")
-    ckpt = sorted(p for p in run.iterdir() if p.name.startswith("step_"))[-1]
+    ckpt = sorted((run / "checkpoints").glob("step_*"))[-1]
     spec = _toml.loads((ckpt / "spec.toml").read_text())
     assert spec["plugins"] == [str(plugin.resolve())]
     assert spec["model"]["attention"]["name"] == "local.myattn"
     meta = json.loads((ckpt / "meta.json").read_text())
-    import hashlib
-
     sha = hashlib.sha256(plugin.read_bytes()).hexdigest()
     assert meta["local_plugins"] == {str(plugin.resolve()): {"sha256": sha, "components": ["attention local.myattn"]}}
     assert meta["plugins"][str(plugin.resolve())] == f"file sha256:{sha}"
 
-    # A new process, another directory, no --plugin: the run's spec finds the file.
-    r = run_minigpt("sample", run, "--prompt", "The", "--max-new-tokens", "4", cwd=elsewhere)
-    assert r.returncode == 0, r.stderr
+    # The plugin is in the environment of the processes training starts (tokenization workers).
+    assert os.environ[PLUGIN_PATH_ENV_VAR] == str(plugin.resolve())
 
-    # Changed file: loads, with a warning.
-    plugin.write_text(PLUGIN + "\n# edited\n", encoding="utf-8")
-    r = run_minigpt("sample", run, "--prompt", "The", "--max-new-tokens", "4", cwd=elsewhere)
+    # A new process, another directory, no --plugin: the run's spec finds the file.
+    monkeypatch.delenv(PLUGIN_PATH_ENV_VAR)
+    sample = ("sample", run, "--prompt", "The", "--max-new-tokens", "4")
+    r = run_minigpt(*sample, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "changed since" in r.stderr and str(plugin.resolve()) in r.stderr
 
     # Gone: a clear error naming the component and the file, exit 2, no traceback.
     moved = plugin.rename(tmp_path / "moved.py")
-    r = run_minigpt("sample", run, "--prompt", "The", "--max-new-tokens", "4", cwd=elsewhere)
+    r = run_minigpt(*sample, cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
     assert "attention 'local.myattn'" in r.stderr and str(plugin.resolve()) in r.stderr
     assert "no longer exists" in r.stderr and "--plugin" in r.stderr
 
-    # ... and --plugin with the file's new place brings the component back.
-    r = run_minigpt("sample", run, "--prompt", "The", "--max-new-tokens", "4", "--plugin", moved, cwd=elsewhere)
-    assert r.returncode == 0, r.stderr
-    assert "no longer exists" in r.stderr  # a warning: the component now comes from the new path
+    # --plugin with the file's new place brings the component back (with a warning).
+    reset_registry()
+    status, out, err = cli(capsys, *sample, "--plugin", moved)
+    assert status == 0, err
+    assert "no longer exists" in err and str(moved.resolve()) in err
+
+    # Back in place but edited: loads, with a warning.
+    moved.rename(plugin)
+    plugin.write_text(PLUGIN + "\n# edited\n", encoding="utf-8")
+    monkeypatch.delenv(PLUGIN_PATH_ENV_VAR)
+    reset_registry()
+    status, out, err = cli(capsys, *sample)
+    assert status == 0, err
+    assert "changed since" in err and str(plugin.resolve()) in err
 
 
 def test_plugin_option_loads_a_file_before_or_after_the_command(tmp_path, capsys):
@@ -133,16 +142,22 @@ def test_plugin_option_is_recorded_in_the_resolved_spec(tmp_path, capsys):
     assert "plugins = " in dump_spec(spec)
 
 
-def test_plugin_path_environment_variable(tmp_path, monkeypatch):
+def test_plugin_path_environment_variable(tmp_path, monkeypatch, capsys):
     a = write_plugin(tmp_path / "a")
     b = write_plugin(tmp_path / "b", "other.py", PLUGIN.replace("local.myattn", "local.other"))
     monkeypatch.setenv(PLUGIN_PATH_ENV_VAR, os.pathsep.join([str(a), str(b)]))
     reg = load_registry()
     assert ("attention", "local.myattn") in reg and ("attention", "local.other") in reg
     assert reg.get("attention", "local.other").plugin == str(b.resolve())
-    r = run_minigpt("components", "attention", "local.*", env={PLUGIN_PATH_ENV_VAR: str(a)})
-    assert r.returncode == 0, r.stderr
-    assert "local.myattn" in r.stdout and "local.other" not in r.stdout
+    monkeypatch.setenv(PLUGIN_PATH_ENV_VAR, str(a))
+    reset_registry()  # the CLI's registry reads the variable when it is first loaded
+    status, out, err = cli(capsys, "components", "attention", "local.*")
+    assert status == 0, err
+    assert "local.myattn" in out and "local.other" not in out
+    monkeypatch.setenv(PLUGIN_PATH_ENV_VAR, str(tmp_path / "gone.py"))
+    reset_registry()
+    status, out, err = cli(capsys, "components")
+    assert status == 2 and "gone.py (named by MINIGPT_PLUGIN_PATH) does not exist" in err
 
 
 def test_plugin_module_by_name(tmp_path, monkeypatch, capsys):
