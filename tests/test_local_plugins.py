@@ -91,8 +91,22 @@ def test_one_file_plugin_trains_and_its_checkpoint_loads_in_a_new_process(tmp_pa
     r = run_minigpt(*sample, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
 
+    # init_from the run, from an experiment that does not list the plugin: found through the run's spec.
+    child = tmp_path / "child.toml"
+    child_data = tiny_spec_data(tmp_path, init_from=str(ckpt))
+    del child_data["model"]
+    child.write_text(_toml.dumps(child_data), encoding="utf-8")
+    reset_registry()
+    status, out, err = cli(capsys, "validate", child)
+    assert status == 0, err
+    assert "attention local.myattn" in out
+
     # Gone: a clear error naming the component and the file, exit 2, no traceback.
     moved = plugin.rename(tmp_path / "moved.py")
+    monkeypatch.delenv(PLUGIN_PATH_ENV_VAR)  # the in-process validate put it there
+    reset_registry()
+    status, out, err = cli(capsys, "validate", child)
+    assert status == 2 and "attention 'local.myattn'" in err and str(plugin.resolve()) in err
     r = run_minigpt(*sample, cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
