@@ -345,8 +345,11 @@ def load_local_plugins(refs: Iterable[str], registry: ComponentRegistry | None =
                 f"The {what} (named by {where}) defines no minigpt_register hook: add "
                 f"`@hookimpl def minigpt_register(registry): ...` (hookimpl from minigpt_core.plugin)."
             )
+        for entry in staged.entries():  # a clash is an error naming both, before anything is inserted
+            if (entry.kind, entry.name) in registry:
+                registry._insert(entry)
         for entry in staged.entries():
-            registry._insert(entry)  # a clash with an installed plugin is an error naming both
+            registry._insert(entry)
         registry.unavailable += staged.unavailable
         info = replace(staged.plugins[0], module=getattr(module, "__name__", ref), local_ref=ref, sha256=sha)
         registry.plugins.append(info)

@@ -224,3 +224,19 @@ def test_spec_plugins_must_be_a_list_of_strings(tmp_path, capsys):
     exp = write_experiment(tmp_path, plugins="my_attention.py")
     status, _, err = cli(capsys, "validate", exp)
     assert status == 2 and "plugins: must be a list" in err
+
+
+def test_a_clash_with_an_installed_component_names_both_and_adds_nothing(tmp_path, capsys):
+    from minigpt_core._plugins import load_local_plugins
+    from minigpt_core.errors import DuplicateComponentError
+
+    clash = write_plugin(tmp_path, "clash.py", PLUGIN.replace(
+        'registry.add("attention", "local.myattn"',
+        'registry.add("attention", "local.first", make, params=MyParams, description="x")\n'
+        '    registry.add("attention", "book.multihead"'))
+    reg = load_registry(local_plugins=())
+    with pytest.raises(DuplicateComponentError, match=str(clash.resolve())):
+        load_local_plugins([clash], reg)
+    assert ("attention", "local.first") not in reg
+    status, _, err = cli(capsys, "components", "--plugin", clash)
+    assert status == 2 and "book.multihead" in err and "Traceback" not in err
