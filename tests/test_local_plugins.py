@@ -232,11 +232,11 @@ def test_a_clash_with_an_installed_component_names_both_and_adds_nothing(tmp_pat
 
     clash = write_plugin(tmp_path, "clash.py", PLUGIN.replace(
         'registry.add("attention", "local.myattn"',
-        'registry.add("attention", "local.first", make, params=MyParams, description="x")\n'
+        'registry.add("attention", "a.first", make, params=MyParams, description="x")\n'
         '    registry.add("attention", "book.multihead"'))
     reg = load_registry(local_plugins=())
     with pytest.raises(DuplicateComponentError, match=str(clash.resolve())):
         load_local_plugins([clash], reg)
-    assert ("attention", "local.first") not in reg
+    assert ("attention", "a.first") not in reg
     status, _, err = cli(capsys, "components", "--plugin", clash)
     assert status == 2 and "book.multihead" in err and "Traceback" not in err
