@@ -113,20 +113,21 @@ def test_one_file_plugin_trains_and_its_checkpoint_loads_in_a_new_process(tmp_pa
     assert "attention 'local.myattn'" in r.stderr and str(plugin.resolve()) in r.stderr
     assert "no longer exists" in r.stderr and "--plugin" in r.stderr
 
-    # --plugin with the file's new place brings the component back (with a warning).
+    # --plugin with the file's new place brings the component back (with a warning): the run resumes.
     reset_registry()
-    status, out, err = cli(capsys, *sample, "--plugin", moved)
+    status, out, err = cli(capsys, "train", "--resume", run, "--set", "train.max_steps=3", "--plugin", moved)
     assert status == 0, err
     assert "no longer exists" in err and str(moved.resolve()) in err
+    resumed = _toml.loads((run / "checkpoints" / "step_00000003" / "spec.toml").read_text())
+    assert resumed["plugins"] == [str(moved.resolve())]
 
-    # Back in place but edited: loads, with a warning.
-    moved.rename(plugin)
-    plugin.write_text(PLUGIN + "\n# edited\n", encoding="utf-8")
+    # Edited since: loads, with a warning.
+    moved.write_text(PLUGIN + "\n# edited\n", encoding="utf-8")
     monkeypatch.delenv(PLUGIN_PATH_ENV_VAR)
     reset_registry()
     status, out, err = cli(capsys, *sample)
     assert status == 0, err
-    assert "changed since" in err and str(plugin.resolve()) in err
+    assert "changed since" in err and str(moved.resolve()) in err
 
 
 def test_plugin_option_loads_a_file_before_or_after_the_command(tmp_path, capsys):
