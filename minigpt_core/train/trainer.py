@@ -131,7 +131,6 @@ RESUME_SAFE_FIELDS = (
     "train.log_every", "train.keep_last", "train.keep_best", "train.threads", "train.device", "train.compile",
     "train.out_dir", "train.peak_flops", "train.sample_prompt", "train.sample_tokens", "train.sample_temperature",
     "train.sample_top_k", "data.cache_dir", "data.workers", "description", "wandb.*",
-    "plugins",  # where the components' code lives (a moved plugin file); the component names stay checked
 )
 _UNSET = object()
 
