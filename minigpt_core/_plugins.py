@@ -9,30 +9,42 @@ every call; :func:`get_registry` caches one for the CLI and can be reset.
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import importlib.metadata as md
+import importlib.util
 import os
+import re
+import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Iterable
 
 import pluggy
 
 from ._hookspecs import PROJECT_NAME, MinigptHookSpecs
-from .errors import DuplicateComponentError, PluginLoadWarning
+from .errors import DuplicateComponentError, PluginLoadError, PluginLoadWarning
 from .registry import ComponentEntry, ComponentRegistry, UnavailableComponent, make_entry
 
 __all__ = [
     "ENTRY_POINT_GROUP",
     "PLUGINS_ENV_VAR",
+    "PLUGIN_PATH_ENV_VAR",
     "PluginInfo",
     "PluginFailure",
     "load_registry",
     "get_registry",
     "reset_registry",
+    "load_local_plugins",
+    "resolve_plugin_ref",
+    "is_plugin_file",
 ]
 
 ENTRY_POINT_GROUP = "minigpt"
 PLUGINS_ENV_VAR = "MINIGPT_PLUGINS"
+# More plugins without packaging: .py files or importable module names, os.pathsep-separated.
+PLUGIN_PATH_ENV_VAR = "MINIGPT_PLUGIN_PATH"
 
 
 @dataclass(frozen=True)
@@ -42,6 +54,10 @@ class PluginInfo:
     version: str | None
     module: str
     components: int = 0
+    # A local plugin (a .py file or a module named by --plugin, MINIGPT_PLUGIN_PATH or a spec's
+    # `plugins`): the reference a spec stores (absolute path or module name), and a file's sha256.
+    local_ref: str | None = None
+    sha256: str | None = None
 
     @property
     def source(self) -> str:
@@ -130,13 +146,15 @@ def load_registry(
     *,
     extra_plugins: Iterable[tuple[str, Any]] = (),
     entry_points: bool = True,
+    local_plugins: Iterable[str] | None = None,
 ) -> ComponentRegistry:
     """Discover plugins and return a new registry holding their components.
 
     ``plugins`` restricts entry-point loading to those names (default: the
     ``MINIGPT_PLUGINS`` environment variable, a comma list; unset loads all, empty loads
     none). ``extra_plugins`` are ``(name, module_or_object)`` pairs registered directly,
-    e.g. from a test or a notebook.
+    e.g. from a test or a notebook. ``local_plugins`` are plugin files or module names loaded
+    last (default: the ``MINIGPT_PLUGIN_PATH`` environment variable); see :func:`load_local_plugins`.
     """
     wanted = _requested_plugins(plugins)
     pm = pluggy.PluginManager(PROJECT_NAME)
@@ -203,6 +221,12 @@ def load_registry(
         registry.plugins.append(
             PluginInfo(info.name, info.distribution, info.version, info.module, len(registrar.staged))
         )
+    if local_plugins is None:
+        local_plugins = _env_plugin_refs()
+        where = PLUGIN_PATH_ENV_VAR
+    else:
+        where = "load_registry(local_plugins=...)"
+    load_local_plugins(local_plugins, registry, where=where)
     return registry
 
 
@@ -220,6 +244,151 @@ def get_registry() -> ComponentRegistry:
 def reset_registry() -> None:
     global _default
     _default = None
+
+
+# -- local plugins: a .py file or a module, no packaging -----------------------------------------
+def _env_plugin_refs() -> list[str]:
+    return [r.strip() for r in os.environ.get(PLUGIN_PATH_ENV_VAR, "").split(os.pathsep) if r.strip()]
+
+
+def is_plugin_file(ref: str) -> bool:
+    """A path to a .py file (as opposed to a dotted module name)."""
+    return ref.endswith(".py") or "/" in ref or os.sep in ref
+
+
+def resolve_plugin_ref(ref: str | os.PathLike, base: str | Path | None = None) -> str:
+    """A file reference made absolute (relative to ``base``, default the working directory); a module name as is."""
+    is_path = isinstance(ref, os.PathLike)
+    ref = os.fspath(ref).strip()
+    if not (is_path or is_plugin_file(ref)):
+        return ref
+    path = Path(ref).expanduser()
+    if not path.is_absolute():
+        path = Path(base or Path.cwd()) / path
+    return str(path.resolve())
+
+
+# path -> (sha256, module): a file is executed once per content, however many registries load it.
+_local_modules: dict[str, tuple[str, Any]] = {}
+
+
+def _error_line(exc: BaseException, file: str) -> str:
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == file]
+    return f" (line {frames[-1].lineno})" if frames else ""
+
+
+def _import_local(ref: str, where: str) -> tuple[Any, str | None]:
+    """Import a plugin file or module: (module, the file's sha256 or None)."""
+    if is_plugin_file(ref):
+        path = Path(ref)
+        if not path.is_file():
+            raise PluginLoadError(
+                f"The plugin file {ref} (named by {where}) does not exist"
+                f"{' (it is a directory)' if path.is_dir() else ''}. Give the path of a .py file that "
+                f"defines `@hookimpl def minigpt_register(registry)`; relative paths in an experiment "
+                f"file are relative to that file."
+            )
+        try:
+            code = path.read_bytes()
+        except OSError as exc:
+            raise PluginLoadError(f"Cannot read the plugin file {ref} (named by {where}): {exc.strerror}.") from None
+        sha = hashlib.sha256(code).hexdigest()
+        cached = _local_modules.get(ref)
+        if cached and cached[0] == sha:
+            return cached[1], sha
+        stem = re.sub(r"\W", "_", path.stem)
+        modname = f"minigpt_local_{stem}_{hashlib.sha1(ref.encode()).hexdigest()[:8]}"
+        spec = importlib.util.spec_from_file_location(modname, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[modname] = module  # dataclasses, pickling by spawn workers etc. look modules up here
+        try:
+            spec.loader.exec_module(module)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # SyntaxError, ImportError, even sys.exit: report, never a traceback
+            sys.modules.pop(modname, None)
+            line = f" (line {exc.lineno})" if isinstance(exc, SyntaxError) and exc.lineno else \
+                _error_line(exc, str(path))
+            raise PluginLoadError(
+                f"The plugin file {ref} (named by {where}) failed to import{line}: "
+                f"{type(exc).__name__}: {exc}. Fix the file, or leave it out of {where}."
+            ) from None
+        _local_modules[ref] = (sha, module)
+        return module, sha
+    try:
+        return importlib.import_module(ref), None
+    except KeyboardInterrupt:
+        raise
+    except ModuleNotFoundError as exc:
+        if exc.name and (ref == exc.name or ref.startswith(exc.name + ".")):
+            raise PluginLoadError(
+                f"The plugin module '{ref}' (named by {where}) cannot be imported: no module named "
+                f"'{exc.name}'. Install it, put it on PYTHONPATH, or give the path of its .py file instead."
+            ) from None
+        raise PluginLoadError(f"The plugin module '{ref}' (named by {where}) failed to import: "
+                              f"{type(exc).__name__}: {exc}.") from None
+    except BaseException as exc:
+        raise PluginLoadError(f"The plugin module '{ref}' (named by {where}) failed to import: "
+                              f"{type(exc).__name__}: {exc}.") from None
+
+
+def load_local_plugins(refs: Iterable[str], registry: ComponentRegistry | None = None, *,
+                       base: str | Path | None = None, where: str = "--plugin") -> list[PluginInfo]:
+    """Load plugin files (``./my_attention.py``) or module names into ``registry``.
+
+    Default registry: the process-wide one, and then the plugins are also added to
+    ``MINIGPT_PLUGIN_PATH`` so worker processes load them too. Each runs through the same
+    hook machinery as an entry-point plugin, but a plugin asked for explicitly that fails is
+    an error (:class:`PluginLoadError`, naming the file and ``where`` it was named), not a
+    warning. Loading one already in the registry does nothing. Returns the plugins' infos.
+    """
+    default = registry is None
+    registry = get_registry() if default else registry
+    out = []
+    for raw in refs:
+        ref = resolve_plugin_ref(raw, base)
+        known = [p for p in registry.plugins if p.local_ref == ref or (p.local_ref is None and p.module == ref)]
+        if known:
+            out.append(known[0])
+            continue
+        module, sha = _import_local(ref, where)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PluginLoadWarning)  # turned into an error below
+            staged = load_registry(extra_plugins=[(ref, module)], entry_points=False, local_plugins=())
+        what = f"plugin file {ref}" if sha else f"plugin module '{ref}'"
+        if staged.failures:
+            f = staged.failures[0]
+            raise PluginLoadError(
+                f"The {what} (named by {where}) {'raised in its minigpt_register hook' if f.stage == 'register' else 'failed to load'}: "
+                f"{f.error}. Fix it, or leave it out of {where}."
+            )
+        if not staged.plugins:
+            raise PluginLoadError(
+                f"The {what} (named by {where}) defines no minigpt_register hook: add "
+                f"`@hookimpl def minigpt_register(registry): ...` (hookimpl from minigpt_core.plugin)."
+            )
+        for entry in staged.entries():  # a clash is an error naming both, before anything is inserted
+            if (entry.kind, entry.name) in registry:
+                registry._insert(entry)
+        for entry in staged.entries():
+            registry._insert(entry)
+        registry.unavailable += staged.unavailable
+        info = replace(staged.plugins[0], module=getattr(module, "__name__", ref), local_ref=ref, sha256=sha)
+        registry.plugins.append(info)
+        out.append(info)
+    if default and out:
+        _propagate(info.local_ref for info in out)
+    return out
+
+
+def _propagate(refs: Iterable[str]) -> None:
+    """Name the plugins in MINIGPT_PLUGIN_PATH so child processes (spawned workers) load them too."""
+    current = _env_plugin_refs()
+    new = [r for r in refs if r and r not in current]
+    if new:
+        os.environ[PLUGIN_PATH_ENV_VAR] = os.pathsep.join(current + new)
 
 
 # Re-exported for type hints in plugins.

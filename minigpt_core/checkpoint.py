@@ -39,6 +39,7 @@ __all__ = [
     "verify_files",
     "model_state_for_saving",
     "load_model_state",
+    "check_plugin_files",
 ]
 
 WEIGHTS_FILE = "model.safetensors"
@@ -109,7 +110,73 @@ def _plugin_versions(registry: ComponentRegistry | None) -> dict[str, str]:
     from ._plugins import get_registry
 
     reg = registry or get_registry()
-    return {p.name: f"{p.distribution or '-'} {p.version or '-'}" for p in reg.plugins}
+    return {p.name: f"file sha256:{p.sha256}" if p.sha256 else f"{p.distribution or '-'} {p.version or '-'}"
+            for p in reg.plugins}
+
+
+def _local_plugin_record(spec: ExperimentSpec, registry: ComponentRegistry | None) -> dict[str, Any]:
+    """For each plugin the spec lists: its file's sha256 and the components it provided, so a later
+    load can say which components a missing or changed file took with it."""
+    from ._plugins import get_registry
+
+    reg = registry or get_registry()
+    out = {}
+    for ref in spec.plugins:
+        info = next((p for p in reg.plugins if p.local_ref == ref), None)
+        if info is not None:
+            out[ref] = {"sha256": info.sha256,
+                        "components": [f"{e.kind} {e.name}" for e in reg.entries() if e.plugin == info.name]}
+    return out
+
+
+def check_plugin_files(directory: str | Path, data: dict[str, Any],
+                       registry: ComponentRegistry | None = None) -> dict[str, Any]:
+    """Before a checkpoint's raw spec is parsed: a plugin file it lists that is gone is a
+    CheckpointError naming the components it provided (unless those are loaded now, e.g. by
+    --plugin from a new place); a file whose content changed since is a warning."""
+    from ._plugins import get_registry, is_plugin_file
+
+    refs = data.get("plugins")
+    if not isinstance(refs, list) or not refs:
+        return data
+    try:
+        meta = json.loads((Path(directory) / META_FILE).read_text(encoding="utf-8"))
+        recorded = meta.get("local_plugins") or {}
+    except (OSError, ValueError, AttributeError):
+        recorded = {}
+    kept = []
+    for ref in refs:
+        rec = recorded.get(ref) if isinstance(recorded, dict) and isinstance(ref, str) else None
+        rec = rec if isinstance(rec, dict) else {}
+        sha = rec.get("sha256")
+        if not (isinstance(ref, str) and is_plugin_file(ref)):
+            kept.append(ref)
+            continue
+        comps = [tuple(c.split(" ", 1)) for c in rec.get("components") or [] if " " in c]
+        if not Path(ref).is_file():
+            reg = registry or get_registry()
+            if comps and all(c in reg for c in comps):
+                import warnings
+
+                warnings.warn(f"the plugin file {ref} that {directory} was built with no longer exists; using "
+                              + ", ".join(f"{k} '{n}' from {reg.get(k, n).source}" for k, n in comps),
+                              stacklevel=2)
+                continue
+            what = " and ".join(f"{k} '{n}'" for k, n in comps) or "the components"
+            hashed = f" (sha256 {sha[:16]}...)" if sha else ""
+            raise CheckpointError(
+                f"The {what} of the checkpoint {directory} came from the plugin file {ref}{hashed}, which no "
+                f"longer exists. Restore the file there, or pass its new location with --plugin PATH (or "
+                f"MINIGPT_PLUGIN_PATH)."
+            )
+        if sha and file_sha256(Path(ref)) != sha:
+            import warnings
+
+            warnings.warn(f"the plugin file {ref} changed since {directory} was written (sha256 {sha[:16]}... "
+                          f"then, {file_sha256(Path(ref))[:16]}... now): the model is built with the current "
+                          f"code, which may not match the trained weights", stacklevel=2)
+        kept.append(ref)
+    return {**data, "plugins": kept}
 
 
 def save_model(model: torch.nn.Module, spec: ExperimentSpec, directory: str | Path,
@@ -127,6 +194,8 @@ def save_model(model: torch.nn.Module, spec: ExperimentSpec, directory: str | Pa
     directory.mkdir(parents=True, exist_ok=True)
     weights = save(model_state_for_saving(model, state))
     spec_bytes = dump_spec(spec).encode("utf-8")
+    if spec.plugins:
+        meta = {"local_plugins": _local_plugin_record(spec, registry), **(meta or {})}
     # The hashes let every load (sample, eval, export, init_from) notice a damaged file, also in
     # checkpoints that have no trainer.json (e.g. written by import-hf).
     full_meta = {"minigpt_version": __version__, "torch_version": torch.__version__,
@@ -205,6 +274,7 @@ def load_spec_from_checkpoint(directory: str | Path, registry: ComponentRegistry
         raise CheckpointError(f"{directory} has no {SPEC_FILE}; it is not a minigpt checkpoint.") from None
     except (_toml.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is corrupt ({exc}); use an earlier checkpoint.") from None
+    data = check_plugin_files(directory, data, registry)
     try:
         return parse_spec(data, source=str(path), registry=registry)
     except MinigptError as exc:

@@ -220,11 +220,33 @@ def build_parser() -> argparse.ArgumentParser:
         description="Assemble GPT-style language models from plugin components, train and inspect them.",
         epilog="Run `minigpt COMMAND --help` for a command's options.",
     )
+    _plugin_option(parser, "plugins_before")
+    common = argparse.ArgumentParser(add_help=False)
+    _plugin_option(common, "plugins_after")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_, add_args, _) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
+        p = sub.add_parser(name, help=help_, description=help_, parents=[common])
         add_args(p)
     return parser
+
+
+def _plugin_option(parser: argparse.ArgumentParser, dest: str) -> None:
+    # Accepted before and after the command; separate dests because a subcommand's defaults
+    # would overwrite what was given before it.
+    parser.add_argument("--plugin", dest=dest, action="append", default=argparse.SUPPRESS,
+                        metavar="PATH_OR_MODULE",
+                        help="also load this plugin: a .py file or an importable module (repeatable; "
+                             "more in MINIGPT_PLUGIN_PATH, separated by os.pathsep)")
+
+
+def _load_requested_plugins(args: argparse.Namespace) -> None:
+    """--plugin: loaded before the command runs (a broken one is an error), and put in
+    MINIGPT_PLUGIN_PATH for the processes the command starts."""
+    refs = [*getattr(args, "plugins_before", []), *getattr(args, "plugins_after", [])]
+    if refs:
+        from ._plugins import load_local_plugins
+
+        load_local_plugins(refs, where="--plugin")
 
 
 def _load_command_modules() -> None:
@@ -273,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         warnings.showwarning = _show_warning
         try:
+            _load_requested_plugins(args)
             status = COMMANDS[args.command][2](args) or 0
             sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
             return status

@@ -17,6 +17,7 @@ __all__ = [
     "CheckpointError",
     "ComponentBuildError",
     "InsufficientMemoryError",
+    "PluginLoadError",
 ]
 
 
@@ -58,6 +59,10 @@ class ComponentBuildError(MinigptError):
 
 class InsufficientMemoryError(MinigptError):
     """The model (and its training state) would not fit in the memory this machine has."""
+
+
+class PluginLoadError(MinigptError):
+    """A plugin asked for by name or path (--plugin, MINIGPT_PLUGIN_PATH, a spec's ``plugins``) cannot be loaded."""
 
 
 class PluginLoadWarning(UserWarning):

@@ -528,7 +528,7 @@ def init_from_model(spec: ExperimentSpec, registry: ComponentRegistry | None = N
     not cached locally is not fetched: the file's own section is returned.
     """
     from . import _toml
-    from .checkpoint import SPEC_FILE
+    from .checkpoint import SPEC_FILE, check_plugin_files
 
     source = spec.init_from
     if source is None:
@@ -556,6 +556,7 @@ def init_from_model(spec: ExperimentSpec, registry: ComponentRegistry | None = N
             saved = _toml.loads((ckpt / SPEC_FILE).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, _toml.TOMLDecodeError) as exc:
             raise CheckpointError(f"{ckpt / SPEC_FILE} is unreadable or corrupt ({exc}).") from None
+        saved = check_plugin_files(ckpt, saved, registry)  # its plugin files: gone (error) or changed (warning)
         imported = parse_spec(saved, source=str(ckpt / SPEC_FILE), registry=registry).model
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the run itself warns about ignored fields

@@ -211,6 +211,9 @@ class ExperimentSpec(_Strict):
     preset: str | None = Field(None, description="preset this spec started from (informative once resolved)")
     # Below 2**63: torch and numpy take unsigned 64-bit seeds, and runs add ranks and steps to it.
     seed: int = Field(123, ge=0, lt=2**63, description="torch.manual_seed before the model is built")
+    plugins: list[str] = Field(default_factory=list, description="plugins to load besides the installed ones: "
+                               ".py files (relative to the experiment file; stored absolute in a run's spec) "
+                               "or importable module names, e.g. [\"./my_attention.py\"]")
     model: ModelSpec = Field(default_factory=ModelSpec)
     tokenizer: ComponentSlot = slot_field("gpt2", "tokenizer that turns text into token ids", kind="tokenizer")
     init_from: str | None = Field(None, description="start from these weights instead of the init scheme: "
@@ -354,6 +357,8 @@ def parse_spec(data: Mapping[str, Any], source: str | None = None,
         if not isinstance(model, Mapping):
             raise SpecError([("model", "must be a table")], source)
         data["model"] = _deep_merge(PRESETS[preset], model)
+    if data.get("plugins"):  # before validation: the components the spec names may come from them
+        data["plugins"] = _load_spec_plugins(data["plugins"], source, registry)
     try:
         spec = ExperimentSpec.model_validate(data)
     except ValidationError as err:
@@ -361,8 +366,34 @@ def parse_spec(data: Mapping[str, Any], source: str | None = None,
     problems = _cross_section_problems(spec)
     if problems:
         raise SpecError(problems, source)
-    resolve_components(spec, registry, source=source)
+    resolved = resolve_components(spec, registry, source=source)
+    _record_local_plugins(spec, resolved, registry)
     return spec
+
+
+def _load_spec_plugins(refs: Any, source: str | None, registry: ComponentRegistry | None) -> list[str]:
+    from ._plugins import load_local_plugins, resolve_plugin_ref
+
+    if not (isinstance(refs, list) and all(isinstance(r, str) and r.strip() for r in refs)):
+        raise SpecError([("plugins", "must be a list of plugin .py file paths or module names, e.g. "
+                          "plugins = [\"./my_attention.py\", \"my_package.plugin\"]")], source)
+    # A file's relative paths were made absolute by load_spec; elsewhere they are relative to the cwd.
+    refs = list(dict.fromkeys(resolve_plugin_ref(r) for r in refs))
+    load_local_plugins(refs, registry, where=f"plugins in {source}" if source else "the spec's plugins")
+    return refs
+
+
+def _record_local_plugins(spec: ExperimentSpec, resolved: Mapping[str, ResolvedComponent],
+                          registry: ComponentRegistry | None) -> None:
+    """List in the spec the local plugins (--plugin, MINIGPT_PLUGIN_PATH) its components come from,
+    so a run's spec.toml alone finds them again (`minigpt sample RUN` from any directory)."""
+    from ._plugins import get_registry
+
+    local = {p.name: p.local_ref for p in (registry or get_registry()).plugins if p.local_ref}
+    needed = [local[r.entry.plugin] for r in resolved.values() if r.entry.plugin in local]
+    missing = [r for r in dict.fromkeys(needed) if r not in spec.plugins]
+    if missing:
+        spec.plugins = [*spec.plugins, *missing]
 
 
 def load_spec(path: str | Path, registry: ComponentRegistry | None = None,
@@ -386,6 +417,11 @@ def load_spec(path: str | Path, registry: ComponentRegistry | None = None,
         raise SpecError([("<file>", f"not valid TOML: {exc}")], str(path)) from None
     if overrides:
         data = apply_overrides(data, overrides)
+    if isinstance(data.get("plugins"), list):  # relative to the experiment file, wherever it is run from
+        from ._plugins import resolve_plugin_ref
+
+        data["plugins"] = [resolve_plugin_ref(r, path.parent) if isinstance(r, str) else r
+                           for r in data["plugins"]]
     if not data:
         import warnings
 
@@ -402,7 +438,10 @@ def spec_from_preset(preset: str, registry: ComponentRegistry | None = None, **s
 
 def dump_spec(spec: ExperimentSpec) -> str:
     """The resolved spec as TOML; ``parse_spec(loads(dump_spec(s))) == s``."""
-    return _toml.dumps(spec.model_dump(mode="json", exclude_none=True))
+    data = spec.model_dump(mode="json", exclude_none=True)
+    if not data.get("plugins"):
+        data.pop("plugins", None)  # specs without local plugins stay as they were
+    return _toml.dumps(data)
 
 
 def _parse_scalar(text: str) -> Any:

@@ -403,9 +403,10 @@ class Trainer:
     @staticmethod
     def _saved_spec_data(ckpt: Path) -> dict[str, Any]:
         from .. import _toml
-        from ..checkpoint import SPEC_FILE
+        from ..checkpoint import SPEC_FILE, check_plugin_files
 
-        return _toml.loads((ckpt / SPEC_FILE).read_text(encoding="utf-8"))  # hash-verified on load
+        data = _toml.loads((ckpt / SPEC_FILE).read_text(encoding="utf-8"))  # hash-verified on load
+        return check_plugin_files(ckpt, data)
 
     def _print(self, text: str) -> None:
         if not self.env.is_main:
