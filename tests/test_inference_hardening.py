@@ -323,9 +323,12 @@ def test_readme_python_snippets_run(registry, monkeypatch):
         exec(compile(code, "README.md", "exec"), namespace)
         ran += 1
         if "minigpt_register" in namespace:  # the plugin example: register it and build a model with it
-            namespace["minigpt_register"](registry)
-            spec = parse_spec({"preset": "tiny", "model": {"attention": {"name": "myattn.local",
-                                                                         "params": {"window": 4}}}},
-                              registry=registry)
-            assert build_model(spec, registry)(torch.zeros(1, 8, dtype=torch.long)).shape[:2] == (1, 8)
+            from minigpt_core import load_registry
+
+            own = load_registry()  # not the session's registry: the example's component stays in this test
+            before = {(e.kind, e.name) for e in own.entries()}
+            namespace["minigpt_register"](own)
+            ((kind, name),) = {(e.kind, e.name) for e in own.entries()} - before
+            spec = parse_spec({"preset": "tiny", "model": {kind: {"name": name}}}, registry=own)
+            assert build_model(spec, own)(torch.zeros(1, 8, dtype=torch.long)).shape[:2] == (1, 8)
     assert ran >= 3
