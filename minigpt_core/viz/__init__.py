@@ -1,0 +1,5 @@
+"""Figures and pages: matplotlib images (headless) and self-contained HTML that works offline.
+
+Every command that draws (``plot``, ``report``, ``attention``, ``eval --per-token``) goes through
+this package, so figures share one style and one way of being written.
+"""
