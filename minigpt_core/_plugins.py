@@ -344,8 +344,8 @@ def load_local_plugins(refs: Iterable[str], registry: ComponentRegistry | None =
     an error (:class:`PluginLoadError`, naming the file and ``where`` it was named), not a
     warning. Loading one already in the registry does nothing. Returns the plugins' infos.
     """
-    default = registry is None
-    registry = get_registry() if default else registry
+    default = registry is None or registry is _default  # the process-wide one, however it was named
+    registry = get_registry() if registry is None else registry
     out = []
     for raw in refs:
         ref = resolve_plugin_ref(raw, base)

@@ -106,20 +106,16 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
     model.load_state_dict(state, strict=False)
 
 
-def _plugin_versions(registry: ComponentRegistry | None) -> dict[str, str]:
-    from ._plugins import get_registry
-
-    reg = registry or get_registry()
+def plugin_versions(registry: ComponentRegistry) -> dict[str, str]:
+    """Each loaded plugin's distribution and version (or its file's hash), as a checkpoint records them."""
     return {p.name: f"file sha256:{p.sha256}" if p.sha256 else f"{p.distribution or '-'} {p.version or '-'}"
-            for p in reg.plugins}
+            for p in registry.plugins}
 
 
-def _local_plugin_record(spec: ExperimentSpec, registry: ComponentRegistry | None) -> dict[str, Any]:
+def _local_plugin_record(spec: ExperimentSpec) -> dict[str, Any]:
     """For each plugin the spec lists: its file's sha256 and the components it provided, so a later
     load can say which components a missing or changed file took with it."""
-    from ._plugins import get_registry
-
-    reg = registry or get_registry()
+    reg = spec.registry
     out = {}
     for ref in spec.plugins:
         info = next((p for p in reg.plugins if p.local_ref == ref), None)
@@ -180,8 +176,7 @@ def check_plugin_files(directory: str | Path, data: dict[str, Any],
 
 
 def save_model(model: torch.nn.Module, spec: ExperimentSpec, directory: str | Path,
-               meta: dict[str, Any] | None = None, registry: ComponentRegistry | None = None,
-               state: dict[str, torch.Tensor] | None = None) -> Path:
+               meta: dict[str, Any] | None = None, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write weights, spec and metadata into ``directory`` (created if needed).
 
     ``state``: the weights to write instead of ``model.state_dict()`` (see model_state_for_saving).
@@ -195,11 +190,11 @@ def save_model(model: torch.nn.Module, spec: ExperimentSpec, directory: str | Pa
     weights = save(model_state_for_saving(model, state))
     spec_bytes = dump_spec(spec).encode("utf-8")
     if spec.plugins:
-        meta = {"local_plugins": _local_plugin_record(spec, registry), **(meta or {})}
+        meta = {"local_plugins": _local_plugin_record(spec), **(meta or {})}
     # The hashes let every load (sample, eval, export, init_from) notice a damaged file, also in
     # checkpoints that have no trainer.json (e.g. written by import-hf).
     full_meta = {"minigpt_version": __version__, "torch_version": torch.__version__,
-                 "plugins": _plugin_versions(registry), **(meta or {}),
+                 "plugins": plugin_versions(spec.registry), **(meta or {}),
                  "sha256": {WEIGHTS_FILE: hashlib.sha256(weights).hexdigest(),
                             SPEC_FILE: hashlib.sha256(spec_bytes).hexdigest()}}
     # Weights first, metadata last: a directory whose meta.json exists is complete.
@@ -310,6 +305,6 @@ def load_model(directory: str | Path, registry: ComponentRegistry | None = None,
     _verify_model_files(directory, read_meta(directory))
     spec = load_spec_from_checkpoint(directory, registry)
     state = load_weights_file(directory / WEIGHTS_FILE)
-    model = build_model(spec, registry)
+    model = build_model(spec)
     load_model_state(model, state, str(directory))
     return model.to(map_location), spec

@@ -53,6 +53,10 @@ class CheckpointError(MinigptError):
     """A checkpoint is missing, truncated, corrupt or incompatible."""
 
 
+class PretrainedError(MinigptError):
+    """Weights cannot move between minigpt and another library's layout (incompatible model, no hub access)."""
+
+
 class ComponentBuildError(MinigptError):
     """A component's factory raised while the model was built; the message names the component and plugin."""
 

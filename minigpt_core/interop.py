@@ -22,6 +22,7 @@ CANONICAL_ATTENTION_KEYS = ("W_query", "W_key", "W_value", "out_proj")
 
 
 def attention_canonical_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """An attention's weights under the canonical names (its ``canonical_state()``, else its own state dict's)."""
     if hasattr(module, "canonical_state"):
         return module.canonical_state()
     state = module.state_dict()
@@ -30,6 +31,7 @@ def attention_canonical_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def load_attention_canonical_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy canonical-named weights into an attention (its ``load_canonical_state()``, else by name)."""
     if hasattr(module, "load_canonical_state"):
         module.load_canonical_state(state)
         return

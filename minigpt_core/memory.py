@@ -12,8 +12,7 @@ import torch
 
 from .errors import InsufficientMemoryError
 from .model import GPT
-from .registry import ComponentRegistry
-from .spec import ExperimentSpec, ModelSpec, ResolvedComponent, resolve_components
+from .spec import ModelSpec, ResolvedComponent
 
 __all__ = ["estimate_model_size", "check_model_fits", "available_memory", "training_memory_warning"]
 
@@ -66,9 +65,7 @@ def available_memory(device: torch.device | str = "cpu") -> int | None:
         return None
 
 
-def check_model_fits(model: ModelSpec, components: dict[str, ResolvedComponent] | None = None, *,
-                     training: bool, device: torch.device | str = "cpu",
-                     registry: ComponentRegistry | None = None) -> int | None:
+def check_model_fits(model: ModelSpec, *, training: bool, device: torch.device | str = "cpu") -> int | None:
     """Raise InsufficientMemoryError if the model's weights (4 bytes a parameter), or for training also its
     gradients and AdamW moments (16 bytes a parameter), exceed the memory free on ``device``.
 
@@ -83,9 +80,7 @@ def check_model_fits(model: ModelSpec, components: dict[str, ResolvedComponent] 
     rough = 2 * v * e + model.context_length * (e + model.context_length) + model.n_layers * 32 * e * e
     if rough * per_param * 16 < available:
         return None
-    if components is None:
-        components = resolve_components(ExperimentSpec(model=model), registry)
-    size = estimate_model_size(model, components)
+    size = estimate_model_size(model, model.components)
     if size is None:
         return None
     params, buffers = size

@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .registry import ComponentRegistry
-from .spec import ExperimentSpec, ModelSpec, ResolvedComponent, resolve_components
+from .spec import ExperimentSpec, ModelSpec, ResolvedComponent
 
 __all__ = ["BuildContext", "KVCache", "LayerKVCache", "GPT", "build_model", "mark_residual_projection",
            "is_residual_projection"]
@@ -151,24 +150,22 @@ class GPT(nn.Module):
         return KVCache(len(self.trf_blocks), max_len or self.spec.context_length)
 
 
-def build_model(spec: ExperimentSpec | ModelSpec, registry: ComponentRegistry | None = None,
-                *, seed: int | None = None) -> GPT:
-    """Validate the spec's components, then build the GPT they describe.
+def build_model(spec: ExperimentSpec | ModelSpec, *, seed: int | None = None) -> GPT:
+    """Build the GPT a spec describes, from the components it was resolved to.
 
-    With an :class:`ExperimentSpec`, ``torch.manual_seed(spec.seed)`` runs first (pass
-    ``seed=`` to override) so the same spec always gives the same initial weights.
+    A bare model section needs no tokenizer or dataset. With an :class:`ExperimentSpec`,
+    ``torch.manual_seed(spec.seed)`` runs first (pass ``seed=`` to override) so the same spec
+    always gives the same initial weights.
     """
     model_spec = spec.model if isinstance(spec, ExperimentSpec) else spec
+    components = model_spec.components
     if isinstance(spec, ExperimentSpec):
-        components = resolve_components(spec, registry)
         seed = spec.seed if seed is None else seed
-    else:
-        components = resolve_components(ExperimentSpec(model=model_spec), registry)
     device = torch.get_default_device()
     if device.type != "meta":  # refuse a model that cannot fit before allocating it
         from .memory import check_model_fits
 
-        check_model_fits(model_spec, components, training=False, device=device)
+        check_model_fits(model_spec, training=False, device=device)
     if seed is not None:
         torch.manual_seed(seed)
     return GPT(model_spec, components)

@@ -17,13 +17,14 @@ The kinds (``KINDS``: kind -> one line; ``KIND_PROTOCOLS``: kind -> its protocol
     :class:`FeedForwardProtocol`, :class:`PositionalProtocol`, :class:`BlockProtocol`,
     :class:`InitProtocol` (model parts, whose factories get a :class:`BuildContext`),
     :class:`TokenizerProtocol` (gets a :class:`TokenizerContext`), :class:`DatasetProtocol`
-    (gets a :class:`DataContext`).
+    (gets a :class:`DataContext`), :class:`WeightsProtocol` (another library's checkpoint layout;
+    its factory gets no context).
 
 The capabilities (``CAPABILITIES``: name -> one line; ``CAPABILITY_CONTRACTS``: name -> :class:`Capability`)
     ``causal``, ``kv_cache``, ``attn_weights``, ``gpt2``, ``multihead``, ``positions``, ``absolute``:
     each :class:`Capability` says what declaring it obliges the component to implement, what in
     minigpt relies on it and which conformance checks hold the component to it.
-    :class:`CanonicalStateProtocol` is the weight-layout hook of ``gpt2`` attentions;
+    :class:`CanonicalStateProtocol` is the weight-layout hook of ``gpt2`` attentions and blocks;
     :class:`AuxLossProtocol` the convention for modules that add a training loss.
 
 Building model parts
@@ -32,12 +33,17 @@ Building model parts
     on: :class:`GELU`, :class:`FeedForward`, :class:`TransformerBlock` (the book's),
     :func:`attention_bias`, :func:`causal_attention`, :class:`SDPAttention`.
 
+Moving weights (for ``weights`` components)
+    :func:`model_weights`, :func:`attention_canonical_state`, :func:`load_attention_canonical_state`.
+
 Tokenizers and data
     :class:`TokenizerContext`, :class:`TokenizerError`, :class:`DataContext`, :class:`DataError`,
     :class:`TextSource`, :class:`TokenSource`, :class:`ShardSet`, :func:`open_shards`.
 
 Errors
     :class:`MinigptError`: subclass it for a user error; the CLI prints its message, no traceback.
+    :class:`CheckpointError` (weights that are missing, corrupt or do not fit) and
+    :class:`PretrainedError` (a model another library's layout cannot express) are two of them.
 """
 
 from __future__ import annotations
@@ -53,8 +59,8 @@ from ._hookspecs import hookimpl
 from ._plugins import PluginRegistrar as Registrar
 from .data.shards import ShardSet, open_shards
 from .data.sources import DataContext, DataError, TextSource, TokenSource
-from .errors import MinigptError
-from .interop import CANONICAL_ATTENTION_KEYS
+from .errors import CheckpointError, MinigptError, PretrainedError
+from .interop import CANONICAL_ATTENTION_KEYS, attention_canonical_state, load_attention_canonical_state
 from .layers import GELU, FeedForward, SDPAttention, TransformerBlock, attention_bias, causal_attention
 from .model import BuildContext, KVCache, LayerKVCache, is_residual_projection, mark_residual_projection
 from .tokenizers import Tokenizer, TokenizerContext, TokenizerError
@@ -77,6 +83,7 @@ __all__ = [
     "InitProtocol",
     "TokenizerProtocol",
     "DatasetProtocol",
+    "WeightsProtocol",
     # the capabilities
     "CAPABILITIES",
     "CAPABILITY_CONTRACTS",
@@ -96,6 +103,10 @@ __all__ = [
     "attention_bias",
     "causal_attention",
     "SDPAttention",
+    # moving weights
+    "model_weights",
+    "attention_canonical_state",
+    "load_attention_canonical_state",
     # tokenizers and data
     "TokenizerContext",
     "TokenizerError",
@@ -107,6 +118,8 @@ __all__ = [
     "open_shards",
     # errors
     "MinigptError",
+    "CheckpointError",
+    "PretrainedError",
 ]
 
 Tensor = torch.Tensor
@@ -247,7 +260,9 @@ class TokenizerProtocol(Tokenizer, Protocol):
     end-of-text id (or None); ``decode(encode(text)) == text``; ``state()`` is JSON-serialisable,
     holds ``{"name": ..., "params": {...}}`` and whatever else rebuilding needs. Raise
     :class:`TokenizerError` for files that are missing or text that cannot be encoded. A
-    ``check=`` should refuse a ``model.vocab_size`` smaller than ``n_vocab``.
+    ``check=`` should refuse a ``model.vocab_size`` smaller than ``n_vocab``. Optionally,
+    ``hf_files(context_length) -> {filename: bytes}`` gives the Hugging Face tokenizer files that
+    ``minigpt export-hf`` writes beside the weights (None or absent: the export warns it has none).
     """
 
     name: str
@@ -277,6 +292,56 @@ class DatasetProtocol(Protocol):
     def describe(self) -> str: ...
 
 
+@runtime_checkable
+class WeightsProtocol(Protocol):
+    """object that reads and writes another library's checkpoints of a model type (Hugging Face GPT-2).
+
+    ``weights`` kind. The factory gets no context (``None``) and the entry's params. The core does
+    the files (a Hugging Face directory: ``config.json`` plus safetensors or a weights-only
+    ``pytorch_model.bin``; the Hub download; atomic writes) and the spec; the format does the
+    names. ``minigpt import-hf`` and ``init_from = "hf:..."`` pick the format whose ``model_type``
+    is the config's; ``minigpt export-hf`` uses ``gpt2.hf`` unless told otherwise.
+
+    - ``model_section(config) -> dict``: the spec's ``[model]`` table for a ``config.json``; raise
+      :class:`PretrainedError` saying why a config is not one this format reads;
+    - ``check(components, *, export)``: raise :class:`PretrainedError` naming the slot (``model.attention:
+      ...``) whose component cannot hold (import) or express (export) these weights; ``components``
+      is ``spec.components`` (slot -> resolved entry and params);
+    - ``load_state(model, state, source)``: copy a checkpoint's tensors (its own names) into a built
+      model; raise :class:`CheckpointError` for tensors that are missing, extra or misshapen;
+    - ``state(model) -> dict[str, Tensor]``: the model's weights under the format's names;
+    - ``config(model) -> dict``: the ``config.json`` to write beside them;
+    - ``transfer(source_model, target_model, where)``: copy the weights of one model into another
+      whose attention differs (``init_from`` a checkpoint with another attention), through the
+      format's canonical layout.
+
+    Components map their own weights: an attention or block whose parameters are not laid out
+    like the book's implements :class:`CanonicalStateProtocol`.
+    """
+
+    model_type: str
+
+    def model_section(self, config: Any) -> dict[str, Any]: ...
+
+    def check(self, components: Any, *, export: bool) -> None: ...
+
+    def load_state(self, model: nn.Module, state: Any, source: str) -> None: ...
+
+    def state(self, model: nn.Module) -> dict[str, Tensor]: ...
+
+    def config(self, model: nn.Module) -> dict[str, Any]: ...
+
+    def transfer(self, source_model: nn.Module, target_model: nn.Module, where: str) -> None: ...
+
+
+def model_weights(model: nn.Module) -> dict[str, Tensor]:
+    """A built model's weights as a checkpoint holds them: the plain model's state dict (unwrapped
+    from DDP / torch.compile), on the CPU, contiguous, without a tied output head or mask buffers."""
+    from .checkpoint import model_state_for_saving
+
+    return model_state_for_saving(model)
+
+
 KIND_PROTOCOLS: dict[str, type] = {
     "attention": AttentionProtocol,
     "norm": NormProtocol,
@@ -287,6 +352,7 @@ KIND_PROTOCOLS: dict[str, type] = {
     "init": InitProtocol,
     "tokenizer": TokenizerProtocol,
     "dataset": DatasetProtocol,
+    "weights": WeightsProtocol,
 }
 
 
@@ -328,6 +394,10 @@ class CanonicalStateProtocol(Protocol):
     needs nothing more; one that stores them differently (a fused QKV matrix,
     ``torch.nn.MultiheadAttention``) implements these two methods, and Hugging Face import/export,
     ``init_from`` and the equivalence check then work with it unchanged.
+
+    A ``gpt2`` block may implement them too, for the whole block, under the names the ``gpt2.hf``
+    weights component documents (``help(minigpt_gpt2.hf)``). A block without them is mapped
+    through its ``att`` attribute and its own state dict.
     """
 
     def canonical_state(self) -> dict[str, Tensor]:

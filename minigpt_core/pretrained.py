@@ -1,14 +1,11 @@
-"""GPT-2 weights in and out: Hugging Face checkpoints <-> minigpt models, and ``init_from``.
+"""Weights in and out of other libraries' checkpoints (Hugging Face GPT-2), and ``init_from``.
 
-Every transfer goes through the *canonical model state*: the model's own state dict in the
-book's layout, where each attention layer contributes its canonical W_query / W_key / W_value /
-out_proj tensors (:mod:`minigpt_core.interop`). So any registered attention that declares the
-``gpt2`` capability and speaks the canonical layout (fused QKV, SDPA, ...) imports and exports
-Hugging Face GPT-2 weights unchanged.
-
-Hugging Face GPT-2 stores its projections as ``Conv1D`` (``y = x @ W + b``, W of shape
-(in, out)); nn.Linear stores (out, in), hence the transposes. ``c_attn`` is q, k and v
-concatenated along the output dimension.
+The core does what every format shares: finding a checkpoint (a directory, or a Hub id
+downloaded into the Hugging Face cache), reading it without unpickling, writing one atomically,
+and the spec. The names and layout of the tensors belong to a ``weights`` component from a
+plugin (``gpt2.hf``, in the gpt2 plugin), picked by the config's ``model_type``; each model
+component maps its own weights (minigpt_core.plugin.CanonicalStateProtocol). So the core names
+no plugin's parameters, and a plugin can add another architecture's checkpoints.
 """
 
 from __future__ import annotations
@@ -25,233 +22,74 @@ from urllib.parse import urlsplit
 
 import torch
 
-from .checkpoint import (
-    _unwrap,
-    atomic_write_bytes,
-    load_model,
-    load_weights_file,
-    model_state_for_saving,
-)
-from .errors import CheckpointError, MinigptError
-from .interop import attention_canonical_state, load_attention_canonical_state
+from .checkpoint import _unwrap, atomic_write_bytes, load_model, load_weights_file
+from .errors import CheckpointError, PretrainedError
 from .model import GPT, build_model
 from .registry import ComponentRegistry
-from .spec import MODEL_SLOTS, ExperimentSpec, ModelSpec, parse_spec, resolve_components
+from .spec import MODEL_SLOTS, ExperimentSpec, ModelSpec, parse_spec
 
 __all__ = [
     "HF_PREFIX",
+    "DEFAULT_EXPORT_FORMAT",
     "PretrainedError",
-    "canonical_model_state",
-    "load_canonical_model_state",
-    "gpt2_model_section",
+    "weights_format",
     "read_hf_checkpoint",
     "resolve_hf_source",
     "import_hf",
-    "hf_state_from_model",
     "export_hf",
     "load_init_from",
     "init_from_model",
 ]
 
 HF_PREFIX = "hf:"  # init_from = "hf:PATH_OR_HUB_ID"
-# Activations Hugging Face names that are all GPT-2's tanh approximation of GELU.
-_TANH_GELU = {"gelu_new", "gelu_pytorch_tanh", "gelu_fast"}
+DEFAULT_EXPORT_FORMAT = "gpt2.hf"  # what export-hf writes unless told otherwise
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
-# Slots whose components must be GPT-2 compatible for the weights to mean the same thing.
-_GPT2_SLOTS = tuple(s for s in MODEL_SLOTS if s != "init")
 
 
-class PretrainedError(MinigptError):
-    """Weights cannot move between minigpt and Hugging Face GPT-2 (incompatible model, no hub access)."""
+# -- formats -----------------------------------------------------------------------------------
+def weights_format(registry: ComponentRegistry, *, model_type: str | None = None, name: str | None = None) -> Any:
+    """The ``weights`` component named ``name``, or the one that reads ``model_type`` configs."""
+    entries = registry.entries("weights")
+    if name is not None:
+        if ("weights", name) not in registry:
+            raise PretrainedError(registry.unknown_message("weights", name))
+        entry = registry.get("weights", name)
+        return entry.factory(None, entry.make_params({}))
+    for entry in entries:
+        fmt = entry.factory(None, entry.make_params({}))
+        if getattr(fmt, "model_type", None) == model_type:
+            return fmt
+    known = ", ".join(f"{e.name} reads '{getattr(e.factory(None, e.make_params({})), 'model_type', '?')}'"
+                      for e in entries) or "none is installed (the gpt2 plugin provides gpt2.hf)"
+    raise PretrainedError(
+        f"This Hugging Face checkpoint's model_type is {model_type!r}, and no installed plugin reads it "
+        f"(weights formats: {known}). Install a plugin with a `weights` component for it, or convert the "
+        f"checkpoint to one of these.")
 
 
-# -- canonical model state -----------------------------------------------------------------
-def _attention_prefix(i: int) -> str:
-    return f"trf_blocks.{i}.att."
-
-
-def _blocks_attention(model: GPT) -> list[torch.nn.Module]:
+def _read_config(directory: Path) -> dict[str, Any]:
     try:
-        return [block.att for block in model.trf_blocks]
-    except AttributeError:
-        raise PretrainedError(
-            f"The block component '{model.spec.block.name}' has no `att` attribute, so its attention "
-            f"weights cannot be mapped; GPT-2 weights need a GPT-2 compatible block such as book.pre_norm."
-        ) from None
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory} has no config.json; it is not a Hugging Face checkpoint directory.") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{directory / 'config.json'} is unreadable or corrupt ({exc}).") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{directory / 'config.json'} is not a JSON object; it is not a Hugging Face config.")
+    return config
 
 
-def canonical_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights with every attention layer in the canonical (book) layout."""
-    model = _unwrap(model)
-    state = model_state_for_saving(model)
-    for i, att in enumerate(_blocks_attention(model)):
-        prefix = _attention_prefix(i)
-        state = {k: v for k, v in state.items() if not k.startswith(prefix)}
-        state.update({prefix + k: v.detach().cpu() for k, v in attention_canonical_state(att).items()})
-    return state
-
-
-def load_canonical_model_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Load a canonical model state; each attention converts its canonical tensors itself."""
-    model = _unwrap(model)
-    attentions = _blocks_attention(model)
-    prefixes = tuple(_attention_prefix(i) for i in range(len(attentions)))
-    own = {k: v for k, v in model_state_for_saving(model).items() if not k.startswith(prefixes)}
-    rest = {k: v for k, v in state.items() if not k.startswith(prefixes)}
-    missing, unexpected = sorted(own.keys() - rest.keys()), sorted(rest.keys() - own.keys())
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in rest.items()
-             if k in own and v.shape != own[k].shape]
-    if missing or unexpected or wrong:
-        raise CheckpointError(
-            f"The weights from {source} do not fit the model: missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]}, wrong shapes {wrong[:5]}. The components outside attention must "
-            f"use the book's GPT-2 layout (book.layernorm, book.feedforward, book.learned, book.pre_norm)."
-        )
-    with torch.no_grad():
-        model.load_state_dict(rest, strict=False)
-        for prefix, att in zip(prefixes, attentions):
-            sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            try:
-                load_attention_canonical_state(att, sub)
-            except (ValueError, RuntimeError, KeyError) as exc:
-                raise CheckpointError(
-                    f"Attention '{model.spec.attention.name}' ({prefix.rstrip('.')}) cannot take the "
-                    f"attention weights from {source}: {exc}"
-                ) from None
-
-
-# -- Hugging Face layout -------------------------------------------------------------------
-def _layer_names(i: int) -> list[tuple[str, str, bool]]:
-    """(HF name without 'transformer.', canonical name, is a Conv1D weight to transpose)."""
-    h, b = f"h.{i}.", f"trf_blocks.{i}."
-    return [
-        (h + "ln_1.weight", b + "norm1.scale", False), (h + "ln_1.bias", b + "norm1.shift", False),
-        (h + "attn.c_proj.weight", b + "att.out_proj.weight", True),
-        (h + "attn.c_proj.bias", b + "att.out_proj.bias", False),
-        (h + "ln_2.weight", b + "norm2.scale", False), (h + "ln_2.bias", b + "norm2.shift", False),
-        (h + "mlp.c_fc.weight", b + "ff.layers.0.weight", True), (h + "mlp.c_fc.bias", b + "ff.layers.0.bias", False),
-        (h + "mlp.c_proj.weight", b + "ff.layers.2.weight", True),
-        (h + "mlp.c_proj.bias", b + "ff.layers.2.bias", False),
-    ]
-
-
-_QKV = ("W_query", "W_key", "W_value")
-_GLOBAL_NAMES = [("wte.weight", "tok_emb.weight"), ("wpe.weight", "pos_emb.weight"),
-                 ("ln_f.weight", "final_norm.scale"), ("ln_f.bias", "final_norm.shift")]
-
-
-def _canonical_from_hf(hf: Mapping[str, torch.Tensor], n_layers: int, tied: bool, source: str) -> dict[str, torch.Tensor]:
-    # Checkpoints of GPT2LMHeadModel prefix the trunk with "transformer."; GPT2Model's do not.
-    sd = {k.removeprefix("transformer."): v for k, v in hf.items()}
-
-    def take(name: str) -> torch.Tensor:
-        try:
-            return sd.pop(name)
-        except KeyError:
-            raise CheckpointError(f"{source} has no tensor '{name}'; it is not a complete GPT-2 checkpoint.") from None
-
-    out = {ours: take(theirs) for theirs, ours in _GLOBAL_NAMES}
-    for i in range(n_layers):
-        for theirs, ours, conv1d in _layer_names(i):
-            w = take(f"{theirs}")
-            out[ours] = w.t().contiguous() if conv1d else w
-        w, b = take(f"h.{i}.attn.c_attn.weight"), take(f"h.{i}.attn.c_attn.bias")  # (C, 3C), (3C,)
-        for name, w_part, b_part in zip(_QKV, w.chunk(3, dim=1), b.chunk(3)):
-            out[f"trf_blocks.{i}.att.{name}.weight"] = w_part.t().contiguous()
-            out[f"trf_blocks.{i}.att.{name}.bias"] = b_part.contiguous()
-        for buffer in ("attn.bias", "attn.masked_bias"):  # causal-mask buffers of older checkpoints
-            sd.pop(f"h.{i}.{buffer}", None)
-    head = sd.pop("lm_head.weight", None)
-    if not tied:
-        if head is None:
-            raise CheckpointError(f"{source} says its output head is not tied but has no lm_head.weight.")
-        out["out_head.weight"] = head
-    if sd:
-        raise CheckpointError(
-            f"{source} holds tensors a GPT-2 language model does not have: {sorted(sd)[:5]}; it is "
-            f"probably another architecture or a GPT-2 with a different head."
-        )
-    return out
-
-
-def _book_norm_names(model: GPT, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """torch.nn.LayerNorm (torch.layernorm) names its gain and bias weight / bias where the book's
-    LayerNorm says scale / shift; it computes the same function (a missing bias is a zero one)."""
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.LayerNorm) and f"{name}.weight" in state:
-            weight, bias = state.pop(f"{name}.weight"), state.pop(f"{name}.bias", None)
-            state[f"{name}.scale"] = weight
-            state[f"{name}.shift"] = torch.zeros_like(weight) if bias is None else bias
-    return state
-
-
-def hf_state_from_model(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights under GPT2LMHeadModel's names (q/k/v biases are zeros when the model has none)."""
-    model = _unwrap(model)
-    state = _book_norm_names(model, canonical_model_state(model))
-    n_layers = len(model.trf_blocks)
-    out = {f"transformer.{theirs}": state.pop(ours) for theirs, ours in _GLOBAL_NAMES}
-    for i in range(n_layers):
-        for theirs, ours, conv1d in _layer_names(i):
-            w = state.pop(ours)
-            out[f"transformer.{theirs}"] = w.t().contiguous() if conv1d else w.contiguous()
-        ws = [state.pop(f"trf_blocks.{i}.att.{n}.weight") for n in _QKV]
-        bs = [state.pop(f"trf_blocks.{i}.att.{n}.bias", None) for n in _QKV]
-        bs = [torch.zeros(w.shape[0], dtype=w.dtype) if b is None else b for w, b in zip(ws, bs)]
-        out[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat([w.t() for w in ws], dim=1).contiguous()
-        out[f"transformer.h.{i}.attn.c_attn.bias"] = torch.cat(bs).contiguous()
-    if "out_head.weight" in state:  # untied head
-        out["lm_head.weight"] = state.pop("out_head.weight").contiguous()
-    if state:
-        raise PretrainedError(
-            f"The model has weights GPT-2 has no place for: {sorted(state)[:5]}; it cannot be exported "
-            f"to Hugging Face GPT-2."
-        )
-    return out
-
-
-def gpt2_model_section(config: Mapping[str, Any], attention: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The ``[model]`` table of a minigpt spec for a Hugging Face GPT-2 ``config.json``."""
-    def refuse(why: str) -> PretrainedError:
-        return PretrainedError(f"This Hugging Face checkpoint is not a plain GPT-2: {why}.")
-
-    if config.get("model_type") != "gpt2":
-        raise refuse(f"model_type is {config.get('model_type')!r}, not 'gpt2'")
-    act = config.get("activation_function", "gelu_new")
-    if act not in _TANH_GELU:
-        raise refuse(f"activation_function {act!r} is not GPT-2's tanh GELU ({', '.join(sorted(_TANH_GELU))})")
-    if not config.get("scale_attn_weights", True) or config.get("scale_attn_by_inverse_layer_idx", False):
-        raise refuse("its attention scores are not scaled by 1/sqrt(head_dim) (scale_attn_* options)")
-    if config.get("add_cross_attention", False):
-        raise refuse("it has cross-attention layers")
-    emb = config["n_embd"]
-    n_inner = config.get("n_inner") or 4 * emb
-    if n_inner % emb:
-        raise refuse(f"n_inner ({n_inner}) is not a multiple of n_embd ({emb})")
-    feedforward: dict[str, Any] = {"name": "book.feedforward"}
-    if n_inner != 4 * emb:
-        feedforward["params"] = {"expansion": n_inner // emb}
-    return {
-        "vocab_size": config["vocab_size"], "context_length": config["n_positions"], "emb_dim": emb,
-        "n_heads": config["n_head"], "n_layers": config["n_layer"],
-        "drop_rate": config.get("resid_pdrop", 0.1), "qkv_bias": True,
-        "tie_weights": bool(config.get("tie_word_embeddings", True)),
-        "attention": dict(attention or {"name": "book.multihead"}),
-        "norm": {"name": "book.layernorm", "params": {"eps": config.get("layer_norm_epsilon", 1e-5)}},
-        "activation": {"name": "book.gelu"}, "feedforward": feedforward, "positional": {"name": "book.learned"},
-        "block": {"name": "book.pre_norm"}, "init": {"name": "gpt2.normal"},
-    }
+def _model_section(fmt: Any, config: Mapping[str, Any], attention: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    section = dict(fmt.model_section(config))
+    if attention:
+        section["attention"] = dict(attention)
+    return section
 
 
 def read_hf_checkpoint(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """config.json and the weights (model.safetensors, sharded safetensors, or pytorch_model.bin)."""
     directory = Path(directory)
-    try:
-        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{directory} has no config.json; it is not a Hugging Face checkpoint directory.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{directory / 'config.json'} is corrupt ({exc}).") from None
+    config = _read_config(directory)
     if (directory / "model.safetensors").is_file():
         return config, load_weights_file(directory / "model.safetensors")
     index = directory / "model.safetensors.index.json"
@@ -379,123 +217,73 @@ def resolve_hf_source(source: str, cache_dir: str | Path | None = None) -> Path:
 
 
 # -- import / export -------------------------------------------------------------------------
-def _check_attention(spec: ExperimentSpec, registry: ComponentRegistry | None) -> None:
-    entry = resolve_components(spec, registry)["attention"].entry
-    if not entry.has("gpt2"):
-        raise PretrainedError(
-            f"model.attention: '{entry.name}' does not declare the gpt2 capability, so GPT-2 weights "
-            f"cannot be loaded into it. Use an attention listed with capability gpt2 by "
-            f"`minigpt components attention` (e.g. book.multihead)."
-        )
-
-
 def import_hf(source: str | Path, registry: ComponentRegistry | None = None, *,
               base: ExperimentSpec | None = None, attention: Mapping[str, Any] | None = None,
               cache_dir: str | Path | None = None) -> tuple[GPT, ExperimentSpec]:
-    """Build a minigpt GPT holding a Hugging Face GPT-2 checkpoint (a directory or a hub id).
+    """Build a minigpt GPT holding a Hugging Face checkpoint (a directory or a hub id).
 
-    The model section comes from the checkpoint's config; everything else (name, tokenizer, data,
-    training) from ``base`` when given. ``attention`` picks any GPT-2 compatible attention.
+    The model section comes from the checkpoint's config (through the ``weights`` format that
+    reads its model_type); everything else (name, tokenizer, data, training) from ``base`` when
+    given. ``attention`` picks any attention the format accepts (for GPT-2: the gpt2 capability).
     """
+    from ._plugins import get_registry
+
+    registry = registry or get_registry()
     directory = resolve_hf_source(str(source), cache_dir)
-    config, hf_state = read_hf_checkpoint(directory)
+    config = _read_config(directory)
+    fmt = weights_format(registry, model_type=config.get("model_type"))
     data = base.model_dump(mode="json", exclude_none=True) if base is not None else {"name": "gpt2-import"}
     data.pop("preset", None)
-    data["model"] = gpt2_model_section(config, attention)
+    data["model"] = _model_section(fmt, config, attention)
+    _, hf_state = read_hf_checkpoint(directory)
     spec = parse_spec(data, source=f"{directory}/config.json", registry=registry)
-    _check_attention(spec, registry)
-    state = _canonical_from_hf(hf_state, spec.model.n_layers, spec.model.tie_weights, str(directory))
-    model = build_model(spec, registry)
-    load_canonical_model_state(model, state, str(directory))
+    fmt.check(spec.components, export=False)
+    model = build_model(spec)
+    fmt.load_state(model, hf_state, str(directory))
     return model, spec
 
 
-def _hf_config(model: GPT) -> dict[str, Any]:
-    s = model.spec
-    eps = getattr(model.final_norm, "eps", 1e-5)
-    hidden = model.trf_blocks[0].ff.layers[0].out_features
-    has_eot = s.vocab_size >= 50257  # GPT-2's <|endoftext|> id exists
-    return {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-        "vocab_size": s.vocab_size, "n_positions": model.pos_emb.num_embeddings, "n_embd": s.emb_dim,
-        "n_layer": s.n_layers, "n_head": s.n_heads, "n_inner": None if hidden == 4 * s.emb_dim else hidden,
-        "activation_function": "gelu_new", "layer_norm_epsilon": eps,
-        "resid_pdrop": s.drop_rate, "embd_pdrop": s.drop_rate, "attn_pdrop": s.drop_rate,
-        "initializer_range": 0.02, "scale_attn_weights": True, "use_cache": True,
-        "bos_token_id": 50256 if has_eot else None, "eos_token_id": 50256 if has_eot else None,
-        "tie_word_embeddings": s.tie_weights, "dtype": "float32",
-    }
+def _write_tokenizer_files(spec: ExperimentSpec, directory: Path, tokenizer_state: Mapping[str, Any] | None) -> None:
+    """The tokenizer's own Hugging Face files (``hf_files``), so the export loads with AutoTokenizer too."""
+    from .tokenizers import TokenizerError, build_tokenizer, tokenizer_from_state
 
-
-def _write_gpt2_tokenizer_files(directory: Path, vocab_dir: str | None) -> bool:
-    """GPT-2's vocab.json / merges.txt (the same files as encoder.json / vocab.bpe), so the export
-    also loads with transformers' GPT-2 tokenizer. Skipped when the tokenizers plugin is absent."""
     try:
-        from minigpt_tokenizers.bpe import packaged_gpt2_dir
-    except ImportError:
-        return False
-    src = Path(vocab_dir) if vocab_dir else packaged_gpt2_dir()
-    for ours, theirs in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
-        atomic_write_bytes(directory / theirs, (src / ours).read_bytes())
-    return True
+        tok = tokenizer_from_state(tokenizer_state, spec.registry) if tokenizer_state else build_tokenizer(spec)
+    except (TokenizerError, KeyError):  # e.g. a learnt vocabulary (char) without its saved state
+        tok = None
+    files = tok.hf_files(spec.model.context_length) if hasattr(tok, "hf_files") else None
+    if files:
+        for name, content in files.items():
+            atomic_write_bytes(directory / name, content)
+        return
+    name = spec.tokenizer.name
+    warnings.warn(
+        f"{directory} has no tokenizer files: the model was trained with the {name!r} tokenizer, which "
+        f"this export cannot write{' without its saved state' if tok is None else ''}. Its token ids are that "
+        f"tokenizer's ids, not GPT-2's: encode and decode text with it (minigpt_core.tokenizers."
+        f"tokenizer_from_state of the checkpoint's meta.json 'tokenizer').", stacklevel=3)
 
 
-def _write_char_tokenizer_files(directory: Path, chars: str, context_length: int) -> None:
-    """A Hugging Face ``tokenizer.json`` with the char tokenizer's ids: every character its own
-    token (an empty-pattern split), decoded by concatenation; AutoTokenizer loads it."""
-    tokenizer = {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
-        "pre_tokenizer": {"type": "Split", "pattern": {"String": ""}, "behavior": "Isolated", "invert": False},
-        "post_processor": None, "decoder": {"type": "Fuse"},
-        # No unknown token, like minigpt's char tokenizer: a character outside the vocabulary is an error.
-        "model": {"type": "WordLevel", "vocab": {c: i for i, c in enumerate(chars)}, "unk_token": "<unk>"},
-    }
-    atomic_write_bytes(directory / "tokenizer.json", json.dumps(tokenizer, ensure_ascii=False).encode("utf-8"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context_length}
-    atomic_write_bytes(directory / "tokenizer_config.json", json.dumps(config, indent=2).encode("utf-8"))
+def export_hf(model: torch.nn.Module, spec: ExperimentSpec, directory: str | Path, *,
+              tokenizer_state: Mapping[str, Any] | None = None, format: str = DEFAULT_EXPORT_FORMAT) -> Path:
+    """Write a directory ``transformers`` loads with identical logits (``GPT2LMHeadModel.from_pretrained``).
 
-
-def export_hf(model: torch.nn.Module, spec: ExperimentSpec, directory: str | Path,
-              registry: ComponentRegistry | None = None,
-              tokenizer_state: Mapping[str, Any] | None = None) -> Path:
-    """Write a directory ``transformers.GPT2LMHeadModel.from_pretrained`` loads with identical logits.
-
-    Tokenizer files come along for the gpt2 tokenizer and for ``char`` (given its saved
-    ``tokenizer_state``, as in a checkpoint's meta.json); for any other a warning says that the
+    Tokenizer files come along where the tokenizer can write them (gpt2; char given its saved
+    ``tokenizer_state``, as in a checkpoint's meta.json); otherwise a warning says that the
     directory has no tokenizer.
     """
     from safetensors.torch import save
 
     model = _unwrap(model)
-    resolved = resolve_components(spec, registry)
-    for slot in _GPT2_SLOTS:
-        entry = resolved[slot].entry
-        if not entry.has("gpt2"):
-            raise PretrainedError(
-                f"model.{slot}: '{entry.name}' is not GPT-2 compatible (it does not declare the gpt2 "
-                f"capability), so this model cannot be exported as Hugging Face GPT-2. Only models "
-                f"whose {', '.join(_GPT2_SLOTS)} components are all GPT-2 compatible can be."
-            )
-    state = {k: v.float() for k, v in hf_state_from_model(model).items()}
+    fmt = weights_format(spec.registry, name=format)
+    fmt.check(spec.components, export=True)
+    state = {k: v.float().contiguous() for k, v in fmt.state(model).items()}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # Weights first, config.json last: a directory with a config is complete.
     atomic_write_bytes(directory / "model.safetensors", save(state, metadata={"format": "pt"}))
-    name = spec.tokenizer.name
-    written = False
-    if name == "gpt2":
-        written = _write_gpt2_tokenizer_files(directory, spec.tokenizer.params.get("vocab_dir"))
-    elif name == "char" and isinstance((tokenizer_state or {}).get("chars"), str):
-        _write_char_tokenizer_files(directory, tokenizer_state["chars"], spec.model.context_length)
-        written = True
-    if not written:
-        warnings.warn(
-            f"{directory} has no tokenizer files: the model was trained with the {name!r} tokenizer, "
-            f"which this export cannot write{' without its saved state' if name == 'char' else ''}. "
-            f"Its token ids are that tokenizer's ids, not GPT-2's: encode and decode text with it "
-            f"(minigpt_core.tokenizers.tokenizer_from_state of the checkpoint's meta.json 'tokenizer').",
-            stacklevel=2)
-    atomic_write_bytes(directory / "config.json", json.dumps(_hf_config(model), indent=2).encode("utf-8"))
+    _write_tokenizer_files(spec, directory, tokenizer_state)
+    atomic_write_bytes(directory / "config.json", json.dumps(fmt.config(model), indent=2).encode("utf-8"))
     return directory
 
 
@@ -521,7 +309,7 @@ def _merge_model_section(spec: ExperimentSpec, imported: ModelSpec, source: str)
     return merged
 
 
-def init_from_model(spec: ExperimentSpec, registry: ComponentRegistry | None = None) -> ModelSpec:
+def init_from_model(spec: ExperimentSpec) -> ModelSpec:
     """The model section a run with ``init_from`` will have, read cheaply (config files, no weights).
 
     ``validate`` shows this shape instead of the file's (which init_from overrides). A Hub id that is
@@ -537,11 +325,9 @@ def init_from_model(spec: ExperimentSpec, registry: ComponentRegistry | None = N
         directory = Path(source[len(HF_PREFIX):]).expanduser()
         if not (directory / "config.json").is_file():
             return spec.model
-        try:
-            config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{directory / 'config.json'} is unreadable or corrupt ({exc}).") from None
-        imported = ModelSpec.model_validate(gpt2_model_section(config))
+        config = _read_config(directory)
+        fmt = weights_format(spec.registry, model_type=config.get("model_type"))
+        imported = ModelSpec.model_validate(fmt.model_section(config))
     else:
         if not Path(source).is_dir():
             raise CheckpointError(
@@ -556,16 +342,15 @@ def init_from_model(spec: ExperimentSpec, registry: ComponentRegistry | None = N
             saved = _toml.loads((ckpt / SPEC_FILE).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, _toml.TOMLDecodeError) as exc:
             raise CheckpointError(f"{ckpt / SPEC_FILE} is unreadable or corrupt ({exc}).") from None
-        saved = check_plugin_files(ckpt, saved, registry)  # its plugin files: gone (error) or changed (warning)
-        imported = parse_spec(saved, source=str(ckpt / SPEC_FILE), registry=registry).model
+        saved = check_plugin_files(ckpt, saved, spec.registry)  # its plugin files: gone (error) or changed (warning)
+        imported = parse_spec(saved, source=str(ckpt / SPEC_FILE), registry=spec.registry).model
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the run itself warns about ignored fields
         merged = _merge_model_section(spec, imported, source)
     return ModelSpec.model_validate(merged)
 
 
-def load_init_from(spec: ExperimentSpec, registry: ComponentRegistry | None = None,
-                   cache_dir: str | Path | None = None,
+def load_init_from(spec: ExperimentSpec, *, cache_dir: str | Path | None = None,
                    report: Callable[[str], None] | None = None) -> tuple[GPT, ExperimentSpec]:
     """The model a run starts from, and the spec that describes it.
 
@@ -578,14 +363,17 @@ def load_init_from(spec: ExperimentSpec, registry: ComponentRegistry | None = No
     """
     source = spec.init_from
     if source is None:
-        return build_model(spec, registry), spec
+        return build_model(spec), spec
     if source.startswith(HF_PREFIX):
         directory = resolve_hf_source(source[len(HF_PREFIX):], cache_dir)
         config, hf_state = read_hf_checkpoint(directory)
-        imported = ModelSpec.model_validate(gpt2_model_section(config))
-        new_spec = _respec(spec, _merge_model_section(spec, imported, source), registry)
-        _check_attention(new_spec, registry)
-        state = _canonical_from_hf(hf_state, imported.n_layers, imported.tie_weights, str(directory))
+        fmt = weights_format(spec.registry, model_type=config.get("model_type"))
+        imported = ModelSpec.model_validate(fmt.model_section(config))
+        new_spec = _respec(spec, _merge_model_section(spec, imported, source))
+        fmt.check(new_spec.components, export=False)
+        model = build_model(new_spec)
+        fmt.load_state(model, hf_state, str(directory))
+        return model, new_spec
     else:
         if not Path(source).is_dir():
             raise CheckpointError(
@@ -598,23 +386,23 @@ def load_init_from(spec: ExperimentSpec, registry: ComponentRegistry | None = No
         ckpt, which = pick_checkpoint(source)
         if report is not None:
             report(f"init_from checkpoint: {ckpt} ({which})")
-        loaded, loaded_spec = load_model(ckpt, registry)
-        new_spec = _respec(spec, _merge_model_section(spec, loaded_spec.model, source), registry)
+        loaded, loaded_spec = load_model(ckpt, spec.registry)
+        new_spec = _respec(spec, _merge_model_section(spec, loaded_spec.model, source))
         if new_spec.model.attention == loaded_spec.model.attention:
-            model = build_model(new_spec, registry)
+            model = build_model(new_spec)
             model.load_state_dict(loaded.state_dict())  # same components: same state-dict keys
             return model, new_spec
-        # Another attention: only through the canonical layout, which both must speak.
+        # Another attention: only through a layout both speak (GPT-2's: the gpt2 capability).
+        fmt = weights_format(spec.registry, name=DEFAULT_EXPORT_FORMAT)
         for s in (loaded_spec, new_spec):
-            _check_attention(s, registry)
-        state = canonical_model_state(loaded)
-    model = build_model(new_spec, registry)
-    load_canonical_model_state(model, state, source)
-    return model, new_spec
+            fmt.check(s.components, export=False)
+        model = build_model(new_spec)
+        fmt.transfer(loaded, model, source)
+        return model, new_spec
 
 
-def _respec(spec: ExperimentSpec, model: dict[str, Any], registry: ComponentRegistry | None) -> ExperimentSpec:
+def _respec(spec: ExperimentSpec, model: dict[str, Any]) -> ExperimentSpec:
     data = spec.model_dump(mode="json", exclude_none=True)
     data.pop("preset", None)  # the model section is complete; a preset would be merged under it
     data["model"] = model
-    return parse_spec(data, source=f"init_from {spec.init_from}", registry=registry)
+    return parse_spec(data, source=f"init_from {spec.init_from}", registry=spec.registry)

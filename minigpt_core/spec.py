@@ -9,17 +9,23 @@ A spec is checked in two passes, both before anything is built:
 
 All problems come back as one :class:`~minigpt_core.errors.SpecError` whose
 entries carry dotted paths such as ``model.attention.params.window``.
+
+The second pass happens once: a parsed spec keeps its resolved components and the
+registry they came from (``spec.components``, ``spec.registry``), and everything that
+builds from a spec (model, tokenizer, data, checkpoints) reads them there instead of
+taking a registry argument. A spec changed after parsing is resolved again, against
+the same registry, the next time its components are asked for.
 """
 
 from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from . import _toml
 from .errors import ComponentBuildError, MinigptError, SpecError
@@ -51,6 +57,66 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+@dataclass(frozen=True)
+class _Resolution:
+    registry: ComponentRegistry
+    components: dict[str, "ResolvedComponent"]
+    fingerprint: str  # the section's JSON when it was resolved: a changed section resolves again
+
+
+class _Resolvable(_Strict):
+    """A section with component slots that remembers, once resolved, its components and their registry."""
+
+    _resolution: _Resolution | None = PrivateAttr(default=None)
+
+    def resolve(self, registry: ComponentRegistry | None = None) -> Any:
+        """Look the components up in ``registry`` (default: the process's) and return the spec itself.
+
+        For a spec made in Python rather than parsed: ``build_model(ModelSpec(...).resolve(registry))``.
+        """
+        resolve_components(self, registry)
+        return self
+
+    @property
+    def registry(self) -> ComponentRegistry:
+        """The registry this spec was resolved against (the process default if it never was)."""
+        if self._resolution is not None:
+            return self._resolution.registry
+        from ._plugins import get_registry
+
+        return get_registry()
+
+    @property
+    def components(self) -> dict[str, "ResolvedComponent"]:
+        """Every slot's registry entry and validated params, keyed like :func:`resolve_components`."""
+        r = self._resolution
+        if r is None or r.fingerprint != self.model_dump_json():
+            return resolve_components(self, self.registry)
+        return r.components
+
+    def __eq__(self, other: object) -> bool:
+        # Two specs are equal when they say the same thing, resolved or not.
+        if not isinstance(other, BaseModel):
+            return NotImplemented
+        return type(self) is type(other) and self.__dict__ == other.__dict__
+
+    __hash__ = None  # type: ignore[assignment]  (mutable, like every pydantic model)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Sent to worker processes and torchrun ranks without the registry (plugin modules, factories):
+        # they resolve again against their own.
+        state = super().__getstate__()
+        if state.get("__pydantic_private__"):
+            state["__pydantic_private__"] = {**state["__pydantic_private__"], "_resolution": None}
+        return state
+
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> Any:
+        memo = {} if memo is None else memo
+        if self._resolution is not None:  # a copy shares the registry and entries, never copies them
+            memo[id(self._resolution)] = self._resolution
+        return super().__deepcopy__(memo)
+
+
 class ComponentSlot(_Strict):
     """Which registered component fills a slot, and its own parameters."""
 
@@ -74,7 +140,7 @@ _slot = slot_field
 MODEL_SLOTS = ("attention", "norm", "activation", "feedforward", "positional", "block", "init")
 
 
-class ModelSpec(_Strict):
+class ModelSpec(_Resolvable):
     vocab_size: int = Field(50257, gt=0, description="number of token ids the embedding covers")
     context_length: int = Field(1024, gt=0, description="longest sequence the model attends over")
     emb_dim: int = Field(768, gt=0, description="width of the residual stream")
@@ -204,7 +270,7 @@ class WandbSpec(_Strict):
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 
 
-class ExperimentSpec(_Strict):
+class ExperimentSpec(_Resolvable):
     name: str = Field("experiment", description="run name (also the W&B run name and the directory "
                       "train.out_dir/<name>): letters, digits, '.', '_' and '-', at most 100 characters")
     description: str = Field("", description="free text")
@@ -323,25 +389,20 @@ def _cross_section_problems(spec: "ExperimentSpec") -> list[tuple[str, str]]:
     return problems
 
 
-def spec_warnings(spec: "ExperimentSpec", registry: ComponentRegistry | None = None,
-                  total_steps: int | None = None) -> list[str]:
+def spec_warnings(spec: "ExperimentSpec", total_steps: int | None = None) -> list[str]:
     """Settings that are valid but almost certainly not what was meant (printed by validate and train)."""
-    from ._plugins import get_registry
-
     out = []
     t = spec.train
     steps = total_steps if total_steps is not None else t.max_steps
     if steps is not None and t.warmup_steps > steps:
         out.append(f"train.warmup_steps ({t.warmup_steps}) is longer than the run ({steps} steps): the learning "
                    f"rate never reaches its peak train.lr ({t.lr:g}); lower train.warmup_steps")
-    registry = registry or get_registry()
-    m = spec.model
-    if ("attention", m.attention.name) in registry and ("positional", m.positional.name) in registry:
-        att, pos = registry.get("attention", m.attention.name), registry.get("positional", m.positional.name)
-        if att.has("positions") and pos.has("absolute"):
-            out.append(f"attention '{att.name}' encodes positions itself, and positional '{pos.name}' adds "
-                       f"absolute position embeddings on top: the model gets positions twice. Set "
-                       f"[model.positional] name = \"modern.none\" unless that is the experiment")
+    components = spec.model.components
+    att, pos = components["attention"].entry, components["positional"].entry
+    if att.has("positions") and pos.has("absolute"):
+        out.append(f"attention '{att.name}' encodes positions itself, and positional '{pos.name}' adds "
+                   f"absolute position embeddings on top: the model gets positions twice. Set "
+                   f"[model.positional] name = \"modern.none\" unless that is the experiment")
     return out
 
 
@@ -367,7 +428,8 @@ def parse_spec(data: Mapping[str, Any], source: str | None = None,
     if problems:
         raise SpecError(problems, source)
     resolved = resolve_components(spec, registry, source=source)
-    _record_local_plugins(spec, resolved, registry)
+    if _record_local_plugins(spec, resolved):
+        spec._resolution = replace(spec._resolution, fingerprint=spec.model_dump_json())
     return spec
 
 
@@ -383,17 +445,15 @@ def _load_spec_plugins(refs: Any, source: str | None, registry: ComponentRegistr
     return refs
 
 
-def _record_local_plugins(spec: ExperimentSpec, resolved: Mapping[str, ResolvedComponent],
-                          registry: ComponentRegistry | None) -> None:
+def _record_local_plugins(spec: ExperimentSpec, resolved: Mapping[str, ResolvedComponent]) -> bool:
     """List in the spec the local plugins (--plugin, MINIGPT_PLUGIN_PATH) its components come from,
     so a run's spec.toml alone finds them again (`minigpt sample RUN` from any directory)."""
-    from ._plugins import get_registry
-
-    local = {p.name: p.local_ref for p in (registry or get_registry()).plugins if p.local_ref}
+    local = {p.name: p.local_ref for p in spec.registry.plugins if p.local_ref}
     needed = [local[r.entry.plugin] for r in resolved.values() if r.entry.plugin in local]
     missing = [r for r in dict.fromkeys(needed) if r not in spec.plugins]
     if missing:
         spec.plugins = [*spec.plugins, *missing]
+    return bool(missing)
 
 
 def load_spec(path: str | Path, registry: ComponentRegistry | None = None,
@@ -479,40 +539,53 @@ def iter_slots(node: BaseModel, prefix: tuple[str, ...] = ()):
             yield from iter_slots(value, prefix + (fname,))
 
 
-def resolve_components(spec: ExperimentSpec, registry: ComponentRegistry | None = None,
-                       source: str | None = None) -> dict[str, ResolvedComponent]:
+def resolve_components(spec: ExperimentSpec | ModelSpec, registry: ComponentRegistry | None = None,
+                       source: str | None = None, *, entries: Mapping[tuple[str, str], ComponentEntry] | None = None,
+                       for_lm: bool = True) -> dict[str, ResolvedComponent]:
     """Look up every slot of the spec and validate its params; raise one SpecError with all problems.
 
     Returns the resolved slots keyed by dotted path without the ``model.`` prefix
-    (``attention``, ``norm``, ... ``tokenizer``, ``data.source``).
+    (``attention``, ``norm``, ... ``tokenizer``, ``data.source``) and stores them on the spec
+    (``spec.components``, ``spec.registry``). A bare model section resolves only its own slots,
+    so it needs no tokenizer or dataset plugin. ``entries`` stand in for registry lookups (the
+    conformance checks' component under test); ``for_lm=False`` lets through components that
+    declare they cannot serve in a language model.
     """
     from ._plugins import get_registry
 
     registry = registry or get_registry()
+    is_model = isinstance(spec, ModelSpec)
+    model = spec if is_model else spec.model
     problems: list[tuple[str, str]] = []
     resolved: dict[str, ResolvedComponent] = {}
-    for path, kind, chosen in iter_slots(spec):
+    for path, kind, chosen in iter_slots(spec, ("model",) if is_model else ()):
         key = ".".join(path[1:] if path[0] == "model" else path)
-        if (kind, chosen.name) not in registry:
-            problems.append((_path(path + ("name",)), registry.unknown_message(kind, chosen.name)))
-            continue
-        entry = registry.get(kind, chosen.name)
+        entry = (entries or {}).get((kind, chosen.name))
+        if entry is None:
+            if (kind, chosen.name) not in registry:
+                problems.append((_path(path + ("name",)), registry.unknown_message(kind, chosen.name)))
+                continue
+            entry = registry.get(kind, chosen.name)
         try:
             params = entry.make_params(chosen.params)
         except ValidationError as err:
             problems += _problems(err, path + ("params",))
             continue
-        if entry.not_for_lm:
+        if entry.not_for_lm and for_lm:
             problems.append((_path(path + ("name",)),
                              f"'{entry.name}' cannot be used in a language model: {entry.not_for_lm}"))
             continue
         if entry.check is not None:
             try:
-                entry.check(spec.model, params)
+                entry.check(model, params)
             except ValueError as exc:
                 problems.append((_path(path), f"{entry.name}: {exc}"))
                 continue
         resolved[key] = ResolvedComponent(key, entry, params)
     if problems:
         raise SpecError(problems, source)
+    spec._resolution = _Resolution(registry, resolved, spec.model_dump_json())
+    if not is_model:  # the model section alone (build_model(spec.model)) reuses the same lookups
+        own = {k: v for k, v in resolved.items() if k in MODEL_SLOTS}
+        spec.model._resolution = _Resolution(registry, own, spec.model.model_dump_json())
     return resolved

@@ -78,9 +78,9 @@ def summarize(model: GPT) -> ParameterSummary:
     return ParameterSummary(rows, total, head, tied, flops)
 
 
-def summarize_spec(spec, registry=None) -> ParameterSummary:
+def summarize_spec(spec) -> ParameterSummary:
     """Build on the meta device (no memory, no init cost) and count."""
     from .model import build_model
 
     with torch.device("meta"):
-        return summarize(build_model(spec, registry, seed=None))
+        return summarize(build_model(spec, seed=None))

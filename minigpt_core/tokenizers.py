@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from .errors import MinigptError
 from .registry import ComponentRegistry
-from .spec import ExperimentSpec, resolve_components
+from .spec import ExperimentSpec
 
 __all__ = ["Tokenizer", "TokenizerContext", "TokenizerError", "build_tokenizer", "tokenizer_from_state"]
 
@@ -47,12 +47,12 @@ class TokenizerContext:
     state: Mapping[str, Any] | None = None  # a saved Tokenizer.state() to rebuild from
 
 
-def build_tokenizer(spec: ExperimentSpec | str, registry: ComponentRegistry | None = None,
-                    training_text: str | None = None) -> Tokenizer:
+def build_tokenizer(spec: ExperimentSpec | str, training_text: str | None = None, *,
+                    registry: ComponentRegistry | None = None) -> Tokenizer:
     """The tokenizer the spec's ``tokenizer`` slot names, checked against ``model.vocab_size``.
 
     ``spec`` may also be a registered tokenizer name (``"gpt2"``, ``"char"``), built with its
-    default params and no vocabulary check.
+    default params and no vocabulary check (looked up in ``registry``, default the process's).
     """
     if isinstance(spec, str):
         from .spec import parse_spec
@@ -64,7 +64,7 @@ def build_tokenizer(spec: ExperimentSpec | str, registry: ComponentRegistry | No
             f"build_tokenizer takes an ExperimentSpec (e.g. load_spec('experiments/tiny.toml')) or a "
             f"tokenizer name such as 'gpt2' or 'char'; got {type(spec).__name__} {spec!r:.80}."
         )
-    slot = resolve_components(spec, registry)["tokenizer"]
+    slot = spec.components["tokenizer"]
     tok = slot.entry.factory(TokenizerContext(training_text=training_text), slot.params)
     # Entries check vocab sizes they know up front; this catches ones learnt from the text (char).
     if tok.n_vocab > spec.model.vocab_size:

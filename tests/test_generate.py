@@ -16,7 +16,7 @@ def _model(registry, attention="book.multihead", context_length=32):
         "drop_rate": 0.1, "qkv_bias": True, "attention": {"name": attention},
         # A wide init gives peaked, varied predictions (a 0.02 init predicts almost uniformly).
         "init": {"name": "gpt2.normal", "params": {"std": 0.3}}}}, registry=registry)
-    return build_model(spec, registry)
+    return build_model(spec)
 
 
 @pytest.fixture

@@ -81,7 +81,7 @@ def test_import_matches_transformers_logits_and_greedy_generation(hf_small, regi
 @pytest.mark.parametrize("attention", GPT2_ATTENTIONS)
 def test_export_loads_in_transformers_with_identical_logits(hf_small, registry, tmp_path, attention):
     model, spec = import_hf(hf_small["dir"], registry, attention={"name": attention})
-    export_hf(model, spec, tmp_path / "out", registry)
+    export_hf(model, spec, tmp_path / "out")
     reloaded = GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
         assert _max_diff(reloaded(hf_small["idx"]).logits, hf_small["logits"]) <= 1e-6
@@ -97,8 +97,8 @@ def test_book_recipe_model_exports_exactly(registry, tmp_path, tie):
         "vocab_size": 50257, "context_length": 32, "emb_dim": 32, "n_heads": 2, "n_layers": 2,
         "qkv_bias": False, "tie_weights": tie, "init": {"name": "gpt2.normal", "params": {"std": 0.2}},
         "norm": {"params": {"eps": 1e-6}}, "feedforward": {"params": {"expansion": 2}}}}, registry=registry)
-    model = build_model(spec, registry).eval()
-    export_hf(model, spec, tmp_path, registry)
+    model = build_model(spec).eval()
+    export_hf(model, spec, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert (config["tie_word_embeddings"], config["n_inner"], config["layer_norm_epsilon"]) == (tie, 64, 1e-6)
     hf = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
@@ -116,7 +116,7 @@ def test_export_refuses_non_gpt2_components(registry, tmp_path):
     spec = parse_spec({"model": {"vocab_size": 50257, "context_length": 16, "emb_dim": 32, "n_heads": 2,
                                  "n_layers": 1, "attention": {"name": "book.causal"}}}, registry=registry)
     with pytest.raises(PretrainedError) as err:
-        export_hf(build_model(spec, registry), spec, tmp_path / "out", registry)
+        export_hf(build_model(spec), spec, tmp_path / "out")
     assert "model.attention" in str(err.value) and "book.causal" in str(err.value)
     assert not (tmp_path / "out").exists()  # refused before writing anything
 
@@ -161,7 +161,7 @@ def test_init_from_hf_in_an_experiment_file(hf_small, registry):
                        "model": {"attention": {"name": attention}, "drop_rate": 0.0, "n_layers": 6}},
                       registry=registry)
     with pytest.warns(UserWarning, match=r"model.n_layers=6 is ignored"):
-        model, resolved = load_init_from(spec, registry)
+        model, resolved = load_init_from(spec)
     assert resolved.name == "finetune" and resolved.init_from == spec.init_from
     assert resolved.model.attention.name == attention and resolved.model.drop_rate == 0.0
     assert resolved.model.n_layers == 2 and resolved.model.qkv_bias
@@ -169,29 +169,29 @@ def test_init_from_hf_in_an_experiment_file(hf_small, registry):
         assert _max_diff(model.eval()(hf_small["idx"]), hf_small["logits"]) <= TOL
     bad = parse_spec({"init_from": spec.init_from, "model": {"attention": {"name": "book.causal"}}}, registry=registry)
     with pytest.raises(PretrainedError, match="model.attention: 'book.causal'"):
-        load_init_from(bad, registry)
+        load_init_from(bad)
 
 
 def test_init_from_a_minigpt_checkpoint_switches_attention(hf_small, registry, tmp_path):
     model, spec = import_hf(hf_small["dir"], registry)
-    save_model(model, spec, tmp_path / "ckpt", registry=registry)
+    save_model(model, spec, tmp_path / "ckpt")
     for attention in GPT2_ATTENTIONS:
         file = parse_spec({"init_from": str(tmp_path / "ckpt"), "model": {"attention": {"name": attention}}},
                           registry=registry)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # nothing in the file conflicts with the checkpoint
-            started, resolved = load_init_from(file, registry)
+            started, resolved = load_init_from(file)
         assert resolved.model.attention.name == attention
         with torch.no_grad():
             assert _max_diff(started.eval()(hf_small["idx"]), hf_small["logits"]) <= TOL
     with pytest.raises(CheckpointError, match="no such checkpoint directory"):
-        load_init_from(ExperimentSpec(init_from=str(tmp_path / "missing")), registry)
+        load_init_from(ExperimentSpec(init_from=str(tmp_path / "missing")))
     # A training run's directory means its latest checkpoint.
     from minigpt_core.train.state import save_checkpoint
     save_checkpoint(tmp_path / "run" / "checkpoints", 3, model=model, spec=spec,
                     model_state=model.state_dict(), optimizer_state={"state": {}, "param_groups": []},
-                    rng_states=[{"cpu": torch.get_rng_state()}], trainer={}, meta={}, registry=registry)
-    started, _ = load_init_from(ExperimentSpec(init_from=str(tmp_path / "run")), registry)
+                    rng_states=[{"cpu": torch.get_rng_state()}], trainer={}, meta={})
+    started, _ = load_init_from(ExperimentSpec(init_from=str(tmp_path / "run")))
     with torch.no_grad():
         assert _max_diff(started.eval()(hf_small["idx"]), hf_small["logits"]) <= TOL
 

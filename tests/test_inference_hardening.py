@@ -68,14 +68,14 @@ def test_a_checkpoint_without_trainer_json_is_verified_too(tmp_path, registry):
     # import-hf writes such checkpoints (save_model alone): meta.json records the hashes.
     spec = parse_spec({"model": {"vocab_size": 64, "context_length": 16, "emb_dim": 16, "n_heads": 2,
                                  "n_layers": 1}, "tokenizer": {"name": "char"}}, registry=registry)
-    save_model(build_model(spec, registry), spec, tmp_path / "ckpt", registry=registry)
+    save_model(build_model(spec), spec, tmp_path / "ckpt")
     assert set(json.loads((tmp_path / "ckpt" / "meta.json").read_text())["sha256"]) == \
         {"model.safetensors", "spec.toml"}
     load_model(tmp_path / "ckpt", registry)  # intact: loads
     _flip_last_byte(tmp_path / "ckpt" / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"model\.safetensors is truncated or corrupt"):
         load_model(tmp_path / "ckpt", registry)
-    save_model(build_model(spec, registry), spec, tmp_path / "ckpt2", registry=registry)
+    save_model(build_model(spec), spec, tmp_path / "ckpt2")
     spec_file = tmp_path / "ckpt2" / "spec.toml"
     spec_file.write_text(spec_file.read_text().replace("n_layers = 1", "n_layers = 1 "))
     with pytest.raises(CheckpointError, match=r"spec\.toml is truncated or corrupt"):
@@ -141,7 +141,7 @@ def test_generate_refuses_nan_settings_from_python_too(registry):
 
     model = build_model(parse_spec({"model": {"vocab_size": 64, "context_length": 16, "emb_dim": 16,
                                               "n_heads": 2, "n_layers": 1}, "tokenizer": {"name": "char"}},
-                                  registry=registry), registry)
+                                  registry=registry))
     with pytest.raises(SamplingError, match="top_p"):
         generate(model, torch.zeros(1, 2, dtype=torch.long), 3, temperature=1.0, top_p=float("nan"))
 
@@ -224,7 +224,7 @@ def test_eval_says_how_many_windows_against_the_training_log(run, capsys):
 def test_generation_past_the_context_says_so_once(registry):
     model = build_model(parse_spec({"model": {"vocab_size": 64, "context_length": 8, "emb_dim": 16,
                                               "n_heads": 2, "n_layers": 1}, "tokenizer": {"name": "char"}},
-                                  registry=registry), registry)
+                                  registry=registry))
     prompt = torch.tensor([[1, 2, 3, 4]])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -253,19 +253,19 @@ def test_torch_layernorm_exports_as_gpt2_layernorm(tmp_path, registry):
                                      "n_layers": 2, "qkv_bias": True,
                                      "norm": {"name": "torch.layernorm", "params": {"bias": bias}}},
                            "tokenizer": {"name": "char"}}, registry=registry)
-        model = build_model(spec, registry).eval()
+        model = build_model(spec).eval()
         with torch.no_grad():  # gains and biases that are not the initial ones and zeros
             for name, p in model.named_parameters():
                 if "norm" in name:
                     p.add_(torch.randn_like(p) * 0.1)
-        out = export_hf(model, spec, tmp_path / f"hf-{bias}", registry,
+        out = export_hf(model, spec, tmp_path / f"hf-{bias}",
                         tokenizer_state={"name": "char", "chars": chars})
         hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
         idx = torch.randint(0, 64, (2, 10))
         with torch.no_grad():
             assert (hf(idx).logits - model(idx)).abs().max() <= 1e-5
     with pytest.warns(UserWarning, match="has no tokenizer files.*'char' tokenizer.*not GPT-2's"):
-        export_hf(model, spec, tmp_path / "no-state", registry)  # a char tokenizer without its vocabulary
+        export_hf(model, spec, tmp_path / "no-state")  # a char tokenizer without its vocabulary
 
 
 def test_char_tokenizer_export_loads_with_transformers(run, tmp_path, capsys):
@@ -330,5 +330,5 @@ def test_readme_python_snippets_run(registry, monkeypatch):
             namespace["minigpt_register"](own)
             ((kind, name),) = {(e.kind, e.name) for e in own.entries()} - before
             spec = parse_spec({"preset": "tiny", "model": {kind: {"name": name}}}, registry=own)
-            assert build_model(spec, own)(torch.zeros(1, 8, dtype=torch.long)).shape[:2] == (1, 8)
+            assert build_model(spec)(torch.zeros(1, 8, dtype=torch.long)).shape[:2] == (1, 8)
     assert ran >= 3

@@ -107,7 +107,7 @@ def test_every_kind_has_a_documented_protocol_and_kinds_are_derived_from_them():
         doc = protocol.__doc__
         assert doc.strip().splitlines()[0].rstrip(".") == api.KINDS[kind]
         assert f"``{kind}`` kind" in doc, f"{protocol.__name__} does not say which kind it is the contract of"
-        ctx = {"tokenizer": "TokenizerContext", "dataset": "DataContext"}.get(kind, "BuildContext")
+        ctx = {"tokenizer": "TokenizerContext", "dataset": "DataContext", "weights": "no context"}.get(kind, "BuildContext")
         assert ctx in doc, f"{protocol.__name__} does not say that the factory gets a {ctx}"
 
 
@@ -180,3 +180,21 @@ def test_the_guide_examples_run(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     assert "hook exploded" in proc.stdout and "unavailable here" in proc.stdout
+
+
+def test_the_core_imports_no_first_party_plugin_and_names_none_of_their_weights():
+    """GPT-2 interop lives in the gpt2 plugin (the `weights` component gpt2.hf): the core neither
+    imports a first-party plugin nor spells out a plugin's state-dict names or Hugging Face's."""
+    core = sorted((ROOT / "minigpt_core").rglob("*.py"))
+    imports = [f"{p.relative_to(ROOT)}:{line}: {module}" for p in core
+               for line, module in _imported_modules(ast.parse(p.read_text(encoding="utf-8"), str(p)))
+               if module.split(".")[0] in FIRST_PARTY]
+    assert imports == []
+    # Hugging Face GPT-2's tensor names, and the book block's state-dict keys the mapping needs.
+    names = re.compile(r"\bln_[12f]\b|\bc_attn\b|\bc_proj\b|\bc_fc\b|\bwte\b|\bwpe\b|\blm_head\b|encoder\.json|"
+                       r"vocab\.bpe|merges\.txt|\bnorm[12]\.(scale|shift)\b|\bff\.layers\.|trf_blocks\.\d|"
+                       r"trf_blocks\.\{")
+    named = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}" for p in core
+             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if names.search(line)]
+    assert named == []
+    assert ("weights", "gpt2.hf") in minigpt_core.load_registry()

@@ -83,7 +83,7 @@ def test_third_party_plugin_is_discovered_and_used_in_a_spec(site):
     spec = spec_from_preset("tiny", registry=reg, model={
         "n_layers": 2, "emb_dim": 32, "n_heads": 2, "context_length": 16, "vocab_size": 100,
         "attention": {"name": "third.tempered", "params": {"temperature": 2.0}}}, tokenizer={"name": "char"})
-    model = build_model(spec, reg)
+    model = build_model(spec)
     assert type(model.trf_blocks[0].att).__name__ == "TemperedAttention"
     assert model.trf_blocks[0].att.temperature == 2.0
     assert model(torch.randint(0, 100, (2, 16))).shape == (2, 16, 100)

@@ -121,10 +121,10 @@ def test_validation_happens_before_building(registry):
                                                     "activation": {"name": "nope.act"}},
                                           "tokenizer": {"name": "char"}})
     with pytest.raises(SpecError, match="model.activation.name"):
-        build_model(spec, registry)
+        build_model(spec.resolve(registry))
     assert built == []
     build_model(spec.model_copy(update={"model": spec.model.model_copy(
-        update={"activation": spec.model.activation.model_copy(update={"name": "book.gelu"})})}), registry)
+        update={"activation": spec.model.activation.model_copy(update={"name": "book.gelu"})})}).resolve(registry))
     assert len(built) == 2 * TINY["n_layers"] + 1  # two per block and the final norm
 
 

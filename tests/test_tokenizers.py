@@ -62,7 +62,7 @@ def _spec(registry, vocab_size=50257, **tokenizer):
 
 
 def test_gpt2_is_tiktokens_gpt2_encoding(registry, reference_gpt2, no_tiktoken_cache):
-    tok = build_tokenizer(_spec(registry), registry)  # empty cache: built from the packaged files
+    tok = build_tokenizer(_spec(registry))  # empty cache: built from the packaged files
     assert isinstance(tok, Tokenizer)
     assert tok.encoding is not reference_gpt2
     assert (tok.name, tok.n_vocab, tok.eot_id) == ("gpt2", 50257, 50256)
@@ -106,7 +106,7 @@ def test_corrupted_vocabulary_file_is_refused(registry, tmp_path, name):
     (tmp_path / name).write_bytes(bytes(data))
     spec = _spec(registry, name="gpt2", params={"vocab_dir": str(tmp_path)})
     with pytest.raises(TokenizerError) as err:
-        build_tokenizer(spec, registry)
+        build_tokenizer(spec)
     msg = str(err.value)
     assert name in msg and "sha256" in msg and GPT2_FILES[name][1] in msg and "reinstall" in msg.lower()
     # The unmodified files in another directory still work.
@@ -114,12 +114,12 @@ def test_corrupted_vocabulary_file_is_refused(registry, tmp_path, name):
     good.mkdir()
     for f in GPT2_FILES:
         shutil.copy(packaged_gpt2_dir() / f, good / f)
-    tok = build_tokenizer(_spec(registry, name="gpt2", params={"vocab_dir": str(good)}), registry)
+    tok = build_tokenizer(_spec(registry, name="gpt2", params={"vocab_dir": str(good)}))
     assert tok.encode("hello world") == [31373, 995]
     (good / "vocab.bpe").unlink()
     gpt2_encoding.cache_clear()
     with pytest.raises(TokenizerError, match="Cannot read GPT-2's vocab.bpe"):
-        build_tokenizer(_spec(registry, name="gpt2", params={"vocab_dir": str(good)}), registry)
+        build_tokenizer(_spec(registry, name="gpt2", params={"vocab_dir": str(good)}))
 
 
 def test_tiktoken_encoding_by_name(registry, reference_gpt2, no_tiktoken_cache):
@@ -129,7 +129,7 @@ def test_tiktoken_encoding_by_name(registry, reference_gpt2, no_tiktoken_cache):
     lines = (base64.b64encode(t) + b" " + str(r).encode() + b"\n"
              for t, r in sorted(reference_gpt2._mergeable_ranks.items(), key=lambda kv: kv[1]))
     (no_tiktoken_cache / hashlib.sha1(url.encode()).hexdigest()).write_bytes(b"".join(lines))
-    tok = build_tokenizer(_spec(registry, name="tiktoken", params={"encoding": "r50k_base"}), registry)
+    tok = build_tokenizer(_spec(registry, name="tiktoken", params={"encoding": "r50k_base"}))
     assert (tok.n_vocab, tok.eot_id) == (50257, 50256)
     assert tok.encode(TEXT) == reference_gpt2.encode(TEXT, allowed_special="all")
     assert tokenizer_from_state(json.loads(json.dumps(tok.state())), registry).encode("a b") == tok.encode("a b")
@@ -153,7 +153,7 @@ def test_vocab_size_is_checked_against_the_tokenizer(registry):
 def test_char_tokenizer_learns_saves_and_restores(registry):
     text = "to be or not to be\nthat is the question: ünïcode 🙂"
     spec = _spec(registry, vocab_size=64, name="char")
-    tok = build_tokenizer(spec, registry, training_text=text)
+    tok = build_tokenizer(spec, training_text=text)
     assert tok.n_vocab == len(set(text)) and tok.eot_id is None
     ids = tok.encode(text)
     assert tok.decode(ids) == text and max(ids) == tok.n_vocab - 1
@@ -163,14 +163,14 @@ def test_char_tokenizer_learns_saves_and_restores(registry):
     with pytest.raises(TokenizerError, match="no id for 1 character"):
         tok.encode("question?")
     with pytest.raises(TokenizerError, match="training text"):
-        build_tokenizer(spec, registry)
+        build_tokenizer(spec)
     small = _spec(registry, vocab_size=8, name="char")
     with pytest.raises(TokenizerError, match=f"at least {tok.n_vocab}"):
-        build_tokenizer(small, registry, training_text=text)
+        build_tokenizer(small, training_text=text)
 
 
 def test_state_round_trip_and_bad_states(registry):
-    tok = build_tokenizer(_spec(registry), registry)
+    tok = build_tokenizer(_spec(registry))
     state = json.loads(json.dumps(tok.state()))
     assert state["name"] == "gpt2"
     assert tokenizer_from_state(state, registry).encode(TEXT) == tok.encode(TEXT)

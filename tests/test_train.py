@@ -127,7 +127,7 @@ def test_auxiliary_loss_is_trained_on_and_logged(tmp_path):
     reg = load_registry(extra_plugins=[("auxtest", _AuxPlugin())])
     raw = tiny_spec_data(tmp_path, train={"max_steps": 15, "eval_every": 0, "save_every": 0})
     raw["model"]["feedforward"] = {"name": "auxtest.ff"}
-    result = train(parse_spec(raw, registry=reg), registry=reg, **quiet)
+    result = train(parse_spec(raw, registry=reg), **quiet)
     aux = losses(result.run_dir, "train/aux_loss")
     assert list(aux) == list(range(1, 16))
     # Only the objective pulls the feed-forward outputs towards zero this fast.

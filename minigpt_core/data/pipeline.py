@@ -17,8 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import SpecError
-from ..registry import ComponentRegistry
-from ..spec import ExperimentSpec, resolve_components
+from ..spec import ExperimentSpec
 from ..tokenizers import Tokenizer, TokenizerError, build_tokenizer, tokenizer_from_state
 from .corpus import Split, TokenCorpus, split_corpus
 from .shards import FORMAT_VERSION, ShardSet, is_shard_dir, open_shards, write_shards
@@ -40,8 +39,8 @@ def cache_dir(spec: ExperimentSpec) -> Path:
     return Path(spec.data.cache_dir).expanduser() if spec.data.cache_dir else default_cache_dir()
 
 
-def build_source(spec: ExperimentSpec, registry: ComponentRegistry | None = None) -> TextSource | TokenSource:
-    slot = resolve_components(spec, registry)["data.source"]
+def build_source(spec: ExperimentSpec) -> TextSource | TokenSource:
+    slot = spec.components["data.source"]
     source = slot.build(DataContext(cache_dir(spec)))
     if not isinstance(source, (TextSource, TokenSource)):
         raise DataError(
@@ -51,17 +50,16 @@ def build_source(spec: ExperimentSpec, registry: ComponentRegistry | None = None
     return source
 
 
-def text_tokenizer(spec: ExperimentSpec, source: TextSource, registry: ComponentRegistry | None = None,
-                   state: dict[str, Any] | None = None) -> Tokenizer:
+def text_tokenizer(spec: ExperimentSpec, source: TextSource, state: dict[str, Any] | None = None) -> Tokenizer:
     """The spec's tokenizer (or the saved one), learning its vocabulary from the source if it must."""
     if state is not None:
-        return tokenizer_from_state(state, registry)
+        return tokenizer_from_state(state, spec.registry)
     try:
-        return build_tokenizer(spec, registry)
+        return build_tokenizer(spec)
     except TokenizerError:
         # Tokenizers that learn a vocabulary (char) refuse to build without the training text;
         # documents are joined as the shards join them. Any other error recurs below.
-        return build_tokenizer(spec, registry, training_text="\n\n".join(source.documents()))
+        return build_tokenizer(spec, training_text="\n\n".join(source.documents()))
 
 
 def _cache_key(fingerprint: str, tokenizer: Tokenizer) -> str:
@@ -70,9 +68,9 @@ def _cache_key(fingerprint: str, tokenizer: Tokenizer) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def _check_token_source(spec: ExperimentSpec, shards: ShardSet, registry: ComponentRegistry | None) -> None:
+def _check_token_source(spec: ExperimentSpec, shards: ShardSet) -> None:
     saved = shards.tokenizer_state
-    wanted = resolve_components(spec, registry)["tokenizer"]
+    wanted = spec.components["tokenizer"]
     wanted_params = wanted.params.model_dump(exclude_none=True)
     if saved.get("name") != wanted.entry.name or {k: v for k, v in (saved.get("params") or {}).items()
                                                  if v is not None} != wanted_params:
@@ -84,23 +82,23 @@ def _check_token_source(spec: ExperimentSpec, shards: ShardSet, registry: Compon
         )
 
 
-def load_tokens(spec: ExperimentSpec, registry: ComponentRegistry | None = None, *,
+def load_tokens(spec: ExperimentSpec, *,
                 tokenizer_state: dict[str, Any] | None = None, progress: bool = True, writer: bool = True,
                 barrier: Callable[[], None] | None = None) -> tuple[Tokenizer, ShardSet, str]:
     """(tokenizer, shards, description) for the spec's data source, tokenizing into the cache if needed.
 
     In a multi-process run only the ``writer`` process tokenizes; the others wait at ``barrier``.
     """
-    source = build_source(spec, registry)
+    source = build_source(spec)
     if isinstance(source, TokenSource):
         shards = source.open()
         if tokenizer_state is None:
-            _check_token_source(spec, shards, registry)
-        tokenizer = tokenizer_from_state(tokenizer_state or shards.tokenizer_state, registry)
+            _check_token_source(spec, shards)
+        tokenizer = tokenizer_from_state(tokenizer_state or shards.tokenizer_state, spec.registry)
         if barrier:
             barrier()
         return tokenizer, shards, source.describe()
-    tokenizer = text_tokenizer(spec, source, registry, tokenizer_state)
+    tokenizer = text_tokenizer(spec, source, tokenizer_state)
     path = cache_dir(spec) / "tokens" / _cache_key(source.fingerprint(), tokenizer)
     if writer and not is_shard_dir(path):
         try:
@@ -140,11 +138,11 @@ def _check_token_ids(shards: ShardSet, vocab_size: int) -> None:
             )
 
 
-def load_training_data(spec: ExperimentSpec, registry: ComponentRegistry | None = None, *,
+def load_training_data(spec: ExperimentSpec, *,
                        tokenizer_state: dict[str, Any] | None = None, progress: bool = True,
                        writer: bool = True, barrier: Callable[[], None] | None = None) -> TrainingData:
     max_length = sample_length(spec)
-    tokenizer, shards, desc = load_tokens(spec, registry, tokenizer_state=tokenizer_state, progress=progress,
+    tokenizer, shards, desc = load_tokens(spec, tokenizer_state=tokenizer_state, progress=progress,
                                           writer=writer, barrier=barrier)
     if tokenizer.n_vocab > spec.model.vocab_size:
         raise SpecError([("model.vocab_size", f"{spec.model.vocab_size} is smaller than the {tokenizer.name} "

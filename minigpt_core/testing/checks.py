@@ -278,26 +278,14 @@ def check_attention_weights(s: Subject) -> None:
 
 
 def _canonical_or_skip(s: Subject, module: nn.Module) -> tuple[dict[str, torch.Tensor], bool]:
-    """The module's weights in the canonical layout, and whether it can load them back.
+    """The module's weights in the canonical layout, and whether it can load them back (gpt2 attentions).
 
-    Head-concatenating wrappers (the book's MultiHeadAttentionWrapper: ``heads`` with their own
-    W_query/W_key/W_value and no output projection) are multi-head attention whose output
-    projection is the identity.
+    A multi-head attention without the gpt2 capability can still be compared when it maps its own
+    weights onto the canonical layout (``canonical_state()``; e.g. a head-concatenating wrapper,
+    whose output projection is the identity).
     """
-    if s.entry.has("gpt2"):
-        return attention_canonical_state(module), True
-    heads = getattr(module, "heads", None)
-    if isinstance(heads, nn.ModuleList) and not hasattr(module, "out_proj") and \
-            all(hasattr(h, "W_query") for h in heads):
-        state = {}
-        for name in ("W_query", "W_key", "W_value"):
-            for part in ("weight", "bias"):
-                if getattr(getattr(heads[0], name), part) is not None:
-                    state[f"{name}.{part}"] = torch.cat([getattr(getattr(h, name), part).detach() for h in heads])
-        c = state["W_query.weight"].shape[0]
-        state["out_proj.weight"] = torch.eye(c, device=state["W_query.weight"].device)
-        state["out_proj.bias"] = torch.zeros(c, device=state["W_query.weight"].device)
-        return state, False
+    if s.entry.has("gpt2") or hasattr(module, "canonical_state"):
+        return attention_canonical_state(module), s.entry.has("gpt2")
     raise CheckSkipped(f"{s.label} has no canonical (GPT-2) weight layout to copy weights through")
 
 
@@ -439,3 +427,27 @@ def check_dataset_source(s: Subject) -> None:
         if first != [d for d, _ in zip(again.documents(), range(3))]:
             raise s.fail("documents() yields a different order on a second read")
 
+
+
+@conformance_check("weights_roundtrip", "a model's weights written in the format and read back give the same "
+                   "logits; its config reads back as the same shape", {"weights"})
+def check_weights_roundtrip(s: Subject) -> None:
+    from ..errors import PretrainedError
+
+    fmt = s.entry.factory(None, s.validated_params())
+    model_spec = s.model_spec()
+    try:
+        fmt.check(s.components(model_spec), export=True)
+    except PretrainedError as exc:
+        raise CheckSkipped(f"{s.label} cannot write the tiny model of the checks' default components: {exc}")
+    model, fresh = s.tiny_gpt(seed=0).eval(), s.tiny_gpt(seed=1).eval()
+    fmt.load_state(fresh, fmt.state(model), f"{s.label}'s own output")
+    idx = torch.randint(0, model_spec.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _expect_close(s, fresh(idx.to(s.device)), model(idx.to(s.device)), "logits after state() -> load_state()")
+    section = fmt.model_section(fmt.config(model))
+    shape = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "tie_weights")
+    got = {k: section.get(k) for k in shape}
+    want = {k: getattr(model_spec, k) for k in shape}
+    if got != want:
+        raise s.fail(f"model_section(config(model)) describes {got}, but the model is {want}")

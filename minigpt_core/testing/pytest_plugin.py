@@ -58,23 +58,15 @@ def tiny_spec() -> Callable[..., Any]:
 def tiny_model(minigpt_registry, tiny_spec) -> Callable[..., Any]:
     import torch
 
-    from minigpt_core.model import GPT
-    from minigpt_core.spec import MODEL_SLOTS, ResolvedComponent
+    from minigpt_core.model import GPT, build_model  # noqa: F401 (GPT: the return type)
+    from minigpt_core.spec import resolve_components
     from minigpt_core.testing.subject import seeded
 
     def make(seed: int = 0, **overrides: Any) -> GPT:
-        # The model section alone: build_model would also resolve a tokenizer and data source.
         model = tiny_spec(**overrides)
-        components = {}
-        for slot in MODEL_SLOTS:
-            chosen = getattr(model, slot)
-            entry = minigpt_registry.get(slot, chosen.name)
-            params = entry.make_params(chosen.params)
-            if entry.check is not None:
-                entry.check(model, params)
-            components[slot] = ResolvedComponent(slot, entry, params)
+        resolve_components(model, minigpt_registry)  # the model section alone: no tokenizer or dataset needed
         with seeded(seed, torch.device("cpu")):
-            return GPT(model, components)
+            return build_model(model)
     return make
 
 

@@ -12,7 +12,8 @@ from pydantic import ValidationError
 from ..errors import MinigptError
 from ..model import GPT, BuildContext
 from ..registry import ComponentEntry, ComponentRegistry
-from ..spec import MODEL_SLOTS, ComponentSlot, ModelSpec, ResolvedComponent
+from ..errors import SpecError
+from ..spec import MODEL_SLOTS, ComponentSlot, ModelSpec, ResolvedComponent, resolve_components
 
 __all__ = ["TINY_MODEL", "MODULE_KINDS", "SEQUENCE_KINDS", "CheckFailed", "CheckSkipped", "ConformanceError",
            "Subject"]
@@ -86,24 +87,16 @@ class Subject:
         return ModelSpec(**fields)
 
     def components(self, model: ModelSpec) -> dict[str, ResolvedComponent]:
-        """Every model slot resolved like :func:`resolve_components` does, for the model section only.
-
-        (The spec-wide resolver also checks tokenizer and data slots, which a tiny model has no
-        use for.) This entry skips the not-for-LM rule so teaching attentions can be checked.
-        """
-        out = {}
-        for slot in MODEL_SLOTS:
-            chosen = getattr(model, slot)
-            entry = self.entry if (slot, chosen.name) == (self.entry.kind, self.entry.name) else \
-                self.registry.get(slot, chosen.name)
-            params = self.validated_params() if entry is self.entry else entry.make_params(chosen.params)
-            if entry.check is not None:
-                try:
-                    entry.check(model, params)
-                except ValueError as exc:
-                    raise self.fail(f"cannot be built at the checks' tiny sizes: {entry.name}: {exc}") from None
-            out[slot] = ResolvedComponent(slot, entry, params)
-        return out
+        """The model section resolved as a spec is (:func:`resolve_components`), with this entry in
+        its slot even where the registry has no such entry, and teaching attentions that declare
+        they cannot serve a language model let through so they can be checked."""
+        if self.entry.kind in MODEL_SLOTS:
+            self.validated_params()  # required params the checks have no values for: skip, not fail
+        try:
+            return resolve_components(model, self.registry, entries={(self.entry.kind, self.entry.name): self.entry},
+                                      for_lm=False)
+        except SpecError as exc:
+            raise self.fail(f"cannot be built at the checks' tiny sizes: {exc}") from None
 
     def build(self, seed: int = 0, **model_overrides: Any) -> Any:
         """This component as its factory makes it, on the device, in train mode."""

@@ -103,7 +103,7 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, 
 # -- writing -------------------------------------------------------------------------------
 def save_checkpoint(root: Path, step: int, *, model: torch.nn.Module, spec, model_state: dict[str, torch.Tensor],
                     optimizer_state: dict[str, Any], rng_states: list[dict[str, torch.Tensor]],
-                    trainer: dict[str, Any], meta: dict[str, Any], registry=None, keep_last: int = 2,
+                    trainer: dict[str, Any], meta: dict[str, Any], keep_last: int = 2,
                     best_step: int | None = None) -> Path:
     """Write checkpoint ``step`` under ``root`` atomically, update latest/best, prune old ones."""
     from safetensors.torch import save
@@ -113,7 +113,7 @@ def save_checkpoint(root: Path, step: int, *, model: torch.nn.Module, spec, mode
     _recover(root)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
     try:
-        save_model(model, spec, tmp, meta=meta, registry=registry, state=model_state)
+        save_model(model, spec, tmp, meta=meta, state=model_state)
         tensors, rest = flatten_optimizer_state(optimizer_state)
         atomic_write_bytes(tmp / OPTIMIZER_FILE, save(tensors))
         rng = {f"{kind}/{rank}": t.contiguous() for rank, states in enumerate(rng_states)

@@ -27,7 +27,7 @@ import torch
 
 from .. import __version__
 from .._disk import NO_SPACE, disk_full_error, reporting_full_disk
-from ..checkpoint import _plugin_versions, atomic_write_bytes, load_model_state
+from ..checkpoint import atomic_write_bytes, plugin_versions, load_model_state
 from ..data import BatchSampler, load_training_data
 from ..errors import CheckpointError, MinigptError, SpecError
 from ..generate import generate
@@ -164,8 +164,8 @@ def _shown(value: Any) -> str:
     return "(unset)" if value is _UNSET or value is None else repr(value)
 
 
-def _resumed_spec(spec: ExperimentSpec | None, saved: ExperimentSpec, ckpt: Path, write: Callable[[str], None],
-                  registry: ComponentRegistry | None) -> ExperimentSpec:
+def _resumed_spec(spec: ExperimentSpec | None, saved: ExperimentSpec, ckpt: Path,
+                  write: Callable[[str], None]) -> ExperimentSpec:
     """The run's own spec, with the changes a resume may make; any other change is refused."""
     if spec is None:
         return saved
@@ -193,7 +193,7 @@ def _resumed_spec(spec: ExperimentSpec | None, saved: ExperimentSpec, ckpt: Path
             node.pop(leaf, None)
         else:
             node[leaf] = new
-    return parse_spec(data, registry=registry)
+    return parse_spec(data, registry=saved.registry)
 
 
 def run_spec(path: str | Path, overrides: list[str] | None = None,
@@ -227,10 +227,9 @@ def _later_checkpoints(ckpt: Path) -> tuple[list[Path], list[Path]]:
 class Trainer:
     """Set up with the constructor, run with :meth:`run`; see :func:`train`."""
 
-    def __init__(self, spec: ExperimentSpec | None, *, registry: ComponentRegistry | None = None,
-                 resume: str | Path | bool | None = None, progress: bool = True,
-                 write: Callable[[str], None] | None = None, loggers: list[Logger] | None = None):
-        self.registry = registry
+    def __init__(self, spec: ExperimentSpec | None, *, resume: str | Path | bool | None = None,
+                 progress: bool = True, write: Callable[[str], None] | None = None,
+                 loggers: list[Logger] | None = None):
         self.progress = progress
         self._lock: RunLock | None = None
         self.parent: Path | None = None  # the checkpoint this run branched from
@@ -245,8 +244,10 @@ class Trainer:
                                    "spec; or give the run or checkpoint to resume instead.")
             target = experiment_dir(spec) if resume is True else Path(resume)
             ckpt = resolve_checkpoint(target, prefer="latest")
-            saved = parse_spec(self._saved_spec_data(ckpt), source=str(ckpt), registry=registry)
-            spec = _resumed_spec(spec, saved, ckpt, notes.append, registry)
+            # The registry is the spec's (chosen when it was parsed), else the process default.
+            saved = parse_spec(self._saved_spec_data(ckpt), source=str(ckpt),
+                               registry=spec.registry if spec is not None else None)
+            spec = _resumed_spec(spec, saved, ckpt, notes.append)
         wandb_mode(spec.wandb)  # a bad WANDB_MODE fails before anything is written
         t = spec.train
         if t.threads:
@@ -324,21 +325,20 @@ class Trainer:
             self._lock = None
 
     def _setup(self, spec: ExperimentSpec, loggers: list[Logger] | None) -> None:
-        registry, progress = self.registry, self.progress
+        progress = self.progress
         # -- model ---------------------------------------------------------------------------
         if spec.init_from is None or self.loaded is not None:  # refuse what cannot fit before building it
             from ..memory import check_model_fits
-            from ..spec import resolve_components
 
-            check_model_fits(spec.model, resolve_components(spec, registry), training=True, device=self.device)
+            check_model_fits(spec.model, training=True, device=self.device)
         if self.loaded is None:
             from ..pretrained import load_init_from
 
-            model, spec = load_init_from(spec, registry, report=self.write if self.env.is_main else None)
+            model, spec = load_init_from(spec, report=self.write if self.env.is_main else None)
         else:
             from ..model import build_model
 
-            model = build_model(spec, registry)
+            model = build_model(spec)
             load_model_state(model, self.loaded.model_state, str(self.loaded.directory))
         self.spec = spec
         t = spec.train
@@ -347,7 +347,7 @@ class Trainer:
 
         # -- data ----------------------------------------------------------------------------
         self.data = load_training_data(
-            spec, registry, tokenizer_state=self.loaded.meta.get("tokenizer") if self.loaded else None,
+            spec, tokenizer_state=self.loaded.meta.get("tokenizer") if self.loaded else None,
             progress=progress and self.env.is_main, writer=self.env.local_rank == 0, barrier=self.env.barrier)
         self.tokenizer = self.data.tokenizer
         split = self.data.split
@@ -446,7 +446,7 @@ class Trainer:
             torch.manual_seed(self.spec.seed + 7919 * self.step + self.env.rank)
 
     def _config(self) -> dict[str, Any]:
-        return {**self.spec.model_dump(mode="json"), "plugins": _plugin_versions(self.registry),
+        return {**self.spec.model_dump(mode="json"), "plugins": plugin_versions(self.spec.registry),
                 "minigpt_version": __version__, "torch_version": torch.__version__,
                 "world_size": self.env.world_size, "device": str(self.device), "parameters": self.n_params,
                 "tokens_per_step": self.tokens_per_step, "micro_batch_size": self.micro_batch,
@@ -562,7 +562,7 @@ class Trainer:
             meta = {"tokenizer": self.tokenizer.state(), "step": self.step, "val_loss": self.last_val}
             path = save_checkpoint(
                 self.run_dir / CHECKPOINTS_DIR, self.step, model=self.model, spec=self.spec, model_state=model_state,
-                optimizer_state=optim_state, rng_states=rng, trainer=trainer, meta=meta, registry=self.registry,
+                optimizer_state=optim_state, rng_states=rng, trainer=trainer, meta=meta,
                 keep_last=self.spec.train.keep_last, best_step=self.best_step if self.spec.train.keep_best else None)
         self.env.barrier()
         return path
@@ -728,7 +728,7 @@ class Trainer:
         ]
         from ..memory import training_memory_warning
 
-        warns = spec_warnings(self.spec, self.registry, total_steps=self.total_steps)
+        warns = spec_warnings(self.spec, total_steps=self.total_steps)
         warns.append(training_memory_warning(m, self.n_params, self.micro_batch, self.seq_len, self.device))
         lines += [f"warning: {w}" for w in warns if w]
         return "\n".join(lines)
@@ -752,18 +752,19 @@ class Trainer:
                            self.last_sample, wb.directory if wb else None, wandb_mode(self.spec.wandb), interrupted)
 
 
-def train(spec: ExperimentSpec | None, *, registry: ComponentRegistry | None = None,
-          resume: str | Path | bool | None = None, progress: bool = True,
+def train(spec: ExperimentSpec | None, *, resume: str | Path | bool | None = None, progress: bool = True,
           write: Callable[[str], None] | None = None) -> TrainResult:
     """Train the spec's model; ``resume=True`` continues the experiment's latest run, a path that run or checkpoint.
 
-    On resume, ``spec`` may be None (the run's own spec) or may differ from it only in RESUME_SAFE_FIELDS;
+    The model, data and checkpoints come from the components ``spec`` was resolved to (in the
+    registry it was parsed with). On resume, ``spec`` may be None (the run's own spec) or may differ
+    from it only in RESUME_SAFE_FIELDS;
     resuming from a checkpoint other than its run's latest starts a branch in a new run directory.
     """
     trainer = None
     finished = False
     try:
-        trainer = Trainer(spec, registry=registry, resume=resume, progress=progress, write=write)
+        trainer = Trainer(spec, resume=resume, progress=progress, write=write)
         result = trainer.run()
         finished = True
         return result

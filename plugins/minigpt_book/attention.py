@@ -112,6 +112,20 @@ class MultiHeadAttentionWrapper(nn.Module):
             return torch.cat([o for o, _ in outs], dim=-1), torch.cat([w for _, w in outs], dim=1)
         return torch.cat(outs, dim=-1)
 
+    def canonical_state(self) -> dict[str, torch.Tensor]:
+        """Multi-head attention in the canonical layout: the heads' projections stacked, and an
+        identity output projection (the wrapper only concatenates). It cannot load that layout back:
+        a learnt output projection has no place here."""
+        state = {}
+        for name in ("W_query", "W_key", "W_value"):
+            for part in ("weight", "bias"):
+                if getattr(getattr(self.heads[0], name), part) is not None:
+                    state[f"{name}.{part}"] = torch.cat([getattr(getattr(h, name), part).detach() for h in self.heads])
+        c = state["W_query.weight"].shape[0]
+        state["out_proj.weight"] = torch.eye(c, device=state["W_query.weight"].device)
+        state["out_proj.bias"] = torch.zeros(c, device=state["W_query.weight"].device)
+        return state
+
 
 class MultiHeadAttention(nn.Module):
     """Multi-head causal attention with one weight matrix per projection, split into heads."""

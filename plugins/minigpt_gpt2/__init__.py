@@ -6,9 +6,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from minigpt_core.plugin import hookimpl
 
+from .hf import GPT2Weights
 from .init import gpt2_normal_init
 
-__all__ = ["GPT2InitParams", "gpt2_normal_init", "minigpt_register"]
+__all__ = ["GPT2InitParams", "GPT2Weights", "gpt2_normal_init", "minigpt_register"]
 
 
 class GPT2InitParams(BaseModel):
@@ -24,4 +25,8 @@ def minigpt_register(registry):
         lambda ctx, p: (lambda model: gpt2_normal_init(model, p.std, ctx.n_layers if p.scale_residual else None)),
         params=GPT2InitParams,
         description="GPT-2's normal(0, 0.02) weights, zero biases, residual projections scaled by 1/sqrt(2L)",
+    )
+    registry.add(
+        "weights", "gpt2.hf", lambda ctx, p: GPT2Weights(),
+        description="Hugging Face GPT-2 checkpoints (GPT2LMHeadModel): import-hf, export-hf, init_from = \"hf:...\"",
     )

@@ -199,5 +199,13 @@ class TiktokenTokenizer:
     def state(self) -> dict[str, Any]:
         return {"name": self.name, "params": dict(self.params)}
 
+    def hf_files(self, context_length: int) -> dict[str, bytes] | None:
+        """GPT-2's vocab.json / merges.txt (the same files as encoder.json / vocab.bpe), so an export
+        loads with transformers' GPT-2 tokenizer; other encodings have no Hugging Face files here."""
+        if self.name != "gpt2":
+            return None
+        src = Path(self.params.get("vocab_dir") or packaged_gpt2_dir())
+        return {"vocab.json": (src / "encoder.json").read_bytes(), "merges.txt": (src / "vocab.bpe").read_bytes()}
+
     def __repr__(self) -> str:
         return f"TiktokenTokenizer({self.name!r}, encoding={self.encoding.name!r}, n_vocab={self.n_vocab})"

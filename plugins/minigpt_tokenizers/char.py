@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Sequence
 
 from minigpt_core.plugin import TokenizerContext, TokenizerError
@@ -43,6 +44,20 @@ class CharTokenizer:
 
     def state(self) -> dict[str, Any]:
         return {"name": self.name, "params": {}, "chars": self.chars}
+
+    def hf_files(self, context_length: int) -> dict[str, bytes]:
+        """A Hugging Face ``tokenizer.json`` with these ids: every character its own token (an
+        empty-pattern split), decoded by concatenation; AutoTokenizer loads it."""
+        tokenizer = {
+            "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+            "pre_tokenizer": {"type": "Split", "pattern": {"String": ""}, "behavior": "Isolated", "invert": False},
+            "post_processor": None, "decoder": {"type": "Fuse"},
+            # No unknown token, like this tokenizer: a character outside the vocabulary is an error.
+            "model": {"type": "WordLevel", "vocab": dict(self._ids), "unk_token": "<unk>"},
+        }
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context_length}
+        return {"tokenizer.json": json.dumps(tokenizer, ensure_ascii=False).encode("utf-8"),
+                "tokenizer_config.json": json.dumps(config, indent=2).encode("utf-8")}
 
     def __repr__(self) -> str:
         return f"CharTokenizer(n_vocab={self.n_vocab})"
