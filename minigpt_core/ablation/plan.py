@@ -285,6 +285,8 @@ def load_plan(path: str | Path, sets: list[str] | None = None, *, time_steps: Ma
     does not time the models again; ``probe=False`` (dry run) leaves undecided time budgets at the
     baseline's steps.
     """
+    from .._plugins import resolve_plugin_ref
+
     file = Path(path)
     cfg = read_ablation_file(file)
     sets = list(sets or [])
@@ -316,6 +318,8 @@ def load_plan(path: str | Path, sets: list[str] | None = None, *, time_steps: Ma
             raw = copy.deepcopy(base)
             try:
                 for key, value in overrides.items():
+                    if key == "plugins" and isinstance(value, list):  # relative to the ablation file
+                        value = [resolve_plugin_ref(r, file.parent) if isinstance(r, str) else r for r in value]
                     _set_dotted(raw, key, value)
                 for key, value in set_values.items():  # --set wins: it is the command line's last word
                     _set_dotted(raw, key, value)
@@ -328,6 +332,8 @@ def load_plan(path: str | Path, sets: list[str] | None = None, *, time_steps: Ma
                 specs[(variant, seed)] = parse_spec(raw)
             except SpecError as exc:
                 problems.append((label, exc.problems))
+            except MinigptError as exc:  # e.g. a plugin file that does not load
+                problems.append((label, [("plugins", str(exc))]))
     if problems:
         raise AblationError(_problem_message(file, base_shown, problems))
 

@@ -93,7 +93,7 @@ def reconcile(plan: Plan, old: dict[str, Any] | None, *, force: bool) -> dict[st
         prev = old_cells.pop(cell.id, None)
         if prev is not None and prev.get("spec_sha256") == cell.spec_sha256:
             for key in ("status", "error", "run_dir", "attempts", "started", "finished", "wall_time_s",
-                        "previous_runs"):
+                        "previous_runs", "host", "job_id"):
                 rec[key] = prev.get(key, rec[key])
         elif prev is not None:
             if prev.get("status") == "done":
