@@ -67,6 +67,7 @@ def _record(cell: Cell) -> dict[str, Any]:
             "cell_dir": str(cell.exp_dir), "steps": cell.steps, "tokens": cell.tokens,
             "tokens_per_step": cell.tokens_per_step, "flops_per_token": cell.flops_per_token, "params": cell.params,
             "budget_note": cell.budget_note, "attempts": 0, "started": None, "finished": None, "wall_time_s": None,
+            "host": None, "job_id": None,
             "previous_runs": []}
 
 
