@@ -45,6 +45,8 @@ class AblationFile(BaseModel):
     description: str = Field("", description="free text, shown in the report")
     base: str | dict[str, Any] = Field(description="the experiment every cell starts from: a TOML file (relative to "
                                        "this file) or an inline table with the fields of an experiment file")
+    common: dict[str, Any] = Field(default_factory=dict, description="overrides applied to the base for every "
+                                   "cell (\"dotted.field\" = value), e.g. a shorter train.max_steps than the base's")
     seeds: list[int] = Field([123], min_length=1, description="seed s of every variant sees the same data order "
                              "and the same initial weights where the shapes agree (paired seeds)")
     variants: dict[str, dict[str, Any]] = Field(default_factory=dict, description="named variants: "
@@ -292,7 +294,7 @@ def load_plan(path: str | Path, sets: list[str] | None = None, *, time_steps: Ma
     sets = list(sets or [])
     set_values = flatten_overrides(apply_overrides({}, sets))
     base, base_shown = _base_data(cfg, file)
-    for key, value in set_values.items():
+    for key, value in [*flatten_overrides(cfg.common).items(), *set_values.items()]:
         _set_dotted(base, key, value)
     name = cfg.name or file.stem
     if not _NAME.fullmatch(name):
