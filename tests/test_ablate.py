@@ -368,3 +368,37 @@ seeds = [1, 2]
     assert manifest_of(root)["settings"]["executor"] == "submitit-local"
     assert list((root / "submitit").iterdir())  # submitit's own job folder
     assert all(final_val(c["run_dir"]) > 0 for c in cells.values())
+
+
+def test_time_budget_gives_each_variant_the_steps_that_fit_the_time(tmp_path):
+    from minigpt_core.ablation import load_plan
+
+    path = write_ablation(tmp_path, '''
+base = "base.toml"
+seeds = [1, 2]
+budget = "time"
+time_budget_s = 0.5
+[variants.small]
+[variants.wide]
+"model.emb_dim" = 128
+"model.n_layers" = 4
+''')
+    plan = load_plan(path)
+    steps = {c.variant: c.steps for c in plan.cells}
+    assert steps["small"] > steps["wide"] >= 1  # the bigger model gets fewer steps in the same time
+    assert "same wall-clock time: 0.5 s" in plan.budget_summary
+    # a rerun takes the steps from the manifest instead of timing again
+    again = load_plan(path, time_steps={"small": 7, "wide": 3})
+    assert [c.steps for c in again.cells] == [7, 7, 3, 3]
+
+
+def test_report_is_logged_to_wandb_offline_in_a_run_of_its_own(main_ablation, monkeypatch):
+    from minigpt_core.ablation.report import write_report
+
+    tmp, path, root, proc = main_ablation
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    lines = []
+    write_report(root, write=lines.append)
+    (run,) = (root / "wandb").glob("offline-run-*")
+    assert any(p.suffix == ".wandb" for p in run.iterdir())
+    assert any("W&B offline report run" in ln for ln in lines), lines
