@@ -243,6 +243,16 @@ def test_figures_have_one_line_per_variant_with_results(main_ablation):
     assert files.curves_figure_lines == {"ln": 1, "rms": 1}  # boom has no curve: it failed
 
 
+def test_report_command_rebuilds_the_files_and_refuses_a_plain_directory(main_ablation, capsys, tmp_path):
+    tmp, path, root, proc = main_ablation
+    (root / "report.md").unlink()
+    status, out, err = cli(capsys, "report", root, "--no-wandb")
+    assert status == 0, err
+    assert "| `rms` |" in out and (root / "report.md").is_file()
+    status, out, err = cli(capsys, "report", tmp_path)
+    assert status == 2 and "not an ablation directory" in err
+
+
 def test_band_figure_draws_mean_and_min_max_of_seeds():
     from minigpt_core.viz.curves import band_figure
 

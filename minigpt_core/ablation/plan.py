@@ -21,7 +21,8 @@ from .. import _toml
 from ..errors import MinigptError, SpecError
 from ..spec import ExperimentSpec, apply_overrides, dump_spec, parse_spec
 
-__all__ = ["AblationError", "AblationFile", "Cell", "Plan", "load_plan", "flatten_overrides", "BUDGETS"]
+__all__ = ["AblationError", "AblationFile", "Cell", "Plan", "load_plan", "flatten_overrides", "BUDGETS",
+           "ablation_root"]
 
 BUDGETS = ("tokens", "flops", "time")
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
@@ -211,6 +212,22 @@ def _base_data(cfg: AblationFile, file: Path) -> tuple[dict[str, Any], str]:
     return data, shown
 
 
+def _root_of(base: Mapping[str, Any], name: str) -> Path:
+    out_dir = base.get("train", {}).get("out_dir", "runs") if isinstance(base.get("train"), dict) else "runs"
+    return (Path(str(out_dir)).expanduser() / name).resolve()
+
+
+def ablation_root(path: str | Path, sets: list[str] | None = None) -> Path:
+    """Where the ablation in ``path`` (with these --set values) keeps its runs and manifest."""
+    file = Path(path)
+    cfg = read_ablation_file(file)
+    base, _ = _base_data(cfg, file)
+    for key, value in [*flatten_overrides(cfg.common).items(),
+                       *flatten_overrides(apply_overrides({}, list(sets or []))).items()]:
+        _set_dotted(base, key, value)
+    return _root_of(base, cfg.name or file.stem)
+
+
 def read_ablation_file(path: str | Path) -> AblationFile:
     path = Path(path)
     data = _read_toml(path, "ablation file")
@@ -300,8 +317,7 @@ def load_plan(path: str | Path, sets: list[str] | None = None, *, time_steps: Ma
     if not _NAME.fullmatch(name):
         raise AblationError(f"The ablation file's name {file.stem!r} cannot name a directory; set name = \"...\" "
                             f"in it (letters, digits, '.', '_' or '-').")
-    out_dir = base.get("train", {}).get("out_dir", "runs") if isinstance(base.get("train"), dict) else "runs"
-    root = (Path(str(out_dir)).expanduser() / name).resolve()
+    root = _root_of(base, name)
     variants = _variants(cfg)
     baseline = cfg.baseline or next(iter(variants))
     if baseline not in variants:

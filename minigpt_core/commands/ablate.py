@@ -46,12 +46,11 @@ def _ablate(args) -> int:
         raise MinigptError(f"--jobs must be >= 1, not {args.jobs}.")
     threads = max(1, cores() // args.jobs)
     # Time budgets timed earlier stay as they were: the cells' specs (and hashes) must not drift.
-    from ..ablation.plan import read_ablation_file
+    from ..ablation.plan import ablation_root, read_ablation_file
 
-    cfg = read_ablation_file(args.file)
     time_steps = None
-    if cfg.budget == "time":
-        prior = _prior_manifest(args.file, args.overrides, read_manifest)
+    if read_ablation_file(args.file).budget == "time":
+        prior = read_manifest(ablation_root(args.file, args.overrides))
         if prior is not None:
             time_steps = {c["variant"]: c["steps"] for c in prior["cells"]}
     plan = load_plan(args.file, args.overrides, time_steps=time_steps, probe=not args.dry_run, threads=threads)
@@ -70,16 +69,6 @@ def _ablate(args) -> int:
               f"report; after a fix run `minigpt ablate {args.file} --retry-failed`", file=sys.stderr)
         return 1
     return 0 if not left else 1
-
-
-def _prior_manifest(file, overrides, read_manifest):
-    from ..ablation.plan import _base_data, read_ablation_file
-    from ..spec import apply_overrides
-
-    cfg = read_ablation_file(file)
-    base, _ = _base_data(cfg, Path(file))
-    out_dir = apply_overrides(base, overrides or []).get("train", {}).get("out_dir", "runs")
-    return read_manifest(Path(str(out_dir)).expanduser().resolve() / (cfg.name or Path(file).stem))
 
 
 def _print_plan(plan) -> None:
