@@ -413,3 +413,11 @@ def test_report_is_logged_to_wandb_offline_in_a_run_of_its_own(main_ablation, mo
     (run,) = (root / "wandb").glob("offline-run-*")
     assert any(p.suffix == ".wandb" for p in run.iterdir())
     assert any("W&B offline report run" in ln for ln in lines), lines
+
+
+def test_slurm_without_submitit_says_how_to_install_it(tmp_path, capsys, monkeypatch):
+    path = write_ablation(tmp_path, 'base = "base.toml"\n[variants.a]\n')
+    monkeypatch.setitem(sys.modules, "submitit", None)  # as if it were not installed
+    status, out, err = cli(capsys, "ablate", path, "--executor", "slurm")
+    assert status == 2 and "pip install 'minigpt[cluster]'" in err
+    assert not (tmp_path / "runs").exists()

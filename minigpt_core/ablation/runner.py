@@ -185,12 +185,14 @@ def _has_checkpoint(run_dir: str | None) -> bool:
     return bool(run_dir) and bool(list_checkpoints(Path(run_dir) / "checkpoints"))
 
 
-def _submitit_executor(kind: str, root: Path, params: dict[str, Any]):
+def _submitit_executor(kind: str, root: Path, params: dict[str, Any], check_only: bool = False):
     try:
         import submitit
     except ImportError:
-        raise AblationError("--executor slurm needs the submitit package: pip install 'minigpt[cluster]' (or "
-                            "pip install submitit), then run the same command again.") from None
+        raise AblationError(f"--executor {kind} needs the submitit package: pip install 'minigpt[cluster]' (or "
+                            f"pip install submitit), then run the same command again.") from None
+    if check_only:
+        return None
     folder = root / "submitit"
     if kind == "submitit-local":
         ex = submitit.LocalExecutor(folder=str(folder))
@@ -216,6 +218,8 @@ def run_ablation(plan: Plan, *, jobs: int = 1, retry_failed: bool = False, force
         raise AblationError(f"--executor must be one of {', '.join(EXECUTORS)}, not {executor!r}.")
     if jobs < 1:
         raise AblationError(f"--jobs must be >= 1, not {jobs}.")
+    if executor != "local":
+        _submitit_executor(executor, plan.root, dict(plan.config.executor), check_only=True)
     root = plan.root
     root.mkdir(parents=True, exist_ok=True)
     try:
