@@ -301,6 +301,10 @@ def _run_cells(plan: Plan, manifest: dict[str, Any], cells: dict[str, Cell], tod
             rec.update(status="done", error=None, finished=time.time())
         elif rc == _INTERRUPTED or rc == -signal.SIGINT:
             rec.update(status="pending", error="interrupted; the next run of the ablation resumes it")
+        elif rc < 0:  # killed from outside (out of memory, kill -9): its log ends mid-run
+            name = signal.Signals(-rc).name if -rc in signal.valid_signals() else str(-rc)
+            rec.update(status="failed", error=f"the cell's process was killed by {name} (out of memory? killed by "
+                       f"hand?); --retry-failed runs the cell again. Full log: {a.log}")
         else:
             rec.update(status="failed", error=last_error(a.log) + f" (exit status {rc}; full log: {a.log})")
         counts = {s: sum(r["status"] == s for r in manifest["cells"]) for s in STATUSES}
