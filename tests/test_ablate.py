@@ -421,3 +421,12 @@ def test_slurm_without_submitit_says_how_to_install_it(tmp_path, capsys, monkeyp
     status, out, err = cli(capsys, "ablate", path, "--executor", "slurm")
     assert status == 2 and "pip install 'minigpt[cluster]'" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_example_ablation_is_valid_and_matches_tokens():
+    from minigpt_core.ablation import load_plan
+
+    plan = load_plan(ROOT / "experiments" / "ablations" / "attention.toml")
+    assert [v for v in plan.variants] == ["book", "sdpa", "rope"] and len(plan.cells) == 9
+    assert {c.tokens for c in plan.cells} == {120 * 32 * 128}
+    assert plan.root == (Path("runs") / "attention").resolve()
