@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ._mpl import pyplot
@@ -81,8 +80,3 @@ def runs_figure(runs: Sequence[tuple[str, list[dict[str, Any]]]], title: str = "
     fig.tight_layout()
     return fig
 
-
-def save(fig: Any, path: str | Path) -> Path:
-    from ._mpl import save_figure
-
-    return save_figure(fig, path)
