@@ -205,10 +205,20 @@ def _summary(args) -> int:
     return 0
 
 
-@command("schema", "print the JSON schema of experiment files")
+def _schema_args(p):
+    p.add_argument("--ablation", action="store_true", help="the schema of ablation files instead")
+
+
+@command("schema", "print the JSON schema of experiment files (--ablation: of ablation files)")
+@arguments(_schema_args)
 def _schema(args) -> int:
     from .spec import ExperimentSpec
 
+    if getattr(args, "ablation", False):
+        from .ablation import AblationFile
+
+        print(json.dumps(AblationFile.model_json_schema(), indent=2))
+        return 0
     print(json.dumps(ExperimentSpec.model_json_schema(), indent=2))
     return 0
 

@@ -265,6 +265,8 @@ class WandbSpec(_Strict):
     group: str | None = Field(None, description="groups related runs, e.g. an ablation")
     job_type: str = Field("train", description="W&B job type")
     tags: list[str] = Field(default_factory=list, description="W&B tags")
+    config: dict[str, Any] | None = Field(None, description="extra entries of the W&B run's config (an ablation "
+                                          "records the cell's ablation, variant, seed and overrides here)")
 
 
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")

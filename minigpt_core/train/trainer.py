@@ -451,7 +451,7 @@ class Trainer:
                 "world_size": self.env.world_size, "device": str(self.device), "parameters": self.n_params,
                 "tokens_per_step": self.tokens_per_step, "micro_batch_size": self.micro_batch,
                 "grad_accumulation": self.accum, "data_source": self.data.source,
-                "tokenizer_vocab": self.tokenizer.n_vocab}
+                "tokenizer_vocab": self.tokenizer.n_vocab, **(self.spec.wandb.config or {})}
 
     def _default_loggers(self) -> list[Logger]:
         if not self.env.is_main:

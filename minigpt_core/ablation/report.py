@@ -1,0 +1,230 @@
+"""An ablation's report, rebuilt at any time from its manifest and its runs' metrics.jsonl.
+
+``results.csv`` (one row per cell), ``report.md`` (one row per variant, with mean ± std over seeds
+and paired differences from the baseline), ``curves.png`` and ``throughput.png``. Works on a
+partial ablation: cells without results are listed as failed or missing.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..checkpoint import atomic_write_bytes
+from ..runs import metric_series, read_metrics, summarize_run
+from .plan import AblationError
+from .runner import MANIFEST_FILE, read_manifest
+from .stats import paired_difference, spread
+
+__all__ = ["RESULT_COLUMNS", "collect", "write_report", "ReportFiles"]
+
+RESULT_COLUMNS = ("ablation", "variant", "overrides", "seed", "status", "final_val_loss", "best_val_loss",
+                  "train_tokens", "steps", "parameters", "flops_per_token", "tokens_per_s", "peak_memory_mb",
+                  "wall_time_s", "run_dir", "wandb_run_id", "error")
+
+
+@dataclass
+class ReportFiles:
+    results: Path
+    report: Path
+    curves: Path
+    throughput: Path
+    rows: list[dict[str, Any]]
+    curves_figure_lines: dict[str, int]  # variant -> lines drawn (one mean line each)
+
+
+def _wandb_run_id(run_dir: Path) -> str:
+    found = sorted((run_dir / "wandb").glob("*run-*")) if (run_dir / "wandb").is_dir() else []
+    return found[-1].name.rsplit("-", 1)[-1] if found else ""
+
+
+def collect(root: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """(manifest, one row per cell, run_dir -> metrics records) of the ablation in ``root``."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    if manifest is None:
+        raise AblationError(f"{root} has no {MANIFEST_FILE}: it is not an ablation directory. Give the directory "
+                            f"`minigpt ablate` wrote, e.g. runs/<ablation> (it prints it when it starts).")
+    rows, records = [], {}
+    for rec in manifest["cells"]:
+        run_dir = Path(rec["run_dir"]) if rec.get("run_dir") else None
+        row: dict[str, Any] = {k: None for k in RESULT_COLUMNS}
+        status = rec["status"]
+        if status == "pending":
+            status = "missing"  # not run yet, or interrupted
+        row.update(ablation=manifest["ablation"], variant=rec["variant"], seed=rec["seed"], status=status,
+                   overrides=json.dumps(rec.get("overrides", {}), sort_keys=True), parameters=rec.get("params"),
+                   flops_per_token=rec.get("flops_per_token"), error=rec.get("error") or "",
+                   run_dir=str(run_dir) if run_dir else "", steps=rec.get("steps"))
+        if run_dir is not None and run_dir.is_dir():
+            recs = read_metrics(run_dir)
+            records[str(run_dir)] = recs
+            s = summarize_run(run_dir, recs)
+            row.update(final_val_loss=s.final_val_loss, best_val_loss=s.best_val_loss, train_tokens=s.tokens,
+                       tokens_per_s=s.tokens_per_s, peak_memory_mb=s.peak_memory_mb,
+                       wall_time_s=rec.get("wall_time_s") or s.wall_time_s, wandb_run_id=_wandb_run_id(run_dir))
+        rows.append(row)
+    return manifest, rows, records
+
+
+def _fmt(v: float | None, digits: int = 4) -> str:
+    return "—" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
+
+
+def _rel(v: float | None, base: float | None) -> str:
+    if v is None or base is None or not base:
+        return "—"
+    return f"{v:,.0f} ({v / base:.2f}x)"
+
+
+def _overrides_text(overrides: dict[str, Any]) -> str:
+    return ", ".join(f"`{k}={json.dumps(v)}`" for k, v in overrides.items()) or "(base)"
+
+
+def _markdown(manifest: dict[str, Any], rows: list[dict[str, Any]], files: dict[str, str]) -> str:
+    settings = manifest.get("settings", {})
+    baseline = settings.get("baseline")
+    variants = list(manifest.get("variants", {})) or list(dict.fromkeys(r["variant"] for r in rows))
+    by_var = {v: [r for r in rows if r["variant"] == v] for v in variants}
+    final = {v: {r["seed"]: r["final_val_loss"] for r in rs if r["status"] == "done" and r["final_val_loss"] is not None}
+             for v, rs in by_var.items()}
+    base_rows = by_var.get(baseline, [])
+    base_speed = spread([r["tokens_per_s"] for r in base_rows if r["tokens_per_s"]]).mean
+    base_mem = spread([r["peak_memory_mb"] for r in base_rows if r["peak_memory_mb"]]).mean
+    lines = [f"# Ablation `{manifest['ablation']}`", ""]
+    if settings.get("description"):
+        lines += [settings["description"], ""]
+    seeds = settings.get("seeds", [])
+    lines += [
+        f"- **Budget matched:** {settings.get('budget', 'tokens')}: {settings.get('budget_summary', '')}.",
+        f"- **Seeds:** {', '.join(map(str, seeds))} (paired: seed s of every variant sees the same data order).",
+        f"- **Baseline:** `{baseline}`. **Metric:** final validation loss (nats/token, lower is better); "
+        f"Δ = variant − baseline over paired seeds, with a 95% Student-t interval and the paired t-test's p.",
+    ]
+    if settings.get("set"):
+        lines.append(f"- **--set:** {', '.join('`' + s + '`' for s in settings['set'])}")
+    lines += ["", "| variant | overrides | params | steps | val loss mean ± std (n) | Δ vs baseline [95% CI] | p "
+              "| tokens/s (vs baseline) | peak memory MB (vs baseline) | cells |",
+              "|---|---|---:|---:|---|---|---:|---:|---:|---|"]
+    notes = []
+    for v in variants:
+        rs = by_var[v]
+        sp = spread(list(final[v].values()))
+        loss = f"{_fmt(sp.mean)} ± {_fmt(sp.std)} ({sp.n})" if sp.n > 1 else (
+            f"{_fmt(sp.mean)} (1)" if sp.n == 1 else "— (0)")
+        if v == baseline:
+            delta, p = "baseline", ""
+        else:
+            d = paired_difference(final[v], final.get(baseline, {}))
+            if d is None:
+                delta, p = "—", ""
+            elif d.ci_low is None:
+                delta, p = f"{d.mean:+.4f} (n=1, no interval)", ""
+            else:
+                delta, p = f"{d.mean:+.4f} [{d.ci_low:+.4f}, {d.ci_high:+.4f}] (n={d.n})", f"{d.p_value:.3g}"
+        speed = spread([r["tokens_per_s"] for r in rs if r["tokens_per_s"]]).mean
+        mem = spread([r["peak_memory_mb"] for r in rs if r["peak_memory_mb"]]).mean
+        counts = {s: sum(r["status"] == s for r in rs) for s in ("done", "failed", "running", "missing")}
+        cells = f"{counts['done']}/{len(rs)} done" + "".join(
+            f", **{counts[s]} {s}**" for s in ("failed", "running", "missing") if counts[s])
+        params = rs[0]["parameters"] if rs else None
+        steps = rs[0]["steps"] if rs else None
+        overrides = json.loads(rs[0]["overrides"]) if rs else {}
+        lines.append(f"| `{v}` | {_overrides_text(overrides)} | {params:,} | {steps} | {loss} | {delta} | {p} | "
+                     f"{_rel(speed, base_speed)} | {_rel(mem, base_mem)} | {cells} |"
+                     if params is not None else f"| `{v}` | {_overrides_text(overrides)} | — | — | {loss} | {delta} "
+                     f"| {p} | — | — | {cells} |")
+    n_min = min((len(f) for f in final.values()), default=0)
+    if n_min < 3:
+        notes.append(f"Some variants have fewer than 3 finished seeds (n = {n_min}): with n = 2 the 95% interval "
+                     f"uses t = 12.7 and with n = 1 there is none, so differences between variants say little; "
+                     f"add seeds before reading the table.")
+    failed = [r for r in rows if r["status"] in ("failed", "missing", "running")]
+    if failed:
+        notes.append("Cells without a result (the variant's statistics leave them out):")
+        for r in failed:
+            notes.append(f"  - `{r['variant']}` seed {r['seed']}: **{r['status']}**"
+                         + (f": {r['error']}" if r["error"] else ""))
+    if notes:
+        lines += ["", *notes]
+    lines += ["", "Mean over seeds with a min-max band across seeds:", ""]
+    for title, name in files.items():
+        lines.append(f"![{title}]({name})")
+    lines += ["", "Per-cell numbers: [results.csv](results.csv). Rebuild this report at any time with "
+              f"`minigpt report {manifest['root']}`.", ""]
+    return "\n".join(lines)
+
+
+def write_report(root: str | Path, *, log_wandb: bool = True,
+                 write: Callable[[str], None] = print) -> ReportFiles:
+    from ..viz._mpl import save_figure
+    from ..viz.curves import band_figure
+
+    root = Path(root)
+    manifest, rows, records = collect(root)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r[k] is None else r[k]) for k in RESULT_COLUMNS})
+    atomic_write_bytes(root / "results.csv", buf.getvalue().encode("utf-8"))
+
+    variants = list(manifest.get("variants", {})) or list(dict.fromkeys(r["variant"] for r in rows))
+
+    def series(key: str) -> dict[str, list]:
+        out: dict[str, list] = {v: [] for v in variants}
+        for r in rows:
+            if r["run_dir"] and r["run_dir"] in records:
+                xs, ys = metric_series(records[r["run_dir"]], key)
+                if xs:
+                    out[r["variant"]].append((xs, ys))
+        return out
+
+    val = series("val/loss")
+    fig = band_figure(val, ylabel="validation loss (nats/token)", title=f"{manifest['ablation']}: validation loss")
+    lines = {line.get_label().rsplit(" (n=", 1)[0]: 1 for line in fig.axes[0].get_lines()}
+    curves = save_figure(fig, root / "curves.png")
+    fig = band_figure(series("train/tokens_per_s"), ylabel="training tokens/s",
+                      title=f"{manifest['ablation']}: throughput")
+    throughput = save_figure(fig, root / "throughput.png")
+    text = _markdown(manifest, rows, {"validation loss": "curves.png", "throughput": "throughput.png"})
+    atomic_write_bytes(root / "report.md", text.encode("utf-8"))
+    files = ReportFiles(root / "results.csv", root / "report.md", curves, throughput, rows, lines)
+    if log_wandb:
+        _log_to_wandb(manifest, rows, files, write)
+    return files
+
+
+def _log_to_wandb(manifest: dict[str, Any], rows: list[dict[str, Any]], files: ReportFiles,
+                  write: Callable[[str], None]) -> None:
+    """The report as a W&B run of its own (job_type "report" in the ablation's group), offline by default."""
+    from ..spec import WandbSpec
+    from ..train.loggers import wandb_mode
+
+    try:
+        spec = WandbSpec(**manifest.get("settings", {}).get("wandb", {}))
+    except Exception:  # noqa: BLE001 - an older manifest
+        spec = WandbSpec()
+    mode = wandb_mode(spec)
+    if mode == "disabled":
+        return
+    try:
+        import wandb
+
+        run = wandb.init(project=spec.project, entity=spec.entity, group=manifest["ablation"], job_type="report",
+                         name=f"{manifest['ablation']}-report", dir=str(files.report.parent), mode=mode,
+                         config={"ablation": manifest["ablation"], **manifest.get("settings", {})},
+                         settings=wandb.Settings(console="off", silent=True, save_code=False))
+        table = wandb.Table(columns=list(RESULT_COLUMNS), data=[[r[k] for k in RESULT_COLUMNS] for r in rows])
+        run.log({"results": table, "curves": wandb.Image(str(files.curves)),
+                 "throughput": wandb.Image(str(files.throughput))})
+        run.finish()
+        write(f"W&B {mode} report run: {Path(run.dir).parent}")
+    except Exception as exc:  # noqa: BLE001 - the files are written; W&B is a copy
+        write(f"warning: the report was not logged to W&B ({type(exc).__name__}: {exc}); the files are in "
+              f"{files.report.parent}")

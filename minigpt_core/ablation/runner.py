@@ -1,0 +1,365 @@
+"""Run an ablation's cells as ordinary runs, each in its own process, and keep the manifest.
+
+The manifest (``<root>/manifest.json``, rewritten atomically after every change) is the
+record of which cell is where: a rerun skips done cells, resumes interrupted ones from their
+run's latest checkpoint (the trainer's exact resume) and retries failed ones only when asked.
+Only this process writes it; cells report through their exit status and their log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .. import _toml
+from ..checkpoint import atomic_write_bytes
+from ..spec import dump_spec
+from .plan import AblationError, Cell, Plan, flatten_overrides
+
+__all__ = ["MANIFEST_FILE", "CELL_FILE", "CELL_LOG", "read_manifest", "run_ablation", "cell_command",
+           "execute_cell", "EXECUTORS", "cores"]
+
+MANIFEST_FILE = "manifest.json"
+CELL_FILE = "cell.toml"  # the cell's resolved spec, in train.out_dir/<variant>/seed-<s>/
+CELL_LOG = "ablate.log"  # the cell process's output, beside it
+EXECUTORS = ("local", "slurm", "submitit-local")
+STATUSES = ("pending", "running", "done", "failed")
+_INTERRUPTED = 130  # what `minigpt train` returns when stopped by a signal (it saved a checkpoint)
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def read_manifest(root: str | Path) -> dict[str, Any] | None:
+    path = Path(root) / MANIFEST_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise AblationError(f"{path} cannot be read ({exc}); it is the record of the ablation's cells. Restore it, "
+                            f"or move the ablation directory away to start the ablation afresh.") from None
+    if not isinstance(data, dict) or not isinstance(data.get("cells"), list):
+        raise AblationError(f"{path} is not an ablation manifest (no list of cells).")
+    return data
+
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(root / MANIFEST_FILE, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
+
+
+def _record(cell: Cell) -> dict[str, Any]:
+    return {"id": cell.id, "variant": cell.variant, "seed": cell.seed, "overrides": cell.overrides,
+            "spec_sha256": cell.spec_sha256, "status": "pending", "error": None, "run_dir": None,
+            "cell_dir": str(cell.exp_dir), "steps": cell.steps, "tokens": cell.tokens,
+            "tokens_per_step": cell.tokens_per_step, "flops_per_token": cell.flops_per_token, "params": cell.params,
+            "budget_note": cell.budget_note, "attempts": 0, "started": None, "finished": None, "wall_time_s": None,
+            "host": None, "job_id": None,
+            "previous_runs": []}
+
+
+def _spec_diff(run_dir: str | None, cell: Cell) -> str:
+    """The fields where a finished run's spec and the cell's new spec differ (for the refusal message)."""
+    if not run_dir or not (Path(run_dir) / "spec.toml").is_file():
+        return "the cell's resolved spec changed"
+    try:
+        old = flatten_overrides(_toml.loads((Path(run_dir) / "spec.toml").read_text(encoding="utf-8")))
+    except (OSError, _toml.TOMLDecodeError):
+        return "the cell's resolved spec changed"
+    new = flatten_overrides(_toml.loads(dump_spec(cell.spec)))
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k != "train.threads"]
+    return ", ".join(f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}" for k in keys[:6]) + \
+        (f" and {len(keys) - 6} more" if len(keys) > 6 else "") if keys else "the cell's resolved spec changed"
+
+
+def reconcile(plan: Plan, old: dict[str, Any] | None, *, force: bool) -> dict[str, Any]:
+    """The manifest for this plan, keeping what the old one knows about unchanged cells."""
+    old_cells = {c["id"]: c for c in (old or {}).get("cells", [])}
+    cells, changed = [], []
+    for cell in plan.cells:
+        rec = _record(cell)
+        prev = old_cells.pop(cell.id, None)
+        if prev is not None and prev.get("spec_sha256") == cell.spec_sha256:
+            for key in ("status", "error", "run_dir", "attempts", "started", "finished", "wall_time_s",
+                        "previous_runs", "host", "job_id"):
+                rec[key] = prev.get(key, rec[key])
+        elif prev is not None:
+            if prev.get("status") == "done":
+                changed.append(f"{cell.id} ({_spec_diff(prev.get('run_dir'), cell)})")
+            rec["previous_runs"] = list(prev.get("previous_runs", [])) + ([prev["run_dir"]] if prev.get("run_dir")
+                                                                           else [])
+        cells.append(rec)
+    if changed and not force:
+        raise AblationError(
+            f"The ablation file (or --set) now gives {len(changed)} finished cell(s) a different spec than the one "
+            f"they ran with: {'; '.join(changed)}. Their results would no longer match the file, so nothing was "
+            f"run. Undo the change to keep them, use a new ablation name (name = \"...\") for the new experiment, "
+            f"or pass --force to run the changed cells again as new runs (the old runs stay in "
+            f"{plan.root}, listed under previous_runs in the manifest).")
+    retired = list((old or {}).get("retired", [])) + list(old_cells.values())  # cells the file no longer has
+    return {"version": 1, "ablation": plan.name, "root": str(plan.root), "settings": plan.settings(),
+            "variants": plan.variants, "cells": cells, "retired": retired,
+            "created": (old or {}).get("created", time.time()), "updated": time.time()}
+
+
+# -- one cell -------------------------------------------------------------------------------------------
+def cell_command(cell_file: Path, *, threads: int, resume: str | None, nproc: int = 1) -> list[str]:
+    launcher = [sys.executable, "-m", "minigpt_core"]
+    if nproc > 1:  # several processes per cell: torchrun inside the job
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                    "-m", "minigpt_core"]
+    cmd = [*launcher, "train", str(cell_file), "--no-progress", "--set", f"train.threads={threads}"]
+    return cmd + (["--resume", resume] if resume else [])
+
+
+def _die_with_parent() -> None:
+    # A cell must not outlive `minigpt ablate` (killed, even with SIGKILL): the rerun resumes it instead.
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def execute_cell(cmd: list[str], log: str, env: dict[str, str], cwd: str) -> int:
+    """Run a cell's process to its end (in a submitit job); its output goes to ``log``."""
+    with open(log, "ab") as out:
+        return subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd).returncode
+
+
+def last_error(log: Path, limit: int = 1200) -> str:
+    """One paragraph: the cell's `error: ...` message, else the last line of its traceback."""
+    try:
+        lines = [ln.strip() for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return f"(no log at {log})"
+    for ln in reversed(lines):
+        if ln.startswith("error: "):
+            return ln[len("error: "):][:limit]
+    tb = [ln for ln in lines if not ln.startswith(("File ", "^", "~"))]
+    return (tb[-1] if tb else "the cell's process ended without output")[:limit]
+
+
+@dataclass
+class _Active:
+    rec: dict[str, Any]
+    handle: Any  # subprocess.Popen or a submitit Job
+    log: Path
+    known_runs: set[str]
+    t0: float
+
+    def poll(self) -> int | None:
+        if isinstance(self.handle, subprocess.Popen):
+            return self.handle.poll()
+        if not self.handle.done():
+            return None
+        try:
+            return int(self.handle.result())
+        except Exception as exc:  # noqa: BLE001 - the job itself failed (killed, out of time, ...)
+            with open(self.log, "a", encoding="utf-8") as f:
+                f.write(f"\nerror: the job failed: {type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}\n")
+            return 1
+
+
+def _runs_in(exp_dir: Path) -> set[str]:
+    return {str(p) for p in exp_dir.iterdir() if p.is_dir()} if exp_dir.is_dir() else set()
+
+
+def _has_checkpoint(run_dir: str | None) -> bool:
+    from ..train.state import list_checkpoints
+
+    return bool(run_dir) and bool(list_checkpoints(Path(run_dir) / "checkpoints"))
+
+
+def _submitit_executor(kind: str, root: Path, params: dict[str, Any], check_only: bool = False):
+    try:
+        import submitit
+    except ImportError:
+        raise AblationError(f"--executor {kind} needs the submitit package: pip install 'minigpt[cluster]' (or "
+                            f"pip install submitit), then run the same command again.") from None
+    if check_only:
+        return None
+    folder = root / "submitit"
+    if kind == "submitit-local":
+        ex = submitit.LocalExecutor(folder=str(folder))
+        params = {k: v for k, v in params.items() if k in ("timeout_min",)}
+    else:
+        ex = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
+    params = {"timeout_min": 24 * 60, **params}
+    try:
+        ex.update_parameters(**params)
+    except (TypeError, ValueError) as exc:
+        raise AblationError(f"The ablation file's [executor] table does not suit submitit: {exc}. It takes "
+                            f"submitit's parameters, e.g. timeout_min = 60, slurm_partition = \"gpu\", "
+                            f"gpus_per_node = 1, cpus_per_task = 8, mem_gb = 32.") from None
+    return ex
+
+
+def run_ablation(plan: Plan, *, jobs: int = 1, retry_failed: bool = False, force: bool = False,
+                 executor: str = "local", write: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every cell that is not done; returns the final manifest. A failing cell never stops the others."""
+    from ..train.lock import RunLock, RunLockedError
+
+    if executor not in EXECUTORS:
+        raise AblationError(f"--executor must be one of {', '.join(EXECUTORS)}, not {executor!r}.")
+    if jobs < 1:
+        raise AblationError(f"--jobs must be >= 1, not {jobs}.")
+    if executor != "local":
+        _submitit_executor(executor, plan.root, dict(plan.config.executor), check_only=True)
+    root = plan.root
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = RunLock(root).acquire()
+    except RunLockedError:
+        raise AblationError(f"Another `minigpt ablate` is running this ablation ({root}); wait for it to end, or "
+                            f"stop it (Ctrl-C saves the running cells' checkpoints) and run again.") from None
+    try:
+        manifest = reconcile(plan, read_manifest(root), force=force)
+        manifest["settings"].update({"executor": executor, "jobs": jobs})
+        cells = {c.id: c for c in plan.cells}
+        for rec in manifest["cells"]:
+            if rec["status"] == "running":  # its process is gone (we hold the lock): an interrupted cell
+                rec["status"] = "pending"
+        todo = [r for r in manifest["cells"] if r["status"] == "pending" or (retry_failed and r["status"] == "failed")]
+        skipped_failed = sum(1 for r in manifest["cells"] if r["status"] == "failed" and not retry_failed)
+        write_manifest(root, manifest)
+        done0 = sum(r["status"] == "done" for r in manifest["cells"])
+        write(f"ablation {plan.name}: {len(manifest['cells'])} cells ({len(plan.variants)} variants x "
+              f"{len(plan.config.seeds)} seeds) in {root}; {done0} done, {len(todo)} to run"
+              + (f", {skipped_failed} failed (rerun them with --retry-failed)" if skipped_failed else "")
+              + f"; budget: {plan.budget_summary}")
+        _run_cells(plan, manifest, cells, todo, jobs=jobs, executor=executor, write=write)
+        return manifest
+    finally:
+        lock.release()
+
+
+def _run_cells(plan: Plan, manifest: dict[str, Any], cells: dict[str, Cell], todo: list[dict[str, Any]], *,
+               jobs: int, executor: str, write: Callable[[str], None]) -> None:
+    root = plan.root
+    nproc = plan.config.nproc_per_node
+    threads = max(1, cores() // (jobs * nproc)) if executor == "local" else max(1, cores() // nproc)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    sub = _submitit_executor(executor, root, dict(plan.config.executor)) if executor != "local" else None
+    limit = jobs if executor != "slurm" else len(todo)  # slurm queues them all; the scheduler decides
+    queue, active = list(todo), []
+    finished = [0]
+    session_t0 = time.time()
+
+    def start(rec: dict[str, Any]) -> _Active:
+        cell = cells[rec["id"]]
+        exp_dir = cell.exp_dir
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        cell_file = exp_dir / CELL_FILE
+        atomic_write_bytes(cell_file, dump_spec(cell.spec).encode("utf-8"))
+        resume = rec["run_dir"] if rec["status"] != "failed" and _has_checkpoint(rec["run_dir"]) else None
+        if rec["status"] == "failed" and rec["run_dir"]:
+            rec["previous_runs"] = [*rec.get("previous_runs", []), rec["run_dir"]]
+            rec["run_dir"] = None
+        if not resume and rec["run_dir"]:  # killed before its first checkpoint: that run holds nothing to keep
+            rec["previous_runs"] = [*rec.get("previous_runs", []), rec["run_dir"]]
+            rec["run_dir"] = None
+        cmd = cell_command(cell_file, threads=threads, resume=resume, nproc=nproc)
+        log = exp_dir / CELL_LOG
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {'resume' if resume else 'start'}: "
+                    f"{' '.join(cmd)}\n")
+        known = _runs_in(exp_dir)
+        if sub is None:
+            kwargs: dict[str, Any] = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
+            with open(log, "ab") as out:
+                handle = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
+                                          **kwargs)
+        else:
+            handle = sub.submit(execute_cell, cmd, str(log), env, os.getcwd())
+        rec.update(status="running", error=None, attempts=rec.get("attempts", 0) + 1,
+                   started=rec.get("started") or time.time(), host=socket.gethostname(),
+                   job_id=str(getattr(handle, "job_id", getattr(handle, "pid", ""))))
+        write(f"[{rec['id']}] {'resuming ' + str(resume) if resume else 'starting'} ({cell.steps} steps, "
+              f"{cell.tokens:,} tokens{'; ' + cell.budget_note if cell.budget_note else ''}); log: {log}")
+        return _Active(rec, handle, log, known, time.time())
+
+    def finish(a: _Active, rc: int) -> None:
+        rec = a.rec
+        elapsed = time.time() - a.t0
+        rec["wall_time_s"] = (rec.get("wall_time_s") or 0.0) + elapsed
+        if rc == 0:
+            rec.update(status="done", error=None, finished=time.time())
+        elif rc == _INTERRUPTED or rc == -signal.SIGINT:
+            rec.update(status="pending", error="interrupted; the next run of the ablation resumes it")
+        elif rc < 0:  # killed from outside (out of memory, kill -9): its log ends mid-run
+            name = signal.Signals(-rc).name if -rc in signal.valid_signals() else str(-rc)
+            rec.update(status="failed", error=f"the cell's process was killed by {name} (out of memory? killed by "
+                       f"hand?); --retry-failed runs the cell again. Full log: {a.log}")
+        else:
+            rec.update(status="failed", error=last_error(a.log) + f" (exit status {rc}; full log: {a.log})")
+        counts = {s: sum(r["status"] == s for r in manifest["cells"]) for s in STATUSES}
+        remaining = counts["pending"] + counts["running"]
+        finished[0] += 1
+        eta = ""
+        if remaining:  # session time per finished cell (parallel jobs included) x cells left
+            eta = f", about {_duration((time.time() - session_t0) / finished[0] * remaining)} left"
+        mark = {"done": "done", "failed": "FAILED", "pending": "interrupted"}[rec["status"]]
+        write(f"[{rec['id']}] {mark} in {_duration(elapsed)}"
+              + (f": {rec['error']}" if rec["status"] == "failed" else "")
+              + f" | cells: {counts['done']} done, {counts['failed']} failed, {remaining} remaining{eta}")
+
+    try:
+        while queue or active:
+            while queue and len(active) < limit:
+                active.append(start(queue.pop(0)))
+                write_manifest(root, manifest)
+            changed = False
+            for a in list(active):
+                if a.rec["run_dir"] is None:  # the run directory the trainer made for this cell
+                    new = sorted(_runs_in(cells[a.rec["id"]].exp_dir) - a.known_runs)
+                    if new:
+                        a.rec["run_dir"], changed = new[-1], True
+                rc = a.poll()
+                if rc is not None:
+                    if a.rec["run_dir"] is None:
+                        new = sorted(_runs_in(cells[a.rec["id"]].exp_dir) - a.known_runs)
+                        a.rec["run_dir"] = new[-1] if new else None
+                    active.remove(a)
+                    finish(a, rc)
+                    changed = True
+            if changed:
+                manifest["updated"] = time.time()
+                write_manifest(root, manifest)
+            if active:
+                time.sleep(0.1)
+    except BaseException:
+        # Ctrl-C reaches the cells too (same process group): they save a checkpoint and stop.
+        for a in active:
+            if not isinstance(a.handle, subprocess.Popen):
+                continue  # a Slurm job goes on; its run is locked until it ends
+            try:
+                a.handle.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                a.handle.kill()
+            a.rec.update(status="pending", error="interrupted; the next run of the ablation resumes it")
+        write_manifest(root, manifest)
+        raise
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

@@ -1,0 +1,432 @@
+"""`minigpt ablate` / `report`: cells as real runs in child processes, the manifest, reruns, the report.
+
+One module-scoped ablation (2 good variants and one whose attention raises in forward, 2 seeds)
+is shared by the report, failure and retry tests; the SIGKILL and submitit tests run their own.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from minigpt_core import _toml
+from minigpt_core._plugins import PLUGIN_PATH_ENV_VAR, reset_registry
+from training_utils import MINIGPT, ROOT, cli, tiny_spec_data
+
+# An attention that raises in forward while MINIGPT_TEST_BOOM=1 (a run-time failure of one variant),
+# and one that sleeps in forward (so a test can kill the ablation in the middle of a cell).
+PLUGIN = '''
+import os, time
+from minigpt_core.plugin import Params, hookimpl
+from minigpt_torch import SDPAttention
+
+
+class Boom(SDPAttention):
+    def forward(self, x):
+        if os.environ.get("MINIGPT_TEST_BOOM") == "1":
+            raise RuntimeError("boom: this attention always fails")
+        return super().forward(x)
+
+
+class Slow(SDPAttention):
+    def forward(self, x):
+        time.sleep(0.01)
+        return super().forward(x)
+
+
+@hookimpl
+def minigpt_register(registry):
+    registry.add("attention", "test.boom", lambda ctx, p: Boom(ctx.emb_dim, ctx.n_heads, ctx.drop_rate, ctx.qkv_bias),
+                 params=Params, description="raises in forward while MINIGPT_TEST_BOOM=1", capabilities={"causal"})
+    registry.add("attention", "test.slow", lambda ctx, p: Slow(ctx.emb_dim, ctx.n_heads, ctx.drop_rate, ctx.qkv_bias),
+                 params=Params, description="sleeps 10 ms per call", capabilities={"causal"})
+'''
+
+
+@pytest.fixture(autouse=True)
+def _clean_plugin_state():
+    saved = os.environ.pop(PLUGIN_PATH_ENV_VAR, None)
+    reset_registry()
+    yield
+    reset_registry()
+    os.environ.pop(PLUGIN_PATH_ENV_VAR, None)
+    if saved is not None:
+        os.environ[PLUGIN_PATH_ENV_VAR] = saved
+
+
+def write_ablation(tmp: Path, body: str, name: str = "abl.toml", **train) -> Path:
+    # peak_flops given: each cell process skips the matmul timing (cells are mostly start-up here)
+    base = tiny_spec_data(tmp, train={"peak_flops": 1e12, **train})
+    (tmp / "base.toml").write_text(_toml.dumps(base), encoding="utf-8")
+    (tmp / "plugins").mkdir(exist_ok=True)
+    (tmp / "plugins" / "testattn.py").write_text(PLUGIN, encoding="utf-8")
+    path = tmp / name
+    path.write_text(body, encoding="utf-8")
+    return path
+
+
+MAIN = '''
+name = "main"
+description = "norms, and a variant that fails at run time"
+base = "base.toml"
+seeds = [1, 2]
+
+[variants.ln]
+
+[variants.rms]
+"model.norm.name" = "modern.rmsnorm"
+
+[variants.boom]
+plugins = ["plugins/testattn.py"]
+"model.attention.name" = "test.boom"
+'''
+
+
+@pytest.fixture(scope="module")
+def main_ablation(tmp_path_factory):
+    """The shared ablation, run once: 6 cells, 2 at a time; the boom cells fail."""
+    tmp = tmp_path_factory.mktemp("ablation")
+    path = write_ablation(tmp, MAIN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MINIGPT_TEST_BOOM": "1"}
+    proc = subprocess.run([str(MINIGPT), "ablate", str(path), "--jobs", "2"], capture_output=True, text=True,
+                          env=env, cwd=tmp, timeout=600)
+    return tmp, path, tmp / "runs" / "main", proc
+
+
+def manifest_of(root: Path) -> dict:
+    return json.loads((root / "manifest.json").read_text())
+
+
+def cells_by_id(root: Path) -> dict:
+    return {c["id"]: c for c in manifest_of(root)["cells"]}
+
+
+def final_val(run_dir: str | Path) -> float:
+    vals = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r["val/loss"] for r in vals if "val/loss" in r][-1]
+
+
+# -- validation before anything runs -------------------------------------------------------------------
+def test_a_bad_parameter_in_one_cell_runs_nothing_and_names_cell_field_and_allowed_values(tmp_path, capsys):
+    path = write_ablation(tmp_path, '''
+base = "base.toml"
+seeds = [1, 2]
+[variants.ok]
+[variants.bad_schedule]
+"train.schedule" = "cosin"
+[variants.bad_norm]
+"model.norm.name" = "book.layernrom"
+''')
+    status, out, err = cli(capsys, "ablate", path)
+    assert status == 2
+    assert "Traceback" not in err
+    # every problem at once: both bad variants, their field, the allowed values
+    assert "variant 'bad_schedule' (seeds 1, 2): train.schedule" in err
+    assert "'cosine', 'linear' or 'constant'" in err
+    assert "variant 'bad_norm' (seeds 1, 2): model.norm.name" in err and "book.layernorm" in err
+    assert "nothing was run" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_reserved_fields_and_bad_file_structure_are_refused(tmp_path, capsys):
+    path = write_ablation(tmp_path, '''
+base = "base.toml"
+seeds = [1, 1]
+[variants.a]
+''')
+    status, _, err = cli(capsys, "ablate", path)
+    assert status == 2 and "seeds: seeds must be distinct" in err and "Invalid ablation file" in err
+    path = write_ablation(tmp_path, '''
+base = "base.toml"
+combine = "zip"
+[axes]
+"train.lr" = [1e-3, 2e-3]
+"model.n_layers" = [1]
+''')
+    status, _, err = cli(capsys, "ablate", path)
+    assert status == 2 and "combine = \"zip\" needs axes of equal length" in err
+    path = write_ablation(tmp_path, '''
+base = "base.toml"
+[variants.a]
+seed = 5
+''')
+    status, _, err = cli(capsys, "ablate", path)
+    assert status == 2 and "variant 'a'" in err and "seed: cannot be set by a variant" in err
+
+
+def test_dry_run_lists_grid_cells_and_matches_flops(tmp_path, capsys):
+    path = write_ablation(tmp_path, '''
+base = "base.toml"
+seeds = [3]
+budget = "flops"
+[axes]
+"model.n_layers" = [2, 1]
+"train.lr" = [0.001, 0.002]
+''')
+    status, out, err = cli(capsys, "ablate", path, "--dry-run", "--set", "train.max_steps=10")
+    assert status == 0, err
+    assert "4 cells (4 variants x 1 seeds)" in out
+    from minigpt_core.ablation import load_plan
+
+    plan = load_plan(path, ["train.max_steps=10"])
+    steps = {c.variant: c.steps for c in plan.cells}
+    fpt = {c.variant: c.flops_per_token for c in plan.cells}
+    assert list(steps) == ["n_layers-2_lr-0.001", "n_layers-2_lr-0.002", "n_layers-1_lr-0.001", "n_layers-1_lr-0.002"]
+    assert steps["n_layers-2_lr-0.001"] == 10
+    # the 1-layer model is cheaper per token: it gets more steps for the same compute
+    assert steps["n_layers-1_lr-0.001"] == round(10 * fpt["n_layers-2_lr-0.001"] / fpt["n_layers-1_lr-0.001"]) > 10
+    assert not (tmp_path / "runs").exists()
+
+
+# -- the shared ablation ---------------------------------------------------------------------------------
+def test_failing_cell_does_not_stop_the_others_and_is_reported(main_ablation):
+    tmp, path, root, proc = main_ablation
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    cells = cells_by_id(root)
+    assert {i: c["status"] for i, c in cells.items()} == {
+        "ln/seed-1": "done", "ln/seed-2": "done", "rms/seed-1": "done", "rms/seed-2": "done",
+        "boom/seed-1": "failed", "boom/seed-2": "failed"}
+    assert "boom: this attention always fails" in cells["boom/seed-1"]["error"]
+    # the layout: runs/<ablation>/<variant>/seed-<s>/<run>
+    run = Path(cells["rms/seed-2"]["run_dir"])
+    assert run.parent == root / "rms" / "seed-2" and (run / "metrics.jsonl").is_file()
+    spec = _toml.loads((run / "spec.toml").read_text())
+    assert spec["seed"] == 2 and spec["model"]["norm"]["name"] == "modern.rmsnorm"
+    assert spec["wandb"]["group"] == "main" and spec["wandb"]["job_type"] == "rms"
+    assert spec["wandb"]["config"]["overrides"] == {"model.norm.name": "modern.rmsnorm"}
+    report = (root / "report.md").read_text()
+    assert "**2 failed**" in report and "boom: this attention always fails" in report
+    rows = list(csv.DictReader((root / "results.csv").open()))
+    assert [r["status"] for r in rows if r["variant"] == "boom"] == ["failed", "failed"]
+    assert "done, 2 failed, 0 remaining" in proc.stdout
+
+
+def test_report_statistics_match_an_independent_computation(main_ablation):
+    from scipy import stats
+
+    tmp, path, root, proc = main_ablation
+    cells = cells_by_id(root)
+    val = {(c["variant"], c["seed"]): final_val(c["run_dir"]) for c in cells.values() if c["status"] == "done"}
+    rows = {(r["variant"], int(r["seed"])): r for r in csv.DictReader((root / "results.csv").open())}
+    for key, v in val.items():
+        assert float(rows[key]["final_val_loss"]) == pytest.approx(v, abs=1e-12)
+    ln = [val[("ln", s)] for s in (1, 2)]
+    rms = [val[("rms", s)] for s in (1, 2)]
+    mean, std = sum(rms) / 2, math.sqrt(sum((x - sum(rms) / 2) ** 2 for x in rms))  # ddof 1 with n = 2
+    d = [b - a for a, b in zip(ln, rms)]
+    dm, ds = sum(d) / 2, abs(d[0] - d[1]) / math.sqrt(2)
+    half = stats.t.ppf(0.975, 1) * ds / math.sqrt(2)
+    line = next(ln_ for ln_ in (root / "report.md").read_text().splitlines() if ln_.startswith("| `rms`"))
+    assert f"{mean:.4f} ± {std:.4f} (2)" in line
+    assert f"{dm:+.4f} [{dm - half:+.4f}, {dm + half:+.4f}] (n=2)" in line
+    assert "fewer than 3 finished seeds" in (root / "report.md").read_text()
+    assert "same training tokens" in (root / "report.md").read_text()
+
+
+def test_figures_have_one_line_per_variant_with_results(main_ablation):
+    from minigpt_core.ablation.report import write_report
+
+    tmp, path, root, proc = main_ablation
+    for name in ("curves.png", "throughput.png"):
+        data = (root / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    files = write_report(root, log_wandb=False, write=lambda s: None)
+    assert files.curves_figure_lines == {"ln": 1, "rms": 1}  # boom has no curve: it failed
+
+
+def test_report_command_rebuilds_the_files_and_refuses_a_plain_directory(main_ablation, capsys, tmp_path):
+    tmp, path, root, proc = main_ablation
+    (root / "report.md").unlink()
+    status, out, err = cli(capsys, "report", root, "--no-wandb")
+    assert status == 0, err
+    assert "| `rms` |" in out and (root / "report.md").is_file()
+    status, out, err = cli(capsys, "report", tmp_path)
+    assert status == 2 and "not an ablation directory" in err
+
+
+def test_band_figure_draws_mean_and_min_max_of_seeds():
+    from minigpt_core.viz.curves import band_figure
+
+    fig = band_figure({"a": [([1, 2], [4.0, 3.0]), ([1, 2], [2.0, 1.0])], "b": [([1, 2], [5.0, 5.0])]}, ylabel="y")
+    ax = fig.axes[0]
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert set(lines) == {"a (n=2)", "b (n=1)"}
+    assert list(lines["a (n=2)"].get_ydata()) == [3.0, 2.0]
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]
+    assert band.min() == 1.0 and band.max() == 4.0
+
+
+def test_rerun_skips_done_and_retry_failed_reruns_only_the_failed(main_ablation, monkeypatch, capsys):
+    tmp, path, root, proc = main_ablation
+    before = cells_by_id(root)
+    monkeypatch.chdir(tmp)
+    monkeypatch.setenv("MINIGPT_TEST_BOOM", "1")
+    status, out, err = cli(capsys, "ablate", path, "--no-report")
+    assert status == 1 and "0 to run, 2 failed (rerun them with --retry-failed)" in out
+    assert cells_by_id(root) == before  # nothing ran
+    monkeypatch.setenv("MINIGPT_TEST_BOOM", "0")  # the bug is fixed
+    status, out, err = cli(capsys, "ablate", path, "--retry-failed", "--jobs", "2")
+    assert status == 0, out + err
+    after = cells_by_id(root)
+    assert all(c["status"] == "done" for c in after.values())
+    for cid in ("ln/seed-1", "ln/seed-2", "rms/seed-1", "rms/seed-2"):
+        assert after[cid]["run_dir"] == before[cid]["run_dir"] and after[cid]["attempts"] == 1
+    assert after["boom/seed-1"]["attempts"] == 2 and after["boom/seed-1"]["error"] is None
+    assert out.count("starting") == 2
+    report = (root / "report.md").read_text()
+    assert "failed**" not in report and "| `boom` |" in report
+
+
+def test_a_changed_file_is_refused_for_finished_cells_unless_force(main_ablation, monkeypatch, capsys):
+    tmp, path, root, proc = main_ablation
+    monkeypatch.chdir(tmp)
+    status, out, err = cli(capsys, "ablate", path, "--dry-run", "--set", "train.lr=0.001")
+    assert status == 0  # a dry run changes nothing
+    status, out, err = cli(capsys, "ablate", path, "--set", "train.lr=0.001")
+    assert status == 2 and "finished cell(s) a different spec" in err and "train.lr: 0.003 -> 0.001" in err
+    assert "--force" in err and manifest_of(root)["settings"]["set"] == []
+
+
+# -- interruption ----------------------------------------------------------------------------------------
+SLOW = '''
+name = "killed"
+base = "base.toml"
+seeds = [1]
+plugins = []
+[variants.first]
+plugins = ["plugins/testattn.py"]
+"model.attention.name" = "test.slow"
+[variants.second]
+plugins = ["plugins/testattn.py"]
+"model.attention.name" = "test.slow"
+"model.norm.name" = "modern.rmsnorm"
+'''
+
+
+@pytest.mark.slow
+def test_sigkill_mid_cell_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, capsys, monkeypatch):
+    from minigpt_core.ablation.runner import cores
+
+    path = write_ablation(tmp_path, SLOW.replace("plugins = []\n", ""), max_steps=40, save_every=10,
+                          eval_every=10)
+    root = tmp_path / "runs" / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([str(MINIGPT), "ablate", str(path)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env, cwd=tmp_path)
+    second = root / "second" / "seed-1"
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(second.glob("*/checkpoints/step_00000010/meta.json")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    cells = cells_by_id(root)
+    assert cells["first/seed-1"]["status"] == "done" and cells["second/seed-1"]["status"] == "running"
+    killed_run = cells["second/seed-1"]["run_dir"]
+    time.sleep(3.0)  # the cell died with its parent: its run never reaches step 40
+    steps = [json.loads(x).get("step") for x in (Path(killed_run) / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) < 40
+    monkeypatch.chdir(tmp_path)
+    status, out, err = cli(capsys, "ablate", path, "--no-report")
+    assert status == 0, out + err
+    assert "1 done, 1 to run" in out and f"resuming {killed_run}" in out and out.count("[first/seed-1]") == 0
+    after = cells_by_id(root)
+    assert after["second/seed-1"]["run_dir"] == killed_run and after["first/seed-1"] == cells["first/seed-1"]
+    records = [json.loads(x) for x in (Path(killed_run) / "metrics.jsonl").read_text().splitlines()]
+    (resumed,) = [r for r in records if r.get("event") == "resume"]
+    assert 10 <= resumed["step"] < 40  # from the checkpoint the killed cell left, not from its end
+    # the same cells, uninterrupted, in this process
+    threads = max(1, cores())
+    for cid in ("first/seed-1", "second/seed-1"):
+        cell = root / cid / "cell.toml"
+        status, out, err = cli(capsys, "train", cell, "--no-progress", "--set", f"train.threads={threads}",
+                               "--set", f"train.out_dir={tmp_path / 'reference' / cid}")
+        assert status == 0, err
+        (ref,) = [p for p in (tmp_path / "reference" / cid / "seed-1").iterdir() if p.is_dir()]
+        ref_vals = {json.loads(x)["step"]: json.loads(x)["val/loss"]
+                    for x in (ref / "metrics.jsonl").read_text().splitlines() if "val/loss" in x}
+        got_vals = {json.loads(x)["step"]: json.loads(x)["val/loss"]
+                    for x in (Path(after[cid]["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+                    if "val/loss" in x}
+        assert got_vals == ref_vals and len(ref_vals) == 4
+
+
+# -- submitit ------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_submitit_local_executor_runs_a_two_cell_ablation(tmp_path):
+    pytest.importorskip("submitit")
+    path = write_ablation(tmp_path, '''
+name = "sub"
+base = "base.toml"
+seeds = [1, 2]
+[variants.ln]
+''', max_steps=4, eval_every=2, save_every=0)
+    proc = subprocess.run([str(MINIGPT), "ablate", str(path), "--executor", "submitit-local", "--jobs", "2"],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    root = tmp_path / "runs" / "sub"
+    cells = cells_by_id(root)
+    assert [c["status"] for c in cells.values()] == ["done", "done"]
+    assert manifest_of(root)["settings"]["executor"] == "submitit-local"
+    assert list((root / "submitit").iterdir())  # submitit's own job folder
+    assert all(final_val(c["run_dir"]) > 0 for c in cells.values())
+
+
+def test_time_budget_gives_each_variant_the_steps_that_fit_the_time(tmp_path):
+    from minigpt_core.ablation import load_plan
+
+    path = write_ablation(tmp_path, '''
+base = "base.toml"
+seeds = [1, 2]
+budget = "time"
+time_budget_s = 0.5
+[variants.small]
+[variants.wide]
+"model.emb_dim" = 128
+"model.n_layers" = 4
+''')
+    plan = load_plan(path)
+    steps = {c.variant: c.steps for c in plan.cells}
+    assert steps["small"] > steps["wide"] >= 1  # the bigger model gets fewer steps in the same time
+    assert "same wall-clock time: 0.5 s" in plan.budget_summary
+    # a rerun takes the steps from the manifest instead of timing again
+    again = load_plan(path, time_steps={"small": 7, "wide": 3})
+    assert [c.steps for c in again.cells] == [7, 7, 3, 3]
+
+
+def test_report_is_logged_to_wandb_offline_in_a_run_of_its_own(main_ablation, monkeypatch):
+    from minigpt_core.ablation.report import write_report
+
+    tmp, path, root, proc = main_ablation
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    lines = []
+    write_report(root, write=lines.append)
+    (run,) = (root / "wandb").glob("offline-run-*")
+    assert any(p.suffix == ".wandb" for p in run.iterdir())
+    assert any("W&B offline report run" in ln for ln in lines), lines
+
+
+def test_slurm_without_submitit_says_how_to_install_it(tmp_path, capsys, monkeypatch):
+    path = write_ablation(tmp_path, 'base = "base.toml"\n[variants.a]\n')
+    monkeypatch.setitem(sys.modules, "submitit", None)  # as if it were not installed
+    status, out, err = cli(capsys, "ablate", path, "--executor", "slurm")
+    assert status == 2 and "pip install 'minigpt[cluster]'" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_example_ablation_is_valid_and_matches_tokens():
+    from minigpt_core.ablation import load_plan
+
+    plan = load_plan(ROOT / "experiments" / "ablations" / "attention.toml")
+    assert [v for v in plan.variants] == ["book", "sdpa", "rope"] and len(plan.cells) == 9
+    assert {c.tokens for c in plan.cells} == {120 * 32 * 128}
+    assert plan.root == (Path("runs") / "attention").resolve()
