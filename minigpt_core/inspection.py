@@ -25,7 +25,7 @@ from .errors import MinigptError
 from .model import ATTENTION_MODULE_ATTR
 
 __all__ = ["AttentionWeightsUnavailable", "attention_modules", "capture_attention", "attention_weights",
-           "attention_weights_message", "token_losses", "window_token_losses"]
+           "attention_weights_message", "token_losses", "window_token_losses", "log_attention_maps"]
 
 
 class AttentionWeightsUnavailable(MinigptError):
@@ -166,3 +166,30 @@ def window_token_losses(model: nn.Module, corpus, starts: np.ndarray, length: in
     finally:
         model.train(was_training)
     return out
+
+
+def log_attention_maps(model: nn.Module, tokenizer, prompt: str, out_dir, *, write: bool = True, title: str = "",
+                       note: Callable[[str], None] = print, max_tokens: int = 64) -> list:
+    """``train.log_attention_every``: ``out_dir/layer-<i>.png`` for the prompt (its last ``max_tokens``).
+
+    Every process of a sharded (FSDP) model must call it (the forward pass needs them all); only
+    those with ``write`` draw. Returns the PNGs written.
+    """
+    from pathlib import Path
+
+    from .viz.attention import write_attention_pngs
+
+    try:
+        ids = tokenizer.encode(prompt)
+    except MinigptError as exc:
+        note(f"note: no attention maps: the prompt cannot be encoded ({exc})")
+        return []
+    ids = ids[-min(max_tokens, _plain(model).spec.context_length):]
+    if not ids:
+        return []
+    device = next(model.parameters()).device
+    weights = attention_weights(model, torch.tensor([ids], device=device))
+    if not write:
+        return []
+    labels = [tokenizer.decode([i]) for i in ids]
+    return write_attention_pngs([w[0].float().cpu().numpy() for w in weights], labels, Path(out_dir), title=title)

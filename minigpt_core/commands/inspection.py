@@ -59,8 +59,9 @@ def _attention_args(p: argparse.ArgumentParser) -> None:
                    help="draw only this head in the PNGs (repeatable); default: every head")
     p.add_argument("--average-heads", action="store_true", help="add a panel with the mean of the heads")
     p.add_argument("--start", type=int, default=0, metavar="N", help="first token of the window shown (default 0)")
-    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, metavar="N",
-                   help=f"tokens in the window (default {DEFAULT_MAX_TOKENS}; at most the model's context length); "
+    p.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                   help=f"tokens in the window (default {DEFAULT_MAX_TOKENS} or the context length if shorter; at "
+                        f"most the context length); "
                         f"the model sees only the window")
     p.add_argument("--out", default="attention", metavar="DIR",
                    help="output directory: layer-<i>.png and attention.html (default ./attention)")
@@ -84,6 +85,8 @@ def _attention(args) -> int:
     ckpt, model, spec, tokenizer, device = _load_for_inference(args.checkpoint, args.device)
     attention_modules(model)  # no attn_weights: say so (and which attentions can) before any work
     ctx = spec.model.context_length
+    if args.max_tokens is None:
+        args.max_tokens = min(DEFAULT_MAX_TOKENS, ctx)
     if not 1 <= args.max_tokens <= ctx:
         raise MinigptError(f"--max-tokens must be between 1 and the model's context length {ctx}, "
                            f"not {args.max_tokens}.")

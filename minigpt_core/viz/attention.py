@@ -65,8 +65,10 @@ def attention_figure(weights: np.ndarray, labels: Sequence[str], *, heads: Seque
         ax.set_xticklabels(ticks, rotation=90, fontsize=font, family="monospace")
         ax.set_yticklabels(ticks, fontsize=font, family="monospace")
         ax.tick_params(length=0)
-    for ax in axes[-1]:
-        ax.set_xlabel("key (attended to)")
+    for k, ax in enumerate(axes.flat):
+        if k < n and k + ncols >= n:  # the lowest panel of its column: shared x labels go here
+            ax.xaxis.set_tick_params(labelbottom=True)
+            ax.set_xlabel("key (attended to)")
     for ax in axes[:, 0]:
         ax.set_ylabel("query (attending)")
     for ax in list(axes.flat)[n:]:
