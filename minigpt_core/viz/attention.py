@@ -52,8 +52,7 @@ def attention_figure(weights: np.ndarray, labels: Sequence[str], *, heads: Seque
     mask = np.triu(np.ones((t, t), dtype=bool), 1) if causal else np.zeros((t, t), dtype=bool)
     visible = [p[~mask] for _, p in panels]
     vmax = max((float(v.max()) for v in visible if v.size), default=1.0) or 1.0
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#d4d4d4")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#d4d4d4")
     font = max(4.0, min(9.0, 420.0 / max(t, 1)))
     ticks = [token_label(s) for s in labels]
     image = None
