@@ -90,7 +90,7 @@ def test_attention_page_draws_the_chosen_layer_and_head_and_shows_where_a_token_
 
     def expected(w, i, j):
         vmax = np.tril(w).max()
-        return d.execute_script("return minigptColor('viridis', arguments[0])", float(w[i, j] / vmax))
+        return d.execute_script("return minigptColor('viridis', Math.sqrt(arguments[0]))", float(w[i, j] / vmax))
 
     first = drawn()
     assert pixel(5, 2) == expected(weights[0][0], 5, 2) and pixel(2, 5) == [212, 212, 212]  # masked future

@@ -35,7 +35,7 @@ def attention_figure(weights: np.ndarray, labels: Sequence[str], *, heads: Seque
     """One figure: a heatmap per head (and the heads' mean), tokens on both axes, one colour scale.
 
     ``weights``: (H, T, T). Cells above the diagonal (a causal attention's future) are drawn as
-    masked, in grey; the colour bar covers all panels.
+    masked, in grey; the colour bar (square-root scale, 0 to the largest weight) covers all panels.
     """
     plt = pyplot()
     n_heads, t, _ = weights.shape
@@ -53,11 +53,15 @@ def attention_figure(weights: np.ndarray, labels: Sequence[str], *, heads: Seque
     visible = [p[~mask] for _, p in panels]
     vmax = max((float(v.max()) for v in visible if v.size), default=1.0) or 1.0
     cmap = plt.get_cmap("viridis").with_extremes(bad="#d4d4d4")
-    font = max(4.0, min(9.0, 420.0 / max(t, 1)))
+    font = 8.0  # a cell is 0.17 inch (12 pt) whatever T is
+    # Square-root scale: the first tokens' weights (row 0 is always 1) would leave the rest dark.
+    from matplotlib.colors import PowerNorm
+
+    norm = PowerNorm(0.5, vmin=0.0, vmax=vmax)
     ticks = [token_label(s) for s in labels]
     image = None
     for ax, (name, w) in zip(axes.flat, panels):
-        image = ax.imshow(np.ma.masked_array(w, mask), cmap=cmap, vmin=0.0, vmax=vmax, interpolation="nearest")
+        image = ax.imshow(np.ma.masked_array(w, mask), cmap=cmap, norm=norm, interpolation="nearest")
         ax.set_title(name, fontsize=10)
         ax.set_xticks(range(t))
         ax.set_yticks(range(t))
@@ -72,7 +76,7 @@ def attention_figure(weights: np.ndarray, labels: Sequence[str], *, heads: Seque
         ax.set_ylabel("query (attending)")
     for ax in list(axes.flat)[n:]:
         ax.set_axis_off()
-    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="attention weight")
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="attention weight (square-root scale)")
     if title:
         fig.suptitle(title + ("  (grey: masked future)" if causal else ""), fontsize=11)
     return fig
@@ -106,7 +110,8 @@ _BODY = """
 <div class="controls">
   <span><label for="layer">Layer</label> <select id="layer"></select></span>
   <span><label for="head">Head</label> <select id="head"></select></span>
-  <span class="legend">0 <canvas id="legend" width="160" height="12"></canvas> <span id="vmax"></span></span>
+  <span class="legend">0 <canvas id="legend" width="160" height="12"></canvas> <span id="vmax"></span>
+    (square-root scale)</span>
 </div>
 <div class="view">
   <canvas id="heat"></canvas>
@@ -169,7 +174,7 @@ function draw() {
     ctx.restore();
   }
   for (let i = 0; i < T; i++) for (let j = 0; j < T; j++) {
-    ctx.fillStyle = masked(i, j) ? '#d4d4d4' : minigptRgb('viridis', current[i * T + j] / vmax);
+    ctx.fillStyle = masked(i, j) ? '#d4d4d4' : minigptRgb('viridis', Math.sqrt(current[i * T + j] / vmax));
     ctx.fillRect(M + j * CELL, M + i * CELL, CELL, CELL);
   }
   if (hovered >= 0) { ctx.strokeStyle = '#e4572e'; ctx.lineWidth = 2;
@@ -180,7 +185,7 @@ function colourTokens() {
   spans.forEach((s, j) => {
     s.classList.toggle('query', j === hovered);
     if (hovered < 0 || masked(hovered, j)) { s.style.background = ''; s.style.color = ''; return; }
-    const v = current[hovered * T + j] / vmax;
+    const v = Math.sqrt(current[hovered * T + j] / vmax);
     s.style.background = minigptRgb('viridis', v); s.style.color = v > 0.6 ? '#000' : '#fff';
   });
 }
