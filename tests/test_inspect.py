@@ -278,3 +278,16 @@ def test_log_attention_every_writes_maps_into_the_run_and_wandb(tmp_path):
     images = {r["_step"]: r for r in history(run_file) if r.get("attention/layer-0/_type") == "image-file"}
     assert sorted(images) == [2, 4]
     assert (result.wandb_dir / "files" / images[4]["attention/layer-1/path"]).is_file()
+
+
+def test_compare_refuses_checkpoints_with_different_tokenizers(run, tmp_path, capsys):
+    from minigpt_core.checkpoint import load_model, read_meta, save_model
+
+    _, (step2, step4), text_file = run
+    model, spec = load_model(step2)
+    state = read_meta(step2)["tokenizer"]
+    other = save_model(model, spec, tmp_path / "other", meta={"tokenizer": {**state, "chars": state["chars"][::-1]}})
+    status, _, err = cli(capsys, "eval", step4, "--data", text_file, "--compare", other, "--out", tmp_path / "o",
+                         "--no-progress")
+    assert status == 2 and "use different tokenizers" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

@@ -185,7 +185,8 @@ class PerTokenEval:
         self.losses = window_token_losses(model, corpus, starts, self.length, **kw)
         self.other_losses = (None if self.other is None else
                              window_token_losses(self.other, corpus, starts, self.length, **kw))
-        self.ids = corpus.windows(starts, self.length)[:, 1:]
+        windows = corpus.windows(starts, self.length)
+        self.first, self.ids = windows[:, 0], windows[:, 1:]  # the first token is context only
         return float(self.losses.astype(np.float64).mean()) if self.losses.size else float("nan")
 
     def report(self) -> None:
@@ -228,7 +229,7 @@ class PerTokenEval:
             for k in order:
                 w = k // per
                 both = f"  ({names[0]} {flat[k]:.3f}, {names[1]} {other[k]:.3f})" if other is not None else ""
-                before = "".join(tokens[w * per:k])[-24:]
+                before = (self.tokenizer.decode([int(self.first[w])]) + "".join(tokens[w * per:k]))[-24:]
                 print(f"  {values[k]:8.3f}  {_show(tokens[k]):<8} after {_show(before)}  "
                       f"(offset {int(starts[w]) + k % per + 1}){both}")
 
