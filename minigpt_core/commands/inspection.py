@@ -191,7 +191,8 @@ class PerTokenEval:
 
     def report(self) -> None:
         from ..viz.html import write_page
-        from ..viz.tokens import MAX_PAGE_TOKENS, loss_page
+        from ..viz._mpl import save_figure
+        from ..viz.tokens import MAX_PAGE_TOKENS, loss_figure, loss_page
 
         per, starts, names = self.length - 1, self.starts, self.names
         vocab = {int(i): self.tokenizer.decode([int(i)]) for i in np.unique(self.ids)}
@@ -223,6 +224,11 @@ class PerTokenEval:
             tokens[:shown * per], flat[:shown * per], other=None if other is None else other[:shown * per],
             names=names, window_starts=[w * per for w in range(shown)], meta=meta,
             title=f"Per-token loss: {names[0]}" + (f" vs {names[1]}" if other is not None else "")))
+        picture = save_figure(loss_figure(
+            tokens, flat, other=other, names=names, window_starts=[w * per for w in range(len(starts))],
+            title=f"{names[0]}" + (f" vs {names[1]}" if other is not None else "") + f": the first {min(len(tokens), 1500)} "
+                  f"tokens evaluated, coloured by " + ("loss difference" if other is not None else "loss")),
+            out / "per-token.png")
 
         def table(order, heading: str, values: np.ndarray) -> None:
             print(heading)
@@ -241,4 +247,4 @@ class PerTokenEval:
             table(np.argsort(-delta, kind="stable")[:top],
                   f"harder for {names[0]} than for {names[1]} (loss difference, nats):", delta)
             table(np.argsort(delta, kind="stable")[:top], f"easier for {names[0]} than for {names[1]}:", delta)
-        print(f"wrote {jsonl} and {page} (open it in a browser; works offline)")
+        print(f"wrote {jsonl}, {picture} and {page} (open it in a browser; works offline)")

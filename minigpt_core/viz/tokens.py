@@ -11,7 +11,7 @@ import numpy as np
 
 from .html import encode_array, page, write_page
 
-__all__ = ["loss_page", "write_loss_page", "MAX_PAGE_TOKENS"]
+__all__ = ["loss_page", "write_loss_page", "loss_figure", "MAX_PAGE_TOKENS"]
 
 MAX_PAGE_TOKENS = 200_000  # a browser lays out this many spans in a few seconds; the JSONL has them all
 
@@ -106,3 +106,62 @@ def loss_page(tokens: Sequence[str], losses: np.ndarray, *, other: np.ndarray | 
 
 def write_loss_page(path: str | Path, *args, **kwargs) -> Path:
     return write_page(path, loss_page(*args, **kwargs))
+
+
+def loss_figure(tokens: Sequence[str], losses: np.ndarray, *, other: np.ndarray | None = None,
+                names: tuple[str, str] = ("this", "other"), window_starts: Sequence[int] = (0,), title: str = "",
+                width: int = 90, max_tokens: int = 1500):
+    """The page's picture as a figure: the first ``max_tokens`` tokens as monospace text on boxes
+    coloured by loss (or by ``losses - other``), wrapped at ``width`` characters, each window on new
+    lines, with a colour bar."""
+    from matplotlib.colors import Normalize
+    from matplotlib.patches import Rectangle
+
+    from ._mpl import pyplot
+
+    plt = pyplot()
+    tokens, losses = list(tokens)[:max_tokens], np.asarray(losses, dtype=np.float64)[:max_tokens]
+    values = losses if other is None else losses - np.asarray(other, dtype=np.float64)[:max_tokens]
+    top = float(np.quantile(np.abs(values), 0.99)) if len(values) else 1.0
+    top = top or 1.0  # the 1% highest saturate, as on the page
+    cmap, norm = ((plt.get_cmap("Reds"), Normalize(0.0, top)) if other is None
+                  else (plt.get_cmap("RdBu_r"), Normalize(-top, top)))
+    # Character cells: one unit per character, one per line; a new window starts a new paragraph.
+    starts = set(int(k) for k in window_starts)
+    cells, rules, row, col = [], [], 0.0, 0
+    for k, tok in enumerate(tokens):
+        if k in starts and k > 0:
+            row, col = row + (1.5 if col else 0.5), 0
+            rules.append(row - 0.25)
+        shown = tok.replace("\t", "    ").replace("\n", "\u21b5")
+        if col + len(shown) > width and col > 0:
+            row, col = row + 1, 0
+        cells.append((row, col, shown, values[k]))
+        col += len(shown)
+        if "\n" in tok:
+            row, col = row + 1, 0
+    rows = row + (1 if col else 0)
+    cell_w, cell_h = 10 * 0.6 / 72, 0.21  # inches: DejaVu Sans Mono at 10 pt advances 0.6 em
+    text_h, top_h, bar_h = rows * cell_h, 0.35, 0.75
+    fig_h = text_h + top_h + bar_h
+    fig = plt.figure(figsize=(width * cell_w + 0.3, fig_h))
+    ax = fig.add_axes((0.15 / (width * cell_w + 0.3), bar_h / fig_h, width * cell_w / (width * cell_w + 0.3),
+                       text_h / fig_h))
+    ax.set_xlim(0, width)
+    ax.set_ylim(rows, 0)
+    ax.set_axis_off()
+    for r, c, shown, v in cells:
+        shade = norm(v)
+        ax.add_patch(Rectangle((c, r + 0.04), len(shown), 0.92, facecolor=cmap(shade), edgecolor="none"))
+        dark = shade > 0.7 or (other is not None and shade < 0.2)
+        ax.text(c, r + 0.52, shown.replace("$", r"\$"), family="DejaVu Sans Mono", fontsize=10, va="center",
+                ha="left", color="white" if dark else "black")
+    for y in rules:
+        ax.axhline(y, color="#999", lw=0.6, ls=(0, (4, 3)))
+    sm = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
+    cax = fig.add_axes((0.3, 0.42 / fig_h, 0.4, 0.1 / fig_h))
+    label = "loss (nats)" if other is None else f"loss of {names[0]} minus {names[1]} (nats; red: harder)"
+    fig.colorbar(sm, cax=cax, orientation="horizontal", label=label, extend="max" if other is None else "both")
+    if title:
+        fig.text(0.15 / (width * cell_w + 0.3), 1 - 0.12 / fig_h, title, fontsize=10, va="top")
+    return fig
