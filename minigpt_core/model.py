@@ -17,6 +17,7 @@ __all__ = ["BuildContext", "KVCache", "LayerKVCache", "GPT", "build_model", "mar
            "is_residual_projection"]
 
 RESIDUAL_PROJECTION_ATTR = "_minigpt_residual_projection"
+ATTENTION_MODULE_ATTR = "_minigpt_attention"  # set on each module built for the attention slot
 
 
 def mark_residual_projection(linear: nn.Module) -> nn.Module:
@@ -56,7 +57,10 @@ class BuildContext:
 
     def build(self, slot: str):
         """Build the component chosen for ``slot`` (e.g. a feed-forward builds its activation)."""
-        return self.components[slot].build(self)
+        part = self.components[slot].build(self)
+        if slot == "attention" and isinstance(part, nn.Module):
+            setattr(part, ATTENTION_MODULE_ATTR, True)  # how minigpt_core.inspection finds it in a block
+        return part
 
 
 class LayerKVCache:
@@ -117,6 +121,7 @@ class GPT(nn.Module):
             self.out_head.weight = self.tok_emb.weight
         components["init"].build(ctx)(self)
         self.supports_kv_cache = components["attention"].entry.has("kv_cache")
+        self.supports_attn_weights = components["attention"].entry.has("attn_weights")  # minigpt_core.inspection
         # Modules that add a training loss (e.g. a mixture-of-experts load-balancing term) set
         # `self.aux_loss` in forward; found once here so the training step does no module walk.
         self._aux_loss_modules = [m for m in self.modules() if m is not self and hasattr(m, "aux_loss")]

@@ -236,6 +236,10 @@ class TrainSpec(_Strict):
     sample_tokens: int = Field(64, ge=0, description="tokens per generated sample (0: no samples)")
     sample_temperature: float = Field(0.8, ge=0, description="sampling temperature (0: greedy)")
     sample_top_k: int | None = Field(40, gt=0, description="sample among the k most likely tokens")
+    log_attention_every: int | None = Field(None, gt=0, description="draw the attention maps of attention_prompt "
+                                            "every N steps into RUN/attention/ and W&B (None: never)")
+    attention_prompt: str | None = Field(None, description="text whose attention maps log_attention_every draws "
+                                         "(default: sample_prompt)")
     save_every: int = Field(500, ge=0, description="write a checkpoint every N steps (0: only at the end)")
     keep_last: int = Field(2, gt=0, description="checkpoints kept besides the best one")
     keep_best: bool = Field(True, description="also keep the checkpoint with the lowest validation loss")
@@ -401,6 +405,11 @@ def spec_warnings(spec: "ExperimentSpec", total_steps: int | None = None) -> lis
                    f"rate never reaches its peak train.lr ({t.lr:g}); lower train.warmup_steps")
     components = spec.model.components
     att, pos = components["attention"].entry, components["positional"].entry
+    if t.log_attention_every and not att.has("attn_weights"):
+        from .inspection import attention_weights_message
+
+        out.append(f"train.log_attention_every is set, but no attention maps will be drawn: "
+                   f"{attention_weights_message(att.name, spec.registry)}")
     if att.has("positions") and pos.has("absolute"):
         out.append(f"attention '{att.name}' encodes positions itself, and positional '{pos.name}' adds "
                    f"absolute position embeddings on top: the model gets positions twice. Set "

@@ -4,3 +4,4 @@ from . import check  # noqa: F401  check
 from . import train  # noqa: F401  train, sample, eval, prepare
 from . import new_plugin  # noqa: F401  new-plugin
 from . import ablate  # noqa: F401  ablate, report, plot
+from . import inspection  # noqa: F401  attention (and eval --per-token's half)

@@ -220,6 +220,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in CI logs)")
+    from .inspection import add_per_token_args
+
+    add_per_token_args(p)
 
 
 @command("eval", "validation loss and perplexity of a checkpoint (on its run's validation split or other data)")
@@ -266,12 +269,22 @@ def _eval(args) -> int:
     if args.max_windows and args.max_windows < len(starts):
         scope = f"{args.max_windows:,} of its {len(starts):,} windows, spread evenly (--max-windows)"
         starts = starts[eval_windows(len(starts), args.max_windows)]
-    with tqdm(total=len(starts), unit="window", file=sys.stderr, dynamic_ncols=True, disable=args.no_progress,
-              mininterval=0.5, desc="eval") as bar:
-        loss = evaluate(model, corpus, np.asarray(starts), length, micro_batch=args.batch_size, device=device,
-                        precision=args.precision, progress=bar.update)
+    per_token = None
+    if args.per_token or args.compare:  # one pass gives both the mean and each token's loss
+        from .inspection import PerTokenEval
+
+        per_token = PerTokenEval(args, ckpt, spec, tokenizer, length)  # loads and checks --compare first
+    with tqdm(total=len(starts) * (2 if args.compare else 1), unit="window", file=sys.stderr, dynamic_ncols=True,
+              disable=args.no_progress, mininterval=0.5, desc="eval") as bar:
+        if per_token is not None:
+            loss = per_token.run(model, corpus, np.asarray(starts), device, progress=bar.update)
+        else:
+            loss = evaluate(model, corpus, np.asarray(starts), length, micro_batch=args.batch_size, device=device,
+                            precision=args.precision, progress=bar.update)
     print(f"{ckpt} on {what}: {len(starts):,} windows of {length - 1} tokens: {scope}")
     print(f"loss {loss:.4f} nats/token, perplexity {math.exp(min(loss, 50)):.3f}")
+    if per_token is not None:
+        per_token.report()
     return 0
 
 

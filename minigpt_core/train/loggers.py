@@ -32,6 +32,10 @@ class Logger:
     def log_sample(self, step: int, prompt: str, text: str) -> None:
         pass
 
+    def log_images(self, step: int, images: Mapping[str, Path]) -> None:
+        """Figures already written to disk (e.g. attention maps): key -> PNG file."""
+        pass
+
     def close(self) -> None:
         pass
 
@@ -188,6 +192,11 @@ class WandbLogger(Logger):
                          step=step)
         self._check_disk()
 
+    def log_images(self, step: int, images: Mapping[str, Path]) -> None:
+        with reporting_full_disk(self.run.dir):  # W&B copies each image into its run directory
+            self.run.log({k: self._wandb.Image(str(p)) for k, p in images.items()}, step=step)
+        self._check_disk()
+
     def close(self) -> None:
         try:
             self.run.finish()
@@ -207,6 +216,10 @@ class MultiLogger(Logger):
     def log_sample(self, step: int, prompt: str, text: str) -> None:
         for logger in self.loggers:
             logger.log_sample(step, prompt, text)
+
+    def log_images(self, step: int, images: Mapping[str, Path]) -> None:
+        for logger in self.loggers:
+            logger.log_images(step, images)
 
     def close(self) -> None:
         errors = []

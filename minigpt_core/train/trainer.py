@@ -130,7 +130,7 @@ RESUME_SAFE_FIELDS = (
     "train.max_steps", "train.max_tokens", "train.eval_every", "train.sample_every", "train.save_every",
     "train.log_every", "train.keep_last", "train.keep_best", "train.threads", "train.device", "train.compile",
     "train.out_dir", "train.peak_flops", "train.sample_prompt", "train.sample_tokens", "train.sample_temperature",
-    "train.sample_top_k", "data.cache_dir", "data.workers", "description", "wandb.*",
+    "train.sample_top_k", "train.log_attention_every", "train.attention_prompt", "data.cache_dir", "data.workers", "description", "wandb.*",
 )
 _UNSET = object()
 
@@ -536,6 +536,19 @@ class Trainer:
                            generator=gen, n_vocab=self.tokenizer.n_vocab)
         return self.tokenizer.decode(out[0, idx.shape[1]:].tolist())
 
+    def log_attention(self) -> None:
+        """train.log_attention_every: the prompt's attention maps, into RUN/attention/step-N/ and W&B."""
+        if not self.model.supports_attn_weights or not (self.env.is_main or self.fsdp):
+            return  # spec_warnings said why when the run started; FSDP: every rank runs the forward
+        from ..inspection import log_attention_maps
+
+        paths = log_attention_maps(self.wrapped if self.fsdp else self.model, self.tokenizer,
+                                   self.spec.train.attention_prompt or self.spec.train.sample_prompt,
+                                   self.run_dir / "attention" / f"step-{self.step}", write=self.env.is_main,
+                                   title=f"{self.spec.name} step {self.step}", note=self.write)
+        if paths:
+            self.loggers.log_images(self.step, {f"attention/layer-{i}": p for i, p in enumerate(paths)})
+
     def save(self) -> Path | None:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -685,6 +698,8 @@ class Trainer:
                     if text is not None and self.env.is_main:
                         self.last_sample = text
                         self.loggers.log_sample(self.step, t.sample_prompt, text)
+                if t.log_attention_every and self._due(t.log_attention_every):
+                    self.log_attention()
                 if self._due(t.save_every) or (improved and t.keep_best):
                     self.save()
                     last_saved = self.step
