@@ -30,7 +30,7 @@ from .errors import CheckpointError, MinigptError
 
 __all__ = ["FinetuneError", "mark_trainable", "is_marked_trainable", "match_modules", "Finetune",
            "apply_finetune", "finetune_active", "plain_model", "trainable_state", "restore_finetuned",
-           "count_trainable", "BOOK_TRAINABLE"]
+           "count_trainable", "book_trainable"]
 
 TRAINABLE_ATTR = "_minigpt_always_trainable"
 ADAPTER_ATTR = "_minigpt_adapter"  # the adapter object applied to a model, kept on the model
@@ -49,6 +49,7 @@ def mark_trainable(module: nn.Module) -> nn.Module:
 
 
 def is_marked_trainable(module: nn.Module) -> bool:
+    """Whether :func:`mark_trainable` tagged ``module``."""
     return bool(getattr(module, TRAINABLE_ATTR, False))
 
 
@@ -74,8 +75,10 @@ def match_modules(model: nn.Module, patterns: list[str], *, where: str,
     return chosen
 
 
-# The book's classification recipe (chapter 6): the last block and the final norm (plus a new head).
-BOOK_TRAINABLE = ("trf_blocks.{last}.*", "final_norm.*")
+def book_trainable(model: nn.Module) -> list[nn.Parameter]:
+    """The book's classification recipe (chapter 6): the last block and the final norm (a new head,
+    tagged with :func:`mark_trainable`, comes on top)."""
+    return [*model.trf_blocks[-1].parameters(), *model.final_norm.parameters()]
 
 
 def finetune_active(spec: Any) -> bool:
@@ -140,18 +143,19 @@ def apply_finetune(model: nn.Module, spec: Any, *, base: dict[str, Any] | None =
         keep = set(names)
     elif setting == "none":
         keep = set()
+    elif setting == "book":
+        chosen = {id(p) for p in book_trainable(model)}
+        keep = {n for n, p in model.named_parameters() if id(p) in chosen}
     else:
-        patterns = list(setting) if setting != "book" else [
-            p.format(last=len(model.trf_blocks) - 1) for p in BOOK_TRAINABLE]
         keep = set()
-        for pattern in patterns:
+        for pattern in setting:
             hits = {n for n in names if fnmatch.fnmatchcase(n, pattern)}
             if not hits:
                 shown = ", ".join(names[:6]) + f", ... ({len(names)} in all)"
                 raise FinetuneError(
                     f"finetune.trainable: the pattern {pattern!r} matches no parameter of the model. Patterns are "
-                    f"shell-style over parameter names (`*` also matches dots), e.g. \"trf_blocks.11.*\" or "
-                    f"\"final_norm.*\"; the model's are: {shown}. A tied output head is tok_emb.weight.")
+                    f"shell-style over parameter names (`*` also matches dots), e.g. \"final_norm.*\" or "
+                    f"\"trf_blocks.*.att.*\"; the model's are: {shown}. A tied output head is tok_emb.weight.")
             keep |= hits
     for n, p in model.named_parameters():
         p.requires_grad_(n in keep or id(p) in always)

@@ -34,6 +34,10 @@ Building model parts
     on: :class:`GELU`, :class:`FeedForward`, :class:`TransformerBlock` (the book's),
     :func:`attention_bias`, :func:`causal_attention`, :class:`SDPAttention`.
 
+Fine-tuning (for ``adapter`` components and new task heads)
+    :func:`mark_trainable`, :func:`is_marked_trainable` (modules that train whatever ``[finetune]
+    trainable`` freezes), :func:`match_modules` (target patterns over module names).
+
 Moving weights (for ``weights`` components)
     :func:`model_weights`, :func:`attention_canonical_state`, :func:`load_attention_canonical_state`.
 

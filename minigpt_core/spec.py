@@ -274,7 +274,7 @@ class FinetuneSpec(_Strict):
     trainable: Literal["all", "none", "book"] | list[str] | None = Field(
         None, description="'all'; 'none' (only adapter and new-head parameters); 'book' (the book's recipe: the "
         "last block and the final norm); or shell-style patterns over parameter names, e.g. "
-        "[\"trf_blocks.11.*\", \"final_norm.*\"] (default: 'all', or 'none' with an adapter)")
+        "[\"final_norm.*\", \"trf_blocks.*.att.*\"] (default: 'all', or 'none' with an adapter)")
     adapter: ComponentSlot | None = Field(None, description="adapter component applied to the model by "
                                           "target-module patterns, e.g. book.lora or peft.lora (default: none)",
                                           json_schema_extra={"component_kind": "adapter"})
@@ -283,7 +283,7 @@ class FinetuneSpec(_Strict):
     @classmethod
     def _some_patterns(cls, value: Any) -> Any:
         if isinstance(value, list) and not (value and all(isinstance(p, str) and p.strip() for p in value)):
-            raise ValueError("give at least one non-empty pattern, e.g. [\"trf_blocks.11.*\", \"final_norm.*\"]")
+            raise ValueError("give at least one non-empty pattern, e.g. [\"final_norm.*\", \"trf_blocks.*.att.*\"]")
         return value
 
 
