@@ -280,7 +280,10 @@ def count_trainable(spec: Any) -> Finetune:
     from .model import build_model
     from .pretrained import init_from_model
 
-    model_section = init_from_model(spec)
+    try:
+        model_section = init_from_model(spec)
+    except MinigptError:  # e.g. a checkpoint's spec whose relative init_from is elsewhere: its section is whole
+        model_section = spec.model
     with torch.device("meta"):
         model = build_model(model_section.resolve(spec.registry), seed=None)
         return apply_finetune(model, spec)

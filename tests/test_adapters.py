@@ -228,3 +228,15 @@ def test_bad_finetune_settings_give_one_message_and_no_run_directory(tmp_path, c
     assert status == 2
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_lora_checkpoint_is_a_base_for_further_fine_tuning(tmp_path, base):
+    lora = _finetune(tmp_path, base, name="lora", adapter={"name": "peft.lora", "params": LORA})
+    merged, _ = load_model(lora.checkpoint)
+    again = _finetune(tmp_path, lora.checkpoint, name="again", steps=2, trainable=["final_norm.*"])
+    assert read_meta(again.checkpoint)["finetune"]["base"]["init_from"] == str(lora.checkpoint.resolve())
+    after, _ = load_model(again.checkpoint)  # base (itself base + LoRA) rebuilt, then the final norm
+    m, a = merged.state_dict(), after.state_dict()
+    assert set(m) == set(a)
+    assert all(torch.equal(a[k], m[k]) for k in a if not k.startswith("final_norm."))
+    assert not torch.equal(a["final_norm.scale"], m["final_norm.scale"])
