@@ -24,6 +24,7 @@ C, F = 32, 128
 BLOCK = 3 * C * C + (C * C + C) + (C * F + F) + (F * C + C) + 2 * (2 * C)  # att, out_proj, ff, two norms
 FINAL_NORM = 2 * C
 LORA_PER_BLOCK = 2 * (4 * (C + C) + (C + F) + (F + C))  # rank 2 on W_q, W_k, W_v, out_proj, ff.0, ff.2
+MAGNITUDES = {"book.lora": 0, "peft.lora": 0, "peft.dora": 4 * C + F + C}  # DoRA: one per output feature
 
 
 def _spec(tmp_path, **sections):
@@ -64,15 +65,16 @@ def test_trainable_counts_equal_a_hand_count(tmp_path):
         assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == expected
 
 
-@pytest.mark.parametrize("adapter", ADAPTERS)
+@pytest.mark.parametrize("adapter", [*ADAPTERS, "peft.dora"])
 def test_lora_trainable_count_equals_a_hand_count(tmp_path, adapter):
     spec = _spec(tmp_path, finetune={"adapter": {"name": adapter, "params": LORA}})
     info = apply_finetune(build_model(spec), spec)
-    assert info.trainable == 2 * LORA_PER_BLOCK  # the base is frozen by default with an adapter
+    # the base is frozen by default with an adapter
+    assert info.trainable == 2 * (LORA_PER_BLOCK + MAGNITUDES[adapter])
     spec = _spec(tmp_path, finetune={"trainable": "book", "adapter": {"name": adapter,
                                      "params": {**LORA, "targets": ["trf_blocks.*.att.*"]}}})
     info = apply_finetune(build_model(spec), spec)
-    assert info.trainable == BLOCK + FINAL_NORM + 2 * (2 * 4 * (C + C))
+    assert info.trainable == BLOCK + FINAL_NORM + 2 * (2 * 4 * (C + C) + (4 * C if MAGNITUDES[adapter] else 0))
     assert len(info.adapter_names) == 8
 
 
@@ -90,7 +92,7 @@ def test_frozen_parameters_are_bitwise_unchanged_after_training(tmp_path, base):
 
 
 # -- LoRA ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("adapter", ADAPTERS)
+@pytest.mark.parametrize("adapter", [*ADAPTERS, "peft.dora"])
 def test_lora_at_init_leaves_logits_unchanged_and_merge_equals_unmerged(tmp_path, adapter):
     spec = _spec(tmp_path, finetune={"adapter": {"name": adapter, "params": LORA}})
     model = build_model(spec).eval()

@@ -39,13 +39,23 @@ def _peft_lora(ctx, params):
     return PeftLora(params)
 
 
+def _peft_dora(ctx, params):
+    from .peft_lora import PeftLora
+
+    return PeftLora(params, dora=True)
+
+
 @hookimpl
 def minigpt_register(registry):
     registry.add("adapter", "book.lora", _book_lora, params=LoraParams,
                  description="the book's LoRA (appendix E): W x + alpha * (x @ A @ B), A Kaiming-uniform, B zeros, "
                              "no alpha/rank scaling")
     if importlib.util.find_spec("peft") is None:  # not imported here: peft pulls in transformers (seconds)
-        registry.unavailable("adapter", "peft.lora", "needs Hugging Face PEFT: pip install 'minigpt[peft]'")
+        for name in ("peft.lora", "peft.dora"):
+            registry.unavailable("adapter", name, "needs Hugging Face PEFT: pip install 'minigpt[peft]'")
     else:
         registry.add("adapter", "peft.lora", _peft_lora, params=LoraParams,
                      description="Hugging Face PEFT's LoRA injected into the model: W x + (alpha / rank) * B(A(x))")
+        registry.add("adapter", "peft.dora", _peft_dora, params=LoraParams,
+                     description="Hugging Face PEFT's DoRA: LoRA's direction update plus a learned magnitude per "
+                                 "output feature")

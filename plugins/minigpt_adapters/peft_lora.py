@@ -16,8 +16,9 @@ ADAPTER_NAME = "default"
 
 
 class PeftLora:
-    def __init__(self, params):
+    def __init__(self, params, dora: bool = False):
         self.params = params
+        self.dora = dora  # DoRA: also a learned magnitude per output feature
 
     def _targets(self, model: nn.Module) -> list[str]:
         names = match_modules(model, self.params.targets, where="targets")
@@ -29,7 +30,8 @@ class PeftLora:
 
     def parameter_count(self, model: nn.Module) -> int:
         r = self.params.rank
-        return sum(r * (m.in_features + m.out_features) for m in map(model.get_submodule, self._targets(model)))
+        return sum(r * (m.in_features + m.out_features) + (m.out_features if self.dora else 0)
+                   for m in map(model.get_submodule, self._targets(model)))
 
     def apply(self, model: nn.Module) -> list[str]:
         from peft import LoraConfig, inject_adapter_in_model
@@ -37,12 +39,12 @@ class PeftLora:
         names = self._targets(model)
         p = self.params
         config = LoraConfig(r=p.rank, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=names,
-                            bias="none")
+                            bias="none", use_dora=self.dora)
         # PEFT freezes everything but the adapter; [finetune] trainable decides that afterwards.
         inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
         for layer in self._layers(model):
-            mark_trainable(layer.lora_A)
-            mark_trainable(layer.lora_B)
+            for part in ("lora_A", "lora_B", "lora_magnitude_vector"):
+                mark_trainable(getattr(layer, part))
         return names
 
     @staticmethod
