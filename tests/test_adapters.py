@@ -242,3 +242,19 @@ def test_a_lora_checkpoint_is_a_base_for_further_fine_tuning(tmp_path, base):
     assert set(m) == set(a)
     assert all(torch.equal(a[k], m[k]) for k in a if not k.startswith("final_norm."))
     assert not torch.equal(a["final_norm.scale"], m["final_norm.scale"])
+
+
+def test_a_checkpoint_whose_base_changed_is_refused(tmp_path, base):
+    import shutil
+
+    from minigpt_core import CheckpointError
+
+    copy = tmp_path / "base-copy"
+    shutil.copytree(base, copy)
+    result = _finetune(tmp_path, copy, steps=2, adapter={"name": "book.lora", "params": LORA})
+    state = load_file(str(copy / "model.safetensors"))
+    from safetensors.torch import save_file
+
+    save_file({k: v + 1 for k, v in state.items()}, str(copy / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="whose weights changed since"):
+        load_model(result.checkpoint)
