@@ -297,14 +297,23 @@ def load_model(directory: str | Path, registry: ComponentRegistry | None = None,
                map_location: str | torch.device = "cpu") -> tuple[GPT, ExperimentSpec]:
     """Rebuild the model from ``spec.toml`` and load ``model.safetensors`` into it.
 
+    A fine-tuning checkpoint that holds only trainable tensors rebuilds its base first (named in
+    meta.json, sha256-checked); an adapter comes back merged into the base weights (a plain GPT).
+
     The files are checked against their recorded sha256 first (CheckpointError naming a damaged one).
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"No checkpoint directory at {directory}.")
-    _verify_model_files(directory, read_meta(directory))
+    meta = read_meta(directory)
+    _verify_model_files(directory, meta)
     spec = load_spec_from_checkpoint(directory, registry)
     state = load_weights_file(directory / WEIGHTS_FILE)
+    from .finetune import finetune_active, plain_model, restore_finetuned
+
+    if finetune_active(spec):  # base (+ adapter, merged into it): a plain GPT
+        model = plain_model(restore_finetuned(spec, state, meta, str(directory))[0], copy_model=False)
+        return model.to(map_location), spec
     model = build_model(spec)
     load_model_state(model, state, str(directory))
     return model.to(map_location), spec

@@ -202,6 +202,10 @@ def _summary(args) -> int:
     spec = load_spec(path, overrides=args.overrides)
     print(f"{spec.name} ({args.file})")
     print(summarize_spec(spec).format())
+    from .finetune import count_trainable, finetune_active
+
+    if finetune_active(spec):  # a fine-tuning spec: what its [finetune] section leaves trainable
+        print(f"fine-tuning {count_trainable(spec).describe()}")
     return 0
 
 

@@ -16,6 +16,7 @@ The kinds (``KINDS``: kind -> one line; ``KIND_PROTOCOLS``: kind -> its protocol
     :class:`AttentionProtocol`, :class:`NormProtocol`, :class:`ActivationProtocol`,
     :class:`FeedForwardProtocol`, :class:`PositionalProtocol`, :class:`BlockProtocol`,
     :class:`InitProtocol` (model parts, whose factories get a :class:`BuildContext`),
+    :class:`AdapterProtocol` (fine-tuning adapters such as LoRA; also a :class:`BuildContext`),
     :class:`TokenizerProtocol` (gets a :class:`TokenizerContext`), :class:`DatasetProtocol`
     (gets a :class:`DataContext`), :class:`WeightsProtocol` (another library's checkpoint layout;
     its factory gets no context).
@@ -32,6 +33,10 @@ Building model parts
     :func:`is_residual_projection`, ``CANONICAL_ATTENTION_KEYS``; shared layers a plugin may build
     on: :class:`GELU`, :class:`FeedForward`, :class:`TransformerBlock` (the book's),
     :func:`attention_bias`, :func:`causal_attention`, :class:`SDPAttention`.
+
+Fine-tuning (for ``adapter`` components and new task heads)
+    :func:`mark_trainable`, :func:`is_marked_trainable` (modules that train whatever ``[finetune]
+    trainable`` freezes), :func:`match_modules` (target patterns over module names).
 
 Moving weights (for ``weights`` components)
     :func:`model_weights`, :func:`attention_canonical_state`, :func:`load_attention_canonical_state`.
@@ -60,6 +65,7 @@ from ._plugins import PluginRegistrar as Registrar
 from .data.shards import ShardSet, open_shards
 from .data.sources import DataContext, DataError, TextSource, TokenSource
 from .errors import CheckpointError, MinigptError, PretrainedError
+from .finetune import is_marked_trainable, mark_trainable, match_modules
 from .interop import CANONICAL_ATTENTION_KEYS, attention_canonical_state, load_attention_canonical_state
 from .layers import GELU, FeedForward, SDPAttention, TransformerBlock, attention_bias, causal_attention
 from .model import BuildContext, KVCache, LayerKVCache, is_residual_projection, mark_residual_projection
@@ -84,6 +90,7 @@ __all__ = [
     "TokenizerProtocol",
     "DatasetProtocol",
     "WeightsProtocol",
+    "AdapterProtocol",
     # the capabilities
     "CAPABILITIES",
     "CAPABILITY_CONTRACTS",
@@ -103,6 +110,10 @@ __all__ = [
     "attention_bias",
     "causal_attention",
     "SDPAttention",
+    # fine-tuning
+    "mark_trainable",
+    "is_marked_trainable",
+    "match_modules",
     # moving weights
     "model_weights",
     "attention_canonical_state",
@@ -334,6 +345,41 @@ class WeightsProtocol(Protocol):
     def transfer(self, source_model: nn.Module, target_model: nn.Module, where: str) -> None: ...
 
 
+@runtime_checkable
+class AdapterProtocol(Protocol):
+    """object that applies itself to a built model by target-module patterns, and merges into its weights.
+
+    ``adapter`` kind (``[finetune.adapter]`` of an experiment file). The factory gets a
+    :class:`BuildContext` of the model section and the entry's params (target patterns among them,
+    matched with :func:`match_modules`), and returns a new object each call:
+
+    - ``apply(model) -> list[str]``: wrap the targeted modules of a built GPT in place and return
+      their names; the output must not change (a LoRA's B starts at zero). Mark the new modules
+      with :func:`mark_trainable`, so they train however ``[finetune] trainable`` freezes the
+      base. Raise ValueError (or :class:`MinigptError`) saying what to change when a pattern
+      matches nothing or a target cannot be adapted (a head tied to the embedding);
+    - ``merge(model)`` / ``unmerge(model)``: fold the adapter into the base weights (the output
+      unchanged within 1e-5) and take it out again;
+    - ``unload(model)``: merge and remove the adapter for good: the model's state dict then has
+      exactly the base model's keys (``export-hf``, ``init_from`` a fine-tuned checkpoint);
+    - ``parameter_count(model) -> int``: how many parameters ``apply`` adds to this (unadapted)
+      model, from the shapes of its targets (the ``adapter_trainable`` check compares).
+
+    The conformance checks ``adapter_identity``, ``adapter_trainable`` and ``adapter_merge`` hold
+    every adapter to this.
+    """
+
+    def apply(self, model: nn.Module) -> list[str]: ...
+
+    def merge(self, model: nn.Module) -> None: ...
+
+    def unmerge(self, model: nn.Module) -> None: ...
+
+    def unload(self, model: nn.Module) -> None: ...
+
+    def parameter_count(self, model: nn.Module) -> int: ...
+
+
 def model_weights(model: nn.Module) -> dict[str, Tensor]:
     """A built model's weights as a checkpoint holds them: the plain model's state dict (unwrapped
     from DDP / torch.compile), on the CPU, contiguous, without a tied output head or mask buffers."""
@@ -353,6 +399,7 @@ KIND_PROTOCOLS: dict[str, type] = {
     "tokenizer": TokenizerProtocol,
     "dataset": DatasetProtocol,
     "weights": WeightsProtocol,
+    "adapter": AdapterProtocol,
 }
 
 

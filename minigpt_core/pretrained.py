@@ -274,7 +274,9 @@ def export_hf(model: torch.nn.Module, spec: ExperimentSpec, directory: str | Pat
     """
     from safetensors.torch import save
 
-    model = _unwrap(model)
+    from .finetune import plain_model
+
+    model = plain_model(_unwrap(model))  # an adapter merged into the base weights: plain GPT-2
     fmt = weights_format(spec.registry, name=format)
     fmt.check(spec.components, export=True)
     state = {k: v.float().contiguous() for k, v in fmt.state(model).items()}

@@ -38,6 +38,7 @@ __all__ = [
     "DataSpec",
     "TrainSpec",
     "WandbSpec",
+    "FinetuneSpec",
     "PRESETS",
     "MODEL_SLOTS",
     "ResolvedComponent",
@@ -273,6 +274,25 @@ class WandbSpec(_Strict):
                                           "records the cell's ablation, variant, seed and overrides here)")
 
 
+class FinetuneSpec(_Strict):
+    """Which parameters train, and an adapter (LoRA) applied to the model (minigpt_core.finetune)."""
+
+    trainable: Literal["all", "none", "book"] | list[str] | None = Field(
+        None, description="'all'; 'none' (only adapter and new-head parameters); 'book' (the book's recipe: the "
+        "last block and the final norm); or shell-style patterns over parameter names, e.g. "
+        "[\"final_norm.*\", \"trf_blocks.*.att.*\"] (default: 'all', or 'none' with an adapter)")
+    adapter: ComponentSlot | None = Field(None, description="adapter component applied to the model by "
+                                          "target-module patterns, e.g. book.lora or peft.lora (default: none)",
+                                          json_schema_extra={"component_kind": "adapter"})
+
+    @field_validator("trainable")
+    @classmethod
+    def _some_patterns(cls, value: Any) -> Any:
+        if isinstance(value, list) and not (value and all(isinstance(p, str) and p.strip() for p in value)):
+            raise ValueError("give at least one non-empty pattern, e.g. [\"final_norm.*\", \"trf_blocks.*.att.*\"]")
+        return value
+
+
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 
 
@@ -293,6 +313,7 @@ class ExperimentSpec(_Resolvable):
     data: DataSpec = Field(default_factory=DataSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     wandb: WandbSpec = Field(default_factory=WandbSpec)
+    finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
 
     @field_validator("name")
     @classmethod
@@ -512,6 +533,8 @@ def dump_spec(spec: ExperimentSpec) -> str:
     data = spec.model_dump(mode="json", exclude_none=True)
     if not data.get("plugins"):
         data.pop("plugins", None)  # specs without local plugins stay as they were
+    if not data.get("finetune"):
+        data.pop("finetune", None)  # nor do specs that fine-tune nothing
     return _toml.dumps(data)
 
 

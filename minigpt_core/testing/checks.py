@@ -451,3 +451,78 @@ def check_weights_roundtrip(s: Subject) -> None:
     want = {k: getattr(model_spec, k) for k in shape}
     if got != want:
         raise s.fail(f"model_section(config(model)) describes {got}, but the model is {want}")
+
+
+# -- adapters --------------------------------------------------------------------------------
+def _adapted_gpt(s: Subject) -> tuple[nn.Module, object, torch.Tensor]:
+    """A tiny GPT (untied head), the adapter built for it, and a batch of token ids."""
+    from ..model import BuildContext
+
+    model = s.tiny_gpt(seed=0).eval()
+    adapter = s.entry.factory(BuildContext(model.spec, s.components(model.spec)), s.validated_params())
+    idx = torch.randint(0, model.spec.vocab_size, (2, 8), generator=torch.Generator().manual_seed(5)).to(s.device)
+    return model, adapter, idx
+
+
+@conformance_check("adapter_identity", "applied to a model, the freshly initialised adapter leaves its logits "
+                   "unchanged", {"adapter"})
+def check_adapter_identity(s: Subject) -> None:
+    model, adapter, idx = _adapted_gpt(s)
+    with torch.no_grad():
+        before = model(idx)
+        names = adapter.apply(model)
+        after = model(idx)
+    if not names:
+        raise s.fail("apply() adapted no module with the default params")
+    _expect_close(s, after, before, "logits after apply() at initialisation", atol=1e-6)
+
+
+@conformance_check("adapter_trainable", "apply() adds parameter_count(model) parameters, all tagged trainable, "
+                   "and leaves the base parameters as they were", {"adapter"})
+def check_adapter_trainable(s: Subject) -> None:
+    from ..finetune import is_marked_trainable
+
+    model, adapter, _ = _adapted_gpt(s)
+    expected = adapter.parameter_count(model)
+    base = {id(p) for p in model.parameters()}
+    n_base = sum(p.numel() for p in model.parameters())
+    adapter.apply(model)
+    if sum(p.numel() for p in model.parameters() if id(p) in base) != n_base:
+        raise s.fail("apply() removed or replaced base parameters")
+    tagged = {id(p) for m in model.modules() if is_marked_trainable(m) for p in m.parameters()}
+    added = [p for p in model.parameters() if id(p) not in base]
+    if sum(p.numel() for p in added) != expected:
+        raise s.fail(f"apply() added {sum(p.numel() for p in added):,} parameters; parameter_count() said {expected:,}")
+    if any(id(p) not in tagged for p in added):
+        raise s.fail("some adapter parameters are not in a module tagged with mark_trainable(), so a frozen base "
+                     "would freeze them too")
+
+
+@conformance_check("adapter_merge", "merge() gives the unmerged output (<= 1e-5), unmerge() restores the base "
+                   "weights, unload() leaves the base model's keys with the merged output", {"adapter"})
+def check_adapter_merge(s: Subject) -> None:
+    model, adapter, idx = _adapted_gpt(s)
+    base_keys = set(model.state_dict())
+    base_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    adapter.apply(model)
+    added = [p for n, p in model.named_parameters() if n not in base_keys]
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for p in added:  # a trained adapter: non-zero everywhere
+            p.copy_(torch.randn(p.shape, generator=gen).to(p) * 0.1)
+        unmerged = model(idx)
+        adapter.merge(model)
+        merged = model(idx)
+        _expect_close(s, merged, unmerged, "logits after merge()")
+        adapter.unmerge(model)
+        state = model.state_dict()
+        base_now = {k: state[k] for k in base_keys if k in state}
+        if len(base_now) == len(base_keys):  # the base weights kept their keys (else compared through unload)
+            for k, v in base_now.items():
+                _expect_close(s, v, base_weights[k], f"{k} after merge() then unmerge()")
+        _expect_close(s, model(idx), unmerged, "logits after merge() then unmerge()")
+        adapter.unload(model)
+        if set(model.state_dict()) != base_keys:
+            raise s.fail(f"after unload() the state dict keys differ from the base model's "
+                         f"({sorted(set(model.state_dict()) ^ base_keys)[:4]})")
+        _expect_close(s, model(idx), unmerged, "logits after unload()")

@@ -331,10 +331,18 @@ class Trainer:
             from ..memory import check_model_fits
 
             check_model_fits(spec.model, training=True, device=self.device)
+        from ..finetune import apply_finetune, base_record, finetune_active, restore_finetuned
+
+        self.finetune = None  # what [finetune] froze and adapted (minigpt_core.finetune)
         if self.loaded is None:
             from ..pretrained import load_init_from
 
             model, spec = load_init_from(spec, report=self.write if self.env.is_main else None)
+            if finetune_active(spec):
+                self.finetune = apply_finetune(model, spec, base=base_record(spec.init_from))
+        elif finetune_active(spec):
+            model, self.finetune = restore_finetuned(spec, self.loaded.model_state, self.loaded.meta,
+                                                     str(self.loaded.directory))
         else:
             from ..model import build_model
 
@@ -573,6 +581,14 @@ class Trainer:
                              "kind": self.spec.train.schedule, "warmup_steps": self.spec.train.warmup_steps},
             }
             meta = {"tokenizer": self.tokenizer.state(), "step": self.step, "val_loss": self.last_val}
+            if self.finetune is not None:
+                from ..finetune import META_KEY, trainable_state
+
+                f = self.finetune
+                meta[META_KEY] = {"base": f.base if f.partial else None, "total": f.total, "trainable": f.trainable,
+                                  "adapter": getattr(f.adapter, "name", None)}
+                if f.partial:  # a frozen base named by the checkpoint: only the trainable tensors are saved
+                    model_state = trainable_state(self.model, model_state)
             path = save_checkpoint(
                 self.run_dir / CHECKPOINTS_DIR, self.step, model=self.model, spec=self.spec, model_state=model_state,
                 optimizer_state=optim_state, rng_states=rng, trainer=trainer, meta=meta,
@@ -741,6 +757,8 @@ class Trainer:
             f"{self.device} {t.precision}{', compiled' if t.compile else ''}",
             f"unigram entropy of the data: {self.entropy:.3f} nats/token (the loss of a model that ignores context)",
         ]
+        if self.finetune is not None:
+            lines.insert(2, f"fine-tuning: {self.finetune.describe()}")
         from ..memory import training_memory_warning
 
         warns = spec_warnings(self.spec, total_steps=self.total_steps)

@@ -1,0 +1,289 @@
+"""Fine-tuning: which parameters train (``[finetune] trainable``) and adapters (``[finetune.adapter]``).
+
+A run applies its ``[finetune]`` section to the model it starts from (``init_from`` weights, or the
+init scheme): the adapter (a registry component of kind ``adapter``, e.g. ``book.lora``) wraps the
+modules its ``targets`` patterns name, then every base parameter is frozen or not by
+``trainable``. Adapter parameters, and those of any module tagged with :func:`mark_trainable`
+(a new task head), always train. Frozen parameters get ``requires_grad=False`` and so stay out of
+the optimizer.
+
+When some base parameters are frozen and the run starts from ``init_from`` weights, checkpoints
+hold only the trainable tensors and name their base (the resolved checkpoint or Hugging Face
+directory and the sha256 of its weights); loading rebuilds the base, applies the adapter and
+loads those tensors. :func:`plain_model` folds an adapter into the base weights (inference,
+``export-hf``, ``init_from`` of a fine-tuned checkpoint).
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, MinigptError
+
+__all__ = ["FinetuneError", "mark_trainable", "is_marked_trainable", "match_modules", "Finetune",
+           "apply_finetune", "finetune_active", "plain_model", "trainable_state", "restore_finetuned",
+           "count_trainable", "book_trainable"]
+
+TRAINABLE_ATTR = "_minigpt_always_trainable"
+ADAPTER_ATTR = "_minigpt_adapter"  # the adapter object applied to a model, kept on the model
+META_KEY = "finetune"  # in a checkpoint's meta.json
+
+
+class FinetuneError(MinigptError):
+    """A ``[finetune]`` setting that does not fit the model (a pattern matching nothing, a tied head, ...)."""
+
+
+def mark_trainable(module: nn.Module) -> nn.Module:
+    """Tag a module whose parameters always train, whatever ``[finetune] trainable`` freezes
+    (a new classification head, an adapter's own layers)."""
+    setattr(module, TRAINABLE_ATTR, True)
+    return module
+
+
+def is_marked_trainable(module: nn.Module) -> bool:
+    """Whether :func:`mark_trainable` tagged ``module``."""
+    return bool(getattr(module, TRAINABLE_ATTR, False))
+
+
+def match_modules(model: nn.Module, patterns: list[str], *, where: str,
+                  accept: Callable[[nn.Module], bool] = lambda m: isinstance(m, nn.Linear),
+                  what: str = "nn.Linear layer") -> list[str]:
+    """Names of the modules (``model.named_modules()``) that a pattern matches and ``accept`` takes.
+
+    Patterns are shell-style (``fnmatch``: ``*`` also crosses dots), e.g. ``trf_blocks.*.att.*``,
+    ``*.ff.*``, ``out_head``. A pattern that matches none is an error naming the candidates.
+    """
+    candidates = [n for n, m in model.named_modules() if n and accept(m)]
+    chosen: list[str] = []
+    for pattern in patterns:
+        hits = [n for n in candidates if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            shown = ", ".join(candidates[:8]) + (f", ... ({len(candidates)} in all)" if len(candidates) > 8 else "")
+            raise FinetuneError(
+                f"{where}: the pattern {pattern!r} matches no {what} of the model. Patterns are shell-style over "
+                f"module names (`*` also matches dots), e.g. \"trf_blocks.*.att.*\" (attention projections), "
+                f"\"trf_blocks.*.ff.*\" (feed-forward) or \"out_head\"; the model's are: {shown}.")
+        chosen += [n for n in hits if n not in chosen]
+    return chosen
+
+
+def book_trainable(model: nn.Module) -> list[nn.Parameter]:
+    """The book's classification recipe (chapter 6): the last block and the final norm (a new head,
+    tagged with :func:`mark_trainable`, comes on top)."""
+    return [*model.trf_blocks[-1].parameters(), *model.final_norm.parameters()]
+
+
+def finetune_active(spec: Any) -> bool:
+    f = spec.finetune
+    return f.adapter is not None or f.trainable not in (None, "all")
+
+
+def _trainable_setting(spec: Any) -> Any:
+    f = spec.finetune
+    if f.trainable is None:  # an adapter trains on a frozen base unless told otherwise
+        return "none" if f.adapter is not None else "all"
+    return f.trainable
+
+
+@dataclass
+class Finetune:
+    """What :func:`apply_finetune` did to a model."""
+
+    total: int = 0
+    trainable: int = 0
+    adapter: Any = None
+    adapter_names: list[str] = field(default_factory=list)  # the modules the adapter wraps
+    frozen: bool = False  # some base parameter is frozen
+    base: dict[str, Any] | None = None  # what a partial checkpoint names as its base
+
+    @property
+    def partial(self) -> bool:
+        """Checkpoints hold only the trainable tensors (the base is frozen and can be named)."""
+        return self.frozen and self.base is not None
+
+    def describe(self) -> str:
+        pct = 100.0 * self.trainable / max(self.total, 1)
+        line = f"parameters: {self.total:,} total, {self.trainable:,} trainable ({pct:.2f}%)"
+        if self.adapter is not None:
+            line += f"; adapter {self.adapter.name} on {len(self.adapter_names)} module(s)"
+        return line
+
+
+def _build_adapter(spec: Any) -> Any:
+    from .model import BuildContext
+
+    resolved = spec.components["finetune.adapter"]
+    adapter = resolved.build(BuildContext(spec.model, spec.model.components))
+    adapter.name = resolved.entry.name
+    return adapter
+
+
+def apply_finetune(model: nn.Module, spec: Any, *, base: dict[str, Any] | None = None) -> Finetune:
+    """Apply the spec's adapter and freeze what ``[finetune] trainable`` does not name, in place."""
+    info = Finetune()
+    if spec.finetune.adapter is not None:
+        info.adapter = _build_adapter(spec)
+        try:
+            info.adapter_names = list(info.adapter.apply(model))
+        except ValueError as exc:
+            raise FinetuneError(f"finetune.adapter ({info.adapter.name}): {exc}") from None
+        model.__dict__[ADAPTER_ATTR] = info.adapter  # not a sub-module: not in state dicts or .to()
+    setting = _trainable_setting(spec)
+    always = {id(p) for m in model.modules() if is_marked_trainable(m) for p in m.parameters()}
+    names = [n for n, _ in model.named_parameters()]
+    if setting == "all":
+        keep = set(names)
+    elif setting == "none":
+        keep = set()
+    elif setting == "book":
+        chosen = {id(p) for p in book_trainable(model)}
+        keep = {n for n, p in model.named_parameters() if id(p) in chosen}
+    else:
+        keep = set()
+        for pattern in setting:
+            hits = {n for n in names if fnmatch.fnmatchcase(n, pattern)}
+            if not hits:
+                shown = ", ".join(names[:6]) + f", ... ({len(names)} in all)"
+                raise FinetuneError(
+                    f"finetune.trainable: the pattern {pattern!r} matches no parameter of the model. Patterns are "
+                    f"shell-style over parameter names (`*` also matches dots), e.g. \"final_norm.*\" or "
+                    f"\"trf_blocks.*.att.*\"; the model's are: {shown}. A tied output head is tok_emb.weight.")
+            keep |= hits
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in keep or id(p) in always)
+    info.frozen = any(not p.requires_grad and id(p) not in always for p in model.parameters())
+    info.total = sum(p.numel() for p in model.parameters())
+    info.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    info.base = base
+    if info.trainable == 0:
+        raise FinetuneError("finetune: nothing trains: finetune.trainable freezes every parameter and there is no "
+                            "adapter. Name what trains (trainable = \"all\", \"book\" or patterns) or add "
+                            "[finetune.adapter].")
+    return info
+
+
+# -- the base of a fine-tuned checkpoint ------------------------------------------------------------
+def _weights_sha256(files: list[Path]) -> str:
+    from .checkpoint import file_sha256
+
+    if len(files) == 1:
+        return file_sha256(files[0])
+    h = hashlib.sha256()
+    for f in files:
+        h.update(file_sha256(f).encode())
+    return h.hexdigest()
+
+
+def base_record(init_from: str | None) -> dict[str, Any] | None:
+    """Where the base weights of a run with ``init_from`` are, resolved now, and their sha256."""
+    if init_from is None:
+        return None
+    from .checkpoint import WEIGHTS_FILE
+    from .pretrained import HF_PREFIX
+
+    if init_from.startswith(HF_PREFIX):
+        from .pretrained import resolve_hf_source
+
+        directory = resolve_hf_source(init_from[len(HF_PREFIX):]).resolve()
+        files = sorted(p for p in directory.iterdir()
+                       if p.name.endswith(".safetensors") or p.name == "pytorch_model.bin")
+        if any(p.name.endswith(".safetensors") for p in files):
+            files = [p for p in files if p.name.endswith(".safetensors")]
+        return {"init_from": HF_PREFIX + str(directory), "sha256": _weights_sha256(files)}
+    from .train.state import pick_checkpoint
+
+    ckpt, _ = pick_checkpoint(init_from)
+    ckpt = ckpt.resolve()
+    return {"init_from": str(ckpt), "sha256": _weights_sha256([ckpt / WEIGHTS_FILE])}
+
+
+def _load_base(spec: Any, base: dict[str, Any], source: str) -> nn.Module:
+    from .pretrained import load_init_from
+
+    where = base.get("init_from")
+    if not isinstance(where, str):
+        raise CheckpointError(f"{source}: its meta.json names no base weights ({META_KEY}.base.init_from).")
+    now = base_record(where)  # raises CheckpointError / PretrainedError if the base is gone
+    if now["sha256"] != base.get("sha256"):
+        raise CheckpointError(
+            f"{source} holds only fine-tuned weights on top of the base {where}, whose weights changed since "
+            f"(sha256 {str(base.get('sha256'))[:16]}... then, {now['sha256'][:16]}... now). Restore the base "
+            f"checkpoint it was trained from; these weights do not fit another one.")
+    model, _ = load_init_from(spec.model_copy(update={"init_from": where}))
+    return model
+
+
+def trainable_state(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The entries of ``state`` (default the model's) that belong to trainable parameters."""
+    from .checkpoint import _unwrap
+
+    model = _unwrap(model)
+    keep = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    state = state if state is not None else model.state_dict()
+    return {k: v for k, v in state.items() if k in keep}
+
+
+def restore_finetuned(spec: Any, state: dict[str, torch.Tensor], meta: dict[str, Any],
+                      source: str) -> tuple[nn.Module, Finetune]:
+    """The model of a checkpoint written by a fine-tuning run, adapter applied, weights loaded."""
+    from .checkpoint import load_model_state, model_state_for_saving
+    from .model import build_model
+
+    record = meta.get(META_KEY) if isinstance(meta.get(META_KEY), dict) else {}
+    base = record.get("base")
+    model = _load_base(spec, base, source) if base else build_model(spec)
+    info = apply_finetune(model, spec, base=base)
+    if not base:
+        load_model_state(model, state, source)
+        return model, info
+    expected = trainable_state(model, model_state_for_saving(model))
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"The fine-tuned weights in {source} do not fit the model its spec and base describe: missing "
+            f"{missing[:5]}, unexpected {unexpected[:5]}. The checkpoint was probably written by another "
+            f"version of the adapter plugin.")
+    for k, v in state.items():
+        if expected[k].shape != v.shape:
+            raise CheckpointError(f"{source}: tensor {k} has shape {tuple(v.shape)}, the model expects "
+                                  f"{tuple(expected[k].shape)}.")
+    model.load_state_dict(state, strict=False)
+    return model, info
+
+
+def plain_model(model: nn.Module, *, copy_model: bool = True) -> nn.Module:
+    """The model with its adapter merged into the base weights and removed (a plain GPT, the base's
+    state-dict keys); the model itself when it has no adapter. ``copy_model=False`` changes it in place."""
+    from .checkpoint import _unwrap
+
+    model = _unwrap(model)
+    adapter = model.__dict__.get(ADAPTER_ATTR)
+    if adapter is None:
+        return model
+    if copy_model:
+        model = copy.deepcopy(model)
+    adapter.unload(model)
+    del model.__dict__[ADAPTER_ATTR]
+    return model
+
+
+def count_trainable(spec: Any) -> Finetune:
+    """Total and trainable parameters of a fine-tuning spec, built on the meta device (no weights read)."""
+    from .model import build_model
+    from .pretrained import init_from_model
+
+    try:
+        model_section = init_from_model(spec)
+    except MinigptError:  # e.g. a checkpoint's spec whose relative init_from is elsewhere: its section is whole
+        model_section = spec.model
+    with torch.device("meta"):
+        model = build_model(model_section.resolve(spec.registry), seed=None)
+        return apply_finetune(model, spec)
