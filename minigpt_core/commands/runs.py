@@ -93,7 +93,7 @@ def _ablation_row(root: Path, ablation: Path) -> tuple[list[str], dict[str, Any]
     starts = [c.summary.started for c in cells if c.summary is not None and c.summary.started is not None]
     started = datetime.fromtimestamp(min(starts)).strftime("%m-%d %H:%M") if starts else "-"
     name = str(ablation.relative_to(root)) if ablation != root else ablation.name
-    row = [name, started, status, f"{done}/{len(cells)} cells", "-", "-",
+    row = [name + "/", started, status, f"{done}/{len(cells)} cells", "-", "-",
            "ablation: " + (", ".join(f"{n} {s}" for s, n in counts.items()) or "no cells")]
     manifest = read_manifest(ablation) or {}
     record = {"kind": "ablation", "name": name, "dir": str(ablation), "ablation": manifest.get("ablation"),
@@ -102,20 +102,28 @@ def _ablation_row(root: Path, ablation: Path) -> tuple[list[str], dict[str, Any]
 
 
 def _table(rows: list[list[str]], notes: list[str]) -> None:
+    """Rows of 7 cells (a row of one cell is an experiment's heading); the last column wraps."""
     headers = ["run", "started", "status", "steps", "val", "best", "differs"]
-    fixed = [max([len(headers[i]), *(len(r[i]) for r in rows)]) for i in range(1, 6)]
+    full = [r for r in rows if len(r) == 7]
+    fixed = [max([len(headers[i]), *(len(r[i]) for r in full)]) for i in range(1, 6)]
     room = WIDTH - sum(fixed) - 2 * 6  # for the name and the differences
-    longest_name = max([len(headers[0]), *(len(r[0]) for r in rows)])
-    longest_diff = max([len("differs"), *(len(r[6]) for r in rows)])
-    name_w = longest_name if longest_name + longest_diff <= room else min(longest_name, max(room - longest_diff,
-                                                                                          int(room * 0.55)))
+    longest_name = max([len(headers[0]), *(len(r[0]) for r in full)])
+    name_w = min(longest_name, room - 20 if any(r[6] for r in full) else room)
     widths = [name_w, *fixed, room - name_w]
     if widths[6] >= len("differs from the other runs"):
         headers[6] = "differs from the other runs"
     for r in [headers, *rows]:
-        cells = [_clip(r[0], widths[0], keep_end=True), *r[1:6], _clip(r[6], widths[6])]
+        if len(r) == 1:
+            print(_clip(r[0], WIDTH, keep_end=True))
+            continue
+        wrapped = textwrap.wrap(r[6], widths[6], break_long_words=False, break_on_hyphens=False) or [""]
+        if len(wrapped) > 4:
+            wrapped = [*wrapped[:3], "…"]
+        cells = [_clip(r[0], widths[0], keep_end=True), *r[1:6], _clip(wrapped[0], widths[6])]
         print("  ".join(c.rjust(w) if i in (4, 5) and r is not headers else c.ljust(w)
                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip())
+        for more in wrapped[1:]:  # the differences go on under their column
+            print(" " * (WIDTH - widths[6]) + _clip(more, widths[6]))
     for note in notes:
         print(textwrap.fill(note, WIDTH, subsequent_indent="  ") if note else "")
 
@@ -142,9 +150,10 @@ def _runs(args) -> int:
     records: list[dict[str, Any]] = []
     notes: list[str] = []
 
-    def add_run(name: str, run: Path, summary, changes: dict[str, Any], extra: dict[str, Any]) -> None:
+    def add_run(name: str, run: Path, summary, changes: dict[str, Any], extra: dict[str, Any],
+                shown: str | None = None) -> None:
         status = summary.status + ("?" if summary.killed else "")
-        rows.append([name, _started(summary, run), status, _steps(summary), _loss(summary.final_val_loss),
+        rows.append([shown or name, _started(summary, run), status, _steps(summary), _loss(summary.final_val_loss),
                      _loss(summary.best_val_loss), _changes(changes)])
         records.append({"kind": extra.pop("kind", "run"), "name": name, **extra, **_run_json(run, summary, changes)})
         if summary.error:
@@ -178,20 +187,29 @@ def _runs(args) -> int:
             diffs.update(spec_differences({r: read_spec(r) for r in members}))
         entries: list[tuple[str, Any]] = [(str(r.relative_to(root)) if r != root else r.name, r) for r in runs]
         entries += [(str(a.relative_to(root)) if a != root else a.name, a) for a in ablations]
+        heading = None
         for name, path in sorted(entries, key=lambda e: e[0]):
             if path in ablations:
                 row, record = _ablation_row(root, path)
                 rows.append(row)
                 records.append(record)
-            else:
-                add_run(name, path, summarize_run(path), diffs.get(path, {}), {})
+                heading = None
+                continue
+            shown = None
+            if path != root and path.parent != root:  # the runs of an experiment under its name
+                group = str(path.parent.relative_to(root)) + "/"
+                if group != heading:
+                    rows.append([group])
+                    heading = group
+                shown = "  " + path.name
+            add_run(name, path, summarize_run(path), diffs.get(path, {}), {}, shown)
     if args.json:
         print(json.dumps(records, indent=1))
         return 0
     if not rows:
         print(f"no runs under {root} (a run directory holds spec.toml and metrics.jsonl)")
         return 0
-    if any(r[2].endswith("?") for r in rows):
+    if any(len(r) > 2 and r[2].endswith("?") for r in rows):
         notes.append("interrupted?: stopped without a word (killed, or the machine went down); "
                      "`minigpt train --resume RUN` continues from its last checkpoint")
     _table(rows, ["", *notes] if notes else [])
