@@ -482,7 +482,7 @@ class Trainer:
             return
         message = str(exc) if isinstance(exc, MinigptError) else f"{type(exc).__name__}: {exc}"
         with contextlib.suppress(Exception):
-            if hasattr(self, "jsonl"):
+            if hasattr(self, "jsonl") and not getattr(self, "_diverged", False):
                 self.jsonl.event(self.step, event="failed", error=message[:4000], error_type=type(exc).__name__)
         with contextlib.suppress(Exception):
             self._save_console(f"error: {message}")
@@ -673,14 +673,16 @@ class Trainer:
                 f"a resume keeps the run's learning rate, so to go on from those weights with a lower one, start "
                 f"a new run with `--set init_from={saved[-1][1]}`." if saved
                 else "No checkpoint was saved.")
-        if self.env.is_main and hasattr(self, "jsonl"):
-            self.jsonl.event(self.step, event="diverged", diverged_at=step)
-        raise MinigptError(
+        message = (
             f"Training diverged at step {step}: {what} became NaN or infinite ({last}). {kept} Lower "
             f"train.lr (now {t.lr:g}), raise train.warmup_steps (now {t.warmup_steps}), keep train.grad_clip "
             f"on (now {t.grad_clip:g})"
             + (", or train in bf16 (fp16 overflows more easily)." if t.precision == "fp16" else ".")
         )
+        if self.env.is_main and hasattr(self, "jsonl"):
+            self.jsonl.event(self.step, event="diverged", diverged_at=step, error=message)
+        self._diverged = True  # the diverged event is the run's last word, not a failed one
+        raise MinigptError(message)
 
     # -- the loop ---------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> dict[int, Any]:
