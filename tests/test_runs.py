@@ -91,6 +91,9 @@ def test_runs_json_has_status_label_and_error(out, capsys):
     assert got[runs["labelled"].name]["differs"] == {"train.lr": 0.001}
     assert got[runs["failed"].name]["error"] == "RuntimeError: the console broke at step 2"
     assert not got[runs["interrupted"].name]["killed"]  # it said so: an interrupted event
+    end = read_metrics(runs["finished"])[-1]  # the trainer's last word, whatever the fallbacks would guess
+    assert (end["event"], end["step"], end["total_steps"]) == ("finished", 4, 4)
+    assert end["val_loss"] == _last_val(runs["finished"])
 
 
 def test_a_run_whose_lock_a_live_process_holds_is_running(out, capsys):
@@ -111,6 +114,18 @@ def test_a_run_whose_lock_a_live_process_holds_is_running(out, capsys):
     from minigpt_core.train.lock import RunLock
 
     RunLock(run).acquire().release()  # looking never left the lock taken
+
+
+def test_looking_at_a_lock_never_makes_a_trainer_that_starts_at_that_moment_fail(tmp_path):
+    import fcntl
+    import threading
+
+    from minigpt_core.train.lock import RunLock
+
+    fd = os.open(tmp_path / ".lock", os.O_RDONLY | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # what `minigpt runs` holds for an instant
+    threading.Timer(0.03, os.close, (fd,)).start()
+    RunLock(tmp_path).acquire().release()
 
 
 def test_diff_names_the_differing_fields_and_puts_the_metrics_side_by_side(out, capsys):
