@@ -73,7 +73,7 @@ def test_runs_table_shows_status_steps_losses_and_the_fields_that_differ(out, ca
     fin, lab, intr, fail = (rows[runs[k].name].split() for k in ("finished", "labelled", "interrupted", "failed"))
     assert fin[3:7] == ["finished", "4/4", f"{_last_val(runs['finished']):.4f}",
                         f"{min(r['val/loss'] for r in read_metrics(runs['finished']) if 'val/loss' in r):.4f}"]
-    assert fin[-1] == "train.lr=0.003" and lab[-1] == "train.lr=0.001"  # the only field the runs differ in
+    assert fin[-1] == "lr=0.003" and lab[-1] == "lr=0.001"  # the only field the runs differ in
     assert runs["labelled"].name.endswith("-low-lr") and lab[3:5] == ["finished", "4/4"]
     assert intr[3:5] == ["interrupted", "2/4"]
     assert fail[3:5] == ["failed", "2/4"]
@@ -190,7 +190,7 @@ def test_ablation_directory_is_one_row_and_lists_its_cells(out, tmp_path, capsys
         got = {k: v.split() for k, v in _rows(text).items()}
         assert got["base/seed-1"][3:5] == ["done", "4/4"] and got["base/seed-2"][3:5] == ["interrupted", "2/4"]
         assert got["low/seed-2"][1:3] == ["-", "pending"]  # not started
-        assert got["low/seed-1"][-1] == "train.lr=0.001"
+        assert got["low/seed-1"][-1] == "lr=0.001"
     finally:
         (abl / "manifest.json").unlink()
         abl.rmdir()

@@ -34,7 +34,7 @@ def _clip(text: str, width: int, keep_end: bool = False) -> str:
 
 
 def _loss(v: float | None) -> str:
-    return "-" if v is None else f"{v:.4f}"
+    return "-" if v is None else f"{v:.4f}" if abs(v) < 1000 else f"{v:.3g}"  # a diverging run's losses are huge
 
 
 def _started(summary, run_dir: Path | None) -> str:
@@ -52,8 +52,22 @@ def _steps(summary) -> str:
     return f"{summary.steps}/{summary.total_steps if summary.total_steps is not None else '?'}"
 
 
-def _changes(fields: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={_value(v)}" for k, v in fields.items())
+def _short_keys(keys) -> dict[str, str]:
+    """Each dotted field by its shortest ending that no other field shares (train.lr -> lr), for the narrow column."""
+    keys = sorted(set(keys))
+    out = {}
+    for key in keys:
+        parts = key.split(".")
+        for n in range(1, len(parts) + 1):
+            tail = ".".join(parts[-n:])
+            if not any(other != key and (other == tail or other.endswith("." + tail)) for other in keys):
+                break
+        out[key] = tail
+    return out
+
+
+def _changes(fields: dict[str, Any], short: dict[str, str] | None = None) -> str:
+    return ", ".join(f"{(short or {}).get(k, k)}={_value(v)}" for k, v in fields.items())
 
 
 def _run_json(run_dir: Path, summary, changes: dict[str, Any]) -> dict[str, Any]:
@@ -108,7 +122,7 @@ def _table(rows: list[list[str]], notes: list[str]) -> None:
     fixed = [max([len(headers[i]), *(len(r[i]) for r in full)]) for i in range(1, 6)]
     room = WIDTH - sum(fixed) - 2 * 6  # for the name and the differences
     longest_name = max([len(headers[0]), *(len(r[0]) for r in full)])
-    name_w = min(longest_name, room - 20 if any(r[6] for r in full) else room)
+    name_w = min(longest_name, max(room - 24, 26) if any(r[6] for r in full) else room)
     widths = [name_w, *fixed, room - name_w]
     if widths[6] >= len("differs from the other runs"):
         headers[6] = "differs from the other runs"
@@ -125,7 +139,7 @@ def _table(rows: list[list[str]], notes: list[str]) -> None:
         for more in wrapped[1:]:  # the differences go on under their column
             print(" " * (WIDTH - widths[6]) + _clip(more, widths[6]))
     for note in notes:
-        print(textwrap.fill(note, WIDTH, subsequent_indent="  ") if note else "")
+        print(textwrap.fill(note, WIDTH, subsequent_indent="  ", break_on_hyphens=False) if note else "")
 
 
 @command("runs", "list runs and ablations: status, steps, validation loss, and the spec fields that differ")
@@ -150,11 +164,13 @@ def _runs(args) -> int:
     records: list[dict[str, Any]] = []
     notes: list[str] = []
 
+    short: dict[str, str] = {}  # filled in once the differences of every row are known
+
     def add_run(name: str, run: Path, summary, changes: dict[str, Any], extra: dict[str, Any],
                 shown: str | None = None) -> None:
         status = summary.status + ("?" if summary.killed else "")
         rows.append([shown or name, _started(summary, run), status, _steps(summary), _loss(summary.final_val_loss),
-                     _loss(summary.best_val_loss), _changes(changes)])
+                     _loss(summary.best_val_loss), changes])
         records.append({"kind": extra.pop("kind", "run"), "name": name, **extra, **_run_json(run, summary, changes)})
         if summary.error:
             notes.append(f"{name} {summary.status}: {_clip(' '.join(summary.error.split()), 400)}")
@@ -168,7 +184,7 @@ def _runs(args) -> int:
             changes = {k: v for k, v in diffs.get(i, {}).items() if k not in _CELL_FIELDS}
             extra = {"kind": "cell", "variant": c.variant, "seed": c.seed, "cell_status": c.status}
             if c.summary is None:
-                rows.append([name, "-", c.status, "-", "-", "-", ""])
+                rows.append([name, "-", c.status, "-", "-", "-", {}])
                 records.append({"name": name, **extra, "run_dir": None, "status": c.status, "error": c.error})
             else:
                 add_run(name, c.run_dir, c.summary, changes, extra)
@@ -209,6 +225,10 @@ def _runs(args) -> int:
     if not rows:
         print(f"no runs under {root} (a run directory holds spec.toml and metrics.jsonl)")
         return 0
+    short.update(_short_keys(k for r in rows if len(r) == 7 and isinstance(r[6], dict) for k in r[6]))
+    for r in rows:
+        if len(r) == 7 and isinstance(r[6], dict):
+            r[6] = _changes(r[6], short)
     if any(len(r) > 2 and r[2].endswith("?") for r in rows):
         notes.append("interrupted?: stopped without a word (killed, or the machine went down); "
                      "`minigpt train --resume RUN` continues from its last checkpoint")
