@@ -53,21 +53,47 @@ def _steps(summary) -> str:
 
 
 def _short_keys(keys) -> dict[str, str]:
-    """Each dotted field by its shortest ending that no other field shares (train.lr -> lr), for the narrow column."""
-    keys = sorted(set(keys))
+    """Each dotted field by its shortest ending that no other field shares (train.lr -> lr), for the narrow column;
+    a component slot by its own name (model.attention.name -> attention)."""
+    full = sorted(set(keys))
+    keys = [k.removesuffix(".name") if k.count(".") >= 2 and k.endswith(".name") else k for k in full]
     out = {}
-    for key in keys:
+    for original, key in zip(full, keys):
         parts = key.split(".")
         for n in range(1, len(parts) + 1):
             tail = ".".join(parts[-n:])
             if not any(other != key and (other == tail or other.endswith("." + tail)) for other in keys):
                 break
-        out[key] = tail
+        out[original] = tail
     return out
 
 
-def _changes(fields: dict[str, Any], short: dict[str, str] | None = None) -> str:
-    return ", ".join(f"{(short or {}).get(k, k)}={_value(v)}" for k, v in fields.items())
+def _changes(fields: dict[str, Any], short: dict[str, str] | None = None) -> list[str]:
+    return [f"{(short or {}).get(k, k)}={_value(v)}" for k, v in fields.items()]
+
+
+def _wrap_items(items: list[str], width: int, max_lines: int = 4) -> list[str]:
+    """Items joined by ', ' into lines of ``width``; one too long for a line breaks after its '='."""
+    lines: list[str] = []
+    cur = ""
+    for i, item in enumerate(items):
+        piece = item + ("," if i < len(items) - 1 else "")
+        if len(piece) > width:
+            if cur:
+                lines.append(cur)
+                cur = ""
+            key, eq, value = piece.partition("=")
+            parts = [key + eq, "  " + value] if eq else textwrap.wrap(piece, width, break_on_hyphens=False)
+            lines += [_clip(p, width) for p in parts]
+        elif cur and len(cur) + 1 + len(piece) <= width:
+            cur += " " + piece
+        else:
+            if cur:
+                lines.append(cur)
+            cur = piece
+    if cur:
+        lines.append(cur)
+    return lines if len(lines) <= max_lines else [*lines[:max_lines - 1], "…"]
 
 
 def _run_json(run_dir: Path, summary, changes: dict[str, Any]) -> dict[str, Any]:
@@ -108,7 +134,7 @@ def _ablation_row(root: Path, ablation: Path) -> tuple[list[str], dict[str, Any]
     started = datetime.fromtimestamp(min(starts)).strftime("%m-%d %H:%M") if starts else "-"
     name = str(ablation.relative_to(root)) if ablation != root else ablation.name
     row = [name + "/", started, status, f"{done}/{len(cells)} cells", "-", "-",
-           "ablation: " + (", ".join(f"{n} {s}" for s, n in counts.items()) or "no cells")]
+           ["ablation: " + (", ".join(f"{n} {s}" for s, n in counts.items()) or "no cells")]]
     manifest = read_manifest(ablation) or {}
     record = {"kind": "ablation", "name": name, "dir": str(ablation), "ablation": manifest.get("ablation"),
               "status": status, "cells": counts, "cells_total": len(cells)}
@@ -117,27 +143,25 @@ def _ablation_row(root: Path, ablation: Path) -> tuple[list[str], dict[str, Any]
 
 def _table(rows: list[list[str]], notes: list[str]) -> None:
     """Rows of 7 cells (a row of one cell is an experiment's heading); the last column wraps."""
-    headers = ["run", "started", "status", "steps", "val", "best", "differs"]
+    headers: list[Any] = ["run", "started", "status", "steps", "val", "best", ["differs"]]
     full = [r for r in rows if len(r) == 7]
     fixed = [max([len(headers[i]), *(len(r[i]) for r in full)]) for i in range(1, 6)]
     room = WIDTH - sum(fixed) - 2 * 6  # for the name and the differences
     longest_name = max([len(headers[0]), *(len(r[0]) for r in full)])
-    name_w = min(longest_name, max(room - 24, 26) if any(r[6] for r in full) else room)
+    name_w = min(longest_name, max(room - 24, 24) if any(r[6] for r in full) else room)
     widths = [name_w, *fixed, room - name_w]
     if widths[6] >= len("differs from the other runs"):
-        headers[6] = "differs from the other runs"
+        headers[6] = ["differs from the other runs"]
     for r in [headers, *rows]:
         if len(r) == 1:
             print(_clip(r[0], WIDTH, keep_end=True))
             continue
-        wrapped = textwrap.wrap(r[6], widths[6], break_long_words=False, break_on_hyphens=False) or [""]
-        if len(wrapped) > 4:
-            wrapped = [*wrapped[:3], "…"]
-        cells = [_clip(r[0], widths[0], keep_end=True), *r[1:6], _clip(wrapped[0], widths[6])]
+        wrapped = _wrap_items(r[6], widths[6]) or [""]
+        cells = [_clip(r[0], widths[0], keep_end=True), *r[1:6], wrapped[0]]
         print("  ".join(c.rjust(w) if i in (4, 5) and r is not headers else c.ljust(w)
                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip())
         for more in wrapped[1:]:  # the differences go on under their column
-            print(" " * (WIDTH - widths[6]) + _clip(more, widths[6]))
+            print(" " * (WIDTH - widths[6]) + more)
     for note in notes:
         print(textwrap.fill(note, WIDTH, subsequent_indent="  ", break_on_hyphens=False) if note else "")
 
