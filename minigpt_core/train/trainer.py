@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from .._disk import NO_SPACE, disk_full_error, reporting_full_disk
+from .._disk import NO_SPACE, DiskFullError, disk_full_error, reporting_full_disk
 from ..checkpoint import _plugin_versions, atomic_write_bytes, load_model_state
 from ..data import BatchSampler, load_training_data
 from ..errors import CheckpointError, MinigptError, SpecError
@@ -478,7 +478,7 @@ class Trainer:
 
     def _record_failure(self, exc: BaseException) -> None:
         """A ``failed`` event in metrics.jsonl and the error in console.log; nothing here may hide ``exc``."""
-        if not self.env.is_main:
+        if not self.env.is_main or isinstance(exc, DiskFullError):  # a line cut short would spoil the next one
             return
         message = str(exc) if isinstance(exc, MinigptError) else f"{type(exc).__name__}: {exc}"
         with contextlib.suppress(Exception):
@@ -788,7 +788,6 @@ class Trainer:
             if exc.errno not in NO_SPACE:
                 self._record_failure(exc)
                 raise
-            # not recorded: a line cut short on a full disk would spoil the next one a resume appends
             raise disk_full_error(exc.filename2 or exc.filename or self.run_dir, None, exc) from None
         except Exception as exc:
             self._record_failure(exc)
