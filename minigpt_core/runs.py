@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import MinigptError
-from .train.lock import lock_holder
+from .train.lock import LOCK_FILE, lock_holder
 from .train.loggers import METRICS_FILE
 
 __all__ = ["read_metrics", "metric_series", "RunSummary", "summarize_run", "iter_run_dirs", "STATUSES",
@@ -186,7 +186,8 @@ def iter_run_dirs(root: str | Path) -> Iterator[Path]:
     root = Path(root)
     if not root.is_dir():
         return
-    for path in sorted({p.parent for pattern in ("spec.toml", METRICS_FILE) for p in root.rglob(pattern)}):
+    found = {p.parent for pattern in ("spec.toml", METRICS_FILE, LOCK_FILE) for p in root.rglob(pattern)}
+    for path in sorted(found):
         if "checkpoints" not in path.relative_to(root).parts and is_run_dir(path):  # a checkpoint's spec is no run
             yield path
 
@@ -197,16 +198,15 @@ class NotARunError(MinigptError):
 
 
 def is_run_dir(path: str | Path) -> bool:
-    """A directory the trainer made: metrics.jsonl, or spec.toml beside the run's lock or checkpoints/
-    (an experiment file that happens to be called spec.toml is not a run)."""
-    from .train.lock import LOCK_FILE
+    """A directory the trainer made: metrics.jsonl, the run's lock (taken first, while the data loads),
+    or spec.toml beside checkpoints/; an experiment file that happens to be called spec.toml is not a run."""
     from .train.state import CHECKPOINTS_DIR
 
     path = Path(path)
     if not path.is_dir() or path.parent.name == CHECKPOINTS_DIR:
         return False
-    return (path / METRICS_FILE).is_file() or ((path / "spec.toml").is_file() and (
-        (path / LOCK_FILE).exists() or (path / CHECKPOINTS_DIR).is_dir()))
+    return (path / METRICS_FILE).is_file() or (path / LOCK_FILE).is_file() or (
+        (path / "spec.toml").is_file() and (path / CHECKPOINTS_DIR).is_dir())
 
 
 def resolve_run(path: str | Path) -> Path:
@@ -266,9 +266,10 @@ def spec_differences(specs: dict[Any, dict[str, Any]]) -> dict[Any, dict[str, An
     This is what ``minigpt runs`` shows for the runs of one experiment: what was changed
     from run to run (with --set or an edited file), whatever the experiment file says today.
     """
-    keys = sorted({k for spec in specs.values() for k in spec} - set(_NOT_A_DIFFERENCE))
-    varying = [k for k in keys if len({json.dumps(s.get(k), sort_keys=True) for s in specs.values()}) > 1]
-    return {name: {k: spec.get(k) for k in varying} for name, spec in specs.items()}
+    known = [s for s in specs.values() if s]  # a run without a spec.toml yet differs in nothing
+    keys = sorted({k for spec in known for k in spec} - set(_NOT_A_DIFFERENCE))
+    varying = [k for k in keys if len({json.dumps(s.get(k), sort_keys=True) for s in known}) > 1]
+    return {name: {k: spec.get(k) for k in varying} if spec else {} for name, spec in specs.items()}
 
 
 # -- ablations ------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from minigpt_core.cli import main
 from minigpt_core.runs import metric_series, read_metrics, summarize_run
 from minigpt_core.spec import parse_spec
 from minigpt_core.train import train
+from minigpt_core.train.lock import RunLock
 from training_utils import MINIGPT, ROOT, cli, runs_of, tiny_spec_data, write_spec
 
 TRAIN = {"max_steps": 4, "save_every": 2, "eval_every": 2}
@@ -111,16 +112,12 @@ def test_a_run_whose_lock_a_live_process_holds_is_running(out, capsys):
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)
     assert _rows(cli(capsys, "runs", root)[1])[run.name].split()[3] == "finished"
-    from minigpt_core.train.lock import RunLock
-
     RunLock(run).acquire().release()  # looking never left the lock taken
 
 
 def test_looking_at_a_lock_never_makes_a_trainer_that_starts_at_that_moment_fail(tmp_path):
     import fcntl
     import threading
-
-    from minigpt_core.train.lock import RunLock
 
     fd = os.open(tmp_path / ".lock", os.O_RDONLY | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_SH)  # what `minigpt runs` holds for an instant
@@ -288,10 +285,16 @@ def test_runs_lists_an_empty_run_and_a_truncated_one_without_crashing(tmp_path, 
     (empty / "spec.toml").write_text('name = "exp"\n')
     (empty / ".lock").write_text("")
     _write(tmp_path / "exp" / "20261127-110000", [{"step": 0, "time": 1.0, "event": "start"}], tail="{bro")
-    status, text, err = cli(capsys, "runs", tmp_path)
+    loading = tmp_path / "exp" / "20261127-120000"  # a trainer still loading its data: only its lock so far
+    loading.mkdir()
+    lock = RunLock(loading).acquire()
+    try:
+        status, text, err = cli(capsys, "runs", tmp_path)
+    finally:
+        lock.release()
     assert status == 0, err
     rows = [line.split() for line in _rows(text).values()]
-    assert [r[0] for r in rows] == ["20261127-100000", "20261127-110000"]
-    assert rows[0][3] == "empty" and rows[1][3] == "interrupted?"
+    assert [r[0] for r in rows] == ["20261127-100000", "20261127-110000", "20261127-120000"]
+    assert rows[0][3] == "empty" and rows[1][3] == "interrupted?" and rows[2][3:5] == ["running", "-"]
     status, text, _ = cli(capsys, "runs", tmp_path / "nothing-here")
     assert status == 2

@@ -47,7 +47,7 @@ def _started(summary, run_dir: Path | None) -> str:
 
 
 def _steps(summary) -> str:
-    if summary is None or summary.status == "empty":
+    if summary is None or summary.updated is None:  # nothing logged yet
         return "-"
     return f"{summary.steps}/{summary.total_steps if summary.total_steps is not None else '?'}"
 
