@@ -1,4 +1,4 @@
-"""Runs at a glance: `minigpt runs`, `minigpt diff`, console.log, --label, and the shared reader minigpt_core/runs.py."""
+"""Runs at a glance: `minigpt runs`, `minigpt diff`, console.log, --label, and the reader minigpt_core/runs.py."""
 
 from __future__ import annotations
 
