@@ -13,9 +13,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import MinigptError
+from .train.lock import LOCK_FILE, lock_holder
 from .train.loggers import METRICS_FILE
 
-__all__ = ["read_metrics", "metric_series", "RunSummary", "summarize_run", "iter_run_dirs"]
+__all__ = ["read_metrics", "metric_series", "RunSummary", "summarize_run", "iter_run_dirs", "STATUSES",
+           "NotARunError", "is_run_dir", "resolve_run", "read_spec", "spec_differences", "diff_specs",
+           "MANIFEST_FILE", "AblationCell", "read_manifest", "ablation_cells", "iter_ablation_dirs"]
+
+# What summarize_run says about a run: a trainer holds its lock / its last session wrote a
+# finished, interrupted, failed or diverged event (or ended without one: killed) / nothing logged.
+STATUSES = ("running", "finished", "interrupted", "failed", "diverged", "empty")
+_SESSION_EVENTS = ("start", "resume", "branch")
+_END_EVENTS = ("finished", "interrupted", "failed", "diverged")
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -77,7 +87,14 @@ class RunSummary:
     peak_memory_mb: float | None = None
     started: float | None = None  # unix time of the first record
     updated: float | None = None  # unix time of the last record
-    events: list[str] = field(default_factory=list)  # start, resume, branch, interrupted, ...
+    events: list[str] = field(default_factory=list)  # start, resume, branch, interrupted, finished, failed, ...
+    status: str = "empty"  # one of STATUSES, for the last session of the run
+    total_steps: int | None = None  # the planned steps (as of the last session)
+    label: str | None = None  # `minigpt train --label`
+    error: str | None = None  # the last session's error message, if it failed
+    train_time_s: float | None = None  # seconds spent in training sessions (a resumed run's pauses left out)
+    killed: bool = False  # interrupted without a word: no end event and no live lock (SIGKILL, power cut)
+    holder: dict[str, Any] | None = None  # a running run's lock holder: pid, host, started
 
     @property
     def wall_time_s(self) -> float | None:
@@ -85,16 +102,36 @@ class RunSummary:
 
 
 def summarize_run(run_dir: str | Path, records: list[dict[str, Any]] | None = None) -> RunSummary:
+    """The run's numbers and status, from its metrics.jsonl and (for ``running``) its lock."""
     records = read_metrics(run_dir) if records is None else records
     out = RunSummary(Path(run_dir))
     speeds: list[float] = []
+    ended: str | None = None  # how the last session ended
+    session: float | None = None  # when it started
+    out.train_time_s = 0.0 if records else None
     for r in records:
         t = r.get("time")
         if isinstance(t, (int, float)):
             out.started = t if out.started is None else out.started
+            if session is None or (r.get("event") in _SESSION_EVENTS and out.updated is not None):
+                if session is not None:  # close the previous session
+                    out.train_time_s += max(0.0, out.updated - session)
+                session = t
             out.updated = t
         if "event" in r:
-            out.events.append(str(r["event"]))
+            event = str(r["event"])
+            out.events.append(event)
+            if event in _SESSION_EVENTS:
+                ended, out.error = None, None
+                out.label = r.get("label") or out.label
+            elif event in _END_EVENTS and ended != "diverged":  # a divergence also ends in a failed event
+                ended = event
+            if event == "failed" or event == "diverged":
+                out.error = str(r.get("error") or out.error or "") or None
+            if isinstance(r.get("total_steps"), int):
+                out.total_steps = r["total_steps"]
+            if isinstance(r.get("step"), int):
+                out.steps = max(out.steps, r["step"])
             continue
         step = r.get("step")
         if isinstance(step, int):
@@ -114,14 +151,195 @@ def summarize_run(run_dir: str | Path, records: list[dict[str, Any]] | None = No
     if speeds:
         speeds.sort()
         out.tokens_per_s = speeds[len(speeds) // 2]
+    if session is not None and out.updated is not None:
+        out.train_time_s += max(0.0, out.updated - session)
+    if out.total_steps is None:
+        out.total_steps = _checkpoint_total_steps(Path(run_dir))
+    out.holder = lock_holder(run_dir)
+    if out.holder is not None:
+        out.status = "running"
+    elif ended is not None:
+        out.status = ended
+    elif records:
+        # No end event: killed, or a run from before minigpt wrote a finished event.
+        done = out.total_steps is not None and out.steps >= out.total_steps
+        out.status, out.killed = ("finished", False) if done else ("interrupted", True)
     return out
 
 
+def _checkpoint_total_steps(run_dir: Path) -> int | None:
+    """The planned steps recorded in the run's latest checkpoint (runs whose events do not say)."""
+    from .train.state import CHECKPOINTS_DIR, TRAINER_FILE, list_checkpoints
+
+    found = list_checkpoints(run_dir / CHECKPOINTS_DIR)
+    if not found:
+        return None
+    try:
+        total = json.loads((found[-1][1] / TRAINER_FILE).read_text(encoding="utf-8")).get("total_steps")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return total if isinstance(total, int) else None
+
+
 def iter_run_dirs(root: str | Path) -> Iterator[Path]:
-    """Every run directory (one holding spec.toml or metrics.jsonl) under ``root``, sorted, ``root`` included."""
+    """Every run directory (see is_run_dir) under ``root``, sorted, ``root`` included."""
     root = Path(root)
     if not root.is_dir():
         return
-    for path in sorted({p.parent for pattern in ("spec.toml", METRICS_FILE) for p in root.rglob(pattern)}):
-        if "checkpoints" not in path.relative_to(root).parts:  # a checkpoint's own spec.toml is not a run
+    found = {p.parent for pattern in ("spec.toml", METRICS_FILE, LOCK_FILE) for p in root.rglob(pattern)}
+    for path in sorted(found):
+        if "checkpoints" not in path.relative_to(root).parts and is_run_dir(path):  # a checkpoint's spec is no run
             yield path
+
+
+# -- which directory is a run ---------------------------------------------------------------
+class NotARunError(MinigptError):
+    """A path given as a run is not one."""
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """A directory the trainer made: metrics.jsonl, the run's lock (taken first, while the data loads),
+    or spec.toml beside checkpoints/; an experiment file that happens to be called spec.toml is not a run."""
+    from .train.state import CHECKPOINTS_DIR
+
+    path = Path(path)
+    if not path.is_dir() or path.parent.name == CHECKPOINTS_DIR:
+        return False
+    return (path / METRICS_FILE).is_file() or (path / LOCK_FILE).is_file() or (
+        (path / "spec.toml").is_file() and (path / CHECKPOINTS_DIR).is_dir())
+
+
+def resolve_run(path: str | Path) -> Path:
+    """A run directory from a run, one of its checkpoints, or an experiment directory (its latest run)."""
+    from .train.state import CHECKPOINTS_DIR, META_FILE, TRAINER_FILE
+
+    path = Path(path)
+    if not path.exists():
+        raise NotARunError(f"{path} does not exist. Give a run directory (runs/NAME/20261127-184000), an "
+                           f"experiment directory (runs/NAME: its latest run) or a checkpoint; `minigpt runs` "
+                           f"lists them.")
+    if (path / META_FILE).is_file() or (path / TRAINER_FILE).is_file():  # a checkpoint: its run
+        run = path.resolve().parent.parent
+        if is_run_dir(run):
+            return run
+    if path.name == CHECKPOINTS_DIR and is_run_dir(path.parent):
+        return path.parent
+    if is_run_dir(path):
+        return path
+    runs = sorted(p for p in path.iterdir() if is_run_dir(p)) if path.is_dir() else []
+    if runs:  # run directories are named by start time: the last is the latest
+        return runs[-1]
+    raise NotARunError(f"{path} is not a run: a run directory holds spec.toml and metrics.jsonl (what `minigpt "
+                       f"train` writes under train.out_dir/NAME/), and an experiment directory holds run "
+                       f"directories. Give one of those (or a checkpoint); `minigpt runs DIR` lists the runs "
+                       f"under a directory (default ./runs).")
+
+
+# -- specs --------------------------------------------------------------------------------
+def read_spec(run_dir: str | Path) -> dict[str, Any]:
+    """The run's spec.toml as dotted field -> value ({} if it has none or it cannot be read).
+
+    Read as plain TOML, not validated: a run made with a plugin that is gone still compares.
+    """
+    from . import _toml
+    from .train.trainer import _flatten
+
+    try:
+        data = _toml.loads((Path(run_dir) / "spec.toml").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return _flatten(data)
+
+
+def diff_specs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Dotted field -> (a's value, b's value) where two flattened specs differ (None: the field is absent)."""
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+# Fields that differ between any two runs without saying anything about the experiment.
+_NOT_A_DIFFERENCE = ("train.out_dir", "description")
+
+
+def spec_differences(specs: dict[Any, dict[str, Any]]) -> dict[Any, dict[str, Any]]:
+    """For each of several flattened specs: the fields whose value is not the same in all of them.
+
+    This is what ``minigpt runs`` shows for the runs of one experiment: what was changed
+    from run to run (with --set or an edited file), whatever the experiment file says today.
+    """
+    known = [s for s in specs.values() if s]  # a run without a spec.toml yet differs in nothing
+    keys = sorted({k for spec in known for k in spec} - set(_NOT_A_DIFFERENCE))
+    varying = [k for k in keys if len({json.dumps(s.get(k), sort_keys=True) for s in known}) > 1]
+    return {name: {k: spec.get(k) for k in varying} if spec else {} for name, spec in specs.items()}
+
+
+# -- ablations ------------------------------------------------------------------------------
+MANIFEST_FILE = "manifest.json"  # written by `minigpt ablate` in runs/<ablation>/
+
+
+@dataclass
+class AblationCell:
+    """One variant x seed of an ablation, with its status as the manifest says and the run confirms."""
+
+    variant: str
+    seed: int | None
+    status: str  # done, failed, running, interrupted, pending (or what the manifest says)
+    run_dir: Path | None  # the cell's run (its latest, for a cell directory of runs); None before it starts
+    error: str | None = None
+    summary: RunSummary | None = None
+
+
+def read_manifest(ablation_dir: str | Path) -> dict[str, Any] | None:
+    """The ablation's manifest.json (None if there is none or it is unreadable)."""
+    try:
+        data = json.loads((Path(ablation_dir) / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _cell_run(ablation_dir: Path, value: Any) -> Path | None:
+    if not value:
+        return None
+    given = Path(str(value))
+    candidates = [given] if given.is_absolute() else [ablation_dir / given, Path.cwd() / given]
+    if ablation_dir.name in given.parts:  # recorded relative to another directory: re-anchor it here
+        rest = given.parts[len(given.parts) - given.parts[::-1].index(ablation_dir.name):]
+        candidates.append(ablation_dir.joinpath(*rest))
+    for path in candidates:
+        if is_run_dir(path):
+            return path
+        if path.is_dir():
+            runs = [p for p in iter_run_dirs(path) if p != path]
+            if runs:
+                return runs[-1]
+    return None
+
+
+def ablation_cells(ablation_dir: str | Path) -> list[AblationCell]:
+    """The cells of an ablation in manifest order; a cell the manifest calls running whose process is gone
+    is ``interrupted``, and one whose run's lock is held is ``running``."""
+    ablation_dir = Path(ablation_dir)
+    manifest = read_manifest(ablation_dir) or {}
+    cells = []
+    for c in manifest.get("cells") or []:
+        if not isinstance(c, dict):
+            continue
+        run = _cell_run(ablation_dir, c.get("run_dir"))
+        summary = summarize_run(run) if run is not None else None
+        status = str(c.get("status") or "pending")
+        if summary is not None and summary.status == "running":
+            status = "running"
+        elif status == "running" or (status == "pending" and summary is not None and summary.status != "empty"):
+            status = "interrupted"
+        seed = c.get("seed")
+        cells.append(AblationCell(str(c.get("variant", "?")), seed if isinstance(seed, int) else None, status, run,
+                                  str(c["error"]) if c.get("error") else None, summary))
+    return cells
+
+
+def iter_ablation_dirs(root: str | Path) -> Iterator[Path]:
+    """Every ablation directory (one holding manifest.json) under ``root``, sorted, ``root`` included."""
+    root = Path(root)
+    if root.is_dir():
+        yield from sorted(p.parent for p in root.rglob(MANIFEST_FILE)
+                          if "checkpoints" not in p.relative_to(root).parts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import builtins
 import math
 import os
 import sys
@@ -38,6 +39,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="continue the experiment's latest run exactly, or the given run or checkpoint (an earlier "
                         "checkpoint than the run's latest starts a branch in a new run directory)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in CI logs)")
+    p.add_argument("--label", default=None, metavar="TEXT",
+                   help="a readable name for the run: its directory becomes <start time>-<label> (letters, digits, "
+                        "'.', '_', '-'; spaces become '-'); `minigpt runs` shows it")
 
 
 @command("train", "train the experiment's model, with checkpoints and W&B / JSONL logging (torchrun for several processes)")
@@ -45,8 +49,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 def _train(args) -> int:
     from ..spec import load_spec
     from ..train import train
-    from ..train.trainer import run_spec
+    from ..train.trainer import append_console, label_slug, run_spec
 
+    if args.label is not None:
+        label_slug(args.label)  # a bad label fails before anything is loaded
     if args.file is None:
         if args.resume is None or args.resume is True:
             raise MinigptError("minigpt train needs an experiment file (minigpt train experiments/quickstart.toml), "
@@ -54,9 +60,22 @@ def _train(args) -> int:
         spec = run_spec(args.resume, overrides=args.overrides)  # the run's own spec.toml
     else:
         spec = load_spec(args.file, overrides=args.overrides)
-    result = train(spec, resume=args.resume, progress=not args.no_progress)
+    result = train(spec, resume=args.resume, progress=not args.no_progress, label=args.label)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
+    lines: list[str] = []  # the closing lines also go to the run's console.log
+
+    def print(text: str = "") -> None:
+        lines.append(text)
+        builtins.print(text, flush=True)
+
+    try:
+        return _report(spec, result, print)
+    finally:
+        append_console(result.run_dir, "\n".join(lines))
+
+
+def _report(spec, result, print) -> int:
     print()
     if result.val_loss is not None:
         verdict = "below" if result.val_loss < result.unigram_entropy else "NOT below"

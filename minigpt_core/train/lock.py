@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from datetime import datetime
 from pathlib import Path
 
 from ..errors import MinigptError
 
-__all__ = ["LOCK_FILE", "RunLock", "RunLockedError"]
+__all__ = ["LOCK_FILE", "RunLock", "RunLockedError", "lock_holder"]
 
 LOCK_FILE = ".lock"
 
@@ -39,12 +40,16 @@ class RunLock:
         except ImportError:  # Windows: no flock; runs are not locked there
             return self
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = _read_holder(fd)
-            os.close(fd)
-            raise RunLockedError(self._message(holder)) from None
+        for attempt in range(_TRIES):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if attempt == _TRIES - 1:
+                    holder = _read_holder(fd)
+                    os.close(fd)
+                    raise RunLockedError(self._message(holder)) from None
+                time.sleep(0.02)  # lock_holder() looks for an instant: not a trainer
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                  "started": datetime.now().isoformat(timespec="seconds")}).encode("utf-8"))
@@ -76,6 +81,35 @@ class RunLock:
                 f"of its earlier checkpoints (that starts a branch in a new run directory). The lock goes away "
                 f"when its process exits, even if killed; only if host {host} crashed with this directory on a "
                 f"shared filesystem can it stay: then delete {self.path}.")
+
+
+_TRIES = 5
+
+
+def lock_holder(run_dir: str | Path) -> dict | None:
+    """The holder's details ({"pid", "host", "started"}, maybe empty) while a process holds the run's lock, else None.
+
+    For ``minigpt runs``: it takes a shared lock for an instant (never creating the file), which a
+    trainer starting at that moment waits out (acquire() tries again) instead of taking it for a
+    trainer already in the run.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: runs are not locked, so none is known to be running
+        return None
+    try:
+        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY)
+    except OSError:  # no lock file: no trainer ever held it
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return _read_holder(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 def _read_holder(fd: int) -> dict:

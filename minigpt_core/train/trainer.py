@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -26,8 +27,8 @@ import numpy as np
 import torch
 
 from .. import __version__
-from .._disk import NO_SPACE, disk_full_error, reporting_full_disk
-from ..checkpoint import atomic_write_bytes, plugin_versions, load_model_state
+from .._disk import NO_SPACE, DiskFullError, disk_full_error, reporting_full_disk
+from ..checkpoint import atomic_write_bytes, load_model_state, plugin_versions
 from ..data import BatchSampler, load_training_data
 from ..errors import CheckpointError, MinigptError, SpecError
 from ..generate import generate
@@ -52,9 +53,10 @@ from .state import (
 )
 
 __all__ = ["TrainResult", "Trainer", "train", "experiment_dir", "unigram_entropy", "run_spec", "BRANCH_FILE",
-           "RESUME_SAFE_FIELDS"]
+           "RESUME_SAFE_FIELDS", "CONSOLE_FILE", "label_slug", "append_console"]
 
 BRANCH_FILE = "branch.json"  # in a run that resumed from an earlier checkpoint of another run
+CONSOLE_FILE = "console.log"  # what the run printed (every session appends), without the progress bar
 
 
 @dataclass
@@ -91,13 +93,37 @@ def unigram_entropy(parts: list[np.ndarray], n_vocab: int, max_tokens: int = 100
     return float(-(p * np.log(p)).sum())
 
 
-def _new_run_dir(spec: ExperimentSpec, base: Path | None = None) -> Path:
-    """A new, empty run directory under ``base`` (default the experiment's directory)."""
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,59}")
+
+
+def label_slug(label: str) -> str:
+    """The directory suffix of a run's ``--label``: spaces become '-'; the rest must already be slug-safe."""
+    slug = re.sub(r"\s+", "-", label.strip())
+    if not _LABEL.fullmatch(slug):
+        bad = sorted({c for c in slug if not re.fullmatch(r"[A-Za-z0-9._-]", c)})
+        shown = label if len(label) <= 40 else label[:40] + f"... ({len(label)} characters)"
+        why = (f"it holds {', '.join(repr(c) for c in bad)}" if bad else
+               "it is empty" if not slug else "it is longer than 60 characters" if len(slug) > 60
+               else "it starts with '.', '_' or '-'")
+        raise MinigptError(f"--label {shown!r} cannot name a run directory: {why}. A label is 1 to 60 letters, "
+                           f"digits, '.', '_', '-' or spaces (which become '-'), starting with a letter or digit, "
+                           f"e.g. --label lr-3e-4 or --label 'rope swiglu'.")
+    return slug
+
+
+def append_console(run_dir: str | Path, text: str) -> None:
+    """Add lines to the run's console.log (best effort: the terminal and metrics.jsonl have them too)."""
+    with contextlib.suppress(OSError), open(Path(run_dir) / CONSOLE_FILE, "a", encoding="utf-8") as f:
+        f.write(text + "\n")
+
+
+def _new_run_dir(spec: ExperimentSpec, base: Path | None = None, label: str | None = None) -> Path:
+    """A new, empty run directory under ``base`` (default the experiment's directory), named by its start time."""
     base = experiment_dir(spec) if base is None else base
     base.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     for n in range(1, 10_000):
-        run = base / (stamp if n == 1 else f"{stamp}-{n}")
+        run = base / ((stamp if n == 1 else f"{stamp}-{n}") + (f"-{label}" if label else ""))
         try:
             run.mkdir()  # atomic: of two processes starting in the same second, one gets -2
         except FileExistsError:
@@ -229,7 +255,9 @@ class Trainer:
 
     def __init__(self, spec: ExperimentSpec | None, *, resume: str | Path | bool | None = None,
                  progress: bool = True, write: Callable[[str], None] | None = None,
-                 loggers: list[Logger] | None = None):
+                 loggers: list[Logger] | None = None, label: str | None = None):
+        self.label = label
+        self._label_slug = label_slug(label) if label is not None else None
         self.progress = progress
         self._lock: RunLock | None = None
         self.parent: Path | None = None  # the checkpoint this run branched from
@@ -257,7 +285,8 @@ class Trainer:
         autocast(self.device, t.precision)  # fp16 without a GPU fails here, before any work
         self.env: DistEnv = init_distributed(self.device.type)
         self._bar = None
-        self.write = write or self._print
+        self._out = write or self._print
+        self._console: list[str] | Any = []  # lines kept until run() opens RUN/console.log
         self._stop = False
         for note in notes if self.env.is_main else ():
             self.write(note)
@@ -298,7 +327,7 @@ class Trainer:
     def _claim_run_dir(self, spec: ExperimentSpec, ckpt: Path | None) -> tuple[str, str | None, str | None]:
         """(run directory, parent checkpoint of a branch, a note), with the run's lock held."""
         if ckpt is None:
-            run = _new_run_dir(spec)
+            run = _new_run_dir(spec, label=self._label_slug)
             self._lock = RunLock(run).acquire()
             return str(run), None, None
         run = ckpt.parent.parent
@@ -309,11 +338,15 @@ class Trainer:
             if later:
                 self._release()
         if not later:
-            note = (f"note: {', '.join(p.name for p in corrupt)} after {ckpt.name} fail(s) verification and "
-                    f"will be rewritten") if corrupt else None
-            return str(run), None, note
+            notes = [f"note: {', '.join(p.name for p in corrupt)} after {ckpt.name} fail(s) verification and "
+                     f"will be rewritten"] if corrupt else []
+            if self.label is not None:
+                notes.append(f"note: --label {self.label!r} is not used: the run continues in its own directory "
+                             f"{run} (a label names a new run directory: a new run, or a branch)")
+                self.label = None
+            return str(run), None, "\n".join(notes) or None
         # Resuming from an earlier checkpoint: the later ones stay as they are, the new steps go elsewhere.
-        branch = _new_run_dir(spec, base=run.parent)
+        branch = _new_run_dir(spec, base=run.parent, label=self._label_slug)
         self._lock = RunLock(branch).acquire()
         return (str(branch), str(ckpt),
                 f"branch: {ckpt} is not the latest checkpoint of {run} (it has {later[-1].name}); training "
@@ -415,6 +448,51 @@ class Trainer:
 
         data = _toml.loads((ckpt / SPEC_FILE).read_text(encoding="utf-8"))  # hash-verified on load
         return check_plugin_files(ckpt, data)
+
+    def write(self, text: str) -> None:
+        """Print a line (through ``write=`` if given) and keep it in the run's console.log."""
+        self._out(text)
+        if self.env.is_main:
+            self._save_console(text)
+
+    def _save_console(self, text: str) -> None:
+        if isinstance(self._console, list):
+            self._console.append(text)
+        elif self._console is not None:
+            try:
+                self._console.write(text + "\n")
+                self._console.flush()
+            except OSError as exc:  # the log is a convenience: training goes on (metrics.jsonl has the numbers)
+                self._close_console()
+                self._out(f"warning: {CONSOLE_FILE} is no longer written ({exc})")
+
+    def _open_console(self) -> None:
+        lines, self._console = self._console, None
+        try:
+            self._console = open(self.run_dir / CONSOLE_FILE, "a", encoding="utf-8")
+        except OSError as exc:
+            self._out(f"warning: {self.run_dir / CONSOLE_FILE} cannot be written ({exc}); the console output "
+                      f"is not saved")
+            return
+        for line in lines:
+            self._save_console(line)
+
+    def _close_console(self) -> None:
+        console, self._console = self._console, None
+        if console is not None and not isinstance(console, list):
+            with contextlib.suppress(OSError):
+                console.close()
+
+    def _record_failure(self, exc: BaseException) -> None:
+        """A ``failed`` event in metrics.jsonl and the error in console.log; nothing here may hide ``exc``."""
+        if not self.env.is_main or isinstance(exc, DiskFullError):  # a line cut short would spoil the next one
+            return
+        message = str(exc) if isinstance(exc, MinigptError) else f"{type(exc).__name__}: {exc}"
+        with contextlib.suppress(Exception):
+            if hasattr(self, "jsonl") and not getattr(self, "_diverged", False):
+                self.jsonl.event(self.step, event="failed", error=message[:4000], error_type=type(exc).__name__)
+        with contextlib.suppress(Exception):
+            self._save_console(f"error: {message}")
 
     def _print(self, text: str) -> None:
         if not self.env.is_main:
@@ -623,14 +701,16 @@ class Trainer:
                 f"a resume keeps the run's learning rate, so to go on from those weights with a lower one, start "
                 f"a new run with `--set init_from={saved[-1][1]}`." if saved
                 else "No checkpoint was saved.")
-        if self.env.is_main and hasattr(self, "jsonl"):
-            self.jsonl.event(self.step, event="diverged", diverged_at=step)
-        raise MinigptError(
+        message = (
             f"Training diverged at step {step}: {what} became NaN or infinite ({last}). {kept} Lower "
             f"train.lr (now {t.lr:g}), raise train.warmup_steps (now {t.warmup_steps}), keep train.grad_clip "
             f"on (now {t.grad_clip:g})"
             + (", or train in bf16 (fp16 overflows more easily)." if t.precision == "fp16" else ".")
         )
+        if self.env.is_main and hasattr(self, "jsonl"):
+            self.jsonl.event(self.step, event="diverged", diverged_at=step, error=message)
+        self._diverged = True  # the diverged event is the run's last word, not a failed one
+        raise MinigptError(message)
 
     # -- the loop ---------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> dict[int, Any]:
@@ -657,16 +737,20 @@ class Trainer:
         if self.env.is_main:
             with reporting_full_disk(self.run_dir / "spec.toml"):
                 atomic_write_bytes(self.run_dir / "spec.toml", dump_spec(self.spec).encode("utf-8"))
+            self._open_console()
             if self.parent is not None:
                 record = {"parent_checkpoint": str(self.parent.resolve()),
                           "parent_run": str(self.parent.parent.parent.resolve()), "step": self.step}
                 atomic_write_bytes(self.run_dir / BRANCH_FILE, (json.dumps(record, indent=1) + "\n").encode("utf-8"))
             self.write(self.describe())
             if hasattr(self, "jsonl"):
+                extra = {"total_steps": self.total_steps, **({"label": self.label} if self.label else {})}
                 if self.parent is not None:
-                    self.jsonl.event(self.step, event="branch", run_dir=str(self.run_dir), parent=str(self.parent))
+                    self.jsonl.event(self.step, event="branch", run_dir=str(self.run_dir), parent=str(self.parent),
+                                     **extra)
                 else:
-                    self.jsonl.event(self.step, event="resume" if self.loaded else "start", run_dir=str(self.run_dir))
+                    self.jsonl.event(self.step, event="resume" if self.loaded else "start", run_dir=str(self.run_dir),
+                                     **extra)
         if self.loaded is None:
             self.loggers.log({"data/unigram_entropy": self.entropy}, step=0)
         previous = self._install_signal_handlers()
@@ -724,12 +808,20 @@ class Trainer:
             if interrupted and last_saved != self.step:
                 self.write(f"interrupted: saving a checkpoint at step {self.step}")
                 self.save()
-            if interrupted and self.env.is_main and hasattr(self, "jsonl"):
-                self.jsonl.event(self.step, event="interrupted")
+            if self.env.is_main and hasattr(self, "jsonl"):
+                if interrupted:
+                    self.jsonl.event(self.step, event="interrupted", total_steps=self.total_steps)
+                else:
+                    self.jsonl.event(self.step, event="finished", total_steps=self.total_steps,
+                                     val_loss=self.last_val, best_val_loss=self.best_val)
         except OSError as exc:
             if exc.errno not in NO_SPACE:
+                self._record_failure(exc)
                 raise
             raise disk_full_error(exc.filename2 or exc.filename or self.run_dir, None, exc) from None
+        except Exception as exc:
+            self._record_failure(exc)
+            raise
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -738,6 +830,7 @@ class Trainer:
             try:
                 self.loggers.close()
             finally:
+                self._close_console()
                 self._release()
         return self._result(interrupted)
 
@@ -786,18 +879,19 @@ class Trainer:
 
 
 def train(spec: ExperimentSpec | None, *, resume: str | Path | bool | None = None, progress: bool = True,
-          write: Callable[[str], None] | None = None) -> TrainResult:
+          write: Callable[[str], None] | None = None, label: str | None = None) -> TrainResult:
     """Train the spec's model; ``resume=True`` continues the experiment's latest run, a path that run or checkpoint.
 
     The model, data and checkpoints come from the components ``spec`` was resolved to (in the
     registry it was parsed with). On resume, ``spec`` may be None (the run's own spec) or may differ
     from it only in RESUME_SAFE_FIELDS;
     resuming from a checkpoint other than its run's latest starts a branch in a new run directory.
+    ``label`` names a new run directory <start time>-<label> (see label_slug).
     """
     trainer = None
     finished = False
     try:
-        trainer = Trainer(spec, resume=resume, progress=progress, write=write)
+        trainer = Trainer(spec, resume=resume, progress=progress, write=write, label=label)
         result = trainer.run()
         finished = True
         return result
