@@ -33,3 +33,22 @@ def minigpt_cli():
                               timeout=300)
 
     return run
+
+
+@pytest.fixture
+def isolated_plugins():
+    """A fresh process-wide registry and MINIGPT_PLUGIN_PATH for the test, restored after it.
+
+    In-process CLI calls load local plugins into the process-wide registry and name them in
+    MINIGPT_PLUGIN_PATH (for worker processes); monkeypatch would not undo a variable it did not set.
+    """
+    from minigpt_core._plugins import PLUGIN_PATH_ENV_VAR, reset_registry
+
+    saved = os.environ.pop(PLUGIN_PATH_ENV_VAR, None)
+    reset_registry()
+    yield
+    reset_registry()
+    os.environ.pop(PLUGIN_PATH_ENV_VAR, None)
+    if saved is not None:
+        os.environ[PLUGIN_PATH_ENV_VAR] = saved
+

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 
 from minigpt_core import _toml
-from minigpt_core._plugins import PLUGIN_PATH_ENV_VAR, reset_registry
 from training_utils import MINIGPT, ROOT, cli, tiny_spec_data
 
 # An attention that raises in forward while MINIGPT_TEST_BOOM=1 (a run-time failure of one variant),
@@ -53,14 +52,8 @@ def minigpt_register(registry):
 
 
 @pytest.fixture(autouse=True)
-def _clean_plugin_state():
-    saved = os.environ.pop(PLUGIN_PATH_ENV_VAR, None)
-    reset_registry()
+def _clean_plugin_state(isolated_plugins):
     yield
-    reset_registry()
-    os.environ.pop(PLUGIN_PATH_ENV_VAR, None)
-    if saved is not None:
-        os.environ[PLUGIN_PATH_ENV_VAR] = saved
 
 
 def write_ablation(tmp: Path, body: str, name: str = "abl.toml", **train) -> Path:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -107,20 +106,7 @@ def minigpt_register(registry):
 '''
 
 
-@pytest.fixture
-def _own_registry():
-    from minigpt_core._plugins import PLUGIN_PATH_ENV_VAR, reset_registry
-
-    saved = os.environ.pop(PLUGIN_PATH_ENV_VAR, None)
-    reset_registry()
-    yield
-    reset_registry()
-    os.environ.pop(PLUGIN_PATH_ENV_VAR, None)
-    if saved is not None:
-        os.environ[PLUGIN_PATH_ENV_VAR] = saved
-
-
-def test_an_attention_without_attn_weights_names_the_ones_that_have_it(tmp_path, _own_registry):
+def test_an_attention_without_attn_weights_names_the_ones_that_have_it(tmp_path, isolated_plugins):
     from minigpt_core.spec import spec_warnings
 
     plugin = tmp_path / "noweights.py"

@@ -36,15 +36,8 @@ def minigpt_register(registry):
 
 
 @pytest.fixture(autouse=True)
-def _clean_plugin_state():
-    """In-process CLI calls put local plugins in the process-wide registry and MINIGPT_PLUGIN_PATH."""
-    saved = os.environ.pop(PLUGIN_PATH_ENV_VAR, None)  # (monkeypatch would not undo a variable it did not see)
-    reset_registry()
+def _clean_plugin_state(isolated_plugins):
     yield
-    reset_registry()
-    os.environ.pop(PLUGIN_PATH_ENV_VAR, None)
-    if saved is not None:
-        os.environ[PLUGIN_PATH_ENV_VAR] = saved
 
 
 def write_plugin(directory: Path, name: str = "my_attention.py", text: str = PLUGIN) -> Path:

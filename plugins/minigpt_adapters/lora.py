@@ -42,17 +42,23 @@ def _add_lora(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Ten
     return output if lora.merged else output + lora(args[0]).to(output.dtype)
 
 
+def lora_targets(model: nn.Module, patterns: list[str]) -> list[str]:
+    """The nn.Linear modules ``patterns`` name; a head tied to the embedding is refused (merging would
+    change the embedding too)."""
+    names = match_modules(model, patterns, where="targets")
+    head = getattr(model, "out_head", None)
+    if "out_head" in names and head is not None and head.weight is model.tok_emb.weight:
+        raise ValueError("the output head is tied to the token embedding (model.tie_weights), so adapting it "
+                         "would change the embedding too when merged; leave \"out_head\" out of targets")
+    return names
+
+
 class BookLora:
     def __init__(self, params):
         self.params = params
 
     def _targets(self, model: nn.Module) -> list[str]:
-        names = match_modules(model, self.params.targets, where="targets")
-        head = getattr(model, "out_head", None)
-        if "out_head" in names and head is not None and head.weight is model.tok_emb.weight:
-            raise ValueError("the output head is tied to the token embedding (model.tie_weights), so adapting it "
-                             "would change the embedding too when merged; leave \"out_head\" out of targets")
-        return names
+        return lora_targets(model, self.params.targets)
 
     def parameter_count(self, model: nn.Module) -> int:
         r = self.params.rank

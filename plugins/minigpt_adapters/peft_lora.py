@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from minigpt_core.plugin import mark_trainable, match_modules
+from minigpt_core.plugin import mark_trainable
+
+from .lora import lora_targets
 
 ADAPTER_NAME = "default"
 
@@ -21,12 +23,7 @@ class PeftLora:
         self.dora = dora  # DoRA: also a learned magnitude per output feature
 
     def _targets(self, model: nn.Module) -> list[str]:
-        names = match_modules(model, self.params.targets, where="targets")
-        head = getattr(model, "out_head", None)
-        if "out_head" in names and head is not None and head.weight is model.tok_emb.weight:
-            raise ValueError("the output head is tied to the token embedding (model.tie_weights), so adapting it "
-                             "would change the embedding too when merged; leave \"out_head\" out of targets")
-        return names
+        return lora_targets(model, self.params.targets)
 
     def parameter_count(self, model: nn.Module) -> int:
         r = self.params.rank
