@@ -284,7 +284,9 @@ def test_char_tokenizer_export_loads_with_transformers(run, tmp_path, capsys):
 
 # -- the README's Python snippets run as written -----------------------------------------------------
 def _python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+    # The README and the reference pages it sends newcomers to first (the plugin guide has its own test).
+    pages = [README, ROOT / "docs" / "training.md", ROOT / "docs" / "gpt2.md"]
+    return [b for page in pages for b in re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.S)]
 
 
 def _undefined_names(code: str) -> set[str]:
