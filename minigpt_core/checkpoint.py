@@ -305,6 +305,8 @@ def load_model(directory: str | Path, registry: ComponentRegistry | None = None,
     _verify_model_files(directory, read_meta(directory))
     spec = load_spec_from_checkpoint(directory, registry)
     state = load_weights_file(directory / WEIGHTS_FILE)
-    model = build_model(spec)
+    from .tasks import build_task_model
+
+    model = build_task_model(spec)  # with the task's head (a classifier's Linear(emb_dim, n_classes))
     load_model_state(model, state, str(directory))
     return model.to(map_location), spec
