@@ -58,7 +58,11 @@ def _train(args) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     print()
-    if result.val_loss is not None:
+    classify = spec.task == "classification"
+    if result.val_loss is not None and classify:
+        print(f"validation loss {result.val_loss:.4f} nats (class entropy of the training split "
+              f"{result.unigram_entropy:.4f}: the loss of a model that ignores the text)")
+    elif result.val_loss is not None:
         verdict = "below" if result.val_loss < result.unigram_entropy else "NOT below"
         print(f"validation loss {result.val_loss:.4f} nats/token (perplexity {math.exp(min(result.val_loss, 50)):.2f}), "
               f"{verdict} the unigram entropy {result.unigram_entropy:.4f} "
@@ -70,7 +74,8 @@ def _train(args) -> int:
         best = result.best_checkpoint
         other_best = best is not None and best.resolve() != result.checkpoint.resolve()
         print(f"checkpoint:    {result.checkpoint}" + (f" (best: {best})" if other_best else ""))
-        print(f"  minigpt sample {result.checkpoint} --prompt {spec.train.sample_prompt!r}")
+        print(f"  minigpt classify {result.checkpoint} --text '...'" if classify else
+              f"  minigpt sample {result.checkpoint} --prompt {spec.train.sample_prompt!r}")
     if result.wandb_dir is not None:
         where = "offline run" if result.wandb_mode == "offline" else "run (synced online)"
         print(f"W&B {where}: {result.wandb_dir}")
