@@ -3,3 +3,4 @@ from . import hf  # noqa: F401  import-hf, export-hf
 from . import check  # noqa: F401  check
 from . import train  # noqa: F401  train, sample, eval, prepare
 from . import new_plugin  # noqa: F401  new-plugin
+from . import classify  # noqa: F401  classify
