@@ -64,8 +64,10 @@ def _read_table(cs: ClassificationSpec, path: Path, delimiter: str) -> list[tupl
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     with path.open(encoding="utf-8", newline="") as f:
         rows = [r for r in csv.reader(f, delimiter=delimiter, quoting=quoting) if r]
+    if not rows:
+        return []
     header = None
-    if cs.header and rows:
+    if cs.header:
         header, rows = rows[0], rows[1:]
     where = str(path)
     ti = _column_index(cs.text_column, header, "text", where)
