@@ -231,3 +231,37 @@ def test_a_classification_run_killed_with_sigkill_resumes_with_identical_losses(
     assert losses(killed) == losses(ref)  # bitwise
     for key in ("val/loss", "val/accuracy", "test/accuracy"):
         assert losses(killed, key) == losses(ref, key)
+
+
+@pytest.mark.slow
+def test_fine_tuning_from_a_language_model_run_keeps_its_weights_and_tokenizer(tmp_path, capsys):
+    lm = _write(tmp_path, tiny_spec_data(tmp_path, train={**tiny_spec_data(tmp_path)["train"], "max_steps": 6,
+                                                          "eval_every": 0, "save_every": 0}), "lm.toml")
+    assert cli(capsys, "train", lm, "--no-progress")[0] == 0
+    (lm_run,) = runs_of(tmp_path / "runs")
+    data = _easy_set(tmp_path / "data.csv")
+    spec = _cls_spec(tmp_path, data)
+    spec.update(init_from=str(lm_run))
+    spec["train"] = {**spec["train"], "max_steps": 1, "lr": 1e-9, "eval_every": 0, "save_every": 0}
+    status, out, err = cli(capsys, "train", _write(tmp_path, spec), "--no-progress")
+    assert status == 0, err
+    (run,) = runs_of(tmp_path / "runs", "cls-test")
+    from minigpt_core.checkpoint import load_model, read_meta
+
+    base, _ = load_model(lm_run / "checkpoints" / "latest")
+    tuned, _ = load_model(run / "checkpoints" / "latest")
+    # the char ids the pretrained weights were trained with, not a vocabulary learnt from the labelled texts
+    assert read_meta(run / "checkpoints" / "latest")["tokenizer"] == read_meta(lm_run / "checkpoints" / "latest")["tokenizer"]
+    assert torch.allclose(tuned.trf_blocks[0].att.W_query.weight, base.trf_blocks[0].att.W_query.weight, atol=1e-6)
+    assert tuned.out_head.weight.shape == (2, 32) and base.out_head.weight.shape == (128, 32)
+
+
+@pytest.mark.slow
+def test_a_hugging_face_dataset_directory_is_a_source(tmp_path, monkeypatch):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "train.jsonl").write_text(
+        "".join(json.dumps({"sentence": s, "label": l}) + "\n" for s, l in [("good", 1), ("bad", 0), ("fine", 1)]))
+    cs = ClassificationSpec(hf_dataset=str(tmp_path / "ds"), text_column="sentence")
+    assert read_examples(cs) == [("good", "1"), ("bad", "0"), ("fine", "1")]
