@@ -182,6 +182,8 @@ def test_a_tiny_fine_tune_beats_the_majority_baseline_and_classify_reads_its_che
     assert first.startswith("low\t") and second.startswith("high\t"), out
     probs = [float(p.split()[-1]) for p in first.split("\t")[1].split(", ")]
     assert sum(probs) == pytest.approx(1, abs=1e-3)
+    status, out, err = cli(capsys, "sample", run, "--max-new-tokens", "3")  # a classifier predicts no tokens
+    assert status == 2 and "cannot be used for sampling" in err, err
 
 
 def test_summary_of_a_fine_tuning_spec_counts_the_head_and_trainable_parameters(tmp_path, capsys):

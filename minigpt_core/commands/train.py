@@ -118,6 +118,9 @@ def _load_for_inference(path: str, device: str, file=None):
     print(f"checkpoint: {ckpt} ({which})", file=file or sys.stdout, flush=True)
     dev = select_device(device)
     model, spec = load_model(ckpt, map_location=dev)
+    from ..tasks import require_lm
+
+    require_lm(spec, ckpt, "sampling or next-token evaluation")
     state = read_meta(ckpt).get("tokenizer")
     tokenizer = tokenizer_from_state(state) if state else build_tokenizer(spec)
     return ckpt, model, spec, tokenizer, dev

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
     from ..spec import ExperimentSpec
 
-__all__ = ["Task", "get_task", "build_task_model", "TASK_CLASSES"]
+__all__ = ["Task", "get_task", "build_task_model", "require_lm", "TASK_CLASSES"]
 
 
 def _classification():
@@ -43,3 +43,14 @@ def build_task_model(spec: "ExperimentSpec", **kwargs) -> "nn.Module":
     model = build_model(spec, **kwargs)
     task = get_task(spec)
     return model if task is None else task.attach_head(model)
+
+
+def require_lm(spec: "ExperimentSpec", where: object, what: str) -> None:
+    """Refuse a fine-tuned (non-lm) checkpoint where a language model is needed (sampling, export, init_from)."""
+    if spec.task != "lm":
+        from ..errors import MinigptError
+
+        raise MinigptError(
+            f"{where} is a {spec.task} model (task = {spec.task!r}): its head predicts classes, not tokens, "
+            f"so it cannot be used for {what}. Use `minigpt classify` with it, or the language model it was "
+            f"fine-tuned from" + (f" ({spec.init_from})." if spec.init_from else "."))
