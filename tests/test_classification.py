@@ -26,7 +26,7 @@ from minigpt_core.tasks.classification import (
     read_examples,
     split_examples,
 )
-from training_utils import MINIGPT, ROOT, cli, losses, read_metrics, run_minigpt, runs_of, tiny_spec_data
+from training_utils import MINIGPT, ROOT, cli, losses, read_metrics, runs_of, tiny_spec_data
 
 SHIPPED = ROOT / "experiments" / "finetune" / "data" / "pydoc_packages.tsv"
 
@@ -253,7 +253,8 @@ def test_fine_tuning_from_a_language_model_run_keeps_its_weights_and_tokenizer(t
     base, _ = load_model(lm_run / "checkpoints" / "latest")
     tuned, _ = load_model(run / "checkpoints" / "latest")
     # the char ids the pretrained weights were trained with, not a vocabulary learnt from the labelled texts
-    assert read_meta(run / "checkpoints" / "latest")["tokenizer"] == read_meta(lm_run / "checkpoints" / "latest")["tokenizer"]
+    tokenizer = read_meta(run / "checkpoints" / "latest")["tokenizer"]
+    assert tokenizer == read_meta(lm_run / "checkpoints" / "latest")["tokenizer"]
     assert torch.allclose(tuned.trf_blocks[0].att.W_query.weight, base.trf_blocks[0].att.W_query.weight, atol=1e-6)
     assert tuned.out_head.weight.shape == (2, 32) and base.out_head.weight.shape == (128, 32)
 

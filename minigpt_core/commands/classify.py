@@ -54,9 +54,9 @@ def classify_command(args) -> int:
     ckpt, which = pick_checkpoint(args.checkpoint)
     model, spec = load_model(ckpt)
     if spec.task != "classification":
-        raise MinigptError(f"{ckpt} is a language model (task {spec.task!r}), not a classifier; `minigpt classify` needs a run "
-                           f"trained with task = \"classification\" (docs/finetune.md). Use `minigpt sample` for "
-                           f"a language model.")
+        raise MinigptError(f"{ckpt} is a language model (task {spec.task!r}), not a classifier; `minigpt "
+                           f"classify` needs a run trained with task = \"classification\" (docs/finetune.md). "
+                           f"Use `minigpt sample` for a language model.")
     tokenizer = tokenizer_from_state(read_meta(ckpt)["tokenizer"], spec.registry)
     classes = spec.classification.classes
     print(f"checkpoint {ckpt} ({which}); classes {classes}", file=sys.stderr)

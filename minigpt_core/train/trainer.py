@@ -497,7 +497,8 @@ class Trainer:
             piece = batch[i * self.micro_batch:(i + 1) * self.micro_batch]
             with gradient_sync(self.wrapped, t.strategy, sync=i == self.accum - 1):
                 with autocast(self.device, t.precision):
-                    logits = self.forward(piece[:, :-1] if self.task is None else self.task.inputs(piece))  # (B, T, V)
+                    inputs = piece[:, :-1] if self.task is None else self.task.inputs(piece)
+                    logits = self.forward(inputs)  # (B, T, V)
                 loss = lm_loss(logits, piece[:, 1:]) if self.task is None else self.task.loss(logits, piece)
                 aux = self.model.aux_loss()  # e.g. a mixture-of-experts balance term, else None
                 total = loss if aux is None else loss + aux
@@ -538,7 +539,9 @@ class Trainer:
 
     def sample(self) -> str | None:
         t = self.spec.train
-        if t.sample_tokens == 0 or self.task is not None or not (self.env.is_main or self.fsdp):  # FSDP: every rank runs the forward
+        if t.sample_tokens == 0 or not (self.env.is_main or self.fsdp):  # FSDP: every rank runs the forward
+            return None
+        if self.task is not None:  # a classifier's head predicts classes, not tokens
             return None
         try:
             prompt = self.tokenizer.encode(t.sample_prompt)
