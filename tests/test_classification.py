@@ -268,3 +268,11 @@ def test_a_hugging_face_dataset_directory_is_a_source(tmp_path, monkeypatch):
         "".join(json.dumps({"sentence": s, "label": l}) + "\n" for s, l in [("good", 1), ("bad", 0), ("fine", 1)]))
     cs = ClassificationSpec(hf_dataset=str(tmp_path / "ds"), text_column="sentence")
     assert read_examples(cs) == [("good", "1"), ("bad", "0"), ("fine", "1")]
+
+
+def test_the_example_experiment_parses_and_names_the_shipped_data():
+    from minigpt_core.spec import load_spec
+
+    spec = load_spec(ROOT / "experiments" / "finetune" / "classify.toml")
+    assert spec.task == "classification" and spec.init_from == "runs/quickstart"
+    assert (ROOT / spec.classification.path).resolve() == SHIPPED.resolve()
