@@ -23,7 +23,7 @@ import torch
 
 from . import _toml
 from .errors import CheckpointError, MinigptError
-from .model import GPT, build_model
+from .model import GPT
 from .registry import ComponentRegistry
 from .spec import ExperimentSpec, dump_spec, parse_spec
 
@@ -310,10 +310,11 @@ def load_model(directory: str | Path, registry: ComponentRegistry | None = None,
     spec = load_spec_from_checkpoint(directory, registry)
     state = load_weights_file(directory / WEIGHTS_FILE)
     from .finetune import finetune_active, plain_model, restore_finetuned
+    from .tasks import build_task_model
 
-    if finetune_active(spec):  # base (+ adapter, merged into it): a plain GPT
+    if finetune_active(spec):  # base (+ adapter, merged into it; + a task's head): a plain model
         model = plain_model(restore_finetuned(spec, state, meta, str(directory))[0], copy_model=False)
         return model.to(map_location), spec
-    model = build_model(spec)
+    model = build_task_model(spec)  # with the task's head (a classifier's Linear(emb_dim, n_classes))
     load_model_state(model, state, str(directory))
     return model.to(map_location), spec

@@ -239,7 +239,12 @@ def restore_finetuned(spec: Any, state: dict[str, torch.Tensor], meta: dict[str,
 
     record = meta.get(META_KEY) if isinstance(meta.get(META_KEY), dict) else {}
     base = record.get("base")
+    from .tasks import get_task
+
     model = _load_base(spec, base, source) if base else build_model(spec)
+    task = get_task(spec)
+    if task is not None:  # a task's head, before the adapter: it trains and is saved like the adapter
+        model = task.attach_head(model)
     info = apply_finetune(model, spec, base=base)
     if not base:
         load_model_state(model, state, source)

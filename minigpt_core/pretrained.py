@@ -389,6 +389,9 @@ def load_init_from(spec: ExperimentSpec, *, cache_dir: str | Path | None = None,
         if report is not None:
             report(f"init_from checkpoint: {ckpt} ({which})")
         loaded, loaded_spec = load_model(ckpt, spec.registry)
+        from .tasks import require_lm
+
+        require_lm(loaded_spec, ckpt, "init_from (a run starts from a language model's weights)")
         new_spec = _respec(spec, _merge_model_section(spec, loaded_spec.model, source))
         if new_spec.model.attention == loaded_spec.model.attention:
             model = build_model(new_spec)

@@ -39,6 +39,8 @@ __all__ = [
     "TrainSpec",
     "WandbSpec",
     "FinetuneSpec",
+    "ClassificationSpec",
+    "TASKS",
     "PRESETS",
     "MODEL_SLOTS",
     "ResolvedComponent",
@@ -293,6 +295,57 @@ class FinetuneSpec(_Strict):
         return value
 
 
+# Tasks an experiment can train for; each but "lm" has its own section named like it.
+TASKS = ("lm", "classification")
+
+
+class ClassificationSpec(_Strict):
+    """Fine-tuning for sequence classification (the book's chapter 6): labelled texts, a new class head."""
+
+    path: str | None = Field(None, description="CSV, TSV or JSONL file of labelled texts (relative to the "
+                             "working directory)")
+    hf_dataset: str | None = Field(None, description="instead of path: a Hugging Face dataset name or local "
+                                   "directory, read with datasets.load_dataset")
+    hf_split: str = Field("train", description="the Hugging Face dataset's split to read (it is then split "
+                          "again by `split`)")
+    format: Literal["auto", "csv", "tsv", "jsonl"] = Field("auto", description="file format (auto: from the "
+                                                           "file's extension: .csv, .tsv/.txt, .jsonl/.json)")
+    header: bool = Field(True, description="the CSV/TSV file's first row names the columns; false for files "
+                         "like the SMS Spam Collection (label<TAB>text), whose columns are then numbered 0, 1, ...")
+    text_column: str | int = Field("text", description="column (name, or 0-based index without a header) "
+                                   "holding the text")
+    label_column: str | int = Field("label", description="column (name, or 0-based index without a header) "
+                                    "holding the label")
+    classes: list[str] | None = Field(None, description="the labels, in the order of the head's outputs "
+                                      "(default: the sorted distinct labels of the data; a run stores them)")
+    balance: Literal["none", "undersample"] = Field("none", description="undersample: keep as many examples of "
+                                                    "each class as the rarest has (the book's spam set)")
+    pooling: Literal["last", "mean"] = Field("last", description="which positions' outputs classify: the last "
+                                             "(the book's) or the mean over the text's tokens")
+    split: tuple[float, float, float] = Field((0.7, 0.1, 0.2), description="train / validation / test "
+                                              "fractions of the shuffled examples (the book's 70/10/20)")
+    split_seed: int = Field(123, ge=0, lt=2**32, description="seed of the shuffle before the split and of "
+                            "the undersampling")
+    max_length: int | None = Field(None, gt=0, description="tokens per example: longer texts are truncated, "
+                                   "shorter ones padded (default: the longest training text, at most "
+                                   "model.context_length; a run stores it)")
+    pad_id: int | None = Field(None, ge=0, description="padding token id (default: the tokenizer's "
+                               "end-of-text id, else 0)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ClassificationSpec":
+        if (self.path is None) == (self.hf_dataset is None):
+            raise ValueError("give exactly one data source: path = \"FILE.csv|tsv|jsonl\" or "
+                             "hf_dataset = \"NAME_OR_DIR\"")
+        if any(f < 0 for f in self.split) or self.split[0] <= 0 or self.split[1] <= 0 \
+                or abs(sum(self.split) - 1) > 1e-6:
+            raise ValueError(f"split {list(self.split)} must be three fractions (train, validation, test) "
+                             f"that add up to 1, with train and validation above 0, e.g. [0.7, 0.1, 0.2]")
+        if self.classes is not None and (len(self.classes) < 2 or len(set(self.classes)) != len(self.classes)):
+            raise ValueError(f"classes {self.classes} must name at least 2 distinct labels")
+        return self
+
+
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 
 
@@ -311,6 +364,9 @@ class ExperimentSpec(_Resolvable):
     init_from: str | None = Field(None, description="start from these weights instead of the init scheme: "
                                   "'hf:PATH_OR_HUB_ID' (Hugging Face GPT-2) or a minigpt checkpoint directory")
     data: DataSpec = Field(default_factory=DataSpec)
+    task: Literal["lm", "classification"] = Field("lm", description="what the model is trained for: lm (next "
+                                                  "token) or classification (a [classification] section)")
+    classification: ClassificationSpec | None = Field(None, description="the classification task's data and head")
     train: TrainSpec = Field(default_factory=TrainSpec)
     wandb: WandbSpec = Field(default_factory=WandbSpec)
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
@@ -409,6 +465,12 @@ def _cross_section_problems(spec: "ExperimentSpec") -> list[tuple[str, str]]:
     """Rules between sections, checked at validation so `validate` catches what `train` would refuse."""
     problems = []
     d, m = spec.data, spec.model
+    if spec.task == "classification" and spec.classification is None:
+        problems.append(("classification", "task = \"classification\" needs a [classification] section naming "
+                         "the labelled data, e.g. path = \"data.tsv\" (docs/finetune.md)"))
+    if spec.task != "classification" and spec.classification is not None:
+        problems.append(("task", f"the [classification] section is only read with task = \"classification\" "
+                         f"(now {spec.task!r}): set the task or remove the section"))
     if d.max_length is not None and d.max_length > m.context_length and spec.init_from is None:
         problems.append(("data.max_length", f"{d.max_length} exceeds model.context_length ({m.context_length}); "
                          f"the model cannot attend over longer samples: lower data.max_length or raise "
@@ -535,6 +597,8 @@ def dump_spec(spec: ExperimentSpec) -> str:
         data.pop("plugins", None)  # specs without local plugins stay as they were
     if not data.get("finetune"):
         data.pop("finetune", None)  # nor do specs that fine-tune nothing
+    if data.get("task") == "lm":
+        data.pop("task")  # language-model runs' spec.toml stay as they were
     return _toml.dumps(data)
 
 

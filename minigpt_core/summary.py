@@ -24,6 +24,8 @@ class ParameterSummary:
     output_head: int = 0  # 0 when tied to the token embedding
     tied: bool = False
     flops_per_token: int = 0
+    trainable: int = 0  # parameters with requires_grad
+    fine_tuning: bool = False  # a fine-tuning spec: report the trainable count too
 
     @property
     def without_output_head(self) -> int:
@@ -39,6 +41,8 @@ class ParameterSummary:
             lines.append(f"{'output head':<49} {'tied to tok_emb':>35}")
         else:
             lines.append(f"{'without output head':<49} {self.without_output_head:>35,}")
+        if self.fine_tuning or self.trainable != self.total:
+            lines.append(f"{'trainable parameters':<49} {self.trainable:>35,}")
         lines.append(f"{'training FLOPs/token':<49} {self.flops_per_token:>35,}")
         lines.append("  (6 x matmul params + 12 x n_layers x context_length x emb_dim: "
                      "forward+backward at full context)")
@@ -75,12 +79,35 @@ def summarize(model: GPT) -> ParameterSummary:
     matmul_params = total - count_parameters(model.tok_emb) - count_parameters(model.pos_emb)
     matmul_params += s.vocab_size * s.emb_dim if tied else 0
     flops = 6 * matmul_params + 12 * s.n_layers * s.context_length * s.emb_dim
-    return ParameterSummary(rows, total, head, tied, flops)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return ParameterSummary(rows, total, head, tied, flops, trainable)
 
 
 def summarize_spec(spec) -> ParameterSummary:
     """Build on the meta device (no memory, no init cost) and count."""
     from .model import build_model
 
+    if getattr(spec, "task", "lm") != "lm":
+        return _summarize_task_spec(spec)
     with torch.device("meta"):
         return summarize(build_model(spec, seed=None))
+
+
+def _summarize_task_spec(spec) -> ParameterSummary:
+    """A fine-tuning spec: the init_from model's shape, with the task's head (classes read from the data
+    file when the spec does not declare them)."""
+    from .pretrained import init_from_model
+    from .tasks import build_task_model
+
+    spec = spec.model_copy(deep=True)
+    if spec.init_from is not None:
+        spec.model = init_from_model(spec)
+    cs = spec.classification
+    if cs is not None and cs.classes is None:
+        from .tasks.classification import read_examples, resolve_classes
+
+        cs.classes = resolve_classes(cs, [label for _, label in read_examples(cs)], cs.path or cs.hf_dataset)
+    with torch.device("meta"):
+        out = summarize(build_task_model(spec, seed=None))
+    out.fine_tuning = True
+    return out

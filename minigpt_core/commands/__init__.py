@@ -6,3 +6,4 @@ from . import new_plugin  # noqa: F401  new-plugin
 from . import ablate  # noqa: F401  ablate, report, plot
 from . import inspection  # noqa: F401  attention (and eval --per-token's half)
 from . import runs  # noqa: F401  runs, diff
+from . import classify  # noqa: F401  classify

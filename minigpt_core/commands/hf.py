@@ -63,6 +63,9 @@ def export_hf_command(args) -> int:
     ckpt, which = pick_checkpoint(args.checkpoint)
     print(f"checkpoint: {ckpt} ({which})", flush=True)
     model, spec = load_model(ckpt)
+    from ..tasks import require_lm
+
+    require_lm(spec, ckpt, "a Hugging Face GPT-2 export")
     export_hf(model, spec, out, tokenizer_state=read_meta(ckpt).get("tokenizer"))
     print(f"exported {ckpt} -> {out} (load with transformers.GPT2LMHeadModel.from_pretrained)")
     return 0

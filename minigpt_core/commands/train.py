@@ -77,7 +77,11 @@ def _train(args) -> int:
 
 def _report(spec, result, print) -> int:
     print()
-    if result.val_loss is not None:
+    classify = spec.task == "classification"
+    if result.val_loss is not None and classify:
+        print(f"validation loss {result.val_loss:.4f} nats (class entropy of the training split "
+              f"{result.unigram_entropy:.4f}: the loss of a model that ignores the text)")
+    elif result.val_loss is not None:
         verdict = "below" if result.val_loss < result.unigram_entropy else "NOT below"
         print(f"validation loss {result.val_loss:.4f} nats/token (perplexity {math.exp(min(result.val_loss, 50)):.2f}), "
               f"{verdict} the unigram entropy {result.unigram_entropy:.4f} "
@@ -89,7 +93,8 @@ def _report(spec, result, print) -> int:
         best = result.best_checkpoint
         other_best = best is not None and best.resolve() != result.checkpoint.resolve()
         print(f"checkpoint:    {result.checkpoint}" + (f" (best: {best})" if other_best else ""))
-        print(f"  minigpt sample {result.checkpoint} --prompt {spec.train.sample_prompt!r}")
+        print(f"  minigpt classify {result.checkpoint} --text '...'" if classify else
+              f"  minigpt sample {result.checkpoint} --prompt {spec.train.sample_prompt!r}")
     if result.wandb_dir is not None:
         where = "offline run" if result.wandb_mode == "offline" else "run (synced online)"
         print(f"W&B {where}: {result.wandb_dir}")
@@ -132,6 +137,9 @@ def _load_for_inference(path: str, device: str, file=None):
     print(f"checkpoint: {ckpt} ({which})", file=file or sys.stdout, flush=True)
     dev = select_device(device)
     model, spec = load_model(ckpt, map_location=dev)
+    from ..tasks import require_lm
+
+    require_lm(spec, ckpt, "sampling or next-token evaluation")
     state = read_meta(ckpt).get("tokenizer")
     tokenizer = tokenizer_from_state(state) if state else build_tokenizer(spec)
     return ckpt, model, spec, tokenizer, dev

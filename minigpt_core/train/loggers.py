@@ -90,7 +90,8 @@ class ConsoleLogger(Logger):
         if "val/loss" in metrics:
             self.write(f"step {step}: val loss {metrics['val/loss']:.4f}, perplexity "
                        f"{metrics['val/perplexity']:.2f}"
-                       + (f", train loss {metrics['train/loss']:.4f}" if "train/loss" in metrics else ""))
+                       + (f", train loss {metrics['train/loss']:.4f}" if "train/loss" in metrics else "")
+                       + (f", accuracy {metrics['val/accuracy']:.2%}" if "val/accuracy" in metrics else ""))
 
     def log_sample(self, step: int, prompt: str, text: str) -> None:
         self.write(f"step {step} sample: {(prompt + text)!r}")

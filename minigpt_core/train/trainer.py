@@ -183,6 +183,9 @@ def _spec_differences(spec: ExperimentSpec, saved: ExperimentSpec) -> dict[str, 
     if spec.init_from is not None and spec.init_from == saved.init_from:
         # The run's model section was read from the init_from weights; the file's is only a sketch.
         out = {k: v for k, v in out.items() if not k.startswith("model.")}
+    for key in ("classification.classes", "classification.max_length"):  # a run stores what it read from data
+        if key in out and out[key][1] is None:
+            del out[key]
     return out
 
 
@@ -365,21 +368,24 @@ class Trainer:
 
             check_model_fits(spec.model, training=True, device=self.device)
         from ..finetune import apply_finetune, base_record, finetune_active, restore_finetuned
+        from ..tasks import build_task_model, get_task
 
         self.finetune = None  # what [finetune] froze and adapted (minigpt_core.finetune)
+        self.task = get_task(spec)  # None: a language model (next-token loss on token windows)
         if self.loaded is None:
             from ..pretrained import load_init_from
 
             model, spec = load_init_from(spec, report=self.write if self.env.is_main else None)
-            if finetune_active(spec):
+            if self.task is not None:  # the data decides the head (its classes), so it comes first
+                self.data = self.task.load_data(spec, tokenizer_state=None, write=self.write)
+                model = self.task.attach_head(model)
+            if finetune_active(spec):  # after the head: a new head always trains
                 self.finetune = apply_finetune(model, spec, base=base_record(spec.init_from))
         elif finetune_active(spec):
             model, self.finetune = restore_finetuned(spec, self.loaded.model_state, self.loaded.meta,
                                                      str(self.loaded.directory))
         else:
-            from ..model import build_model
-
-            model = build_model(spec)
+            model = build_task_model(spec)
             load_model_state(model, self.loaded.model_state, str(self.loaded.directory))
         self.spec = spec
         t = spec.train
@@ -387,9 +393,12 @@ class Trainer:
         self.n_params = sum(p.numel() for p in model.parameters())
 
         # -- data ----------------------------------------------------------------------------
-        self.data = load_training_data(
-            spec, tokenizer_state=self.loaded.meta.get("tokenizer") if self.loaded else None,
-            progress=progress and self.env.is_main, writer=self.env.local_rank == 0, barrier=self.env.barrier)
+        if self.task is None:
+            self.data = load_training_data(
+                spec, tokenizer_state=self.loaded.meta.get("tokenizer") if self.loaded else None,
+                progress=progress and self.env.is_main, writer=self.env.local_rank == 0, barrier=self.env.barrier)
+        elif self.loaded is not None:
+            self.data = self.task.load_data(spec, tokenizer_state=self.loaded.meta.get("tokenizer"), write=self.write)
         self.tokenizer = self.data.tokenizer
         split = self.data.split
         self.seq_len = split.length - 1
@@ -424,6 +433,7 @@ class Trainer:
         self.best_step: int | None = None
         self.last_val: float | None = None
         self.last_sample: str | None = None
+        self.eval_metrics: dict[str, float] = {}  # a task's metrics of the last evaluation
         self.wandb_run_id: str | None = None
         self.entropy: float | None = None
         # 2 * (first step with a non-finite loss or grad norm) + (1 if the loss itself), 0 while finite
@@ -434,7 +444,8 @@ class Trainer:
         else:
             torch.manual_seed(spec.seed + self.env.rank)  # dropout streams differ between ranks
         if self.entropy is None:
-            self.entropy = unigram_entropy(self.data.shards.parts, self.tokenizer.n_vocab)
+            self.entropy = unigram_entropy(self.data.shards.parts, self.tokenizer.n_vocab) if self.task is None \
+                else self.task.baseline_loss()
         self.peak_flops = t.peak_flops or self.env.broadcast(
             measure_matmul_peak(self.device, PRECISION_DTYPES[t.precision], seconds=0.2)
             if self.env.is_main else None)
@@ -554,6 +565,8 @@ class Trainer:
     # -- one optimizer step -----------------------------------------------------------------------
     def _batch(self) -> torch.Tensor:
         idx = self.sampler.next_batch()  # this rank's windows of the global batch
+        if self.task is not None:  # a task's rows are ready-made (B_local, W)
+            return torch.from_numpy(self.data.split.train[idx]).to(self.device, non_blocking=True)
         windows = self.data.split.corpus.windows(self.data.split.train[idx], self.data.split.length)
         return torch.from_numpy(windows).to(self.device, non_blocking=True)  # (B_local, T + 1)
 
@@ -569,8 +582,9 @@ class Trainer:
             piece = batch[i * self.micro_batch:(i + 1) * self.micro_batch]
             with gradient_sync(self.wrapped, t.strategy, sync=i == self.accum - 1):
                 with autocast(self.device, t.precision):
-                    logits = self.forward(piece[:, :-1])  # (B, T, V)
-                loss = lm_loss(logits, piece[:, 1:])
+                    inputs = piece[:, :-1] if self.task is None else self.task.inputs(piece)
+                    logits = self.forward(inputs)  # (B, T, V)
+                loss = lm_loss(logits, piece[:, 1:]) if self.task is None else self.task.loss(logits, piece)
                 aux = self.model.aux_loss()  # e.g. a mixture-of-experts balance term, else None
                 total = loss if aux is None else loss + aux
                 self.scaler.scale(total / self.accum).backward()
@@ -599,6 +613,11 @@ class Trainer:
     # -- evaluation, samples, checkpoints -----------------------------------------------------------
     def evaluate(self) -> float:
         split = self.data.split
+        if self.task is not None:
+            loss, self.eval_metrics = self.task.evaluate(
+                self.wrapped if self.fsdp else self.model, "val", micro_batch=self.micro_batch, device=self.device,
+                precision=self.spec.train.precision, env=self.env)
+            return loss
         return evaluate(self.wrapped if self.fsdp else self.model, split.corpus, split.val[self.val_idx],
                         split.length, micro_batch=self.micro_batch, device=self.device,
                         precision=self.spec.train.precision, env=self.env)
@@ -606,6 +625,8 @@ class Trainer:
     def sample(self) -> str | None:
         t = self.spec.train
         if t.sample_tokens == 0 or not (self.env.is_main or self.fsdp):  # FSDP: every rank runs the forward
+            return None
+        if self.task is not None:  # a classifier's head predicts classes, not tokens
             return None
         try:
             prompt = self.tokenizer.encode(t.sample_prompt)
@@ -788,7 +809,8 @@ class Trainer:
                 if self._due(t.eval_every):
                     self.last_val = self.evaluate()
                     self._check_finite(metrics, val_loss=self.last_val)
-                    metrics.update({"val/loss": self.last_val, "val/perplexity": math.exp(min(self.last_val, 50))})
+                    metrics.update({"val/loss": self.last_val, "val/perplexity": math.exp(min(self.last_val, 50)),
+                                    **self.eval_metrics})
                     if self.best_val is None or self.last_val < self.best_val:
                         self.best_val, self.best_step, improved = self.last_val, self.step, True
                 if metrics:
@@ -805,6 +827,8 @@ class Trainer:
                     last_saved = self.step
                 paused += time.perf_counter() - pause_start
             interrupted = self.step < self.total_steps
+            if self.task is not None and not interrupted:
+                self.task.finish(self)  # the task's final metrics on every split
             if interrupted and last_saved != self.step:
                 self.write(f"interrupted: saving a checkpoint at step {self.step}")
                 self.save()
@@ -848,7 +872,9 @@ class Trainer:
             f"({self.micro_batch} per micro-batch x {self.accum} accumulation x {self.env.world_size} process(es)"
             f"{', ' + t.strategy if self.env.enabled else ''}), "
             f"{self.device} {t.precision}{', compiled' if t.compile else ''}",
-            f"unigram entropy of the data: {self.entropy:.3f} nats/token (the loss of a model that ignores context)",
+            f"unigram entropy of the data: {self.entropy:.3f} nats/token (the loss of a model that ignores context)"
+            if self.task is None else f"class entropy of the training split: {self.entropy:.3f} nats (the loss of "
+            f"a model that ignores the text)",
         ]
         if self.finetune is not None:
             lines.insert(2, f"fine-tuning: {self.finetune.describe()}")

@@ -1,0 +1,56 @@
+"""Training tasks besides next-token prediction: what the data is, the head, the loss, the metrics.
+
+The trainer stays one loop for every task: with ``spec.task == "lm"`` (the default) it runs as it
+always has; any other task is a :class:`Task` that the trainer asks, at a few fixed points, for its
+data, its head, the loss of a batch and its evaluation. A new task (e.g. instruction tuning) is a
+``Task`` subclass added to :data:`TASK_CLASSES` plus its section in the spec.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .base import Task
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..spec import ExperimentSpec
+
+__all__ = ["Task", "get_task", "build_task_model", "require_lm", "TASK_CLASSES"]
+
+
+def _classification():
+    from .classification import ClassificationTask
+
+    return ClassificationTask
+
+
+TASK_CLASSES = {"classification": _classification}
+
+
+def get_task(spec: "ExperimentSpec") -> Task | None:
+    """The spec's task, or None for a language model (the trainer's own code path)."""
+    if spec.task == "lm":
+        return None
+    return TASK_CLASSES[spec.task]()(spec)
+
+
+def build_task_model(spec: "ExperimentSpec", **kwargs) -> "nn.Module":
+    """``build_model`` plus the task's head: what a checkpoint of ``spec`` holds weights for."""
+    from ..model import build_model
+
+    model = build_model(spec, **kwargs)
+    task = get_task(spec)
+    return model if task is None else task.attach_head(model)
+
+
+def require_lm(spec: "ExperimentSpec", where: object, what: str) -> None:
+    """Refuse a fine-tuned (non-lm) checkpoint where a language model is needed (sampling, export, init_from)."""
+    if spec.task != "lm":
+        from ..errors import MinigptError
+
+        raise MinigptError(
+            f"{where} is a {spec.task} model (task = {spec.task!r}): its head predicts classes, not tokens, "
+            f"so it cannot be used for {what}. Use `minigpt classify` with it, or the language model it was "
+            f"fine-tuned from" + (f" ({spec.init_from})." if spec.init_from else "."))
