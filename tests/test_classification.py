@@ -276,3 +276,36 @@ def test_the_example_experiment_parses_and_names_the_shipped_data():
     spec = load_spec(ROOT / "experiments" / "finetune" / "classify.toml")
     assert spec.task == "classification" and spec.init_from == "runs/quickstart"
     assert (ROOT / spec.classification.path).resolve() == SHIPPED.resolve()
+
+
+@pytest.mark.slow
+def test_a_classifier_trains_with_lora_on_a_frozen_base_and_its_checkpoint_holds_only_what_trained(tmp_path, capsys):
+    """The book's appendix E: LoRA on a pretrained GPT fine-tuned as a classifier (task + [finetune])."""
+    lm = _write(tmp_path, tiny_spec_data(tmp_path, train={**tiny_spec_data(tmp_path)["train"], "max_steps": 6,
+                                                          "eval_every": 0, "save_every": 0}), "lm.toml")
+    assert cli(capsys, "train", lm, "--no-progress")[0] == 0
+    (lm_run,) = runs_of(tmp_path / "runs")
+    spec = _cls_spec(tmp_path, _easy_set(tmp_path / "data.csv"), pooling="mean")
+    spec.update(init_from=str(lm_run),
+                finetune={"adapter": {"name": "book.lora", "params": {"rank": 4, "alpha": 8,
+                                                                      "targets": ["trf_blocks.*.att.*"]}}})
+    spec["train"] = {**spec["train"], "max_steps": 10, "lr": 3e-3, "eval_every": 0, "save_every": 0}
+    status, out, err = cli(capsys, "train", _write(tmp_path, spec), "--no-progress")
+    assert status == 0, err
+    (run,) = runs_of(tmp_path / "runs", "cls-test")
+    from safetensors.torch import load_file
+
+    from minigpt_core.checkpoint import load_model
+
+    saved = load_file(str(run / "checkpoints" / "latest" / "model.safetensors"))
+    # the new head and the LoRA matrices trained; the frozen base is named, not copied
+    assert any(k.startswith("out_head.") for k in saved) and any("lora" in k.lower() for k in saved)
+    assert not any(k.startswith("tok_emb.") or k.endswith("ff.layers.0.weight") for k in saved), sorted(saved)
+    base, _ = load_model(lm_run / "checkpoints" / "latest")
+    tuned, tuned_spec = load_model(run / "checkpoints" / "latest")  # base + head + the adapter merged
+    assert tuned_spec.task == "classification" and tuned.out_head.weight.shape == (2, 32)
+    assert torch.equal(tuned.tok_emb.weight, base.tok_emb.weight)  # frozen: bitwise the base's
+    assert torch.equal(tuned.trf_blocks[0].ff.layers[0].weight, base.trf_blocks[0].ff.layers[0].weight)
+    assert not torch.equal(tuned.trf_blocks[0].att.W_query.weight, base.trf_blocks[0].att.W_query.weight)
+    status, out, err = cli(capsys, "classify", run, "--text", "abcab cab")
+    assert status == 0 and out.split("\t")[0] in ("low", "high"), err
