@@ -339,7 +339,10 @@ class ClassificationTask(Task):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.spec.seed)
             head = nn.Linear(model.spec.emb_dim, len(classes))
-        model.out_head = head.to(model.tok_emb.weight.device)
+        from ..finetune import mark_trainable
+
+        # A new head always trains, whatever [finetune] freezes (it starts random).
+        model.out_head = mark_trainable(head.to(model.tok_emb.weight.device))
         return model
 
     def inputs(self, batch: torch.Tensor) -> torch.Tensor:
