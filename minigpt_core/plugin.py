@@ -508,9 +508,8 @@ _CAPABILITY_LIST = (
     Capability(
         "multihead", "splits the embedding into n_heads heads", ("attention",),
         obliges="ctx.n_heads heads of ctx.head_dim features each; where its weights can be copied "
-                "into book.multihead (the canonical layout of a gpt2 attention, or a 'heads' list of "
-                "single heads with W_query/W_key/W_value and no out_proj, like book.multihead_wrapper) "
-                "it must compute the same function",
+                "into book.multihead (a gpt2 attention, or one whose canonical_state() maps its weights "
+                "onto the canonical layout, like book.multihead_wrapper) it must compute the same function",
         relied_on_by="the equivalence check against book.multihead (skipped where no weights can be copied)",
         checks=("equivalence",)),
     Capability(

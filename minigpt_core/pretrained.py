@@ -49,18 +49,19 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
 # -- formats -----------------------------------------------------------------------------------
 def weights_format(registry: ComponentRegistry, *, model_type: str | None = None, name: str | None = None) -> Any:
     """The ``weights`` component named ``name``, or the one that reads ``model_type`` configs."""
-    entries = registry.entries("weights")
+    def build(entry):
+        return entry.factory(None, entry.make_params({}))
+
     if name is not None:
         if ("weights", name) not in registry:
             raise PretrainedError(registry.unknown_message("weights", name))
-        entry = registry.get("weights", name)
-        return entry.factory(None, entry.make_params({}))
-    for entry in entries:
-        fmt = entry.factory(None, entry.make_params({}))
+        return build(registry.get("weights", name))
+    formats = [(entry.name, build(entry)) for entry in registry.entries("weights")]
+    for _, fmt in formats:
         if getattr(fmt, "model_type", None) == model_type:
             return fmt
-    known = ", ".join(f"{e.name} reads '{getattr(e.factory(None, e.make_params({})), 'model_type', '?')}'"
-                      for e in entries) or "none is installed (the gpt2 plugin provides gpt2.hf)"
+    known = ", ".join(f"{n} reads '{getattr(fmt, 'model_type', '?')}'" for n, fmt in formats) \
+        or "none is installed (the gpt2 plugin provides gpt2.hf)"
     raise PretrainedError(
         f"This Hugging Face checkpoint's model_type is {model_type!r}, and no installed plugin reads it "
         f"(weights formats: {known}). Install a plugin with a `weights` component for it, or convert the "

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +24,7 @@ from minigpt_core.tasks.classification import (
     read_examples,
     split_examples,
 )
-from training_utils import MINIGPT, ROOT, cli, losses, read_metrics, runs_of, tiny_spec_data
+from training_utils import ROOT, cli, kill_training_at, losses, read_metrics, runs_of, tiny_spec_data
 
 SHIPPED = ROOT / "experiments" / "finetune" / "data" / "pydoc_packages.tsv"
 
@@ -212,15 +210,8 @@ def test_a_classification_run_killed_with_sigkill_resumes_with_identical_losses(
                                                                   "out_dir": str(tmp_path / side / "runs")}})
     status, _, err = cli(capsys, "train", specs["a"], "--no-progress")  # in this process: no start-up cost
     assert status == 0, err
-    proc = subprocess.Popen([str(MINIGPT), "train", str(specs["b"]), "--no-progress"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 120
-    while time.time() < deadline and not list((tmp_path / "b" / "runs").glob("*/*/checkpoints/step_00000010")):
-        time.sleep(0.01)
-    still_running = proc.poll() is None
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
-    assert still_running and proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    still_running, returncode = kill_training_at(specs["b"], tmp_path / "b" / "runs", 10)
+    assert still_running and returncode == -signal.SIGKILL, "the run finished before it could be killed"
     (killed,) = runs_of(tmp_path / "b" / "runs", "cls-test")
     assert 10 <= max(losses(killed)) < 30
 

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import time
 
 import pytest
 import torch
@@ -14,7 +11,7 @@ from minigpt_core import parse_spec
 from minigpt_core.checkpoint import load_model_state, model_state_for_saving
 from minigpt_core.errors import CheckpointError
 from minigpt_core.train import Trainer, load_checkpoint, train
-from training_utils import MINIGPT, ROOT, cli, losses, run_minigpt, runs_of, tiny_spec_data, write_spec
+from training_utils import cli, kill_training_at, losses, run_minigpt, runs_of, tiny_spec_data, write_spec
 
 quiet = dict(progress=False, write=lambda s: None)
 
@@ -30,15 +27,8 @@ def test_resume_after_sigkill_logs_bitwise_identical_losses(tmp_path):
     reference = run_minigpt("train", write_spec(tmp_path / "a", **common), "--no-progress")
     assert reference.returncode == 0, reference.stderr
     spec_b = write_spec(tmp_path / "b", **common)
-    proc = subprocess.Popen([str(MINIGPT), "train", str(spec_b), "--no-progress"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 120
-    while time.time() < deadline and not list((tmp_path / "b" / "runs").glob("*/*/checkpoints/step_00000010")):
-        time.sleep(0.01)
-    still_running = proc.poll() is None
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
-    assert still_running and proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    still_running, returncode = kill_training_at(spec_b, tmp_path / "b" / "runs", 10)
+    assert still_running and returncode == -signal.SIGKILL, "the run finished before it could be killed"
     (killed_run,) = runs_of(tmp_path / "b" / "runs")
     before = losses(killed_run)
     assert 10 <= max(before) < 60  # killed part-way

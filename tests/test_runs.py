@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from minigpt_core.runs import metric_series, read_metrics, summarize_run
 from minigpt_core.spec import parse_spec
 from minigpt_core.train import train
 from minigpt_core.train.lock import RunLock
-from training_utils import MINIGPT, ROOT, cli, runs_of, tiny_spec_data, write_spec
+from training_utils import cli, kill_training_at, runs_of, tiny_spec_data, write_spec
 
 TRAIN = {"max_steps": 4, "save_every": 2, "eval_every": 2}
 
@@ -196,14 +195,7 @@ def test_ablation_directory_is_one_row_and_lists_its_cells(out, tmp_path, capsys
 @pytest.mark.slow
 def test_a_killed_run_is_interrupted_and_its_resume_appends_to_console_log(tmp_path, capsys):
     spec = write_spec(tmp_path, train={"max_steps": 400, "save_every": 5, "eval_every": 5})
-    proc = subprocess.Popen([str(MINIGPT), "train", str(spec), "--no-progress"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 120
-    while time.time() < deadline and not list((tmp_path / "runs").glob("*/*/checkpoints/step_00000005")):
-        time.sleep(0.01)
-    still_running = proc.poll() is None
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
+    still_running, _ = kill_training_at(spec, tmp_path / "runs", 5)
     assert still_running, "the run finished before it could be killed"
     (run,) = runs_of(tmp_path / "runs")
     with open(run / "metrics.jsonl", "a") as f:

@@ -85,3 +85,22 @@ def cli(capsys, *args) -> tuple[int, str, str]:
     status = main([str(a) for a in args])
     out, err = capsys.readouterr()
     return status, out, err
+
+
+def kill_training_at(spec: Path, runs_dir: Path, step: int, timeout: float = 120) -> tuple[bool, int]:
+    """`minigpt train SPEC` in a subprocess, SIGKILLed as soon as its checkpoint of ``step`` exists.
+
+    Returns (it was still running when killed, its return code).
+    """
+    import signal
+    import time
+
+    proc = subprocess.Popen([str(MINIGPT), "train", str(spec), "--no-progress"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + timeout
+    while time.time() < deadline and not list(runs_dir.glob(f"*/*/checkpoints/step_{step:08d}")):
+        time.sleep(0.01)
+    still_running = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    return still_running, proc.returncode
