@@ -281,14 +281,25 @@ def plain_model(model: nn.Module, *, copy_model: bool = True) -> nn.Module:
 
 
 def count_trainable(spec: Any) -> Finetune:
-    """Total and trainable parameters of a fine-tuning spec, built on the meta device (no weights read)."""
+    """Total and trainable parameters of a fine-tuning spec, built on the meta device (no weights read);
+    with the task's head (a classification spec without classes reads them from its data)."""
     from .model import build_model
     from .pretrained import init_from_model
+    from .tasks import get_task
 
     try:
         model_section = init_from_model(spec)
     except MinigptError:  # e.g. a checkpoint's spec whose relative init_from is elsewhere: its section is whole
         model_section = spec.model
+    task = get_task(spec)
+    if task is not None:
+        from .summary import with_task_classes
+
+        spec = spec.model_copy(deep=True)
+        with_task_classes(spec)
+        task = get_task(spec)
     with torch.device("meta"):
         model = build_model(model_section.resolve(spec.registry), seed=None)
+        if task is not None:  # a new head always trains
+            model = task.attach_head(model)
         return apply_finetune(model, spec)

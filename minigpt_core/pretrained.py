@@ -390,10 +390,22 @@ def load_init_from(spec: ExperimentSpec, *, cache_dir: str | Path | None = None,
         if report is not None:
             report(f"init_from checkpoint: {ckpt} ({which})")
         loaded, loaded_spec = load_model(ckpt, spec.registry)
-        from .tasks import require_lm
+        from .tasks import build_task_model, check_init_from_task
 
-        require_lm(loaded_spec, ckpt, "init_from (a run starts from a language model's weights)")
+        check_init_from_task(loaded_spec, spec, ckpt)
         new_spec = _respec(spec, _merge_model_section(spec, loaded_spec.model, source))
+        if loaded_spec.task != "lm":  # a fine-tuned model of this task: its head comes too and trains on
+            if loaded_spec.model.attention != new_spec.model.attention:
+                raise CheckpointError(
+                    f"init_from = {source!r} is a {loaded_spec.task} model; going on fine-tuning it keeps its "
+                    f"components, but this experiment sets another [model.attention]. Remove that section.")
+            cs = new_spec.classification
+            if cs is not None and cs.classes is None:
+                cs.classes = list(loaded_spec.classification.classes)
+                cs._classes_from = str(ckpt)  # named when the data has labels outside them
+            model = build_task_model(new_spec)
+            model.load_state_dict(loaded.state_dict())
+            return model, new_spec
         if new_spec.model.attention == loaded_spec.model.attention:
             model = build_model(new_spec)
             model.load_state_dict(loaded.state_dict())  # same components: same state-dict keys

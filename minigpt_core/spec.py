@@ -331,6 +331,7 @@ class ClassificationSpec(_Strict):
                                    "model.context_length; a run stores it)")
     pad_id: int | None = Field(None, ge=0, description="padding token id (default: the tokenizer's "
                                "end-of-text id, else 0)")
+    _classes_from: str | None = PrivateAttr(default=None)  # the init_from classifier that fixed the classes
 
     @model_validator(mode="after")
     def _consistent(self) -> "ClassificationSpec":

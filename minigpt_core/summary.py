@@ -102,12 +102,25 @@ def _summarize_task_spec(spec) -> ParameterSummary:
     spec = spec.model_copy(deep=True)
     if spec.init_from is not None:
         spec.model = init_from_model(spec)
-    cs = spec.classification
-    if cs is not None and cs.classes is None:
+    with_task_classes(spec)
+    with torch.device("meta"):
+        model = build_task_model(spec, seed=None)
+        out = summarize(model)
+        from .finetune import apply_finetune, finetune_active
+
+        if finetune_active(spec):  # the trainable line: what [finetune] leaves trainable of these parameters
+            counted = {id(p) for p in model.parameters()}
+            apply_finetune(model, spec)
+            out.trainable = sum(p.numel() for p in model.parameters() if id(p) in counted and p.requires_grad)
+    out.fine_tuning = True
+    return out
+
+
+def with_task_classes(spec) -> None:
+    """Fill in a classification spec's classes from its data when it does not declare them (in place):
+    the head's size depends on them."""
+    cs = getattr(spec, "classification", None)
+    if getattr(spec, "task", "lm") == "classification" and cs is not None and cs.classes is None:
         from .tasks.classification import read_examples, resolve_classes
 
         cs.classes = resolve_classes(cs, [label for _, label in read_examples(cs)], cs.path or cs.hf_dataset)
-    with torch.device("meta"):
-        out = summarize(build_task_model(spec, seed=None))
-    out.fine_tuning = True
-    return out

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
     from ..spec import ExperimentSpec
 
-__all__ = ["Task", "get_task", "build_task_model", "require_lm", "TASK_CLASSES"]
+__all__ = ["Task", "get_task", "build_task_model", "require_lm", "check_init_from_task", "TASK_CLASSES"]
 
 
 def _classification():
@@ -54,3 +54,28 @@ def require_lm(spec: "ExperimentSpec", where: object, what: str) -> None:
             f"{where} is a {spec.task} model (task = {spec.task!r}): its head predicts classes, not tokens, "
             f"so it cannot be used for {what}. Use `minigpt classify` with it, or the language model it was "
             f"fine-tuned from" + (f" ({spec.init_from})." if spec.init_from else "."))
+
+
+def check_init_from_task(loaded: "ExperimentSpec", spec: "ExperimentSpec", where: object) -> None:
+    """Whether a run of ``spec`` can start from a checkpoint of ``loaded``: a language model always; a
+    fine-tuned model only for the same task, with the same classes (its head is kept and trains on)."""
+    if loaded.task == "lm":
+        return
+    from ..errors import MinigptError
+
+    origin = f" ({loaded.init_from})" if loaded.init_from else ""
+    if spec.task != loaded.task:
+        raise MinigptError(
+            f"init_from = {str(where)!r} is a {loaded.task} model (task = {loaded.task!r}), but this experiment's "
+            f"task is {spec.task!r}: a run starts from a language model, or from a model of its own task to go on "
+            f"fine-tuning it. Start from the language model it was fine-tuned from{origin}, or set task = "
+            f"{loaded.task!r}.")
+    if loaded.task == "classification":
+        theirs, mine = list(loaded.classification.classes or []), spec.classification.classes
+        if mine is not None and list(mine) != theirs:
+            raise MinigptError(
+                f"init_from = {str(where)!r} is a classifier of the classes {theirs}, but classification.classes "
+                f"is {list(mine)}: its head has one output per class, in this order. To go on fine-tuning it, "
+                f"declare the same classes in the same order (or leave classes out: they are then the "
+                f"checkpoint's); to train a new head for other classes, start from the language model it was "
+                f"fine-tuned from{origin}.")

@@ -28,6 +28,7 @@ __all__ = ["ClassificationTask", "ClassificationData", "read_examples", "split_e
            "confusion_matrix", "classification_metrics", "majority_baseline", "encode_for_classification"]
 
 SPLITS = ("train", "val", "test")
+HEAD_ATTR = "_minigpt_classes"  # on a model whose out_head is a classification head: its classes
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -167,6 +168,12 @@ def resolve_classes(cs: ClassificationSpec, labels: list[str], where: str) -> li
             raise DataError(f"{where} has only one label ({seen[0]!r}); a classifier needs at least two classes.")
         return seen
     outside = [l for l in seen if l not in cs.classes]
+    if outside and cs._classes_from is not None:
+        n = sum(l in outside for l in labels)
+        raise DataError(f"{where} has {n} example(s) labelled {outside[:10]}, outside the classes {cs.classes} of "
+                        f"the init_from classifier {cs._classes_from}: its head has one output per class. Fix the "
+                        f"labels or classification.label_column, or start from the language model it was "
+                        f"fine-tuned from to train a new head for these classes.")
     if outside:
         n = sum(l in outside for l in labels)
         raise DataError(f"{where} has {n} example(s) labelled {outside[:10]}, outside the declared "
@@ -335,6 +342,12 @@ class ClassificationTask(Task):
         if not classes:
             raise DataError("The classification head needs its classes; they are read from the data "
                             "(or classification.classes) before the model is built.")
+        have = model.__dict__.get(HEAD_ATTR)
+        if have is not None:  # init_from a classifier: its trained head goes on training
+            if have != list(classes):
+                raise DataError(f"The model already has a classification head for the classes {have}, not "
+                                f"{list(classes)}; start from the language model it was fine-tuned from.")
+            return model
         # Seeded apart from the training RNG, so every process and every rebuild makes the same head.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.spec.seed)
@@ -343,6 +356,7 @@ class ClassificationTask(Task):
 
         # A new head always trains, whatever [finetune] freezes (it starts random).
         model.out_head = mark_trainable(head.to(model.tok_emb.weight.device))
+        model.__dict__[HEAD_ATTR] = list(classes)
         return model
 
     def inputs(self, batch: torch.Tensor) -> torch.Tensor:
