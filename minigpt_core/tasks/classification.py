@@ -124,8 +124,19 @@ def _read_hf(cs: ClassificationSpec) -> list[tuple[str, str]]:
         import datasets
     except ImportError:
         raise DataError("classification.hf_dataset needs the `datasets` package: pip install datasets") from None
+    local = Path(cs.hf_dataset).expanduser()
     try:
-        ds = datasets.load_dataset(cs.hf_dataset, split=cs.hf_split)
+        if (local / "state.json").is_file() or (local / "dataset_dict.json").is_file():
+            ds = datasets.load_from_disk(str(local))  # written by save_to_disk, which load_dataset refuses
+            if isinstance(ds, datasets.DatasetDict):
+                if cs.hf_split not in ds:
+                    raise DataError(f"classification.hf_split = {cs.hf_split!r} is not a split of the dataset "
+                                    f"{cs.hf_dataset!r}: it has {sorted(ds)}.")
+                ds = ds[cs.hf_split]
+        else:
+            ds = datasets.load_dataset(cs.hf_dataset, split=cs.hf_split)
+    except DataError:
+        raise
     except Exception as exc:  # offline, unknown name, bad split: datasets raises many kinds
         raise DataError(f"classification.hf_dataset = {cs.hf_dataset!r} (split {cs.hf_split!r}) could not be "
                         f"loaded: {type(exc).__name__}: {exc}. Use a local dataset directory or a file "
