@@ -74,6 +74,32 @@ def test_frozen_parameters_of_a_classifier_are_bitwise_unchanged_after_training(
         assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in saved.items() if k.endswith(".lora.B"))
 
 
+@pytest.mark.parametrize("adapter", ["book.lora", "peft.lora"])
+def test_lora_on_a_classifier_and_its_new_head_leaves_its_outputs_unchanged_at_init_and_merges_exactly(tmp_path,
+                                                                                                     adapter):
+    from minigpt_core.finetune import apply_finetune, plain_model
+
+    raw = _spec(tmp_path, tmp_path / "unused.csv", {"classes": ["a", "b", "c"]},
+                finetune={"adapter": {"name": adapter, "params": {"rank": 2, "alpha": 4.0,
+                                                                  "targets": ["trf_blocks.*", "out_head"]}}})
+    spec = parse_spec(raw)
+    model = build_task_model(spec).eval()  # the untied class head may be adapted too (the book's appendix E)
+    idx = torch.randint(0, 92, (3, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(idx)
+        info = apply_finetune(model, spec)
+        assert "out_head" in info.adapter_names and torch.equal(model(idx), before)
+        for n, p in model.named_parameters():
+            if "lora" in n.lower():  # a trained adapter
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.2)
+        unmerged = model(idx)
+        assert unmerged.shape == (3, 12, 3) and (unmerged - before).abs().max() > 1e-2
+        info.adapter.merge(model)
+        assert (model(idx) - unmerged).abs().max() <= 1e-5
+        info.adapter.unmerge(model)
+        assert (plain_model(model)(idx) - unmerged).abs().max() <= 1e-5
+
+
 def test_a_classifiers_trainable_counts_equal_a_hand_count_in_the_run_and_in_summary(tmp_path, capsys):
     data = _easy_set(tmp_path / "data.csv", n=30)
     cases = {"book": ({"trainable": "book"}, BLOCK + FINAL_NORM + HEAD, 2 * BLOCK + FINAL_NORM + EMB + HEAD),
