@@ -336,6 +336,7 @@ def check_compiles(s: Subject) -> None:
     # The "eager" backend runs dynamo's tracing and guards (where graph breaks and recompiles come
     # from) without inductor's code generation, which takes seconds even at these sizes.
     import torch._dynamo
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
     module = s.build_module().train()
     eager = s.build_module().train()  # the same weights (same seed), never compiled
@@ -360,7 +361,7 @@ def check_compiles(s: Subject) -> None:
     try:
         try:
             got, grads = step(compiled, module)
-        except torch._dynamo.exc.Unsupported as exc:
+        except (torch._dynamo.exc.TorchDynamoException, GuardOnDataDependentSymNode) as exc:
             raise s.fail(f"torch.compile(fullgraph=True) cannot trace it in one graph: {_brief(exc)}. Fix the "
                          f"graph break, or declare not_compilable='<why>' when registering it") from None
         want, want_grads = step(eager, eager)

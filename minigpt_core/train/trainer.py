@@ -808,7 +808,7 @@ class Trainer:
                     if not window_tokens:  # only the compiling step since the last log: no steady speed yet
                         del metrics["train/tokens_per_s"], metrics["train/mfu"]
                     if self.compile_seconds is not None and self.step == self._compile_step:
-                        metrics["compile/seconds"] = self.compile_seconds
+                        metrics["compile/seconds"] = round(self.compile_seconds, 3)
                     if "aux_loss" in stats:
                         metrics["train/aux_loss"] = self.env.mean(stats["aux_loss"]).item()
                     if math.isfinite(loss):
