@@ -372,7 +372,10 @@ def check_compiles(s: Subject) -> None:
             _expect_close(s, grads[name], g, f"compiled, the gradient of '{name}'")
         first = compiled_graphs()
         when = "at the second training step"
-        with torch.compiler.set_stance("fail_on_recompile"):
+        # set_stance names the failed guard (torch >= 2.6); older versions have the config flag.
+        no_recompiles = torch.compiler.set_stance("fail_on_recompile") if hasattr(torch.compiler, "set_stance") \
+            else torch._dynamo.config.patch(error_on_recompile=True)
+        with no_recompiles:
             try:
                 step(compiled, module)
                 when = "after an eval-mode pass (as the trainer's evaluation runs the plain module)"
