@@ -75,7 +75,8 @@ def test_compiles_check_catches_a_recompile_at_every_step(third_party):
 
 def test_a_component_declaring_it_cannot_compile_is_refused_by_train_compile(third_party, tmp_path):
     assert _compiles(third_party, "thirdparty.declared").status == "pass"  # the check verified the refusal
-    raw = tiny_spec_data(tmp_path, model={**tiny_spec_data(tmp_path)["model"], "norm": {"name": "thirdparty.declared"}})
+    raw = tiny_spec_data(tmp_path)
+    raw["model"]["norm"] = {"name": "thirdparty.declared"}
     parse_spec(raw, registry=third_party)  # without train.compile it is fine
     raw["train"]["compile"] = True
     with pytest.raises(SpecError) as err:
