@@ -106,7 +106,9 @@ class PluginRegistrar:
         from ``CAPABILITIES``: promises the core relies on and the conformance checks verify),
         ``check(model_spec, params)`` (raise ValueError for a combination that cannot work; it
         runs when a spec is validated, before anything is built), ``not_for_lm`` (why a language
-        model must not use it: a spec naming it is refused) and ``expected_failures``
+        model must not use it: a spec naming it is refused), ``not_compilable`` (why
+        ``torch.compile`` cannot compile it: a spec with ``train.compile = true`` is refused with
+        that reason; the ``compiles`` check verifies either way) and ``expected_failures``
         (``{check name: reason}``: conformance checks it is known to fail; they still run, and
         one that starts passing is reported).
         """

@@ -120,7 +120,7 @@ def _components(args) -> int:
             "capabilities": sorted(e.capabilities), "plugin": e.plugin,
             "distribution": e.distribution, "version": e.version,
             "params": e.params.model_json_schema().get("properties", {}),
-            "not_for_lm": e.not_for_lm,
+            "not_for_lm": e.not_for_lm, "not_compilable": e.not_compilable,
         } for e in entries], indent=2))
         return 0
     if not entries:
@@ -140,6 +140,8 @@ def _components(args) -> int:
             print(f"      params: {shown}")
         if e.not_for_lm:
             print(f"      NOT FOR LANGUAGE MODELS: {e.not_for_lm.split(':')[0]}")
+        if e.not_compilable:
+            print(f"      NOT COMPILABLE (train.compile): {e.not_compilable}")
         print(f"      from: {e.source}")
     for u in absent:
         print(f"\n  {u.name} ({u.kind}) UNAVAILABLE: {u.reason} [plugin {u.plugin}]")

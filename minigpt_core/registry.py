@@ -75,6 +75,8 @@ class ComponentEntry:
     not_for_lm: str | None = None
     # Conformance checks this component is known to fail: check name -> reason.
     expected_failures: Mapping[str, str] = field(default_factory=dict)
+    # Why torch.compile cannot compile it (train.compile is then refused); None when it can.
+    not_compilable: str | None = None
 
     @property
     def source(self) -> str:
@@ -128,6 +130,7 @@ class ComponentRegistry:
         check: Callable[[Any, BaseModel], None] | None = None,
         not_for_lm: str | None = None,
         expected_failures: Mapping[str, str] | None = None,
+        not_compilable: str | None = None,
         plugin: str = "<local>",
         distribution: str | None = None,
         version: str | None = None,
@@ -136,7 +139,7 @@ class ComponentRegistry:
         entry = make_entry(
             kind, name, factory, params=params, description=description, capabilities=capabilities,
             check=check, not_for_lm=not_for_lm, expected_failures=expected_failures,
-            plugin=plugin, distribution=distribution, version=version,
+            not_compilable=not_compilable, plugin=plugin, distribution=distribution, version=version,
         )
         self._insert(entry)
         return entry
@@ -207,6 +210,7 @@ def make_entry(
     check: Callable[[Any, BaseModel], None] | None = None,
     not_for_lm: str | None = None,
     expected_failures: Mapping[str, str] | None = None,
+    not_compilable: str | None = None,
     plugin: str,
     distribution: str | None = None,
     version: str | None = None,
@@ -231,9 +235,11 @@ def make_entry(
     description = " ".join(description.split())
     if not description:
         raise ValueError(f"component {name!r} needs a one-line description")
+    if not_compilable is not None and not str(not_compilable).strip():
+        raise ValueError(f"not_compilable for {name!r} must say why torch.compile cannot compile it")
     return ComponentEntry(
         kind=kind, name=name, factory=factory, params=params, description=description,
         plugin=plugin, distribution=distribution, version=version,
         capabilities=frozenset(capabilities), check=check, not_for_lm=not_for_lm,
-        expected_failures=dict(expected_failures or {}),
+        expected_failures=dict(expected_failures or {}), not_compilable=not_compilable,
     )

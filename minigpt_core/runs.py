@@ -95,6 +95,8 @@ class RunSummary:
     train_time_s: float | None = None  # seconds spent in training sessions (a resumed run's pauses left out)
     killed: bool = False  # interrupted without a word: no end event and no live lock (SIGKILL, power cut)
     holder: dict[str, Any] | None = None  # a running run's lock holder: pid, host, started
+    compile_s: float | None = None  # train.compile: the last session's first (compiling) step, in seconds
+    recompiles: int | None = None  # train.compile: recompilations after that step (0 is right)
 
     @property
     def wall_time_s(self) -> float | None:
@@ -132,6 +134,10 @@ def summarize_run(run_dir: str | Path, records: list[dict[str, Any]] | None = No
                 out.total_steps = r["total_steps"]
             if isinstance(r.get("step"), int):
                 out.steps = max(out.steps, r["step"])
+            if isinstance(r.get("compile_seconds"), (int, float)):
+                out.compile_s = float(r["compile_seconds"])
+            if isinstance(r.get("recompiles"), int):
+                out.recompiles = r["recompiles"]
             continue
         step = r.get("step")
         if isinstance(step, int):

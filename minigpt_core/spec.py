@@ -638,6 +638,12 @@ def iter_slots(node: BaseModel, prefix: tuple[str, ...] = ()):
             yield from iter_slots(value, prefix + (fname,))
 
 
+def compile_refusal(entry: ComponentEntry) -> str:
+    """Why a spec with train.compile = true cannot use ``entry`` (which declares ``not_compilable``)."""
+    return (f"'{entry.name}' cannot be compiled with torch.compile: {entry.not_compilable}. Set "
+            f"train.compile = false, or choose another {entry.kind} component")
+
+
 def resolve_components(spec: ExperimentSpec | ModelSpec, registry: ComponentRegistry | None = None,
                        source: str | None = None, *, entries: Mapping[tuple[str, str], ComponentEntry] | None = None,
                        for_lm: bool = True) -> dict[str, ResolvedComponent]:
@@ -673,6 +679,9 @@ def resolve_components(spec: ExperimentSpec | ModelSpec, registry: ComponentRegi
         if entry.not_for_lm and for_lm:
             problems.append((_path(path + ("name",)),
                              f"'{entry.name}' cannot be used in a language model: {entry.not_for_lm}"))
+            continue
+        if entry.not_compilable and not is_model and spec.train.compile:
+            problems.append((_path(path + ("name",)), compile_refusal(entry)))
             continue
         if entry.check is not None:
             try:

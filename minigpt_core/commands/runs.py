@@ -103,6 +103,7 @@ def _run_json(run_dir: Path, summary, changes: dict[str, Any]) -> dict[str, Any]
             "final_val_loss": summary.final_val_loss, "best_val_loss": summary.best_val_loss,
             "final_train_loss": summary.final_train_loss, "tokens_per_s": summary.tokens_per_s,
             "peak_memory_mb": summary.peak_memory_mb, "train_time_s": summary.train_time_s,
+            "compile_s": summary.compile_s, "recompiles": summary.recompiles,
             "error": summary.error, "killed": summary.killed, "holder": summary.holder, "differs": changes}
 
 

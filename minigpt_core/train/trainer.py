@@ -37,6 +37,7 @@ from ..spec import ExperimentSpec, dump_spec, parse_spec
 from ..summary import summarize
 from .device import autocast, make_grad_scaler, select_device, set_deterministic
 from .distributed import DistEnv, gradient_sync, init_distributed, shutdown, wrap_model
+from .compile import compiled_graphs
 from .evaluate import eval_windows, evaluate, lm_loss
 from .flops import PRECISION_DTYPES, measure_matmul_peak, mfu
 from .loggers import METRICS_FILE, ConsoleLogger, JsonlLogger, Logger, MultiLogger, WandbLogger, wandb_mode
@@ -420,7 +421,9 @@ class Trainer:
         self.model = model.to(self.device)  # the plain GPT: checkpoints, evaluation, sampling
         self.wrapped = wrap_model(model, t.strategy, self.env, self.device)
         self.fsdp = self.env.enabled and t.strategy == "fsdp"
+        # Only the training forward is compiled: evaluation and sampling use self.model (train/compile.py).
         self.forward = torch.compile(self.wrapped) if t.compile else self.wrapped
+        self.compile_seconds: float | None = None  # the first step's time when compiled
         self.optimizer = build_optimizer(self.model, t, self.device)
         self.scaler = make_grad_scaler(self.device, t.precision)
         self.sampler = BatchSampler(len(split.train), t.batch_size, seed=spec.seed, shuffle=spec.data.shuffle,
@@ -779,12 +782,18 @@ class Trainer:
                          disable=not (self.progress and self.env.is_main), file=sys.stderr, mininterval=1.0)
         last_saved = self.step if self.loaded and self.parent is None else None
         window_start, window_tokens, paused = time.perf_counter(), 0, 0.0
+        compiling = t.compile  # this process's first step compiles the model: timed apart from the speed
         try:
             while self.step < self.total_steps:
                 if self.env.any(self._stop, self.device):
                     break
                 stats = self.train_step()
-                window_tokens += self.tokens_per_step
+                if compiling:
+                    compiling = False
+                    self._compiled(stats, window_start)
+                    window_start, paused = time.perf_counter(), 0.0
+                else:
+                    window_tokens += self.tokens_per_step
                 self._bar.update(1)
                 metrics: dict[str, float] = {}
                 if self._due(t.log_every):
@@ -796,6 +805,10 @@ class Trainer:
                                "train/epoch": self.sampler.epoch,
                                "train/mfu": mfu(self.flops_per_token, tok_s, self.peak_flops * self.env.world_size),
                                "train/peak_memory_mb": _peak_memory_mb(self.device)}
+                    if not window_tokens:  # only the compiling step since the last log: no steady speed yet
+                        del metrics["train/tokens_per_s"], metrics["train/mfu"]
+                    if self.compile_seconds is not None and self.step == self._compile_step:
+                        metrics["compile/seconds"] = round(self.compile_seconds, 3)
                     if "aux_loss" in stats:
                         metrics["train/aux_loss"] = self.env.mean(stats["aux_loss"]).item()
                     if math.isfinite(loss):
@@ -832,12 +845,13 @@ class Trainer:
             if interrupted and last_saved != self.step:
                 self.write(f"interrupted: saving a checkpoint at step {self.step}")
                 self.save()
+            compiled = self._recompiles_note()
             if self.env.is_main and hasattr(self, "jsonl"):
                 if interrupted:
-                    self.jsonl.event(self.step, event="interrupted", total_steps=self.total_steps)
+                    self.jsonl.event(self.step, event="interrupted", total_steps=self.total_steps, **compiled)
                 else:
                     self.jsonl.event(self.step, event="finished", total_steps=self.total_steps,
-                                     val_loss=self.last_val, best_val_loss=self.best_val)
+                                     val_loss=self.last_val, best_val_loss=self.best_val, **compiled)
         except OSError as exc:
             if exc.errno not in NO_SPACE:
                 self._record_failure(exc)
@@ -857,6 +871,29 @@ class Trainer:
                 self._close_console()
                 self._release()
         return self._result(interrupted)
+
+    # -- torch.compile ------------------------------------------------------------------------------
+    def _compiled(self, stats: dict[str, Any], start: float) -> None:
+        """After the first (compiling) step: its time is the compile time, reported on its own."""
+        float(stats["loss"])  # wait for the device, so the time is the step's
+        self.compile_seconds = time.perf_counter() - start
+        self._compile_step = self.step
+        self._graphs_after_warmup = compiled_graphs()
+        self.write(f"compile: the first step took {self.compile_seconds:.1f} s with torch.compile; tokens/s "
+                   f"leaves it out")
+        if self.env.is_main and hasattr(self, "jsonl"):
+            self.jsonl.event(self.step, event="compiled", compile_seconds=round(self.compile_seconds, 3))
+
+    def _recompiles_note(self) -> dict[str, Any]:
+        """compile_seconds and the recompilations after the first step, for the run's end event
+        (and a warning when there were any: each costs about the first step's time again)."""
+        if self.compile_seconds is None:
+            return {}
+        recompiles = compiled_graphs() - self._graphs_after_warmup
+        if recompiles:
+            self.write(f"warning: torch.compile recompiled {recompiles} time(s) after the first step; run with "
+                       f"TORCH_LOGS=recompiles to see why")
+        return {"compile_seconds": round(self.compile_seconds, 3), "recompiles": recompiles}
 
     def describe(self) -> str:
         from ..cli import describe_components

@@ -111,9 +111,10 @@ class MoEFeedForward(nn.Module):
             gate = gate / gate.sum(dim=-1, keepdim=True)
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
+            # No branch on how many tokens an expert got: an expert with none adds nothing, and
+            # torch.compile can keep the count symbolic instead of breaking the graph on it.
             token, slot = (chosen == e).nonzero(as_tuple=True)
-            if token.numel():
-                out.index_add_(0, token, expert(flat[token]) * gate[token, slot, None].to(x.dtype))
+            out.index_add_(0, token, expert(flat[token]) * gate[token, slot, None].to(x.dtype))
         load = F.one_hot(chosen, self.n_experts).float().mean(dim=(0, 1))  # f_e, sums to 1
         self.aux_loss = self.aux_loss_weight * self.n_experts * (load * probs.mean(dim=0)).sum()
         return out.view(b, t, c)
