@@ -176,10 +176,12 @@ def check_plugin_files(directory: str | Path, data: dict[str, Any],
 
 
 def save_model(model: torch.nn.Module, spec: ExperimentSpec, directory: str | Path,
-               meta: dict[str, Any] | None = None, state: dict[str, torch.Tensor] | None = None) -> Path:
+               meta: dict[str, Any] | None = None, state: dict[str, torch.Tensor] | None = None,
+               weights_file: bool = True) -> Path:
     """Write weights, spec and metadata into ``directory`` (created if needed).
 
     ``state``: the weights to write instead of ``model.state_dict()`` (see model_state_for_saving).
+    ``weights_file=False``: spec and metadata only (a sharded checkpoint's processes write the weights).
     """
     from safetensors.torch import save
 
@@ -187,7 +189,7 @@ def save_model(model: torch.nn.Module, spec: ExperimentSpec, directory: str | Pa
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    weights = save(model_state_for_saving(model, state))
+    weights = save(model_state_for_saving(model, state)) if weights_file else None
     spec_bytes = dump_spec(spec).encode("utf-8")
     if spec.plugins:
         meta = {"local_plugins": _local_plugin_record(spec), **(meta or {})}
@@ -195,10 +197,11 @@ def save_model(model: torch.nn.Module, spec: ExperimentSpec, directory: str | Pa
     # checkpoints that have no trainer.json (e.g. written by import-hf).
     full_meta = {"minigpt_version": __version__, "torch_version": torch.__version__,
                  "plugins": plugin_versions(spec.registry), **(meta or {}),
-                 "sha256": {WEIGHTS_FILE: hashlib.sha256(weights).hexdigest(),
-                            SPEC_FILE: hashlib.sha256(spec_bytes).hexdigest()}}
-    # Weights first, metadata last: a directory whose meta.json exists is complete.
-    atomic_write_bytes(directory / WEIGHTS_FILE, weights)
+                 "sha256": {SPEC_FILE: hashlib.sha256(spec_bytes).hexdigest()}}
+    if weights is not None:
+        full_meta["sha256"] = {WEIGHTS_FILE: hashlib.sha256(weights).hexdigest(), **full_meta["sha256"]}
+        # Weights first, metadata last: a directory whose meta.json exists is complete.
+        atomic_write_bytes(directory / WEIGHTS_FILE, weights)
     atomic_write_bytes(directory / SPEC_FILE, spec_bytes)
     atomic_write_bytes(directory / META_FILE, json.dumps(full_meta, indent=2).encode("utf-8"))
     return directory
