@@ -40,6 +40,8 @@ __all__ = [
     "model_state_for_saving",
     "load_model_state",
     "check_plugin_files",
+    "shard_file",
+    "load_checkpoint_weights",
 ]
 
 WEIGHTS_FILE = "model.safetensors"
@@ -296,6 +298,33 @@ def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
+def shard_file(kind: str, rank: int, world_size: int) -> str:
+    """``kind`` ("model" or "optimizer") shard file of process ``rank`` in a sharded training checkpoint."""
+    return f"{kind}-shard-{rank:05d}-of-{world_size:05d}.safetensors"
+
+
+def load_checkpoint_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """``model.safetensors``; for a sharded training checkpoint (train.sharded_checkpoint), the full
+    tensors put together from every process's hash-checked shard file (FSDP2 splits along dim 0)."""
+    if not (directory / WEIGHTS_FILE).is_file():
+        try:
+            trainer = json.loads((directory / "trainer.json").read_text(encoding="utf-8"))
+            record, hashes = trainer.get("sharded"), trainer["sha256"]
+            names = [shard_file("model", r, int(record["world_size"])) for r in range(int(record["world_size"]))]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            record = None
+        if record:
+            verify_files(directory, hashes, tuple(names), "trainer.json")
+            parts = [load_weights_file(directory / name) for name in names]
+            try:
+                return {k: torch.cat([p[k] for p in parts]) if v["sharded"] else parts[0][k]
+                        for k, v in record["layout"].items()}
+            except (KeyError, TypeError, RuntimeError) as exc:
+                raise CheckpointError(f"The shard files of {directory} do not fit together ({exc}); use another "
+                                      f"checkpoint of the run.") from None
+    return load_weights_file(directory / WEIGHTS_FILE)
+
+
 def load_model(directory: str | Path, registry: ComponentRegistry | None = None,
                map_location: str | torch.device = "cpu") -> tuple[GPT, ExperimentSpec]:
     """Rebuild the model from ``spec.toml`` and load ``model.safetensors`` into it.
@@ -311,7 +340,7 @@ def load_model(directory: str | Path, registry: ComponentRegistry | None = None,
     meta = read_meta(directory)
     _verify_model_files(directory, meta)
     spec = load_spec_from_checkpoint(directory, registry)
-    state = load_weights_file(directory / WEIGHTS_FILE)
+    state = load_checkpoint_weights(directory)
     from .finetune import finetune_active, plain_model, restore_finetuned
     from .tasks import build_task_model
 

@@ -63,6 +63,7 @@ class _Recorder(TorchDispatchMode):
         self.logs: dict[int, list[tuple]] = {}  # meta parameter storage -> ops (see materialise)
         self.unwritten: set[int] = set()  # CPU storages made by torch.empty and not written since
         self.error: str | None = None
+        self.names: dict[str, int] = {}  # parameter name -> its storage key (remember_names)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -98,18 +99,12 @@ class _Recorder(TorchDispatchMode):
     def register(self, param: torch.Tensor) -> torch.Tensor:
         """The meta twin of a parameter being registered; its value kept if it has one."""
         initial = None if _key(param) in self.unwritten else param.detach()
-        with _paused(self):
+        from torch.utils._python_dispatch import _pop_mode_temporarily
+
+        with _pop_mode_temporarily():
             meta = param.detach().to("meta")
         self.logs[_key(meta)] = [] if initial is None else [("value", initial)]
         return meta
-
-
-@contextlib.contextmanager
-def _paused(mode: TorchDispatchMode):
-    from torch.utils._python_dispatch import _pop_mode_temporarily
-
-    with _pop_mode_temporarily():
-        yield
 
 
 @contextlib.contextmanager
@@ -193,7 +188,7 @@ def materialise(model: nn.Module, recorder: _Recorder, device: torch.device) -> 
     rng = torch.get_rng_state()
     try:
         for name, param in model.named_parameters():
-            log = recorder.logs.get(_key_of_meta(recorder, name))
+            log = recorder.logs.get(recorder.names[name])
             if not log or log[0][0] != "value" and not _overwrites(log[0]):
                 raise MinigptError(
                     f"train.meta_init cannot reproduce the initial value of {name}: it was created with "
@@ -205,14 +200,9 @@ def materialise(model: nn.Module, recorder: _Recorder, device: torch.device) -> 
         torch.set_rng_state(rng)
 
 
-def _key_of_meta(recorder: _Recorder, name: str) -> int:
-    return recorder.names[name]
-
-
 def _overwrites(entry: tuple) -> bool:
-    func, view, rest, _, rng = entry
-    name = _op_name(func)
-    return rng is not None or name in {"fill_", "zero_"}
+    func, _, _, _, rng = entry
+    return rng is not None or _op_name(func) in {"fill_", "zero_"}
 
 
 def _replay(log: list[tuple], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

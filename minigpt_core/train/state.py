@@ -42,6 +42,7 @@ from ..checkpoint import (
     file_sha256,
     load_weights_file,
     save_model,
+    shard_file,
     verify_files,
 )
 from .._disk import NO_SPACE as _NO_SPACE
@@ -108,11 +109,6 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, 
 
 
 # -- writing -------------------------------------------------------------------------------
-def shard_file(kind: str, rank: int, world_size: int) -> str:
-    """``kind`` ("model" or "optimizer") shard file of process ``rank`` in a sharded checkpoint."""
-    return f"{kind}-shard-{rank:05d}-of-{world_size:05d}.safetensors"
-
-
 def begin_checkpoint(root: Path, step: int) -> Path:
     """The temporary directory that checkpoint ``step`` is written into (by several processes when
     sharded); :func:`save_checkpoint` with ``tmp=`` completes it, or removes it on failure."""
