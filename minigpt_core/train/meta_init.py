@@ -240,14 +240,12 @@ def build_meta_model(spec) -> tuple[nn.Module, _Recorder]:
 # -- sharded checkpoints ----------------------------------------------------------------------
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state a sharded checkpoint stores: a tied tensor once, causal masks (rebuilt from the spec) not."""
-    seen: set[int] = set()
-    out = {}
-    for k, v in model.state_dict().items():
-        if id(v) in seen or k.endswith(".mask"):
-            continue
-        seen.add(id(v))
-        out[k] = v
-    return out
+    first: dict[int, str] = {}
+    aliases = set()  # the state dict gives a tied parameter under each of its names
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(p), name) != name:
+            aliases.add(name)
+    return {k: v for k, v in model.state_dict().items() if k not in aliases and not k.endswith(".mask")}
 
 
 def local_shards(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -159,6 +160,7 @@ RESUME_SAFE_FIELDS = (
     "train.log_every", "train.keep_last", "train.keep_best", "train.threads", "train.device", "train.compile",
     "train.out_dir", "train.peak_flops", "train.sample_prompt", "train.sample_tokens", "train.sample_temperature",
     "train.sample_top_k", "train.log_attention_every", "train.attention_prompt", "data.cache_dir", "data.workers", "description", "wandb.*",
+    "train.meta_init", "train.sharded_checkpoint",  # how the model is built and saved, not what it learns
 )
 _UNSET = object()
 
@@ -476,16 +478,21 @@ class Trainer:
             raise CheckpointError(
                 f"{self.loaded.directory} is a sharded checkpoint: resume it under torchrun with "
                 f"train.strategy = \"fsdp\" and {self.loaded.trainer['sharded']['world_size']} processes.")
-        if not (fsdp and (sharded or spec.train.meta_init and self.loaded is None)):
+        t = spec.train
+        if not fsdp:
             return False
         from ..finetune import finetune_active
 
-        if spec.task != "lm" or finetune_active(spec) or (spec.init_from is not None and self.loaded is None):
+        if (sharded or t.meta_init or t.sharded_checkpoint) and (spec.task != "lm" or finetune_active(spec)):
             raise MinigptError(
-                "train.meta_init and train.sharded_checkpoint build a language model from its spec, shard by "
-                "shard; this run starts from init_from, fine-tunes ([finetune]) or trains a task head. Drop "
-                "train.meta_init / train.sharded_checkpoint for it.")
-        return True
+                "train.meta_init and train.sharded_checkpoint work on a language model built from its spec; this "
+                "run fine-tunes ([finetune]) or trains a task head. Drop train.meta_init and "
+                "train.sharded_checkpoint for it (FSDP then gathers the full state for each checkpoint).")
+        if t.meta_init and spec.init_from is not None and self.loaded is None:
+            raise MinigptError(
+                f"train.meta_init initialises a new model shard by shard, but this run loads its weights from "
+                f"init_from ({spec.init_from}). Drop train.meta_init, or init_from to train from scratch.")
+        return sharded or t.meta_init and self.loaded is None
 
     @staticmethod
     def _saved_spec_data(ckpt: Path) -> dict[str, Any]:
@@ -561,7 +568,7 @@ class Trainer:
         try:
             self.sampler.load_state_dict(tr["sampler"])
             osd = loaded.optimizer_state
-            if self.sharded and loaded.trainer.get("sharded"):
+            if loaded.trainer.get("sharded"):  # local shards (the model was built on meta to match)
                 from .meta_init import shard_optimizer_state
 
                 osd = shard_optimizer_state(self.model, osd)
@@ -713,10 +720,27 @@ class Trainer:
             from .meta_init import local_optimizer_state, local_shards, shard_layout
 
             root = self.run_dir / CHECKPOINTS_DIR
-            tmp = self.env.broadcast(begin_checkpoint(root, self.step) if self.env.is_main else None)
-            files, rest = write_shard(tmp, self.env.rank, self.env.world_size, local_shards(self.model),
-                                      local_optimizer_state(self.model, self.optimizer))
-            shards = {"files": {k: v for part in self.env.gather(files) for k, v in part.items()},
+            try:  # a failure on any rank is raised on every rank (none waits for the others forever)
+                tmp = begin_checkpoint(root, self.step) if self.env.is_main else None
+            except OSError as exc:
+                tmp = exc
+            tmp = self.env.broadcast(tmp)
+            if isinstance(tmp, OSError):
+                raise disk_full_error(root, 0, tmp) if tmp.errno in NO_SPACE else tmp
+            local = local_shards(self.model)
+            try:
+                files, rest = write_shard(tmp, self.env.rank, self.env.world_size, local,
+                                          local_optimizer_state(self.model, self.optimizer))
+            except OSError as exc:
+                files, rest = exc, None
+            parts = self.env.gather(files)
+            failed = next((p for p in parts if isinstance(p, OSError)), None)
+            if failed is not None:
+                if self.env.is_main:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                need = 3 * sum(t.numel() * t.element_size() for t in local.values())  # weights + AdamW moments
+                raise disk_full_error(root, need, failed) if failed.errno in NO_SPACE else failed
+            shards = {"files": {k: v for part in parts for k, v in part.items()},
                       "optimizer": rest, "world_size": self.env.world_size, "layout": shard_layout(self.model)}
             model_state, optim_state = None, {"state": {}}
         else:
