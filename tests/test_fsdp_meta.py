@@ -146,3 +146,62 @@ def test_sharded_checkpoint_resumes_with_identical_losses_and_no_rank_holds_the_
     assert "2 shards" in one.stderr and "1 process(es)" in one.stderr and "Traceback" not in one.stderr
     assert "--nproc_per_node 2" in one.stderr
     assert len(runs_of(tmp_path / "runs")) == 2
+
+
+MODELS = {
+    "gpt2-tied": {},
+    "modern": {"tie_weights": False, "init": {"name": "book.pytorch_default"}, "norm": {"name": "modern.rmsnorm"},
+               "attention": {"name": "modern.rope"}, "positional": {"name": "modern.none"},
+               "feedforward": {"name": "modern.swiglu"}},
+    "alibi-dyt-parallel": {"attention": {"name": "modern.alibi"}, "positional": {"name": "modern.none"},
+                           "norm": {"name": "modern.dyt"}, "block": {"name": "modern.parallel"}},
+    "moe-sinusoidal": {"feedforward": {"name": "modern.moe", "params": {"n_experts": 2, "top_k": 1}},
+                       "positional": {"name": "modern.sinusoidal"}, "init": {"name": "book.pytorch_default"}},
+    "torch-mha": {"attention": {"name": "torch.mha"}, "norm": {"name": "torch.layernorm"}},
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_recorded_build_replays_to_the_plain_build(tmp_path, name):
+    # One process (no sharding): the replay alone, over many components' constructors and inits.
+    import torch
+
+    from minigpt_core import parse_spec
+    from minigpt_core.model import build_model
+    from minigpt_core.train.meta_init import build_meta_model, materialise
+    from training_utils import tiny_spec_data
+
+    spec = parse_spec(tiny_spec_data(tmp_path, model=MODELS[name]))
+    plain = build_model(spec)
+    after_plain = torch.rand(4)
+    model, recorder = build_meta_model(spec)
+    assert all(p.is_meta for p in model.parameters())
+    assert torch.equal(torch.rand(4), after_plain)  # the generator advanced as the plain build advances it
+    materialise(model, recorder, torch.device("cpu"))
+    ref, got = plain.state_dict(), model.state_dict()
+    assert list(got) == list(ref)
+    assert [k for k in ref if not torch.equal(got[k], ref[k])] == []
+    assert (model.out_head.weight is model.tok_emb.weight) == spec.model.tie_weights
+
+
+def test_meta_init_refuses_what_it_cannot_replay_and_needs_fsdp(tmp_path):
+    import torch
+    from torch import nn
+
+    from minigpt_core import parse_spec
+    from minigpt_core.errors import MinigptError
+    from minigpt_core.train.meta_init import record_meta_build
+    from training_utils import tiny_spec_data
+
+    with pytest.raises(MinigptError, match="trunc_normal_"):
+        with record_meta_build():
+            nn.init.trunc_normal_(nn.Linear(4, 4).weight)
+    with pytest.raises(MinigptError, match="reads another tensor"):
+        with record_meta_build():
+            lin = nn.Linear(4, 4)
+            with torch.no_grad():
+                lin.weight.copy_(torch.ones(4, 4))
+    assert nn.Module.register_parameter.__qualname__ == "Module.register_parameter"  # restored
+    for option in ("meta_init", "sharded_checkpoint"):
+        with pytest.raises(MinigptError, match=f'{option} shards the model with FSDP2: set strategy = "fsdp"'):
+            parse_spec(tiny_spec_data(tmp_path, train={option: True}))
