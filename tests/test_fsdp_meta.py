@@ -181,6 +181,8 @@ def test_recorded_build_replays_to_the_plain_build(tmp_path, name):
     ref, got = plain.state_dict(), model.state_dict()
     assert list(got) == list(ref)
     assert [k for k in ref if not torch.equal(got[k], ref[k])] == []
+    buffers = dict(plain.named_buffers())  # also the tables kept out of the state dict (RoPE, sinusoidal)
+    assert [k for k, b in model.named_buffers() if not torch.equal(b, buffers[k])] == []
     assert (model.out_head.weight is model.tok_emb.weight) == spec.model.tie_weights
 
 
