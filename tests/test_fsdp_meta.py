@@ -99,6 +99,7 @@ def test_sharded_checkpoint_resumes_with_identical_losses_and_no_rank_holds_the_
     from safetensors.torch import load_file
 
     from minigpt_core.checkpoint import load_model
+    from minigpt_core.finetune import base_record
 
     spec = write_spec(tmp_path, train={"max_steps": 4, "save_every": 2, "eval_every": 2, "strategy": "fsdp",
                                        "meta_init": True, "sharded_checkpoint": True, "log_every": 1,
@@ -139,6 +140,7 @@ def test_sharded_checkpoint_resumes_with_identical_losses_and_no_rank_holds_the_
     # sample / eval / init_from load a sharded checkpoint whole in one process, from its shards
     model, _ = load_model(run / "checkpoints" / "step_00000004")
     assert model.tok_emb.weight.shape == (128, 32) and model.out_head.weight is model.tok_emb.weight
+    assert len(base_record(str(run / "checkpoints" / "step_00000004"))["sha256"]) == 64  # a fine-tune's base
 
     # another number of processes: a clear error, nothing written
     one = run_minigpt("train", spec, "--resume", run, "--no-progress")
