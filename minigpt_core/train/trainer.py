@@ -704,6 +704,36 @@ class Trainer:
         if paths:
             self.loggers.log_images(self.step, {f"attention/layer-{i}": p for i, p in enumerate(paths)})
 
+    def _write_shards(self) -> tuple[Path, dict[str, Any]]:
+        """Every rank writes its own shard files into the checkpoint directory rank 0 begins (nothing
+        is gathered); returns that directory and the record save_checkpoint completes it with."""
+        from .meta_init import local_optimizer_state, local_shards, shard_layout
+
+        root = self.run_dir / CHECKPOINTS_DIR
+        try:  # a failure on any rank is raised on every rank (none waits for the others forever)
+            tmp = begin_checkpoint(root, self.step) if self.env.is_main else None
+        except OSError as exc:
+            tmp = exc
+        tmp = self.env.broadcast(tmp)
+        if isinstance(tmp, OSError):
+            raise disk_full_error(root, 0, tmp) if tmp.errno in NO_SPACE else tmp
+        local = local_shards(self.model)
+        try:
+            files, rest = write_shard(tmp, self.env.rank, self.env.world_size, local,
+                                      local_optimizer_state(self.model, self.optimizer))
+        except OSError as exc:
+            files, rest = exc, None
+        parts = self.env.gather(files)
+        failed = next((p for p in parts if isinstance(p, OSError)), None)
+        if failed is not None:
+            if self.env.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            need = 3 * sum(t.numel() * t.element_size() for t in local.values())  # weights + AdamW moments
+            raise disk_full_error(root, need, failed) if failed.errno in NO_SPACE else failed
+        shards = {"files": {k: v for part in parts for k, v in part.items()},
+                  "optimizer": rest, "world_size": self.env.world_size, "layout": shard_layout(self.model)}
+        return tmp, shards
+
     def save(self) -> Path | None:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -717,31 +747,7 @@ class Trainer:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True) if self.fsdp else StateDictOptions()
         shards = tmp = None
         if self.sharded:
-            from .meta_init import local_optimizer_state, local_shards, shard_layout
-
-            root = self.run_dir / CHECKPOINTS_DIR
-            try:  # a failure on any rank is raised on every rank (none waits for the others forever)
-                tmp = begin_checkpoint(root, self.step) if self.env.is_main else None
-            except OSError as exc:
-                tmp = exc
-            tmp = self.env.broadcast(tmp)
-            if isinstance(tmp, OSError):
-                raise disk_full_error(root, 0, tmp) if tmp.errno in NO_SPACE else tmp
-            local = local_shards(self.model)
-            try:
-                files, rest = write_shard(tmp, self.env.rank, self.env.world_size, local,
-                                          local_optimizer_state(self.model, self.optimizer))
-            except OSError as exc:
-                files, rest = exc, None
-            parts = self.env.gather(files)
-            failed = next((p for p in parts if isinstance(p, OSError)), None)
-            if failed is not None:
-                if self.env.is_main:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                need = 3 * sum(t.numel() * t.element_size() for t in local.values())  # weights + AdamW moments
-                raise disk_full_error(root, need, failed) if failed.errno in NO_SPACE else failed
-            shards = {"files": {k: v for part in parts for k, v in part.items()},
-                      "optimizer": rest, "world_size": self.env.world_size, "layout": shard_layout(self.model)}
+            tmp, shards = self._write_shards()
             model_state, optim_state = None, {"state": {}}
         else:
             model_state = get_model_state_dict(self.model, options=options) if self.fsdp else None
