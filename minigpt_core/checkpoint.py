@@ -40,6 +40,8 @@ __all__ = [
     "model_state_for_saving",
     "load_model_state",
     "check_plugin_files",
+    "shard_file",
+    "load_checkpoint_weights",
 ]
 
 WEIGHTS_FILE = "model.safetensors"
@@ -176,10 +178,12 @@ def check_plugin_files(directory: str | Path, data: dict[str, Any],
 
 
 def save_model(model: torch.nn.Module, spec: ExperimentSpec, directory: str | Path,
-               meta: dict[str, Any] | None = None, state: dict[str, torch.Tensor] | None = None) -> Path:
+               meta: dict[str, Any] | None = None, state: dict[str, torch.Tensor] | None = None,
+               weights_file: bool = True) -> Path:
     """Write weights, spec and metadata into ``directory`` (created if needed).
 
     ``state``: the weights to write instead of ``model.state_dict()`` (see model_state_for_saving).
+    ``weights_file=False``: spec and metadata only (a sharded checkpoint's processes write the weights).
     """
     from safetensors.torch import save
 
@@ -187,7 +191,7 @@ def save_model(model: torch.nn.Module, spec: ExperimentSpec, directory: str | Pa
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    weights = save(model_state_for_saving(model, state))
+    weights = save(model_state_for_saving(model, state)) if weights_file else None
     spec_bytes = dump_spec(spec).encode("utf-8")
     if spec.plugins:
         meta = {"local_plugins": _local_plugin_record(spec), **(meta or {})}
@@ -195,10 +199,11 @@ def save_model(model: torch.nn.Module, spec: ExperimentSpec, directory: str | Pa
     # checkpoints that have no trainer.json (e.g. written by import-hf).
     full_meta = {"minigpt_version": __version__, "torch_version": torch.__version__,
                  "plugins": plugin_versions(spec.registry), **(meta or {}),
-                 "sha256": {WEIGHTS_FILE: hashlib.sha256(weights).hexdigest(),
-                            SPEC_FILE: hashlib.sha256(spec_bytes).hexdigest()}}
-    # Weights first, metadata last: a directory whose meta.json exists is complete.
-    atomic_write_bytes(directory / WEIGHTS_FILE, weights)
+                 "sha256": {SPEC_FILE: hashlib.sha256(spec_bytes).hexdigest()}}
+    if weights is not None:
+        full_meta["sha256"] = {WEIGHTS_FILE: hashlib.sha256(weights).hexdigest(), **full_meta["sha256"]}
+        # Weights first, metadata last: a directory whose meta.json exists is complete.
+        atomic_write_bytes(directory / WEIGHTS_FILE, weights)
     atomic_write_bytes(directory / SPEC_FILE, spec_bytes)
     atomic_write_bytes(directory / META_FILE, json.dumps(full_meta, indent=2).encode("utf-8"))
     return directory
@@ -293,6 +298,33 @@ def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
+def shard_file(kind: str, rank: int, world_size: int) -> str:
+    """``kind`` ("model" or "optimizer") shard file of process ``rank`` in a sharded training checkpoint."""
+    return f"{kind}-shard-{rank:05d}-of-{world_size:05d}.safetensors"
+
+
+def load_checkpoint_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """``model.safetensors``; for a sharded training checkpoint (train.sharded_checkpoint), the full
+    tensors put together from every process's hash-checked shard file (FSDP2 splits along dim 0)."""
+    if not (directory / WEIGHTS_FILE).is_file():
+        try:
+            trainer = json.loads((directory / "trainer.json").read_text(encoding="utf-8"))
+            record, hashes = trainer.get("sharded"), trainer["sha256"]
+            names = [shard_file("model", r, int(record["world_size"])) for r in range(int(record["world_size"]))]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            record = None
+        if record:
+            verify_files(directory, hashes, tuple(names), "trainer.json")
+            parts = [load_weights_file(directory / name) for name in names]
+            try:
+                return {k: torch.cat([p[k] for p in parts]) if v["sharded"] else parts[0][k]
+                        for k, v in record["layout"].items()}
+            except (KeyError, TypeError, RuntimeError) as exc:
+                raise CheckpointError(f"The shard files of {directory} do not fit together ({exc}); use another "
+                                      f"checkpoint of the run.") from None
+    return load_weights_file(directory / WEIGHTS_FILE)
+
+
 def load_model(directory: str | Path, registry: ComponentRegistry | None = None,
                map_location: str | torch.device = "cpu") -> tuple[GPT, ExperimentSpec]:
     """Rebuild the model from ``spec.toml`` and load ``model.safetensors`` into it.
@@ -308,7 +340,7 @@ def load_model(directory: str | Path, registry: ComponentRegistry | None = None,
     meta = read_meta(directory)
     _verify_model_files(directory, meta)
     spec = load_spec_from_checkpoint(directory, registry)
-    state = load_weights_file(directory / WEIGHTS_FILE)
+    state = load_checkpoint_weights(directory)
     from .finetune import finetune_active, plain_model, restore_finetuned
     from .tasks import build_task_model
 

@@ -202,7 +202,9 @@ def base_record(init_from: str | None) -> dict[str, Any] | None:
 
     ckpt, _ = pick_checkpoint(init_from)
     ckpt = ckpt.resolve()
-    return {"init_from": str(ckpt), "sha256": _weights_sha256([ckpt / WEIGHTS_FILE])}
+    # a sharded training checkpoint (train.sharded_checkpoint) has one weights file per process instead
+    files = sorted(ckpt.glob("model-shard-*.safetensors")) if not (ckpt / WEIGHTS_FILE).is_file() else []
+    return {"init_from": str(ckpt), "sha256": _weights_sha256(files or [ckpt / WEIGHTS_FILE])}
 
 
 def _load_base(spec: Any, base: dict[str, Any], source: str) -> nn.Module:

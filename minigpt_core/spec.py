@@ -230,6 +230,10 @@ class TrainSpec(_Strict):
     deterministic: bool = Field(False, description="deterministic kernels only (bitwise-reproducible on CPU)")
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="with several processes (torchrun): "
                                              "DistributedDataParallel or FSDP2 fully_shard")
+    meta_init: bool = Field(False, description="FSDP: build the model on the meta device and initialise only each "
+                            "process's shard (the weights of a whole build with the same seed)")
+    sharded_checkpoint: bool = Field(False, description="FSDP: each process saves and resumes its own shard of "
+                                     "the weights and optimizer state (nothing is gathered on one process)")
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")
     log_every: int = Field(10, gt=0, description="log train metrics every N steps")
     eval_every: int = Field(200, ge=0, description="evaluate every N steps (0: only at the end)")
@@ -259,6 +263,14 @@ class TrainSpec(_Strict):
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         if self.max_steps is None and self.max_tokens is None:
             raise ValueError("set a training budget: max_steps, max_tokens or both")
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp_options(self) -> "TrainSpec":
+        for name in ("meta_init", "sharded_checkpoint"):
+            if getattr(self, name) and self.strategy != "fsdp":
+                raise ValueError(f"{name} shards the model with FSDP2: set strategy = \"fsdp\" too (and start "
+                                 f"the run with torchrun), or drop {name}")
         return self
 
 

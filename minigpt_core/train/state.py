@@ -8,6 +8,10 @@
         trainer.json                               step, tokens, data position, schedule, best
                                                    validation loss, scaler, W&B run id, optimizer
                                                    hyper-parameters, sha256 of every other file
+    With train.sharded_checkpoint (FSDP2), model.safetensors and optimizer.safetensors are replaced by
+        model-shard-RRRRR-of-NNNNN.safetensors      process R's local shard of every tensor (its own
+        optimizer-shard-RRRRR-of-NNNNN.safetensors  file, written by that process), and trainer.json's
+                                                   "sharded" record: world size, full shapes
     RUN/checkpoints/latest -> step_00000500        symlinks (where the filesystem has them)
     RUN/checkpoints/best   -> step_00000400
 
@@ -38,6 +42,7 @@ from ..checkpoint import (
     file_sha256,
     load_weights_file,
     save_model,
+    shard_file,
     verify_files,
 )
 from .._disk import NO_SPACE as _NO_SPACE
@@ -58,6 +63,9 @@ __all__ = [
     "verify_checkpoint",
     "flatten_optimizer_state",
     "unflatten_optimizer_state",
+    "begin_checkpoint",
+    "shard_file",
+    "write_shard",
 ]
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -101,26 +109,59 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, 
 
 
 # -- writing -------------------------------------------------------------------------------
+def begin_checkpoint(root: Path, step: int) -> Path:
+    """The temporary directory that checkpoint ``step`` is written into (by several processes when
+    sharded); :func:`save_checkpoint` with ``tmp=`` completes it, or removes it on failure."""
+    root.mkdir(parents=True, exist_ok=True)
+    _recover(root)
+    return Path(tempfile.mkdtemp(prefix=f".{_step_name(step)}.", suffix=".tmp", dir=root))
+
+
+def write_shard(tmp: Path, rank: int, world_size: int, model_state: dict[str, torch.Tensor],
+                optimizer_state: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
+    """This process's shard files in ``tmp``; returns {file: sha256} and the optimizer's JSON part."""
+    from safetensors.torch import save
+
+    tensors, rest = flatten_optimizer_state(optimizer_state)
+    hashes = {}
+    for kind, data in (("model", model_state), ("optimizer", tensors)):
+        name = shard_file(kind, rank, world_size)
+        atomic_write_bytes(tmp / name, save(data))
+        hashes[name] = file_sha256(tmp / name)
+    return hashes, rest
+
+
 def save_checkpoint(root: Path, step: int, *, model: torch.nn.Module, spec, model_state: dict[str, torch.Tensor],
                     optimizer_state: dict[str, Any], rng_states: list[dict[str, torch.Tensor]],
                     trainer: dict[str, Any], meta: dict[str, Any], keep_last: int = 2,
-                    best_step: int | None = None) -> Path:
-    """Write checkpoint ``step`` under ``root`` atomically, update latest/best, prune old ones."""
+                    best_step: int | None = None, tmp: Path | None = None,
+                    shards: dict[str, Any] | None = None) -> Path:
+    """Write checkpoint ``step`` under ``root`` atomically, update latest/best, prune old ones.
+
+    Sharded (``shards``: {"files": {name: sha256}, "optimizer": JSON part, "world_size", "layout"}):
+    the processes already wrote their shard files into ``tmp`` (from :func:`begin_checkpoint`);
+    ``model_state`` and ``optimizer_state`` are not used.
+    """
     from safetensors.torch import save
 
-    root.mkdir(parents=True, exist_ok=True)
     final = root / _step_name(step)
-    _recover(root)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
+    if tmp is None:
+        tmp = begin_checkpoint(root, step)
     try:
-        save_model(model, spec, tmp, meta=meta, state=model_state)
-        tensors, rest = flatten_optimizer_state(optimizer_state)
-        atomic_write_bytes(tmp / OPTIMIZER_FILE, save(tensors))
+        save_model(model, spec, tmp, meta=meta, state=model_state, weights_file=shards is None)
+        if shards is None:
+            tensors, rest = flatten_optimizer_state(optimizer_state)
+            atomic_write_bytes(tmp / OPTIMIZER_FILE, save(tensors))
+        else:
+            rest = shards["optimizer"]
         rng = {f"{kind}/{rank}": t.contiguous() for rank, states in enumerate(rng_states)
                for kind, t in states.items()}
         atomic_write_bytes(tmp / RNG_FILE, save(rng))
+        hashed = _HASHED if shards is None else (SPEC_FILE, META_FILE, RNG_FILE)
         record = {**trainer, "step": step, "optimizer": rest,
-                  "sha256": {name: file_sha256(tmp / name) for name in _HASHED}}
+                  "sha256": {**{name: file_sha256(tmp / name) for name in hashed}, **(shards or {}).get("files", {})}}
+        if shards is not None:
+            record["sharded"] = {"world_size": shards["world_size"], "layout": shards["layout"]}
         atomic_write_bytes(tmp / TRAINER_FILE, json.dumps(record, indent=1).encode("utf-8"))
         os.chmod(tmp, 0o755)
         if final.exists():  # the same step saved again (e.g. Ctrl-C right after a scheduled save)
@@ -138,7 +179,7 @@ def save_checkpoint(root: Path, step: int, *, model: torch.nn.Module, spec, mode
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
             need = sum(t.numel() * t.element_size() for t in [
-                *(model_state or model.state_dict()).values(),
+                *(model_state if model_state or shards else model.state_dict()).values(),
                 *(v for per_param in optimizer_state["state"].values() for v in per_param.values()
                   if torch.is_tensor(v))])
             raise disk_full_error(final, need, exc) from None
@@ -308,8 +349,8 @@ def _previous_hint(directory: Path) -> str:
     return ""
 
 
-def verify_checkpoint(directory: Path) -> dict[str, Any]:
-    """trainer.json, after checking every file against its recorded sha256."""
+def verify_checkpoint(directory: Path, skip: Any = None) -> dict[str, Any]:
+    """trainer.json, after checking every file against its recorded sha256 (but ``skip(name)``)."""
     path = directory / TRAINER_FILE
     try:
         trainer = json.loads(path.read_text(encoding="utf-8"))
@@ -318,20 +359,43 @@ def verify_checkpoint(directory: Path) -> dict[str, Any]:
         raise CheckpointError(f"{directory} is not a training checkpoint ({TRAINER_FILE} is missing).") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc}).") from None
-    verify_files(directory, hashes, tuple(hashes) if isinstance(hashes, dict) else (), TRAINER_FILE)
+    names = tuple(n for n in hashes if not (skip and skip(n))) if isinstance(hashes, dict) else ()
+    verify_files(directory, hashes, names, TRAINER_FILE)
     return trainer
 
 
-def load_checkpoint(directory: str | Path) -> LoadedState:
-    """Read and verify a training checkpoint; raise CheckpointError naming an intact earlier one."""
+def _sharded_world(directory: Path) -> int | None:
+    try:
+        record = json.loads((directory / TRAINER_FILE).read_text(encoding="utf-8")).get("sharded")
+        return int(record["world_size"]) if record else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # verify_checkpoint says what is wrong
+
+
+def load_checkpoint(directory: str | Path, rank: int = 0, world_size: int = 1) -> LoadedState:
+    """Read and verify a training checkpoint; raise CheckpointError naming an intact earlier one.
+
+    A sharded checkpoint: only process ``rank``'s shard files are read (and hash-checked), and
+    ``world_size`` must be the one that wrote it.
+    """
     from safetensors.torch import load_file
 
     directory = Path(directory)
+    world = _sharded_world(directory)
+    if world is not None and world != world_size:
+        raise CheckpointError(
+            f"Cannot resume from {directory}: it is a sharded checkpoint (train.sharded_checkpoint) whose "
+            f"weights and optimizer state are split into {world} shards, one per process of the run that wrote "
+            f"it, and this run has {world_size} process(es). Resume it with the same number of processes "
+            f"(torchrun --nproc_per_node {world} ... with train.strategy = \"fsdp\").")
+    mine = {shard_file(k, rank, world) for k in ("model", "optimizer")} if world else set()
     try:
-        trainer = verify_checkpoint(directory)
+        trainer = verify_checkpoint(directory, skip=lambda n: bool(world) and "-shard-" in n and n not in mine)
         meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
-        model_state = load_weights_file(directory / WEIGHTS_FILE)
-        optimizer_state = unflatten_optimizer_state(load_weights_file(directory / OPTIMIZER_FILE),
+        model_file, optim_file = (WEIGHTS_FILE, OPTIMIZER_FILE) if world is None else \
+            (shard_file("model", rank, world), shard_file("optimizer", rank, world))
+        model_state = load_weights_file(directory / model_file)
+        optimizer_state = unflatten_optimizer_state(load_weights_file(directory / optim_file),
                                                     trainer["optimizer"])
         rng: dict[int, dict[str, torch.Tensor]] = {}
         for key, t in load_file(str(directory / RNG_FILE)).items():

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -46,11 +47,13 @@ from .lock import RunLock
 from .state import (
     CHECKPOINTS_DIR,
     LoadedState,
+    begin_checkpoint,
     list_checkpoints,
     load_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
     verify_checkpoint,
+    write_shard,
 )
 
 __all__ = ["TrainResult", "Trainer", "train", "experiment_dir", "unigram_entropy", "run_spec", "BRANCH_FILE",
@@ -158,6 +161,7 @@ RESUME_SAFE_FIELDS = (
     "train.log_every", "train.keep_last", "train.keep_best", "train.threads", "train.device", "train.compile",
     "train.out_dir", "train.peak_flops", "train.sample_prompt", "train.sample_tokens", "train.sample_temperature",
     "train.sample_top_k", "train.log_attention_every", "train.attention_prompt", "data.cache_dir", "data.workers", "description", "wandb.*",
+    "train.meta_init", "train.sharded_checkpoint",  # how the model is built and saved, not what it learns
 )
 _UNSET = object()
 
@@ -317,7 +321,7 @@ class Trainer:
             if where[2]:
                 self.write(where[2])
             if ckpt is not None:
-                self.loaded = load_checkpoint(ckpt)
+                self.loaded = load_checkpoint(ckpt, rank=self.env.rank, world_size=self.env.world_size)
             self._setup(spec, loggers)
         except BaseException:
             self._release(remove=created)
@@ -364,7 +368,8 @@ class Trainer:
     def _setup(self, spec: ExperimentSpec, loggers: list[Logger] | None) -> None:
         progress = self.progress
         # -- model ---------------------------------------------------------------------------
-        if spec.init_from is None or self.loaded is not None:  # refuse what cannot fit before building it
+        meta_build = self._meta_build(spec)  # FSDP2: built on the meta device, each process fills its shard
+        if (spec.init_from is None or self.loaded is not None) and not meta_build:  # refuse what cannot fit
             from ..memory import check_model_fits
 
             check_model_fits(spec.model, training=True, device=self.device)
@@ -373,7 +378,11 @@ class Trainer:
 
         self.finetune = None  # what [finetune] froze and adapted (minigpt_core.finetune)
         self.task = get_task(spec)  # None: a language model (next-token loss on token windows)
-        if self.loaded is None:
+        if meta_build:
+            from .meta_init import build_meta_model
+
+            model, recorder = build_meta_model(spec)
+        elif self.loaded is None:
             from ..pretrained import load_init_from
 
             model, spec = load_init_from(spec, report=self.write if self.env.is_main else None)
@@ -418,9 +427,17 @@ class Trainer:
         self.total_steps = int(min(budgets))
 
         # -- device, wrapping, optimizer -----------------------------------------------------------
-        self.model = model.to(self.device)  # the plain GPT: checkpoints, evaluation, sampling
+        self.model = model if meta_build else model.to(self.device)  # the plain GPT: checkpoints, evaluation...
         self.wrapped = wrap_model(model, t.strategy, self.env, self.device)
         self.fsdp = self.env.enabled and t.strategy == "fsdp"
+        self.sharded = self.fsdp and t.sharded_checkpoint
+        if meta_build:
+            from .meta_init import load_local_shards, materialise
+
+            if self.loaded is not None:
+                load_local_shards(self.model, self.loaded.model_state, self.device, str(self.loaded.directory))
+            else:
+                materialise(self.model, recorder, self.device)
         # Only the training forward is compiled: evaluation and sampling use self.model (train/compile.py).
         self.forward = torch.compile(self.wrapped) if t.compile else self.wrapped
         self.compile_seconds: float | None = None  # the first step's time when compiled
@@ -455,6 +472,31 @@ class Trainer:
         self.loggers = MultiLogger(loggers if loggers is not None else self._default_loggers())
 
     # -- set-up helpers ---------------------------------------------------------------------------
+    def _meta_build(self, spec: ExperimentSpec) -> bool:
+        """Whether the model is built on the meta device and materialised shard by shard: a fresh
+        run with train.meta_init, or a resume from a sharded checkpoint (under torchrun, FSDP2)."""
+        sharded = self.loaded is not None and bool(self.loaded.trainer.get("sharded"))
+        fsdp = self.env.enabled and spec.train.strategy == "fsdp"
+        if sharded and not fsdp:
+            raise CheckpointError(
+                f"{self.loaded.directory} is a sharded checkpoint: resume it under torchrun with "
+                f"train.strategy = \"fsdp\" and {self.loaded.trainer['sharded']['world_size']} processes.")
+        t = spec.train
+        if not fsdp:
+            return False
+        from ..finetune import finetune_active
+
+        if (sharded or t.meta_init or t.sharded_checkpoint) and (spec.task != "lm" or finetune_active(spec)):
+            raise MinigptError(
+                "train.meta_init and train.sharded_checkpoint work on a language model built from its spec; this "
+                "run fine-tunes ([finetune]) or trains a task head. Drop train.meta_init and "
+                "train.sharded_checkpoint for it (FSDP then gathers the full state for each checkpoint).")
+        if t.meta_init and spec.init_from is not None and self.loaded is None:
+            raise MinigptError(
+                f"train.meta_init initialises a new model shard by shard, but this run loads its weights from "
+                f"init_from ({spec.init_from}). Drop train.meta_init, or init_from to train from scratch.")
+        return sharded or t.meta_init and self.loaded is None
+
     @staticmethod
     def _saved_spec_data(ckpt: Path) -> dict[str, Any]:
         from .. import _toml
@@ -528,8 +570,14 @@ class Trainer:
             self.wandb_run_id = None  # a branch is a W&B run of its own: its steps would overwrite the parent's
         try:
             self.sampler.load_state_dict(tr["sampler"])
-            set_optimizer_state_dict(self.model, self.optimizer, loaded.optimizer_state,
-                                     options=StateDictOptions(full_state_dict=self.fsdp))
+            osd = loaded.optimizer_state
+            if loaded.trainer.get("sharded"):  # local shards (the model was built on meta to match)
+                from .meta_init import shard_optimizer_state
+
+                osd = shard_optimizer_state(self.model, osd)
+            set_optimizer_state_dict(self.model, self.optimizer, osd,
+                                     options=StateDictOptions(full_state_dict=self.fsdp and osd is
+                                                              loaded.optimizer_state))
         except (ValueError, KeyError, RuntimeError) as exc:
             raise CheckpointError(f"{loaded.directory} does not fit this run: {exc}. Resume with the "
                                   f"experiment file (and --set overrides) the checkpoint was made with.") from None
@@ -659,6 +707,36 @@ class Trainer:
         if paths:
             self.loggers.log_images(self.step, {f"attention/layer-{i}": p for i, p in enumerate(paths)})
 
+    def _write_shards(self) -> tuple[Path, dict[str, Any]]:
+        """Every rank writes its own shard files into the checkpoint directory rank 0 begins (nothing
+        is gathered); returns that directory and the record save_checkpoint completes it with."""
+        from .meta_init import local_optimizer_state, local_shards, shard_layout
+
+        root = self.run_dir / CHECKPOINTS_DIR
+        try:  # a failure on any rank is raised on every rank (none waits for the others forever)
+            tmp = begin_checkpoint(root, self.step) if self.env.is_main else None
+        except OSError as exc:
+            tmp = exc
+        tmp = self.env.broadcast(tmp)
+        if isinstance(tmp, OSError):
+            raise disk_full_error(root, 0, tmp) if tmp.errno in NO_SPACE else tmp
+        local = local_shards(self.model)
+        try:
+            files, rest = write_shard(tmp, self.env.rank, self.env.world_size, local,
+                                      local_optimizer_state(self.model, self.optimizer))
+        except OSError as exc:
+            files, rest = exc, None
+        parts = self.env.gather(files)
+        failed = next((p for p in parts if isinstance(p, OSError)), None)
+        if failed is not None:
+            if self.env.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            need = 3 * sum(t.numel() * t.element_size() for t in local.values())  # weights + AdamW moments
+            raise disk_full_error(root, need, failed) if failed.errno in NO_SPACE else failed
+        shards = {"files": {k: v for part in parts for k, v in part.items()},
+                  "optimizer": rest, "world_size": self.env.world_size, "layout": shard_layout(self.model)}
+        return tmp, shards
+
     def save(self) -> Path | None:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -667,10 +745,16 @@ class Trainer:
         )
 
         self._check_finite()
-        # FSDP: every rank takes part in gathering the full tensors; rank 0 writes.
+        # FSDP: every rank takes part in gathering the full tensors; rank 0 writes. Sharded: each
+        # rank writes its own shards into the directory rank 0 made, and rank 0 completes it.
         options = StateDictOptions(full_state_dict=True, cpu_offload=True) if self.fsdp else StateDictOptions()
-        model_state = get_model_state_dict(self.model, options=options) if self.fsdp else None
-        optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        shards = tmp = None
+        if self.sharded:
+            tmp, shards = self._write_shards()
+            model_state, optim_state = None, {"state": {}}
+        else:
+            model_state = get_model_state_dict(self.model, options=options) if self.fsdp else None
+            optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=options)
         rng = self.env.gather(_rng_state(self.device))
         path = None
         if self.env.is_main:
@@ -694,7 +778,8 @@ class Trainer:
             path = save_checkpoint(
                 self.run_dir / CHECKPOINTS_DIR, self.step, model=self.model, spec=self.spec, model_state=model_state,
                 optimizer_state=optim_state, rng_states=rng, trainer=trainer, meta=meta,
-                keep_last=self.spec.train.keep_last, best_step=self.best_step if self.spec.train.keep_best else None)
+                keep_last=self.spec.train.keep_last, best_step=self.best_step if self.spec.train.keep_best else None,
+                tmp=tmp, shards=shards)
         self.env.barrier()
         return path
 
