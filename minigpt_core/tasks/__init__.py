@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
     from ..spec import ExperimentSpec
 
-__all__ = ["Task", "get_task", "build_task_model", "require_lm", "TASK_CLASSES"]
+__all__ = ["Task", "get_task", "build_task_model", "require_lm", "TASK_CLASSES", "TOKEN_TASKS"]
 
 
 def _classification():
@@ -26,7 +26,16 @@ def _classification():
     return ClassificationTask
 
 
-TASK_CLASSES = {"classification": _classification}
+def _instruction():
+    from .instruction import InstructionTask
+
+    return InstructionTask
+
+
+TASK_CLASSES = {"classification": _classification, "instruction": _instruction}
+
+# Tasks whose model still predicts the next token (its output head is the language model's).
+TOKEN_TASKS = ("lm", "instruction")
 
 
 def get_task(spec: "ExperimentSpec") -> Task | None:
@@ -47,7 +56,7 @@ def build_task_model(spec: "ExperimentSpec", **kwargs) -> "nn.Module":
 
 def require_lm(spec: "ExperimentSpec", where: object, what: str) -> None:
     """Refuse a fine-tuned (non-lm) checkpoint where a language model is needed (sampling, export, init_from)."""
-    if spec.task != "lm":
+    if spec.task not in TOKEN_TASKS:
         from ..errors import MinigptError
 
         raise MinigptError(
