@@ -359,8 +359,9 @@ class InstructionSpec(_Strict):
                               "either way)")
     split: tuple[float, float, float] = Field((0.85, 0.05, 0.1), description="train / validation / test "
                                               "fractions of the examples (the book's 85/5/10)")
-    split_seed: int | None = Field(123, ge=0, lt=2**32, description="seed of the shuffle before the split "
-                                   "(None: the file's order, as the book splits)")
+    shuffle: bool = Field(True, description="shuffle the examples with split_seed before the split (false: "
+                          "the file's order, as the book splits its file)")
+    split_seed: int = Field(123, ge=0, lt=2**32, description="seed of the shuffle before the split")
     max_length: int | None = Field(None, gt=0, description="tokens a training example may have (prompt, "
                                    "response and end-of-text; longer ones are truncated); default the longest "
                                    "training example, at most model.context_length; a run stores it")

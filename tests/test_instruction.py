@@ -270,3 +270,36 @@ def test_the_shipped_dataset_is_real_and_the_example_experiment_parses():
     spec = _toml.loads((ROOT / "experiments" / "finetune" / "instruct.toml").read_text())
     assert spec["instruction"]["path"] == "experiments/finetune/data/pydoc_instructions.jsonl"
     parse_spec(spec)
+
+
+def test_the_template_format_check_catches_a_template_whose_text_does_not_continue_its_prompt(registry):
+    from minigpt_core.registry import make_entry
+    from minigpt_core.testing import check_component
+
+    class EndsWithATag:  # text(prompt, output) != text(prompt, "") + output: sampling would misread it
+        def prompt(self, instruction, input):
+            return f"Q: {instruction} {input}"
+
+        def text(self, prompt, output):
+            return f"{prompt}\nA: {output}</a>"
+
+    entry = make_entry("template", "mine.tagged", lambda ctx, p: EndsWithATag(), params=None,
+                       description="a broken template", plugin="test")
+    results = {r.check: r for r in check_component(entry, registry=registry)}
+    assert results["template_format"].status == "fail" and "is not text(prompt, '') + output" in \
+        results["template_format"].message
+    for name in ("book.alpaca", "book.phi3"):
+        assert all(r.status == "pass" for r in check_component(registry.get("template", name), registry=registry))
+
+
+def test_without_shuffling_the_split_is_the_books(tmp_path):
+    from minigpt_core.spec import InstructionSpec
+    from minigpt_core.tasks.instruction import split_indices
+
+    parts = split_indices(1100, InstructionSpec(path="x.json", shuffle=False))
+    # the book: data[:935] train, data[935:1045] test, data[1045:] validation
+    assert parts["train"].tolist() == list(range(935)) and parts["test"].tolist() == list(range(935, 1045))
+    assert parts["val"].tolist() == list(range(1045, 1100))
+    shuffled = split_indices(1100, InstructionSpec(path="x.json"))
+    assert sorted(np.concatenate(list(shuffled.values())).tolist()) == list(range(1100))
+    assert shuffled["train"].tolist() != parts["train"].tolist()
