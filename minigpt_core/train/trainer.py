@@ -183,7 +183,8 @@ def _spec_differences(spec: ExperimentSpec, saved: ExperimentSpec) -> dict[str, 
     if spec.init_from is not None and spec.init_from == saved.init_from:
         # The run's model section was read from the init_from weights; the file's is only a sketch.
         out = {k: v for k, v in out.items() if not k.startswith("model.")}
-    for key in ("classification.classes", "classification.max_length"):  # a run stores what it read from data
+    for key in ("classification.classes", "classification.max_length",  # a run stores what it read from data
+                "instruction.max_length", "instruction.eot_id"):
         if key in out and out[key][1] is None:
             del out[key]
     return out
