@@ -303,3 +303,32 @@ def test_without_shuffling_the_split_is_the_books(tmp_path):
     shuffled = split_indices(1100, InstructionSpec(path="x.json"))
     assert sorted(np.concatenate(list(shuffled.values())).tolist()) == list(range(1100))
     assert shuffled["train"].tolist() != parts["train"].tolist()
+
+
+@pytest.mark.slow
+def test_instruction_tuning_with_lora_on_a_frozen_base_saves_only_the_adapter_and_samples_merged(tmp_path, capsys):
+    lm_data = tiny_spec_data(tmp_path)
+    lm_data["model"] = {**lm_data["model"], "context_length": 48}
+    lm_data["train"] = {**lm_data["train"], "max_steps": 2, "eval_every": 0, "save_every": 0}
+    assert cli(capsys, "train", _write(tmp_path, lm_data, "lm.toml"), "--no-progress")[0] == 0
+    (lm_run,) = runs_of(tmp_path / "runs")
+    spec = _ins_spec(tmp_path, _write_examples(tmp_path / "data.jsonl", _easy_examples(30)))
+    spec.update(init_from=str(lm_run),
+                finetune={"adapter": {"name": "book.lora", "params": {"rank": 2, "alpha": 4,
+                                                                      "targets": ["trf_blocks.*.att.*"]}}})
+    spec["train"] = {**spec["train"], "max_steps": 4, "eval_every": 0, "save_every": 0}
+    status, out, err = cli(capsys, "train", _write(tmp_path, spec), "--no-progress")
+    assert status == 0, err
+    (run,) = runs_of(tmp_path / "runs", "ins-test")
+    from safetensors.torch import load_file
+
+    from minigpt_core.checkpoint import load_model
+
+    saved = load_file(str(run / "checkpoints" / "latest" / "model.safetensors"))
+    assert saved and all("lora" in k.lower() for k in saved), sorted(saved)  # the frozen base is named, not copied
+    base, _ = load_model(lm_run / "checkpoints" / "latest")
+    tuned, tuned_spec = load_model(run / "checkpoints" / "latest")
+    assert tuned_spec.task == "instruction" and torch.equal(tuned.tok_emb.weight, base.tok_emb.weight)
+    assert not torch.equal(tuned.trf_blocks[0].att.W_query.weight, base.trf_blocks[0].att.W_query.weight)
+    status, out, err = cli(capsys, "sample", run, "--instruction", "say ab", "--max-new-tokens", "3")
+    assert status == 0, err
