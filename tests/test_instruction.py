@@ -214,6 +214,9 @@ def test_a_tiny_instruction_run_from_a_language_model_learns_to_answer_and_sampl
     (report,) = [r for r in records if r.get("event") == "instruction"]
     assert report["val"]["loss"] < 1.0 and report["test"]["examples"] == 60 - 51 - 3
     assert [r["step"] for r in records if "val/loss" in r] == [20, 40]
+    final = {k: v for r in records if r.get("step") == 40 for k, v in r.items()}
+    assert final["val/response_loss"] == pytest.approx(final["val/loss"]) == pytest.approx(report["val"]["loss"])
+    assert final["test/response_loss"] == pytest.approx(report["test"]["loss"])
     assert 'sample: ' in out and "ok'" in out  # the periodic sample: the response to a validation example
     saved = _toml.loads((run / "spec.toml").read_text())["instruction"]
     from minigpt_core.checkpoint import read_meta

@@ -309,7 +309,8 @@ class InstructionTask(Task):
                 report[split] = {"examples": len(rows), "response_tokens": count, "loss": total / count}
         if not trainer.env.is_main:
             return
-        trainer.loggers.log({f"{s}/loss": r["loss"] for s, r in report.items() if s != "val"}, step=trainer.step)
+        # Not SPLIT/loss: train/loss is the last step's batch loss, val/loss the evaluation's.
+        trainer.loggers.log({f"{s}/response_loss": r["loss"] for s, r in report.items()}, step=trainer.step)
         if hasattr(trainer, "jsonl"):
             trainer.jsonl.event(trainer.step, event="instruction", **report)
         lines = ["instruction results (loss on the response tokens and the end-of-text, nats/token)",
