@@ -159,6 +159,7 @@ def test_the_data_is_formatted_tokenized_ended_split_and_validated_on_responses(
     ("missing field", "record 3: no 'output' field"),
     ("unknown template", "Unknown template component 'my.chat'"),
     ("not json", "line 2: not valid JSON"),
+    ("not text", "record 1: the field(s) ['output'] must be text"),
 ])
 def test_bad_instruction_data_is_one_error_and_no_run_directory(tmp_path, capsys, case, phrase):
     records = _easy_examples(10)
@@ -170,6 +171,8 @@ def test_bad_instruction_data_is_one_error_and_no_run_directory(tmp_path, capsys
         data.write_text("\n", encoding="utf-8")
     elif case == "unknown template":
         extra = {"template": {"name": "my.chat"}}
+    elif case == "not text":
+        data = _write_examples(data, [{"instruction": "a", "output": None}] + records)
     elif case == "not json":
         data.write_text(data.read_text().replace("}\n", "\n", 2).replace("\n", "}\n", 1))
     spec = _write(tmp_path, _ins_spec(tmp_path, data, **extra))

@@ -2,7 +2,7 @@
 
 The trainer stays one loop for every task: with ``spec.task == "lm"`` (the default) it runs as it
 always has; any other task is a :class:`Task` that the trainer asks, at a few fixed points, for its
-data, its head, the loss of a batch and its evaluation. A new task (e.g. instruction tuning) is a
+data, its head, the loss of a batch and its evaluation. A new task (like instruction tuning) is a
 ``Task`` subclass added to :data:`TASK_CLASSES` plus its section in the spec.
 """
 

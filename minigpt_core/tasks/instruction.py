@@ -74,7 +74,8 @@ def read_instructions(path_str: str) -> list[dict[str, str]]:
         if missing:
             raise DataError(f"{path}, record {n}: no {' or '.join(repr(f) for f in missing)} field (it has "
                             f"{sorted(r)}). Every example needs 'instruction' and 'output'; 'input' is optional.")
-        wrong = [f for f in ("instruction", "input", "output") if r.get(f) is not None and not isinstance(r[f], str)]
+        wrong = [f for f in ("instruction", "input", "output")
+                 if not isinstance(r.get(f), str) and not (f == "input" and r.get(f) is None)]
         if wrong:
             raise DataError(f"{path}, record {n}: the field(s) {wrong} must be text (a JSON string).")
         out.append({"instruction": r["instruction"], "input": r.get("input") or "", "output": r["output"]})
