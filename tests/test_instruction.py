@@ -338,3 +338,15 @@ def test_instruction_tuning_with_lora_on_a_frozen_base_saves_only_the_adapter_an
     assert not torch.equal(tuned.trf_blocks[0].att.W_query.weight, base.trf_blocks[0].att.W_query.weight)
     status, out, err = cli(capsys, "sample", run, "--instruction", "say ab", "--max-new-tokens", "3")
     assert status == 0, err
+
+
+@pytest.mark.slow
+def test_the_shipped_dataset_rebuilds_identically(tmp_path):
+    import subprocess
+    import sys
+
+    if sys.version_info[:2] == (3, 11):  # the committed file was built with CPython 3.11
+        out = tmp_path / "rebuilt.jsonl"
+        subprocess.run([sys.executable, str(SHIPPED.with_name("build_pydoc_instructions.py")), str(out)], check=True,
+                       capture_output=True)
+        assert out.read_bytes() == SHIPPED.read_bytes()
