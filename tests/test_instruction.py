@@ -272,7 +272,7 @@ def test_the_shipped_dataset_is_real_and_the_example_experiment_parses():
     assert sum(bool(r["input"]) for r in records) > 100
     assert {"instruction": "What does `json.dumps` do?", "input": "",
             "output": "Serialize ``obj`` to a JSON formatted ``str``."} not in records  # markup is filtered out
-    assert all(r["output"] and "`" not in r["output"][:1] or r["input"] for r in records)
+    assert all(r["output"] and "`" not in r["output"] for r in records if not r["input"])  # plain summaries
     spec = _toml.loads((ROOT / "experiments" / "finetune" / "instruct.toml").read_text())
     assert spec["instruction"]["path"] == "experiments/finetune/data/pydoc_instructions.jsonl"
     parse_spec(spec)
