@@ -17,6 +17,7 @@ The kinds (``KINDS``: kind -> one line; ``KIND_PROTOCOLS``: kind -> its protocol
     :class:`FeedForwardProtocol`, :class:`PositionalProtocol`, :class:`BlockProtocol`,
     :class:`InitProtocol` (model parts, whose factories get a :class:`BuildContext`),
     :class:`AdapterProtocol` (fine-tuning adapters such as LoRA; also a :class:`BuildContext`),
+    :class:`TemplateProtocol` (instruction-tuning prompt formats; no context),
     :class:`TokenizerProtocol` (gets a :class:`TokenizerContext`), :class:`DatasetProtocol`
     (gets a :class:`DataContext`), :class:`WeightsProtocol` (another library's checkpoint layout;
     its factory gets no context).
@@ -91,6 +92,7 @@ __all__ = [
     "DatasetProtocol",
     "WeightsProtocol",
     "AdapterProtocol",
+    "TemplateProtocol",
     # the capabilities
     "CAPABILITIES",
     "CAPABILITY_CONTRACTS",
@@ -380,6 +382,29 @@ class AdapterProtocol(Protocol):
     def parameter_count(self, model: nn.Module) -> int: ...
 
 
+@runtime_checkable
+class TemplateProtocol(Protocol):
+    """object that formats an instruction (and its input) into a prompt, and a prompt and a response into a text.
+
+    ``template`` kind (``[instruction.template]`` of an experiment file, ``task = "instruction"``).
+    The factory gets no context (``None``) and the entry's params. The book's Alpaca format is
+    ``book.alpaca``; a chat format (``book.phi3``) is another entry of the same kind.
+
+    - ``prompt(instruction, input) -> str``: what the model reads before the response (``input``
+      is ``""`` when an example has none). With ``mask_prompt`` its tokens are not trained on;
+    - ``text(prompt, output) -> str``: the training text, which must be ``text(prompt, "") +
+      output``: whatever separates the prompt from the response (``"\n\n### Response:\n"``)
+      comes between them. ``text(prompt, "")`` is what ``minigpt sample --instruction`` feeds the
+      model, so the model writes only the response, which the end-of-text token ends.
+
+    The conformance check ``template_format`` holds every template to this.
+    """
+
+    def prompt(self, instruction: str, input: str) -> str: ...
+
+    def text(self, prompt: str, output: str) -> str: ...
+
+
 def model_weights(model: nn.Module) -> dict[str, Tensor]:
     """A built model's weights as a checkpoint holds them: the plain model's state dict (unwrapped
     from DDP / torch.compile), on the CPU, contiguous, without a tied output head or mask buffers."""
@@ -400,6 +425,7 @@ KIND_PROTOCOLS: dict[str, type] = {
     "dataset": DatasetProtocol,
     "weights": WeightsProtocol,
     "adapter": AdapterProtocol,
+    "template": TemplateProtocol,
 }
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "WandbSpec",
     "FinetuneSpec",
     "ClassificationSpec",
+    "InstructionSpec",
     "TASKS",
     "PRESETS",
     "MODEL_SLOTS",
@@ -308,7 +309,7 @@ class FinetuneSpec(_Strict):
 
 
 # Tasks an experiment can train for; each but "lm" has its own section named like it.
-TASKS = ("lm", "classification")
+TASKS = ("lm", "classification", "instruction")
 
 
 class ClassificationSpec(_Strict):
@@ -359,6 +360,38 @@ class ClassificationSpec(_Strict):
         return self
 
 
+class InstructionSpec(_Strict):
+    """Instruction tuning (the book's chapter 7): Alpaca-format examples, a prompt template, response-only loss."""
+
+    path: str = Field(description="JSON (a list) or JSONL file of examples with 'instruction', 'output' and "
+                      "optionally 'input' fields, the Alpaca format (relative to the working directory)")
+    template: ComponentSlot = slot_field("book.alpaca", "prompt template (a 'template' component) that formats "
+                                         "an example's instruction and input into a prompt", kind="template")
+    mask_prompt: bool = Field(True, description="leave the prompt's tokens out of the loss (-100 targets, the "
+                              "book's exercise 7.2); false trains on them too (validation loss is on responses "
+                              "either way)")
+    split: tuple[float, float, float] = Field((0.85, 0.05, 0.1), description="train / validation / test "
+                                              "fractions of the examples (the book's 85/5/10)")
+    shuffle: bool = Field(True, description="shuffle the examples with split_seed before the split (false: "
+                          "the file's order, as the book splits its file)")
+    split_seed: int = Field(123, ge=0, lt=2**32, description="seed of the shuffle before the split")
+    max_length: int | None = Field(None, gt=0, description="tokens a training example may have (prompt, "
+                                   "response and end-of-text; longer ones are truncated); default the longest "
+                                   "training example, at most model.context_length; a run stores it")
+    eot_id: int | None = Field(None, ge=0, description="the end-of-text id that ends every response and pads "
+                               "the batches (default: the tokenizer's; for a tokenizer without one, such as char, "
+                               "the first id past its vocabulary, so model.vocab_size must exceed it); a run "
+                               "stores it")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "InstructionSpec":
+        if any(f < 0 for f in self.split) or self.split[0] <= 0 or self.split[1] <= 0 \
+                or abs(sum(self.split) - 1) > 1e-6:
+            raise ValueError(f"split {list(self.split)} must be three fractions (train, validation, test) "
+                             f"that add up to 1, with train and validation above 0, e.g. [0.85, 0.05, 0.1]")
+        return self
+
+
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 
 
@@ -377,9 +410,11 @@ class ExperimentSpec(_Resolvable):
     init_from: str | None = Field(None, description="start from these weights instead of the init scheme: "
                                   "'hf:PATH_OR_HUB_ID' (Hugging Face GPT-2) or a minigpt checkpoint directory")
     data: DataSpec = Field(default_factory=DataSpec)
-    task: Literal["lm", "classification"] = Field("lm", description="what the model is trained for: lm (next "
-                                                  "token) or classification (a [classification] section)")
+    task: Literal["lm", "classification", "instruction"] = Field(
+        "lm", description="what the model is trained for: lm (next token), classification (a [classification] "
+        "section) or instruction (an [instruction] section)")
     classification: ClassificationSpec | None = Field(None, description="the classification task's data and head")
+    instruction: InstructionSpec | None = Field(None, description="the instruction task's data and template")
     train: TrainSpec = Field(default_factory=TrainSpec)
     wandb: WandbSpec = Field(default_factory=WandbSpec)
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
@@ -483,6 +518,12 @@ def _cross_section_problems(spec: "ExperimentSpec") -> list[tuple[str, str]]:
                          "the labelled data, e.g. path = \"data.tsv\" (docs/finetune.md)"))
     if spec.task != "classification" and spec.classification is not None:
         problems.append(("task", f"the [classification] section is only read with task = \"classification\" "
+                         f"(now {spec.task!r}): set the task or remove the section"))
+    if spec.task == "instruction" and spec.instruction is None:
+        problems.append(("instruction", "task = \"instruction\" needs an [instruction] section naming the "
+                         "examples, e.g. path = \"alpaca.json\" (docs/finetune.md)"))
+    if spec.task != "instruction" and spec.instruction is not None:
+        problems.append(("task", f"the [instruction] section is only read with task = \"instruction\" "
                          f"(now {spec.task!r}): set the task or remove the section"))
     if d.max_length is not None and d.max_length > m.context_length and spec.init_from is None:
         problems.append(("data.max_length", f"{d.max_length} exceeds model.context_length ({m.context_length}); "

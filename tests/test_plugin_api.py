@@ -107,7 +107,8 @@ def test_every_kind_has_a_documented_protocol_and_kinds_are_derived_from_them():
         doc = protocol.__doc__
         assert doc.strip().splitlines()[0].rstrip(".") == api.KINDS[kind]
         assert f"``{kind}`` kind" in doc, f"{protocol.__name__} does not say which kind it is the contract of"
-        ctx = {"tokenizer": "TokenizerContext", "dataset": "DataContext", "weights": "no context"}.get(kind, "BuildContext")
+        ctx = {"tokenizer": "TokenizerContext", "dataset": "DataContext", "weights": "no context",
+               "template": "no context"}.get(kind, "BuildContext")
         assert ctx in doc, f"{protocol.__name__} does not say that the factory gets a {ctx}"
 
 

@@ -86,7 +86,9 @@ def _report(spec, result, print) -> int:
         print(f"validation loss {result.val_loss:.4f} nats/token (perplexity {math.exp(min(result.val_loss, 50)):.2f}), "
               f"{verdict} the unigram entropy {result.unigram_entropy:.4f} "
               f"({result.unigram_entropy - result.val_loss:+.4f}: what the model learnt from context)")
-    if result.sample is not None:
+    if result.sample is not None and spec.task == "instruction":
+        print(f"sample after step {result.step} (the response to the first validation example): {result.sample!r}")
+    elif result.sample is not None:
         print(f"sample after step {result.step}: {(spec.train.sample_prompt + result.sample)!r}")
     print(f"run directory: {result.run_dir} (metrics in {result.run_dir / 'metrics.jsonl'})")
     if result.checkpoint is not None:
@@ -94,6 +96,8 @@ def _report(spec, result, print) -> int:
         other_best = best is not None and best.resolve() != result.checkpoint.resolve()
         print(f"checkpoint:    {result.checkpoint}" + (f" (best: {best})" if other_best else ""))
         print(f"  minigpt classify {result.checkpoint} --text '...'" if classify else
+              f"  minigpt sample {result.checkpoint} --instruction '...' --temperature 0"
+              if spec.task == "instruction" else
               f"  minigpt sample {result.checkpoint} --prompt {spec.train.sample_prompt!r}")
     if result.wandb_dir is not None:
         where = "offline run" if result.wandb_mode == "offline" else "run (synced online)"
@@ -151,6 +155,12 @@ _WHICH = "checkpoint directory, or a run / experiment directory (its best checkp
 def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help=_WHICH)
     p.add_argument("--prompt", default="", help="text to continue (default: start from end-of-text)")
+    p.add_argument("--instruction", default=None, metavar="TEXT",
+                   help="answer an instruction: formatted with the checkpoint's prompt template, generated up to "
+                        "the end-of-text token; prints only the response")
+    p.add_argument("--input", default="", metavar="TEXT", help="with --instruction: the instruction's input")
+    p.add_argument("--template", default=None, metavar="NAME",
+                   help="with --instruction: a registered template (default: the checkpoint's, else book.alpaca)")
     p.add_argument("--max-new-tokens", type=int, default=100, help=f"at most {MAX_NEW_TOKENS:,}")
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (k >= 1)")
@@ -165,10 +175,13 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
 class _Stream:
     """Prints one sample's tokens as they come, holding back ids that end inside a character."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer, self.pending = tokenizer, []
+    def __init__(self, tokenizer, eos_id: int | None = None):
+        self.tokenizer, self.pending, self.eos_id, self.ended = tokenizer, [], eos_id, False
 
     def __call__(self, next_id) -> None:
+        self.ended = self.ended or int(next_id[0, 0]) == self.eos_id
+        if self.ended:  # an instruction's response ends at its end-of-text token
+            return
         self.pending.append(int(next_id[0, 0]))
         text = self.tokenizer.decode(self.pending)
         if not text.endswith("\ufffd") or len(self.pending) > 8:
@@ -198,18 +211,31 @@ def _sample(args) -> int:
     if args.max_new_tokens > MAX_NEW_TOKENS:
         raise MinigptError(f"--max-new-tokens {args.max_new_tokens:,} is more than {MAX_NEW_TOKENS:,}, which "
                            f"would run for hours; ask for fewer tokens (or continue from the end of a sample).")
+    if args.instruction is None and (args.input or args.template):
+        raise MinigptError("--input and --template go with --instruction \"...\" (the instruction to answer).")
+    if args.instruction is not None and args.prompt:
+        raise MinigptError("Give either --prompt (text to continue) or --instruction (formatted with a prompt "
+                           "template), not both.")
     _threads(args.threads)
     ckpt, model, spec, tokenizer, device = _load_for_inference(args.checkpoint, args.device, file=sys.stderr)
-    prompt = tokenizer.encode(args.prompt) if args.prompt else []
+    eos, shown = None, args.prompt
+    if args.instruction is not None:
+        from ..tasks.instruction import instruction_prompt
+
+        text, eos = instruction_prompt(spec, tokenizer, args.instruction, args.input, args.template)
+        prompt, shown = tokenizer.encode(text), ""  # only the response is printed
+    else:
+        prompt = tokenizer.encode(args.prompt) if args.prompt else []
     if not prompt:
         prompt = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
     gen = torch.Generator(device)
     gen.manual_seed(args.seed) if args.seed is not None else gen.seed()
+    # The end-of-text id of a char tokenizer's instruction model lies just past its vocabulary.
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=gen,
-              n_vocab=tokenizer.n_vocab)
+              n_vocab=max(tokenizer.n_vocab, (eos or 0) + 1), eos_id=eos)
     if args.num_samples == 1:  # printed as it comes: a long generation is never silent
-        stream = _Stream(tokenizer)
-        sys.stdout.write(args.prompt)
+        stream = _Stream(tokenizer, eos)
+        sys.stdout.write(shown)
         try:
             generate(model, torch.tensor([prompt], device=device), args.max_new_tokens, on_token=stream, **kw)
         finally:
@@ -227,7 +253,8 @@ def _sample(args) -> int:
             for row in out.tolist():
                 if done:
                     print("\n" + "-" * 40)
-                print(args.prompt + tokenizer.decode(row[idx.shape[1]:]), flush=True)
+                row = row[idx.shape[1]:]
+                print(shown + tokenizer.decode(row[:row.index(eos)] if eos in row else row), flush=True)
                 done += 1
     finally:
         bar.close()

@@ -2,7 +2,7 @@
 
 The trainer stays one loop for every task: with ``spec.task == "lm"`` (the default) it runs as it
 always has; any other task is a :class:`Task` that the trainer asks, at a few fixed points, for its
-data, its head, the loss of a batch and its evaluation. A new task (e.g. instruction tuning) is a
+data, its head, the loss of a batch and its evaluation. A new task (like instruction tuning) is a
 ``Task`` subclass added to :data:`TASK_CLASSES` plus its section in the spec.
 """
 
@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
     from ..spec import ExperimentSpec
 
-__all__ = ["Task", "get_task", "build_task_model", "require_lm", "check_init_from_task", "TASK_CLASSES"]
+__all__ = ["Task", "get_task", "build_task_model", "require_lm", "check_init_from_task", "TASK_CLASSES",
+           "TOKEN_TASKS"]
 
 
 def _classification():
@@ -26,7 +27,16 @@ def _classification():
     return ClassificationTask
 
 
-TASK_CLASSES = {"classification": _classification}
+def _instruction():
+    from .instruction import InstructionTask
+
+    return InstructionTask
+
+
+TASK_CLASSES = {"classification": _classification, "instruction": _instruction}
+
+# Tasks whose model still predicts the next token (its output head is the language model's).
+TOKEN_TASKS = ("lm", "instruction")
 
 
 def get_task(spec: "ExperimentSpec") -> Task | None:
@@ -47,7 +57,7 @@ def build_task_model(spec: "ExperimentSpec", **kwargs) -> "nn.Module":
 
 def require_lm(spec: "ExperimentSpec", where: object, what: str) -> None:
     """Refuse a fine-tuned (non-lm) checkpoint where a language model is needed (sampling, export, init_from)."""
-    if spec.task != "lm":
+    if spec.task not in TOKEN_TASKS:
         from ..errors import MinigptError
 
         raise MinigptError(
@@ -57,9 +67,10 @@ def require_lm(spec: "ExperimentSpec", where: object, what: str) -> None:
 
 
 def check_init_from_task(loaded: "ExperimentSpec", spec: "ExperimentSpec", where: object) -> None:
-    """Whether a run of ``spec`` can start from a checkpoint of ``loaded``: a language model always; a
-    fine-tuned model only for the same task, with the same classes (its head is kept and trains on)."""
-    if loaded.task == "lm":
+    """Whether a run of ``spec`` can start from a checkpoint of ``loaded``: a model that predicts tokens
+    (lm, instruction) always; a classifier only for the same task, with the same classes (its head is
+    kept and trains on)."""
+    if loaded.task in TOKEN_TASKS:
         return
     from ..errors import MinigptError
 

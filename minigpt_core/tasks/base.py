@@ -44,9 +44,18 @@ class Task:
         """The loss of a model that ignores its input (reported as the data's entropy)."""
         return float("nan")
 
+    def describe_baseline(self, value: float) -> str:
+        """The run's line about :meth:`baseline_loss`."""
+        return f"class entropy of the training split: {value:.3f} nats (the loss of a model that ignores the text)"
+
     def evaluate(self, model: nn.Module, split: str, **kwargs) -> tuple[float, dict[str, float]]:
         """(loss, metrics named ``split/...``) over a whole split."""
         raise NotImplementedError
+
+    def sample_prompt(self) -> str | None:
+        """The text the trainer's periodic samples continue (up to the end-of-text id), or None: the
+        task's model writes no text."""
+        return None
 
     def finish(self, trainer) -> None:
         """At the end of a completed run: final metrics on every split, printed and logged."""

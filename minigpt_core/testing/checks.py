@@ -615,3 +615,21 @@ def check_adapter_merge(s: Subject) -> None:
             raise s.fail(f"after unload() the state dict keys differ from the base model's "
                          f"({sorted(set(model.state_dict()) ^ base_keys)[:4]})")
         _expect_close(s, model(idx), unmerged, "logits after unload()")
+
+
+# -- templates -------------------------------------------------------------------------------
+@conformance_check("template_format", "the training text is text(prompt, '') + output, starting with the prompt, "
+                   "for examples with and without an input", {"template"})
+def check_template_format(s: Subject) -> None:
+    template = s.entry.factory(None, s.validated_params())
+    for instruction, input_, output in (("Name a colour.", "", "Blue."), ("Spell it.", "Ocassion", "Occasion")):
+        prompt = template.prompt(instruction, input_)
+        if not isinstance(prompt, str) or instruction not in prompt or input_ not in prompt:
+            raise s.fail(f"prompt({instruction!r}, {input_!r}) = {prompt!r} does not hold the instruction and input")
+        text, start = template.text(prompt, output), template.text(prompt, "")
+        if not start.startswith(prompt):
+            raise s.fail(f"text(prompt, '') = {start!r} does not start with the prompt {prompt!r}")
+        if text != start + output:
+            raise s.fail(f"text(prompt, {output!r}) = {text!r} is not text(prompt, '') + output = "
+                         f"{start + output!r}: `minigpt sample --instruction` feeds text(prompt, '') and reads "
+                         f"what follows as the response")

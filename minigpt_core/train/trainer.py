@@ -188,7 +188,8 @@ def _spec_differences(spec: ExperimentSpec, saved: ExperimentSpec) -> dict[str, 
     if spec.init_from is not None and spec.init_from == saved.init_from:
         # The run's model section was read from the init_from weights; the file's is only a sketch.
         out = {k: v for k, v in out.items() if not k.startswith("model.")}
-    for key in ("classification.classes", "classification.max_length"):  # a run stores what it read from data
+    for key in ("classification.classes", "classification.max_length",  # a run stores what it read from data
+                "instruction.max_length", "instruction.eot_id"):
         if key in out and out[key][1] is None:
             del out[key]
     return out
@@ -677,22 +678,27 @@ class Trainer:
         t = self.spec.train
         if t.sample_tokens == 0 or not (self.env.is_main or self.fsdp):  # FSDP: every rank runs the forward
             return None
-        if self.task is not None:  # a classifier's head predicts classes, not tokens
+        text = t.sample_prompt if self.task is None else self.task.sample_prompt()
+        if text is None:  # a classifier's head predicts classes, not tokens
             return None
         try:
-            prompt = self.tokenizer.encode(t.sample_prompt)
+            prompt = self.tokenizer.encode(text)
         except MinigptError as exc:
             self.write(f"note: no sample: the prompt cannot be encoded ({exc})")
             return None
         if not prompt:
             prompt = [self.tokenizer.eot_id or 0]
+        # A task's sample (an instruction's response) ends at its end-of-text id, which may lie just
+        # past the tokenizer's vocabulary (a char tokenizer has none of its own).
+        eos = None if self.task is None else self.data.split.eot_id
         idx = torch.tensor([prompt[-self.spec.model.context_length:]], device=self.device)
         gen = torch.Generator(self.device).manual_seed(self.spec.seed + self.step)  # training RNG untouched
         model = self.wrapped if self.fsdp else self.model
         with autocast(self.device, t.precision):
             out = generate(model, idx, t.sample_tokens, temperature=t.sample_temperature, top_k=t.sample_top_k,
-                           generator=gen, n_vocab=self.tokenizer.n_vocab)
-        return self.tokenizer.decode(out[0, idx.shape[1]:].tolist())
+                           generator=gen, n_vocab=max(self.tokenizer.n_vocab, (eos or 0) + 1), eos_id=eos)
+        ids = out[0, idx.shape[1]:].tolist()
+        return self.tokenizer.decode(ids[:ids.index(eos)] if eos in ids else ids)
 
     def log_attention(self) -> None:
         """train.log_attention_every: the prompt's attention maps, into RUN/attention/step-N/ and W&B."""
@@ -917,7 +923,8 @@ class Trainer:
                     text = self.sample()
                     if text is not None and self.env.is_main:
                         self.last_sample = text
-                        self.loggers.log_sample(self.step, t.sample_prompt, text)
+                        self.loggers.log_sample(self.step, t.sample_prompt if self.task is None
+                                                else self.task.sample_prompt(), text)
                 if t.log_attention_every and self._due(t.log_attention_every):
                     self.log_attention()
                 if self._due(t.save_every) or (improved and t.keep_best):
@@ -995,8 +1002,7 @@ class Trainer:
             f"{', ' + t.strategy if self.env.enabled else ''}), "
             f"{self.device} {t.precision}{', compiled' if t.compile else ''}",
             f"unigram entropy of the data: {self.entropy:.3f} nats/token (the loss of a model that ignores context)"
-            if self.task is None else f"class entropy of the training split: {self.entropy:.3f} nats (the loss of "
-            f"a model that ignores the text)",
+            if self.task is None else self.task.describe_baseline(self.entropy),
         ]
         if self.finetune is not None:
             lines.insert(2, f"fine-tuning: {self.finetune.describe()}")

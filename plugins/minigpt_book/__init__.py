@@ -17,6 +17,7 @@ from .attention import (
     SelfAttention_v2,
 )
 from .layers import GELU, FeedForward, LayerNorm, LearnedPositionalEmbedding, TransformerBlock
+from .templates import AlpacaParams, AlpacaTemplate, Phi3Template
 
 __all__ = [
     "SelfAttention_v1",
@@ -29,6 +30,8 @@ __all__ = [
     "FeedForward",
     "LearnedPositionalEmbedding",
     "TransformerBlock",
+    "AlpacaTemplate",
+    "Phi3Template",
     "minigpt_register",
 ]
 
@@ -130,4 +133,12 @@ def minigpt_register(registry):
     registry.add(
         "init", "book.pytorch_default", lambda ctx, p: (lambda model: None),
         description="keep PyTorch's default initialisation, as the book's GPTModel does",
+    )
+    registry.add(
+        "template", "book.alpaca", lambda ctx, p: AlpacaTemplate(p.preamble), params=AlpacaParams,
+        description="the book's Alpaca prompt (ch. 7): preamble, ### Instruction:, ### Input:, ### Response:",
+    )
+    registry.add(
+        "template", "book.phi3", lambda ctx, p: Phi3Template(),
+        description="the Phi-3 chat layout of the book's exercise 7.1: <|user|> ... <|assistant|> ...",
     )
