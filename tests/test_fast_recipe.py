@@ -151,7 +151,19 @@ def test_train_options_validate():
         parse_spec({"train": {"activation_checkpointing": "layers"}})
 
 
-def test_tiny_training_with_chunked_loss_and_checkpointing_matches_plain(tmp_path):
+def test_tiny_training_with_chunked_loss_and_checkpointing_matches_plain(tmp_path, monkeypatch):
+    import minigpt_core.model as model_module
+
+    calls = {"chunked": 0, "checkpoint": 0}  # spies around the real functions: the trainer must reach them
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(model_module, "chunked_head_loss", spy("chunked", model_module.chunked_head_loss))
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", spy("checkpoint", torch.utils.checkpoint.checkpoint))
     model = {"attention": {"name": "torch.sdpa"}, "norm": {"name": "torch.layernorm"},
              "activation": {"name": "torch.gelu_tanh"}, "drop_rate": 0.1}
     curves = []
@@ -162,6 +174,9 @@ def test_tiny_training_with_chunked_loss_and_checkpointing_matches_plain(tmp_pat
         train(parse_spec(data), progress=False)
         [run] = runs_of(tmp_path / label)
         curves.append(losses(run))
+        if label == "plain":
+            assert calls == {"chunked": 0, "checkpoint": 0}
+    assert calls == {"chunked": 4, "checkpoint": 4 * 2}  # 4 steps; 2 blocks each
     assert len(curves[0]) == 4
     for step, loss in curves[0].items():
         assert curves[1][step] == pytest.approx(loss, abs=1e-4)
