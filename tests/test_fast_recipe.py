@@ -180,3 +180,30 @@ def test_tiny_training_with_chunked_loss_and_checkpointing_matches_plain(tmp_pat
     assert len(curves[0]) == 4
     for step, loss in curves[0].items():
         assert curves[1][step] == pytest.approx(loss, abs=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp"])  # FSDP2: hooks inside the checkpointed blocks, the head in the root
+def test_two_gloo_ranks_with_chunked_loss_and_checkpointing_log_the_losses_of_one_process(tmp_path, strategy):
+    import os
+    import subprocess
+    import sys
+
+    from training_utils import ROOT, run_minigpt, write_spec
+
+    spec = write_spec(tmp_path, model={"drop_rate": 0.0}, train={
+        "max_steps": 3, "batch_size": 4, "strategy": strategy, "eval_every": 0, "save_every": 0,
+        "log_every": 1, "loss_chunk": 24, "activation_checkpointing": True})
+    one = run_minigpt("train", spec, "--no-progress", "--set", f"train.out_dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    two = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "minigpt", "train", str(spec),
+         "--no-progress", "--set", f"train.out_dir={tmp_path / 'two'}"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    (run_one,), (run_two,) = runs_of(tmp_path / "one"), runs_of(tmp_path / "two")
+    a, b = losses(run_one), losses(run_two)
+    assert list(a) == list(b) == [1, 2, 3]
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
