@@ -207,3 +207,13 @@ def test_two_gloo_ranks_with_chunked_loss_and_checkpointing_log_the_losses_of_on
     assert list(a) == list(b) == [1, 2, 3]
     for step in a:
         assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
+
+
+def test_a_head_with_forward_hooks_takes_the_plain_loss():
+    # Adapters such as book.lora add their output through a forward hook on out_head: the chunked
+    # path reads the weight directly and would skip it, so such a head takes the plain path.
+    model = build_model(spec_from_preset("gpt2-124m", model={**SHAPE, "drop_rate": 0.0}, tokenizer=CHAR))
+    model.out_head.register_forward_hook(lambda module, args, out: out + 0.5 * args[0][..., :1])
+    idx = torch.randint(0, 300, (2, 17))
+    want = F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
+    assert model(idx[:, :-1], targets=idx[:, 1:], loss_chunk=8).item() == pytest.approx(want.item(), abs=1e-6)
