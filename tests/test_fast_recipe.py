@@ -217,3 +217,31 @@ def test_a_head_with_forward_hooks_takes_the_plain_loss():
     idx = torch.randint(0, 300, (2, 17))
     want = F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
     assert model(idx[:, :-1], targets=idx[:, 1:], loss_chunk=8).item() == pytest.approx(want.item(), abs=1e-6)
+
+
+def test_import_hf_builds_the_fast_recipe_and_book_on_request_with_transformers_logits(tmp_path, registry):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from minigpt_core.cli import main
+    from minigpt_core.checkpoint import load_model
+    from minigpt_core.pretrained import import_hf
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                                    initializer_range=0.2, bos_token_id=None, eos_token_id=None)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    idx = torch.randint(0, 50257, (2, 16))
+    with torch.no_grad():
+        want = hf(idx).logits
+    fast, fast_spec = import_hf(tmp_path / "hf", registry)
+    book, book_spec = import_hf(tmp_path / "hf", registry, components=BOOK_COMPONENTS)
+    assert {s: getattr(fast_spec.model, s).name for s in FAST_COMPONENTS} == \
+        {s: t["name"] for s, t in FAST_COMPONENTS.items()}
+    assert {s: getattr(book_spec.model, s).name for s in BOOK_COMPONENTS} == \
+        {s: t["name"] for s, t in BOOK_COMPONENTS.items()}
+    assert book_spec.model.norm.params == fast_spec.model.norm.params == {"eps": 1e-5}  # the config's eps kept
+    with torch.no_grad():
+        for model in (fast.eval(), book.eval()):
+            assert (model(idx) - want).abs().max().item() < 1e-4
+    assert main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "book"), "--book"]) == 0
+    assert load_model(tmp_path / "book")[1].model.norm.name == "book.layernorm"
