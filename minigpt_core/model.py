@@ -125,13 +125,13 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         for i in range(0, n, chunk):
             h, t = hidden[i:i + chunk], targets[i:i + chunk]
             logits = F.linear(h, weight)  # autocast (if on) picks the matmul's dtype, as the plain head does
-            lf = logits.float()
-            total += F.cross_entropy(lf, t, reduction="sum")
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            total -= logp.gather(1, t[:, None]).sum()
             if want_h or want_w:
-                g = torch.softmax(lf, dim=-1)  # d(sum CE)/d logits = softmax - one-hot
+                g = logp.exp_()  # in place: d(sum CE)/d logits = softmax - one-hot
                 g[torch.arange(len(t), device=g.device), t] -= 1
                 g = g.to(logits.dtype)
-                del lf, logits
+                del logp, logits
                 if want_h:
                     grad_h[i:i + chunk] = g @ weight
                 if want_w:
