@@ -229,7 +229,7 @@ class TrainSpec(_Strict):
                                                        "gradient scaler and needs a GPU)")
     device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     compile: bool = Field(False, description="torch.compile the model")
-    loss_chunk: int = Field(1024, ge=0, description="tokens whose output-head logits and cross-entropy are "
+    loss_chunk: int = Field(256, ge=0, description="tokens whose output-head logits and cross-entropy are "
                             "computed at once in the language-model loss (with their gradients, so the "
                             "full-vocabulary logits of a batch never exist together; 0: all at once)")
     activation_checkpointing: bool | Literal["blocks"] = Field(
