@@ -1,22 +1,27 @@
-"""Training throughput: assembled GPT-2 recipes vs Hugging Face transformers' GPT2LMHeadModel.
+"""Training throughput and memory: minigpt's GPT-2 recipes vs Hugging Face transformers' GPT2LMHeadModel.
 
 One training step = forward, loss, backward, AdamW step, on random tokens. Models of identical
 shapes (GPT-2's recipe: q/k/v biases, tied head, tanh GELU, LayerNorm, dropout 0) are timed
 round-robin in one process, in fp32 and bf16 autocast, so machine noise hits them alike:
 
-* ``ours/book.multihead``: the book's MultiHeadAttention;
-* ``ours/<name>`` for every other registered attention with the ``gpt2`` capability
-  (``torch.sdpa``, ...), the fastest of which is what the GPT-2 recipe should use;
+* ``fast``: the default ``gpt2-*`` recipe (torch.sdpa, torch.layernorm, torch.gelu_tanh) with the
+  trainer's default chunked head + cross-entropy (train.loss_chunk);
+* ``fast/fused_qkv``: the same with torch.fused_qkv attention (which SDPA attention is faster);
+* ``fast/loss_chunk=0``: the plain loss (full-vocabulary logits of the whole batch at once);
+* ``fast/ckpt``: with activation checkpointing (train.activation_checkpointing);
+* ``book``: the ``book-gpt2-*`` recipe (the book's classes) with the plain loss, as before;
 * ``transformers``: GPT2LMHeadModel, its default attention implementation.
 
+A second table compares the book and the fast recipe at the quickstart shape (fp32).
 MFU is achieved model FLOP/s over this machine's matmul peak in the same dtype, measured here
 (minigpt_core.train.flops.measure_matmul_peak). Peak memory of a training step is measured in a
 fresh child process per model (CPU, Linux: growth of the peak resident set VmHWM over the RSS
 after imports, freed blocks returned to the OS; CUDA: torch.cuda.max_memory_allocated).
 
-    python benchmarks/train_throughput.py            # CPU default: 4 layers, emb 256, ctx 256, batch 4
-    python benchmarks/train_throughput.py --write    # also append the table to benchmarks/RESULTS.md
-    python benchmarks/train_throughput.py --layers 12 --emb 768 --heads 12 --ctx 1024 --batch 8   # GPU
+    python benchmarks/train_throughput.py            # 124M shape, ctx 256, batch 4, 5 repeats (CPU: ~15 min)
+    python benchmarks/train_throughput.py --quick    # tiny shapes, a smoke test under a minute
+    python benchmarks/train_throughput.py --write    # also append the tables to benchmarks/RESULTS.md
+    python benchmarks/train_throughput.py --ctx 1024 --batch 8   # GPU
 """
 
 from __future__ import annotations
@@ -32,20 +37,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import append_results, machine, time_alternating  # noqa: E402
 
-from minigpt_core import build_model, get_registry, spec_from_preset  # noqa: E402
+from minigpt_core import build_model, spec_from_preset  # noqa: E402
+from minigpt_core.spec import TrainSpec  # noqa: E402
 from minigpt_core.summary import summarize  # noqa: E402
 from minigpt_core.train import autocast, build_optimizer, lm_loss, select_device  # noqa: E402
 from minigpt_core.train.flops import PRECISION_DTYPES, measure_matmul_peak  # noqa: E402
 
-BOOK = "book.multihead"
 HF = "transformers"
-
-
-def gpt2_attentions() -> list[str]:
-    """The book's attention first, then every other registered one that can hold GPT-2 weights."""
-    reg = get_registry()
-    others = [e.name for e in reg.entries("attention") if e.has("gpt2") and e.has("causal") and e.name != BOOK]
-    return [BOOK, *others]
+DEFAULT_CHUNK = TrainSpec.model_fields["loss_chunk"].default
+# name -> (preset, model overrides, loss_chunk, activation checkpointing)
+VARIANTS = {
+    "fast": ("gpt2-124m", {}, DEFAULT_CHUNK, False),
+    "fast/fused_qkv": ("gpt2-124m", {"attention": {"name": "torch.fused_qkv"}}, DEFAULT_CHUNK, False),
+    "fast/loss_chunk=0": ("gpt2-124m", {}, 0, False),
+    "fast/ckpt": ("gpt2-124m", {}, DEFAULT_CHUNK, True),
+    "book": ("book-gpt2-124m", {}, 0, False),
+}
 
 
 def build(name: str, a: argparse.Namespace) -> torch.nn.Module:
@@ -56,26 +63,29 @@ def build(name: str, a: argparse.Namespace) -> torch.nn.Module:
         config = GPT2Config(vocab_size=a.vocab, n_positions=a.ctx, n_embd=a.emb, n_layer=a.layers, n_head=a.heads,
                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         return GPT2LMHeadModel(config)
-    spec = spec_from_preset("gpt2-124m", model={
+    preset, overrides, chunk, ckpt = VARIANTS[name]
+    spec = spec_from_preset(preset, model={
         "vocab_size": a.vocab, "context_length": a.ctx, "emb_dim": a.emb, "n_layers": a.layers, "n_heads": a.heads,
-        "drop_rate": 0.0, "qkv_bias": True, "tie_weights": True, "attention": {"name": name.split("/", 1)[1]},
-        "init": {"name": "gpt2.normal"}}, tokenizer={"name": "char"})  # no text is tokenized here
-    return build_model(spec)
+        "drop_rate": 0.0, "qkv_bias": True, "tie_weights": a.tied, "init": {"name": "gpt2.normal"}, **overrides},
+        tokenizer={"name": "char"})  # no text is tokenized here
+    model = build_model(spec)
+    model.loss_chunk, model.activation_checkpointing = chunk, ckpt
+    return model
 
 
 def make_step(model: torch.nn.Module, precision: str, a: argparse.Namespace, device: torch.device):
     """A closure running one full training step (the same loss and optimizer for every model)."""
     model.to(device).train()
-    optimizer = build_optimizer(model, spec_from_preset("tiny").train, device)
+    optimizer = build_optimizer(model, TrainSpec(), device)
     gen = torch.Generator().manual_seed(1)
     batch = torch.randint(0, a.vocab, (a.batch, a.ctx + 1), generator=gen).to(device)
     x, y = batch[:, :-1], batch[:, 1:]
     is_hf = not hasattr(model, "trf_blocks")
 
     def step() -> None:
-        with autocast(device, precision):
-            logits = model(input_ids=x).logits if is_hf else model(x)  # (B, T, V)
-        lm_loss(logits, y).backward()
+        with autocast(device, precision):  # ours: the loss as the trainer takes it (inside forward)
+            loss = lm_loss(model(input_ids=x).logits, y) if is_hf else model(x, targets=y, loss_chunk=model.loss_chunk)
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -126,66 +136,94 @@ def report(times: dict, memory: dict, peaks: dict, flops_per_token: int, a: argp
     tokens = a.batch * a.ctx
     lines = [
         f"Training step (forward, loss, backward, fused AdamW) of GPT-2-recipe models: {a.layers} layers, emb {a.emb}, "
-        f"{a.heads} heads, context {a.ctx}, vocab {a.vocab}, batch {a.batch} ({tokens:,} tokens/step), dropout 0; "
-        f"{n_params[HF]:,} parameters each"
+        f"{a.heads} heads, context {a.ctx}, vocab {a.vocab}, batch {a.batch} ({tokens:,} tokens/step), dropout 0, "
+        f"{'tied' if a.tied else 'untied'} head; {n_params[HF]:,} parameters each"
         f"{'' if len(set(n_params.values())) == 1 else ' (ours differ: ' + str(n_params) + ')'}. Median of {a.repeats} "
-        f"round-robin repeats after a warm-up step. Matmul peak measured here: "
+        f"round-robin repeats after a warm-up step; loss_chunk default {DEFAULT_CHUNK}. Matmul peak measured here: "
         + ", ".join(f"{p} {peaks[p] / 1e9:,.0f} GFLOP/s" for p in a.precisions) + ".",
         "",
-        "| model | precision | tokens/s | vs transformers | vs own fp32 | MFU | peak memory MiB | memory vs transformers |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | precision | tokens/s | vs transformers | vs book | vs own fp32 | MFU | peak memory MiB "
+        "| memory vs transformers |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for (name, precision), seconds in times.items():
         tok_s = tokens / seconds
         hf = tokens / times[(HF, precision)]
+        book = tokens / times[("book", precision)] if ("book", precision) in times else None
         own_fp32 = tokens / times[(name, "fp32")] if (name, "fp32") in times else None
         mfu = flops_per_token * tok_s / peaks[precision]
         mem = memory.get((name, precision))
         mem_hf = memory.get((HF, precision))
         lines.append(
-            f"| {name} | {precision} | {tok_s:,.0f} | {tok_s / hf:.2f}x | "
+            f"| {name} | {precision} | {tok_s:,.0f} | {tok_s / hf:.2f}x | {f'{tok_s / book:.2f}x' if book else '-'} | "
             f"{f'{tok_s / own_fp32:.2f}x' if own_fp32 else '-'} | {mfu:.1%} | "
             f"{f'{mem:,.0f}' if mem is not None else '-'} | {f'{mem / mem_hf:.2f}x' if mem and mem_hf else '-'} |")
     return "\n".join(lines)
 
 
+def quickstart_table(a: argparse.Namespace, device: torch.device) -> str:
+    """experiments/quickstart.toml's shape (char vocab 128, ctx 128, emb 128, 4 heads, 4 layers, batch 32), fp32."""
+    q = argparse.Namespace(**{**vars(a), "vocab": 128, "ctx": 128, "emb": 128, "heads": 4, "layers": 4, "batch": 32,
+                              "tied": True})
+    if a.quick:
+        q.batch = 8
+    names = ["book", "fast"]
+    steps = {n: make_step(build(n, q), "fp32", q, device) for n in names}
+    times = time_alternating(steps, repeats=a.repeats, warmup=1, sync=sync_fn(device))
+    tokens = q.batch * q.ctx
+    book = tokens / times["book"]
+    rows = "\n".join(f"| {n} | {tokens / times[n]:,.0f} | {tokens / times[n] / book:.2f}x |" for n in names)
+    return (f"Quickstart shape (vocab 128, ctx 128, emb 128, 4 heads, 4 layers, batch {q.batch}, fp32; median of "
+            f"{a.repeats} round-robin repeats):\n\n| recipe | tokens/s | vs book |\n|---|---|---|\n{rows}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--emb", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--emb", type=int, default=768)
+    p.add_argument("--heads", type=int, default=12)
     p.add_argument("--ctx", type=int, default=256)
     p.add_argument("--vocab", type=int, default=50257)
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--untied", dest="tied", action="store_false", help="an untied output head (default tied)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--precisions", default="fp32,bf16")
-    p.add_argument("--attentions", default=None, help="comma list (default: book.multihead and every gpt2-capable one)")
+    p.add_argument("--models", default=None, help=f"comma list (default: {', '.join(VARIANTS)}, {HF})")
     p.add_argument("--device", default="auto")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, 3 repeats, no memory: a smoke test")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    p.add_argument("--no-quickstart", action="store_true", help="skip the quickstart-shape table")
     p.add_argument("--write", action="store_true", help="append the results to benchmarks/RESULTS.md")
     p.add_argument("--_memory", nargs=2, metavar=("MODEL", "PRECISION"), help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.quick:
+        a.layers, a.emb, a.heads, a.ctx, a.vocab, a.batch, a.repeats = 2, 64, 2, 32, 1000, 2, 3
+        a.no_memory = True
     a.precisions = a.precisions.split(",")
     device = select_device(a.device)
     if a._memory:
         print(_peak_memory_here(a._memory[0], a._memory[1], a, device))
         return
 
-    attentions = a.attentions.split(",") if a.attentions else gpt2_attentions()
-    names = [f"ours/{n}" for n in attentions] + [HF]
+    names = a.models.split(",") if a.models else [*VARIANTS, HF]
     models = {n: build(n, a) for n in names}
     n_params = {n: sum(t.numel() for t in m.parameters()) for n, m in models.items()}
     flops_per_token = summarize(models[names[0]]).flops_per_token
     print(f"{machine()}\nmodels: {n_params}", flush=True)
-    peaks = {prec: measure_matmul_peak(device, PRECISION_DTYPES[prec]) for prec in a.precisions}
+    peaks = {prec: measure_matmul_peak(device, PRECISION_DTYPES[prec], seconds=0.2 if a.quick else 1.0)
+             for prec in a.precisions}
     steps = {(n, prec): make_step(m, prec, a, device) for n, m in models.items() for prec in a.precisions}
     times = time_alternating(steps, repeats=a.repeats, warmup=1, sync=sync_fn(device))
     del models, steps
     memory = {} if a.no_memory else {(n, prec): peak_memory(n, prec, a) for n in names for prec in a.precisions}
     table = report(times, memory, peaks, flops_per_token, a, n_params)
-    print(table)
+    print(table, flush=True)
+    if not a.no_quickstart:
+        quick = quickstart_table(a, device)
+        print("\n" + quick)
+        table += "\n\n" + quick
     if a.write:
-        append_results("Training throughput: assembled GPT-2 recipe vs transformers GPT2LMHeadModel", table)
+        append_results("Training throughput: minigpt GPT-2 recipes vs transformers GPT2LMHeadModel", table)
 
 
 if __name__ == "__main__":

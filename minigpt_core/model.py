@@ -9,12 +9,13 @@ trf_blocks, final_norm, out_head) so its state dicts load as they are.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .spec import ExperimentSpec, ModelSpec, ResolvedComponent
 
 __all__ = ["BuildContext", "KVCache", "LayerKVCache", "GPT", "build_model", "mark_residual_projection",
-           "is_residual_projection"]
+           "is_residual_projection", "chunked_head_loss"]
 
 RESIDUAL_PROJECTION_ATTR = "_minigpt_residual_projection"
 ATTENTION_MODULE_ATTR = "_minigpt_attention"  # set on each module built for the attention slot
@@ -105,6 +106,69 @@ class KVCache:
         self.offset += n
 
 
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, ``chunk`` rows at a time.
+
+    Each chunk's logits (fp32 for the loss, whatever the autocast dtype of the matmul) live only
+    while that chunk is processed: the forward pass computes the loss and, when gradients are
+    wanted, the gradients of ``hidden`` and ``weight`` too (softmax - one-hot), so nothing of the
+    (N, V) logits is kept for backward and the head's matmuls are not recomputed. Backward only
+    scales the stored gradients by the incoming one.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk, want_h, want_w):
+        n = hidden.shape[0]
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for i in range(0, n, chunk):
+            h, t = hidden[i:i + chunk], targets[i:i + chunk]
+            logits = F.linear(h, weight)  # autocast (if on) picks the matmul's dtype, as the plain head does
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            total -= logp.gather(1, t[:, None]).sum()
+            if want_h or want_w:
+                g = logp.exp_()  # in place: d(sum CE)/d logits = softmax - one-hot
+                g[torch.arange(len(t), device=g.device), t] -= 1
+                g = g.to(logits.dtype)
+                del logp, logits
+                if want_h:
+                    grad_h[i:i + chunk] = g @ weight
+                if want_w:
+                    grad_w += (g.t() @ h).float()
+        # Kept on ctx (not inputs or outputs); backward scales them in place: no second copy.
+        ctx.grad_h = grad_h.div_(n) if want_h else None
+        ctx.grad_w = grad_w.div_(n) if want_w else None
+        ctx.weight_dtype = weight.dtype
+        return total / n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        gh, gw = ctx.grad_h, ctx.grad_w
+        ctx.grad_h = ctx.grad_w = None
+        if gh is not None:
+            gh = gh.mul_(grad_out.to(gh.dtype))
+        if gw is not None:
+            gw = gw.mul_(grad_out).to(ctx.weight_dtype)
+        return gh, gw, None, None, None, None
+
+
+def chunked_head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                      chunk: int) -> torch.Tensor:
+    """Mean next-token cross-entropy (fp32) of the head ``weight`` (V, C) over ``hidden`` (..., C).
+
+    Equals ``F.cross_entropy((hidden @ weight.T).float(), targets)`` without holding more than
+    ``chunk`` rows of logits at once; ``chunk <= 0`` is the plain computation.
+    """
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    if chunk <= 0:
+        return F.cross_entropy(F.linear(hidden, weight).float(), targets)
+    grad = torch.is_grad_enabled()
+    return _ChunkedHeadLoss.apply(hidden, weight, targets, chunk,
+                                  grad and hidden.requires_grad, grad and weight.requires_grad)
+
+
 class GPT(nn.Module):
     def __init__(self, model: ModelSpec, components: dict[str, ResolvedComponent]):
         super().__init__()
@@ -125,9 +189,27 @@ class GPT(nn.Module):
         # Modules that add a training loss (e.g. a mixture-of-experts load-balancing term) set
         # `self.aux_loss` in forward; found once here so the training step does no module walk.
         self._aux_loss_modules = [m for m in self.modules() if m is not self and hasattr(m, "aux_loss")]
+        # Recompute each block's activations in backward instead of keeping them (train.activation_checkpointing).
+        self.activation_checkpointing = False
 
-    def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        # idx: (B, T) token ids -> logits (B, T, vocab_size)
+    def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None, *,
+                targets: torch.Tensor | None = None, loss_chunk: int = 0) -> torch.Tensor:
+        """Logits (B, T, vocab_size) of token ids ``idx`` (B, T); with ``targets`` (B, T), the mean
+        next-token loss instead (fp32), its head and cross-entropy taken ``loss_chunk`` tokens at a
+        time (0: all at once) so the full-vocabulary logits never exist together. The loss is
+        computed inside forward so a DDP / FSDP wrapper's hooks see the head's weight used."""
+        x = self.hidden(idx, kv_cache)
+        if targets is None:
+            return self.out_head(x)  # (B, T, V)
+        head = self.out_head
+        if type(head) is not nn.Linear or head.bias is not None or head._forward_hooks or head._forward_pre_hooks:
+            loss_chunk = 0  # an adapted head (e.g. LoRA's hook) must run as a module: the plain path
+        if loss_chunk <= 0:
+            return F.cross_entropy(head(x).flatten(0, 1).float(), targets.flatten())
+        return chunked_head_loss(x, head.weight, targets, loss_chunk)
+
+    def hidden(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """The final norm's output (B, T, C): what the output head reads."""
         _, t = idx.shape
         x = self.tok_emb(idx)  # (B, T, C)
         start = 0 if kv_cache is None else kv_cache.offset
@@ -135,14 +217,15 @@ class GPT(nn.Module):
             x = x + self.pos_emb(torch.arange(start, start + t, device=idx.device))  # (T, C) broadcast
         x = self.drop_emb(x)
         if kv_cache is None:
+            checkpointed = self.activation_checkpointing and self.training and torch.is_grad_enabled()
             for block in self.trf_blocks:
-                x = block(x)
+                # Non-reentrant: works under DDP / FSDP2 hooks and restores the RNG, so dropout repeats.
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False) if checkpointed else block(x)
         else:
             for block, layer_cache in zip(self.trf_blocks, kv_cache.layers):
                 x = block(x, kv_cache=layer_cache)
             kv_cache.advance(t)
-        x = self.final_norm(x)
-        return self.out_head(x)  # (B, T, V)
+        return self.final_norm(x)
 
     def aux_loss(self) -> torch.Tensor | None:
         """Sum of the auxiliary losses the last forward pass produced, or None if no module adds one."""

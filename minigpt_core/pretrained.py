@@ -80,8 +80,11 @@ def _read_config(directory: Path) -> dict[str, Any]:
     return config
 
 
-def _model_section(fmt: Any, config: Mapping[str, Any], attention: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def _model_section(fmt: Any, config: Mapping[str, Any], attention: Mapping[str, Any] | None = None,
+                   components: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     section = dict(fmt.model_section(config))
+    for slot, table in (components or {}).items():  # another name keeps the format's params (e.g. eps)
+        section[slot] = {**section.get(slot, {}), **table}
     if attention:
         section["attention"] = dict(attention)
     return section
@@ -220,12 +223,15 @@ def resolve_hf_source(source: str, cache_dir: str | Path | None = None) -> Path:
 # -- import / export -------------------------------------------------------------------------
 def import_hf(source: str | Path, registry: ComponentRegistry | None = None, *,
               base: ExperimentSpec | None = None, attention: Mapping[str, Any] | None = None,
-              cache_dir: str | Path | None = None) -> tuple[GPT, ExperimentSpec]:
+              cache_dir: str | Path | None = None,
+              components: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[GPT, ExperimentSpec]:
     """Build a minigpt GPT holding a Hugging Face checkpoint (a directory or a hub id).
 
     The model section comes from the checkpoint's config (through the ``weights`` format that
     reads its model_type); everything else (name, tokenizer, data, training) from ``base`` when
-    given. ``attention`` picks any attention the format accepts (for GPT-2: the gpt2 capability).
+    given. ``attention`` picks any attention the format accepts (for GPT-2: the gpt2 capability);
+    ``components`` names other components for slots (e.g. ``minigpt_core.spec.BOOK_COMPONENTS``),
+    keeping the format's params.
     """
     from ._plugins import get_registry
 
@@ -235,7 +241,7 @@ def import_hf(source: str | Path, registry: ComponentRegistry | None = None, *,
     fmt = weights_format(registry, model_type=config.get("model_type"))
     data = base.model_dump(mode="json", exclude_none=True) if base is not None else {"name": "gpt2-import"}
     data.pop("preset", None)
-    data["model"] = _model_section(fmt, config, attention)
+    data["model"] = _model_section(fmt, config, attention, components)
     _, hf_state = read_hf_checkpoint(directory)
     spec = parse_spec(data, source=f"{directory}/config.json", registry=registry)
     fmt.check(spec.components, export=False)

@@ -117,7 +117,7 @@ BOOK_CFG = dict(vocab_size=50257, context_length=1024, emb_dim=768, n_heads=12, 
 def book_pair():
     torch.manual_seed(123)
     ref = RefGPTModel(BOOK_CFG)
-    return ref, build_model(spec_from_preset("gpt2-124m"))  # seeds with spec.seed = 123
+    return ref, build_model(spec_from_preset("book-gpt2-124m"))  # seeds with spec.seed = 123
 
 
 def test_gpt2_recipe_creates_the_books_parameters_in_order_with_the_same_values(book_pair):
@@ -152,7 +152,7 @@ def test_assembled_forward_runs_exactly_the_hand_written_ops():
     cfg = dict(BOOK_CFG, vocab_size=300, context_length=32, emb_dim=64, n_heads=4, n_layers=3)
     torch.manual_seed(123)
     ref = RefGPTModel(cfg).eval()
-    model = build_model(spec_from_preset("gpt2-124m", model=cfg, tokenizer={"name": "char"})).eval()
+    model = build_model(spec_from_preset("book-gpt2-124m", model=cfg, tokenizer={"name": "char"})).eval()
     idx = torch.randint(0, 300, (2, 32))
     with OpRecorder() as a:
         ref_out = ref(idx)

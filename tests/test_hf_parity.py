@@ -68,7 +68,7 @@ def test_import_matches_transformers_logits_and_greedy_generation(hf_small, regi
     m = spec.model
     assert (m.attention.name, m.qkv_bias, m.tie_weights, m.emb_dim, m.n_layers, m.context_length) == \
         (attention, True, True, 64, 2, 64)
-    assert m.norm.params == {"eps": 1e-5} and m.activation.name == "book.gelu"
+    assert m.norm.params == {"eps": 1e-5} and m.activation.name == "torch.gelu_tanh"
     model.eval()
     with torch.no_grad():
         assert _max_diff(model(hf_small["idx"]), hf_small["logits"]) <= TOL

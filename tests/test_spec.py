@@ -48,7 +48,7 @@ eps = 1e-6
 ''')
     spec = load_spec(path)
     assert spec.name == "ablation" and spec.model.n_layers == 2 and spec.model.emb_dim == 768
-    assert spec.model.norm.name == "book.layernorm" and spec.model.norm.params == {"eps": 1e-6}
+    assert spec.model.norm.name == "torch.layernorm" and spec.model.norm.params == {"eps": 1e-6}
 
 
 def test_command_line_overrides_are_validated_like_the_file(tmp_path):

@@ -24,8 +24,11 @@ def _import_args(p):
     p.add_argument("source", help="Hugging Face GPT-2 directory (config.json + model.safetensors or "
                                   "pytorch_model.bin), or a hub id such as gpt2 / gpt2-medium (needs network)")
     p.add_argument("out", help="new minigpt checkpoint directory")
-    p.add_argument("--attention", default="book.multihead",
-                   help="any attention with the gpt2 capability (default book.multihead)")
+    p.add_argument("--attention", default=None,
+                   help="any attention with the gpt2 capability (default torch.sdpa; book.multihead with --book)")
+    p.add_argument("--book", action="store_true",
+                   help="the book's classes (book.multihead, book.layernorm, book.gelu) instead of the same "
+                        "function on PyTorch's fused kernels (torch.sdpa, torch.layernorm, torch.gelu_tanh)")
     p.add_argument("--name", default=None, help="run name stored in the spec (default: the source's name)")
 
 
@@ -34,11 +37,13 @@ def _import_args(p):
 def import_hf_command(args) -> int:
     from ..checkpoint import save_model
     from ..pretrained import import_hf
-    from ..spec import ExperimentSpec
+    from ..spec import BOOK_COMPONENTS, ExperimentSpec
 
     out = _fresh_output(args.out)
     name = args.name or Path(args.source.rstrip("/")).name or "gpt2-import"
-    model, spec = import_hf(args.source, base=ExperimentSpec(name=name), attention={"name": args.attention})
+    model, spec = import_hf(args.source, base=ExperimentSpec(name=name),
+                            attention={"name": args.attention} if args.attention else None,
+                            components=BOOK_COMPONENTS if args.book else None)
     save_model(model, spec, out, meta={"imported_from": args.source})
     m = spec.model
     print(f"imported {args.source} -> {out} ({m.n_layers} layers, emb {m.emb_dim}, {m.n_heads} heads, "

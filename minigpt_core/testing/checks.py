@@ -23,10 +23,12 @@ from ..registry import KINDS, ComponentEntry
 from ..spec import MODEL_SLOTS
 from .subject import MODULE_KINDS, SEQUENCE_KINDS, CheckSkipped, Subject
 
-__all__ = ["Check", "CHECKS", "conformance_check", "applicable_checks", "REFERENCE_ATTENTION"]
+__all__ = ["Check", "CHECKS", "conformance_check", "applicable_checks", "REFERENCE_ATTENTION", "REFERENCE_COMPONENTS"]
 
 # The attention the equivalence check compares against (the book's MultiHeadAttention).
 REFERENCE_ATTENTION = "book.multihead"
+# GPT-2's other functions: a gpt2 norm or activation must compute what the book's does.
+REFERENCE_COMPONENTS = {"attention": REFERENCE_ATTENTION, "norm": "book.layernorm", "activation": "book.gelu"}
 
 
 @dataclass(frozen=True)
@@ -289,12 +291,38 @@ def _canonical_or_skip(s: Subject, module: nn.Module) -> tuple[dict[str, torch.T
     raise CheckSkipped(f"{s.label} has no canonical (GPT-2) weight layout to copy weights through")
 
 
-@conformance_check("equivalence", f"equals {REFERENCE_ATTENTION} (<= 1e-5) after copying weights through the "
-                   f"canonical layout", {"attention"}, when=lambda e: e.has("gpt2") or e.has("multihead"))
+def _norm_roles(module: nn.Module) -> dict[str, nn.Parameter]:
+    """A LayerNorm's gain and shift under one name each (the book's scale/shift, torch's weight/bias)."""
+    names = {"scale": "gain", "weight": "gain", "shift": "shift", "bias": "shift"}
+    return {names[n]: p for n, p in module.named_parameters() if n in names}
+
+
+@torch.no_grad()
+def _check_same_function(s: Subject, reference: Subject) -> None:
+    """A gpt2 norm or activation against the book's: same output (and, for a norm, after copying its gain/shift)."""
+    x = s.inputs() * 3  # spread well into GELU's curved part
+    candidate, ref = s.build_module(seed=0).eval(), reference.build_module(seed=1).eval()
+    if s.entry.kind == "norm":
+        theirs, mine = _norm_roles(ref), _norm_roles(candidate)
+        gen = torch.Generator().manual_seed(3)
+        for role, p in mine.items():  # random, not the ones/zeros both start with
+            p.copy_(torch.randn(p.shape, generator=gen).to(p))
+            theirs[role].copy_(p)
+        for role in set(theirs) - set(mine):  # e.g. a norm without shift: the reference's is zero
+            theirs[role].zero_()
+    _expect_close(s, candidate(x), ref(x), f"compared with {reference.label}, output")
+
+
+@conformance_check("equivalence", f"equals the book's component ({REFERENCE_ATTENTION}, book.layernorm, book.gelu; "
+                   f"<= 1e-5) after copying weights through the canonical layout", {"attention", "norm", "activation"},
+                   when=lambda e: e.has("gpt2") or (e.kind == "attention" and e.has("multihead")))
 def check_equivalence(s: Subject) -> None:
-    if ("attention", REFERENCE_ATTENTION) not in s.registry:
-        raise CheckSkipped(f"the reference attention {REFERENCE_ATTENTION} is not registered")
-    reference = Subject(s.registry.get("attention", REFERENCE_ATTENTION), s.registry, device=s.device)
+    ref_name = REFERENCE_COMPONENTS[s.entry.kind]
+    if (s.entry.kind, ref_name) not in s.registry:
+        raise CheckSkipped(f"the reference {s.entry.kind} {ref_name} is not registered")
+    reference = Subject(s.registry.get(s.entry.kind, ref_name), s.registry, device=s.device)
+    if s.entry.kind != "attention":
+        return _check_same_function(s, reference)
     x = s.inputs()
     for qkv_bias in (False, True):
         candidate = s.build_module(seed=0, qkv_bias=qkv_bias).eval()

@@ -162,6 +162,7 @@ RESUME_SAFE_FIELDS = (
     "train.out_dir", "train.peak_flops", "train.sample_prompt", "train.sample_tokens", "train.sample_temperature",
     "train.sample_top_k", "train.log_attention_every", "train.attention_prompt", "data.cache_dir", "data.workers", "description", "wandb.*",
     "train.meta_init", "train.sharded_checkpoint",  # how the model is built and saved, not what it learns
+    "train.loss_chunk", "train.activation_checkpointing",  # memory knobs: the same function
 )
 _UNSET = object()
 
@@ -429,6 +430,8 @@ class Trainer:
 
         # -- device, wrapping, optimizer -----------------------------------------------------------
         self.model = model if meta_build else model.to(self.device)  # the plain GPT: checkpoints, evaluation...
+        if hasattr(model, "activation_checkpointing"):  # before wrapping: FSDP2 / DDP hook the blocks as they are
+            model.activation_checkpointing = bool(t.activation_checkpointing)
         self.wrapped = wrap_model(model, t.strategy, self.env, self.device)
         self.fsdp = self.env.enabled and t.strategy == "fsdp"
         self.sharded = self.fsdp and t.sharded_checkpoint
@@ -634,9 +637,12 @@ class Trainer:
             piece = batch[i * self.micro_batch:(i + 1) * self.micro_batch]
             with gradient_sync(self.wrapped, t.strategy, sync=i == self.accum - 1):
                 with autocast(self.device, t.precision):
-                    inputs = piece[:, :-1] if self.task is None else self.task.inputs(piece)
-                    logits = self.forward(inputs)  # (B, T, V)
-                loss = lm_loss(logits, piece[:, 1:]) if self.task is None else self.task.loss(logits, piece)
+                    if self.task is None:  # the model's forward takes the loss: head + CE in chunks
+                        loss = self.forward(piece[:, :-1], targets=piece[:, 1:], loss_chunk=t.loss_chunk)
+                    else:
+                        logits = self.forward(self.task.inputs(piece))  # (B, T, V)
+                if self.task is not None:
+                    loss = self.task.loss(logits, piece)
                 aux = self.model.aux_loss()  # e.g. a mixture-of-experts balance term, else None
                 total = loss if aux is None else loss + aux
                 self.scaler.scale(total / self.accum).backward()

@@ -222,9 +222,10 @@ def gpt2_model_section(config: Mapping[str, Any]) -> dict[str, Any]:
         "n_heads": config["n_head"], "n_layers": config["n_layer"],
         "drop_rate": config.get("resid_pdrop", 0.1), "qkv_bias": True,
         "tie_weights": bool(config.get("tie_word_embeddings", True)),
-        "attention": {"name": "book.multihead"},
-        "norm": {"name": "book.layernorm", "params": {"eps": config.get("layer_norm_epsilon", 1e-5)}},
-        "activation": {"name": "book.gelu"}, "feedforward": feedforward, "positional": {"name": "book.learned"},
+        # GPT-2's function on fused kernels (`minigpt import-hf --book`: the book's classes instead).
+        "attention": {"name": "torch.sdpa"},
+        "norm": {"name": "torch.layernorm", "params": {"eps": config.get("layer_norm_epsilon", 1e-5)}},
+        "activation": {"name": "torch.gelu_tanh"}, "feedforward": feedforward, "positional": {"name": "book.learned"},
         "block": {"name": "book.pre_norm"}, "init": {"name": "gpt2.normal"},
     }
 

@@ -1,7 +1,9 @@
 """minigpt plugin: PyTorch's own building blocks, registered as ``torch.*``.
 
 Attention on ``scaled_dot_product_attention`` (separate or fused QKV projections),
-``nn.MultiheadAttention`` and FlexAttention; ``nn.LayerNorm``; exact GELU, SiLU and ReLU.
+``nn.MultiheadAttention`` and FlexAttention; ``nn.LayerNorm``; exact and tanh-approximate GELU, SiLU and ReLU.
+``torch.sdpa``, ``torch.layernorm`` and ``torch.gelu_tanh`` compute GPT-2's function with fused kernels:
+the ``gpt2-*`` presets and ``minigpt import-hf`` use them (``book-gpt2-*`` keeps the book's classes).
 """
 
 from __future__ import annotations
@@ -90,6 +92,10 @@ def minigpt_register(registry):
     )
     registry.add("activation", "torch.gelu", lambda ctx, p: nn.GELU(),
                  description="exact GELU, x * Phi(x) (torch.nn.GELU; book.gelu is the tanh approximation)")
+    registry.add("activation", "torch.gelu_tanh", lambda ctx, p: nn.GELU(approximate="tanh"),
+                 description="GELU with GPT-2's tanh approximation in one fused kernel (nn.GELU(approximate="
+                             "'tanh')); the same function as book.gelu",
+                 capabilities={"gpt2"})
     registry.add("activation", "torch.silu", lambda ctx, p: nn.SiLU(),
                  description="SiLU / swish, x * sigmoid(x) (torch.nn.SiLU)")
     registry.add("activation", "torch.relu", lambda ctx, p: nn.ReLU(),
