@@ -78,7 +78,7 @@ def test_round_trip_loads_without_unpickling(trained, tmp_path, monkeypatch, met
     # ... and they differ from fp32 only by quantization error
     fp32 = _logits(load_model(trained)[0])
     err = (_logits(loaded) - fp32).abs().max()
-    assert 0 < err < 0.05 * fp32.abs().max(), (err, fp32.abs().max())
+    assert 0 < err < 0.15 * fp32.abs().max(), (err, fp32.abs().max())  # 7-bit activations on AVX2 (docs)
 
 
 def test_stored_as_int8_and_smaller(trained, int8):
@@ -161,7 +161,7 @@ def test_quantized_checkpoint_refused_for_training_and_export(int8, trained, tmp
     spec.write_text(_toml.dumps(data), encoding="utf-8")
     err = _error(capsys, "train", spec, "--no-progress")
     assert "int8-quantized checkpoint" in err and str(trained) in err
-    assert "int8-quantized" in _error(capsys, "train", "--resume", int8, "--no-progress")
+    assert "not a training checkpoint" in _error(capsys, "train", "--resume", int8, "--no-progress")
     assert "int8-quantized" in _error(capsys, "export-hf", int8, tmp_path / "hf")
     assert "already quantized" in _error(capsys, "sample", int8, "--quantize", "int8-weight")
     assert "--precision bf16" in _error(capsys, "eval", int8, "--precision", "bf16")
