@@ -215,6 +215,10 @@ def quantize_checkpoint(source: str | Path, out: str | Path, method: str = DEFAU
 
     get_method(method)
     source = Path(source)
+    done = read_meta(source).get("quantization")
+    if done:
+        raise QuantizationError(f"{source} is already an int8 checkpoint (method {done.get('method')}); quantize "
+                                f"the float checkpoint it was made from ({done.get('source', '?')}) instead.")
     model, spec = load_model(source)
     from .tasks import require_lm
 
@@ -257,7 +261,13 @@ def load_quantized(directory: Path, spec, state: dict[str, torch.Tensor], meta: 
     if getattr(model, "out_head", None) is not None and model.out_head.weight is model.tok_emb.weight:
         model.out_head.weight = nn.Parameter(model.tok_emb.weight.detach().clone())
     missing = [n for n in names if n + INT8_SUFFIX not in state or n + SCALE_SUFFIX not in state]
-    unknown = [n for n in names if not isinstance(n, str) or type(model.get_submodule(n)) is not nn.Linear]
+    def is_linear(n) -> bool:
+        try:
+            return type(model.get_submodule(n)) is nn.Linear
+        except (AttributeError, TypeError):
+            return False
+
+    unknown = [n for n in names if not is_linear(n)]
     if missing or unknown:
         raise CheckpointError(f"{directory} does not fit its spec: quantized layers "
                               f"{(missing + unknown)[:5]} are missing from the weights or not linear layers.")

@@ -164,6 +164,7 @@ def test_quantized_checkpoint_refused_for_training_and_export(int8, trained, tmp
     assert "not a training checkpoint" in _error(capsys, "train", "--resume", int8, "--no-progress")
     assert "int8-quantized" in _error(capsys, "export-hf", int8, tmp_path / "hf")
     assert "already quantized" in _error(capsys, "sample", int8, "--quantize", "int8-weight")
+    assert "already an int8 checkpoint" in _error(capsys, "quantize", int8, tmp_path / "again")
     assert "--precision bf16" in _error(capsys, "eval", int8, "--precision", "bf16")
 
 
