@@ -54,9 +54,11 @@ class Method:
 def _require_torchao() -> None:
     import logging
 
-    log = logging.getLogger("torchao")
-    level = log.level
-    log.setLevel(logging.ERROR)  # its import warns about each GPU-only extension a CPU build cannot load
+    # Its import logs a warning per GPU-only extension a CPU build cannot load, and torch one about an enum.
+    logs = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
     try:
         import torchao  # noqa: F401
     except ImportError:
@@ -66,7 +68,8 @@ def _require_torchao() -> None:
             "which needs only PyTorch."
         ) from None
     finally:
-        log.setLevel(level)
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
 
 
 def _dynamic_linear(linear: nn.Linear, qdata: torch.Tensor, scale: torch.Tensor) -> nn.Module:
@@ -117,7 +120,7 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise QuantizationError(
             f"Unknown quantization method {name!r}. The methods are: "
-            + "; ".join(f"{m.name} ({m.description})" for m in METHODS.values())
+            + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values())
             + f". {DEFAULT_METHOD} is the fastest on CPU; see docs/quantize.md."
         )
     method = METHODS[name]
