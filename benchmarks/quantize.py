@@ -108,6 +108,10 @@ def perplexity_table(a: argparse.Namespace) -> str:
     data = load_training_data(spec, tokenizer_state=read_meta(ckpt).get("tokenizer"))
     split = data.split
     starts = np.asarray(split.val)
+    if a.max_windows and a.max_windows < len(starts):
+        from minigpt_core.train.evaluate import eval_windows
+
+        starts = starts[eval_windows(len(starts), a.max_windows)]
     rows = ["| weights | val loss | perplexity | vs fp32 |", "|---|---|---|---|"]
     ppl = {}
     for n in VARIANTS:
@@ -118,7 +122,7 @@ def perplexity_table(a: argparse.Namespace) -> str:
     m = spec.model
     return (f"### perplexity: {ckpt.relative_to(ROOT) if ckpt.is_relative_to(ROOT) else ckpt} "
             f"({m.n_layers} layers, emb {m.emb_dim}, {spec.train.max_steps} steps of "
-            f"experiments/quickstart.toml), all {len(starts):,} validation windows of {split.length - 1} tokens\n\n"
+            f"experiments/quickstart.toml), {len(starts):,} of its {len(split.val):,} validation windows of {split.length - 1} tokens\n\n"
             + "\n".join(rows))
 
 
@@ -129,18 +133,24 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--train-steps", type=int, default=None)
     p.add_argument("--checkpoint", default=None, help="a trained checkpoint for the perplexity part")
+    p.add_argument("--max-windows", type=int, default=None, help="validation windows (default all; --quick 256)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--write", action="store_true", help="append the tables to benchmarks/RESULTS.md")
     a = p.parse_args()
     a.new_tokens = a.new_tokens or (16 if a.quick else 100)
     a.repeats = a.repeats or (1 if a.quick else 3)
     a.train_steps = a.train_steps or (100 if a.quick else 300)
+    a.max_windows = a.max_windows or (256 if a.quick else None)
     if a.threads:
         torch.set_num_threads(a.threads)
     warnings.filterwarnings("ignore", message=".*(sliding window|deprecated).*")
     t0 = time.time()
-    body = perplexity_table(a) + "\n\n" + speed_table(a)
-    print(f"Machine: {machine()}\n\n{body}\n\n({time.time() - t0:.0f} s)")
+    print(f"Machine: {machine()}\n", flush=True)
+    ppl = perplexity_table(a)
+    print(ppl + "\n", flush=True)
+    speed = speed_table(a)
+    print(f"{speed}\n\n({time.time() - t0:.0f} s)")
+    body = ppl + "\n\n" + speed
     if a.write:
         append_results("int8 quantization: weight size, batch-1 generation, perplexity", body)
 
