@@ -123,7 +123,8 @@ def _perplexity(capsys, *args) -> float:
 def test_eval_perplexity_close_to_fp32(trained, int8, capsys):
     fp32 = _perplexity(capsys, trained)
     assert fp32 < 20  # trained: far below the 128-way uniform guess
-    assert abs(_perplexity(capsys, int8) / fp32 - 1) < 0.02
+    # the target: within 1 % of fp32 (measured: 18.833 fp32, 18.834 int8-dynamic, 18.833 int8-weight)
+    assert abs(_perplexity(capsys, int8) / fp32 - 1) < 0.01
     assert abs(_perplexity(capsys, trained, "--quantize", "int8-weight") / fp32 - 1) < 0.01
 
 
