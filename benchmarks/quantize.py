@@ -34,7 +34,7 @@ from _common import append_results, machine, time_alternating  # noqa: E402
 
 from minigpt_core import build_model, spec_from_preset  # noqa: E402
 from minigpt_core.generate import generate  # noqa: E402
-from minigpt_core.quantize import METHODS, quantize_model, quantized_state  # noqa: E402
+from minigpt_core.quantize import METHODS, linear_weight_bytes, quantize_model, quantized_state  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(__file__).resolve().parent / ".cache"
@@ -54,9 +54,7 @@ def linear_bytes(model: torch.nn.Module, name: str) -> int:
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     if name in ("fp32", "bf16"):
         return sum(m.weight.numel() for m in linears) * (4 if name == "fp32" else 2)
-    state, names = quantized_state(model)
-    return sum(state[n + s].numel() * state[n + s].element_size() for n in names
-               for s in (".weight_int8", ".weight_scale"))
+    return linear_weight_bytes(*quantized_state(model))
 
 
 def speed_table(a: argparse.Namespace) -> str:

@@ -3,8 +3,6 @@ generation, perplexity on a trained tiny model, and the user errors."""
 
 from __future__ import annotations
 
-import json
-import math
 import pickle
 import re
 
