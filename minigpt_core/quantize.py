@@ -220,8 +220,10 @@ def quantize_checkpoint(source: str | Path, out: str | Path, method: str = DEFAU
     source = Path(source)
     done = read_meta(source).get("quantization")
     if done:
-        raise QuantizationError(f"{source} is already an int8 checkpoint (method {done.get('method')}); quantize "
-                                f"the float checkpoint it was made from ({done.get('source', '?')}) instead.")
+        done = done if isinstance(done, dict) else {}
+        raise QuantizationError(f"{source} is already an int8 checkpoint (method {done.get('method', '?')}); "
+                                f"quantize the float checkpoint it was made from ({done.get('source', '?')}) "
+                                f"instead.")
     model, spec = load_model(source)
     from .tasks import require_lm
 

@@ -138,15 +138,16 @@ def _load_for_inference(path: str, device: str, file=None, quantize: str | None 
 
     ckpt, which = pick_checkpoint(path)
     record = read_meta(ckpt).get("quantization")
+    stored = record.get("method") if isinstance(record, dict) else "?"  # a damaged record: load_model says so
     if quantize is not None:
         from ..quantize import QuantizationError, get_method
 
         get_method(quantize)  # an unknown method or a missing library before the load
         if record:
-            raise QuantizationError(f"{ckpt} is already quantized (method {record.get('method')}); leave out "
+            raise QuantizationError(f"{ckpt} is already quantized (method {stored}); leave out "
                                     f"--quantize, or give the float checkpoint it was made from.")
     int8 = bool(record) or quantize is not None
-    print(f"checkpoint: {ckpt} ({which}{', int8 ' + (quantize or record.get('method')) if int8 else ''})",
+    print(f"checkpoint: {ckpt} ({which}{', int8 ' + (quantize or stored) if int8 else ''})",
           file=file or sys.stdout, flush=True)
     if int8 and device != "auto":  # before select_device: the reason is int8, not a missing GPU
         from ..quantize import check_device
