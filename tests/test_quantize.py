@@ -171,3 +171,19 @@ def test_existing_output_kept(trained, int8, capsys):
     before = {p.name: p.read_bytes() for p in int8.iterdir()}
     assert "already exists" in _error(capsys, "quantize", trained, int8)
     assert {p.name: p.read_bytes() for p in int8.iterdir()} == before
+
+
+def test_lora_finetuned_checkpoint_quantizes(trained, tmp_path, capsys):
+    """A fine-tuned checkpoint holds only the adapter: quantizing merges it into the base first."""
+    from minigpt_core.train.state import pick_checkpoint
+
+    data = tiny_spec_data(tmp_path, init_from=str(trained), train={"max_steps": 2, "save_every": 2},
+                          finetune={"adapter": {"name": "book.lora", "params": {"rank": 2, "alpha": 4.0}}})
+    spec = tmp_path / "ft.toml"
+    spec.write_text(_toml.dumps(data), encoding="utf-8")
+    status, _, err = cli(capsys, "train", spec, "--no-progress")
+    assert status == 0, err
+    ft = pick_checkpoint(runs_of(tmp_path / "runs")[0])[0]
+    out, _ = quantize_checkpoint(ft, tmp_path / "q", "int8-weight")
+    loaded, _ = load_model(out, quantized=True)
+    assert torch.equal(_logits(loaded), _logits(quantize_model(load_model(ft)[0], "int8-weight")))
