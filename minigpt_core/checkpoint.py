@@ -326,21 +326,32 @@ def load_checkpoint_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(directory: str | Path, registry: ComponentRegistry | None = None,
-               map_location: str | torch.device = "cpu") -> tuple[GPT, ExperimentSpec]:
+               map_location: str | torch.device = "cpu", *,
+               quantized: bool = False) -> tuple[GPT, ExperimentSpec]:
     """Rebuild the model from ``spec.toml`` and load ``model.safetensors`` into it.
 
     A fine-tuning checkpoint that holds only trainable tensors rebuilds its base first (named in
     meta.json, sha256-checked); an adapter comes back merged into the base weights (a plain GPT).
 
     The files are checked against their recorded sha256 first (CheckpointError naming a damaged one).
+    An int8 checkpoint (``minigpt quantize``) loads only with ``quantized=True`` (inference): a
+    QuantizationError otherwise, since training or exporting needs float weights.
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"No checkpoint directory at {directory}.")
     meta = read_meta(directory)
     _verify_model_files(directory, meta)
+    if meta.get("quantization") and not quantized:
+        from .quantize import check_quantized_use
+
+        check_quantized_use(directory, meta, "training, init_from, export or classification")
     spec = load_spec_from_checkpoint(directory, registry)
     state = load_checkpoint_weights(directory)
+    if meta.get("quantization"):
+        from .quantize import load_quantized
+
+        return load_quantized(directory, spec, state, meta, map_location), spec
     from .finetune import finetune_active, plain_model, restore_finetuned
     from .tasks import build_task_model
 

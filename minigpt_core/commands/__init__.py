@@ -7,3 +7,4 @@ from . import ablate  # noqa: F401  ablate, report, plot
 from . import inspection  # noqa: F401  attention (and eval --per-token's half)
 from . import runs  # noqa: F401  runs, diff
 from . import classify  # noqa: F401  classify
+from . import quantize  # noqa: F401  quantize

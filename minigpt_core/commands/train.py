@@ -130,17 +130,39 @@ def _threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
-def _load_for_inference(path: str, device: str, file=None):
-    """Load the checkpoint every inference command uses (see pick_checkpoint), saying which it is."""
+def _load_for_inference(path: str, device: str, file=None, quantize: str | None = None):
+    """Load the checkpoint every inference command uses (see pick_checkpoint), saying which it is.
+
+    An int8 checkpoint (minigpt quantize) loads as such; ``quantize`` (--quantize METHOD) quantizes a
+    float one after loading. Both run on the CPU ("auto" picks it)."""
     from ..checkpoint import load_model, read_meta
     from ..tokenizers import build_tokenizer, tokenizer_from_state
     from ..train import select_device
     from ..train.state import pick_checkpoint
 
     ckpt, which = pick_checkpoint(path)
-    print(f"checkpoint: {ckpt} ({which})", file=file or sys.stdout, flush=True)
-    dev = select_device(device)
-    model, spec = load_model(ckpt, map_location=dev)
+    record = read_meta(ckpt).get("quantization")
+    stored = record.get("method") if isinstance(record, dict) else "?"  # a damaged record: load_model says so
+    if quantize is not None:
+        from ..quantize import QuantizationError, get_method
+
+        get_method(quantize)  # an unknown method or a missing library before the load
+        if record:
+            raise QuantizationError(f"{ckpt} is already quantized (method {stored}); leave out "
+                                    f"--quantize, or give the float checkpoint it was made from.")
+    int8 = bool(record) or quantize is not None
+    print(f"checkpoint: {ckpt} ({which}{', int8 ' + (quantize or stored) if int8 else ''})",
+          file=file or sys.stdout, flush=True)
+    if int8 and device != "auto":  # before select_device: the reason is int8, not a missing GPU
+        from ..quantize import check_device
+
+        check_device(device)
+    dev = select_device("cpu" if int8 else device)
+    model, spec = load_model(ckpt, map_location=dev, quantized=True)
+    if quantize is not None:
+        from ..quantize import quantize_model
+
+        model = quantize_model(model, quantize)
     from ..tasks import require_lm
 
     require_lm(spec, ckpt, "sampling or next-token evaluation")
@@ -170,6 +192,13 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar for several samples")
+    _quantize_arg(p)
+
+
+def _quantize_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", default=None, metavar="METHOD",
+                   help="quantize the model's linear layers to int8 after loading, for CPU inference: int8-dynamic "
+                        "or int8-weight (docs/quantize.md); `minigpt quantize` saves the result instead")
 
 
 class _Stream:
@@ -217,7 +246,8 @@ def _sample(args) -> int:
         raise MinigptError("Give either --prompt (text to continue) or --instruction (formatted with a prompt "
                            "template), not both.")
     _threads(args.threads)
-    ckpt, model, spec, tokenizer, device = _load_for_inference(args.checkpoint, args.device, file=sys.stderr)
+    ckpt, model, spec, tokenizer, device = _load_for_inference(args.checkpoint, args.device, file=sys.stderr,
+                                                               quantize=args.quantize)
     eos, shown = None, args.prompt
     if args.instruction is not None:
         from ..tasks.instruction import instruction_prompt
@@ -274,6 +304,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in CI logs)")
+    _quantize_arg(p)
     from .inspection import add_per_token_args
 
     add_per_token_args(p)
@@ -295,7 +326,10 @@ def _eval(args) -> int:
     if args.max_windows is not None and args.max_windows < 1:
         raise MinigptError(f"--max-windows must be >= 1 (leave it out for all windows), not {args.max_windows}.")
     _threads(args.threads)
-    ckpt, model, spec, tokenizer, device = _load_for_inference(args.checkpoint, args.device)
+    ckpt, model, spec, tokenizer, device = _load_for_inference(args.checkpoint, args.device, quantize=args.quantize)
+    if args.precision != "fp32" and (args.quantize or read_meta(ckpt).get("quantization")):
+        raise MinigptError(f"--precision {args.precision} does not apply to an int8 model: its quantized layers "
+                           f"choose their own arithmetic. Leave out --precision (fp32 for the rest of the model).")
     state = read_meta(ckpt).get("tokenizer")
     if args.data is None:
         data = load_training_data(spec, tokenizer_state=state)
