@@ -126,8 +126,8 @@ class GPT(nn.Module):
         # `self.aux_loss` in forward; found once here so the training step does no module walk.
         self._aux_loss_modules = [m for m in self.modules() if m is not self and hasattr(m, "aux_loss")]
 
-    def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        # idx: (B, T) token ids -> logits (B, T, vocab_size)
+    def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None, *, last_only: bool = False) -> torch.Tensor:
+        # idx: (B, T) token ids -> logits (B, T, vocab_size); last_only: (B, 1, vocab_size), the next token's
         _, t = idx.shape
         x = self.tok_emb(idx)  # (B, T, C)
         start = 0 if kv_cache is None else kv_cache.offset
@@ -141,6 +141,8 @@ class GPT(nn.Module):
             for block, layer_cache in zip(self.trf_blocks, kv_cache.layers):
                 x = block(x, kv_cache=layer_cache)
             kv_cache.advance(t)
+        if last_only:  # generation: the output head (the largest matmul) on one position, not T
+            x = x[:, -1:]
         x = self.final_norm(x)
         return self.out_head(x)  # (B, T, V)
 
