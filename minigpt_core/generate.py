@@ -61,8 +61,8 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
     Uses the KV cache when the model's attention declares one (``use_cache=None``). ``n_vocab``
     restricts sampling to ids below it, for a tokenizer smaller than the model's vocabulary.
     ``on_token`` is called with each step's new ids (B, 1), e.g. to print them as they come.
-    ``compile=True`` runs the one-token decoding step through ``torch.compile`` (compiled once per
-    model and kept; the first call pays the compilation).
+    ``compile=True`` runs the one-token decoding step through ``torch.compile`` (one graph per
+    process and model structure, whatever the lengths; the first call pays the compilation).
 
     Past the context length each token sees only the last ``context_length`` tokens (a sliding
     window); a warning says so once per call.
