@@ -49,12 +49,11 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
-@torch.no_grad()
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
              use_cache: bool | None = None, generator: torch.Generator | None = None,
              n_vocab: int | None = None,
-             on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+             on_token: Callable[[torch.Tensor], None] | None = None, compile: bool = False) -> torch.Tensor:
     """Append up to ``max_new_tokens`` tokens to ``idx`` (B, T) and return (B, T + n).
 
     temperature 0 is greedy (argmax); otherwise logits are divided by the temperature, filtered
@@ -62,47 +61,99 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
     Uses the KV cache when the model's attention declares one (``use_cache=None``). ``n_vocab``
     restricts sampling to ids below it, for a tokenizer smaller than the model's vocabulary.
     ``on_token`` is called with each step's new ids (B, 1), e.g. to print them as they come.
+    ``compile=True`` runs the one-token decoding step through ``torch.compile`` (one graph per
+    process and model structure, whatever the lengths; the first call pays the compilation).
 
     Past the context length each token sees only the last ``context_length`` tokens (a sliding
     window); a warning says so once per call.
     """
     check_sampling(temperature, top_k, top_p, max_new_tokens)
+    if max_new_tokens == 0:
+        return idx
     was_training = model.training
     model.eval()
-    ctx_len = model.spec.context_length
-    cache_ok = model.supports_kv_cache if use_cache is None else use_cache
-    cache = model.new_kv_cache() if cache_ok and max_new_tokens > 0 else None
-    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    step_input = idx[:, -ctx_len:]
-    warned = False
     try:
-        for _ in range(max_new_tokens):
-            if idx.shape[1] > ctx_len and not warned:
-                warned = True
-                warnings.warn(
-                    f"the text passed the model's context length ({ctx_len} tokens): from here on each new "
-                    f"token sees only the last {ctx_len} tokens (a sliding window)"
-                    + (", recomputed without the KV cache (slower)" if cache_ok else ""), stacklevel=3)
-            if cache is not None and cache.offset + step_input.shape[1] > ctx_len:
-                # Learned positions make cached keys depend on where they sat: the cache cannot slide.
-                cache, step_input = None, idx[:, -ctx_len:]
-            logits = model(step_input, kv_cache=cache) if cache is not None else model(step_input)
-            logits = logits[:, -1, :n_vocab].float()  # (B, V)
-            if temperature > 0:
-                logits = filter_logits(logits / temperature, top_k, top_p)
-                probs = torch.softmax(logits, dim=-1)
-                next_id = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-            else:
-                next_id = logits.argmax(dim=-1, keepdim=True)
-            if eos_id is not None:
-                next_id = torch.where(finished[:, None], torch.full_like(next_id, eos_id), next_id)
-                finished |= next_id[:, 0] == eos_id
-            idx = torch.cat([idx, next_id], dim=1)
-            if on_token is not None:
-                on_token(next_id)
-            step_input = next_id if cache is not None else idx[:, -ctx_len:]
-            if eos_id is not None and bool(finished.all()):
-                break
+        # inference_mode skips autograd's bookkeeping on every op; FSDP2 swaps parameter storage
+        # between calls, which tensors created in inference mode would not allow.
+        with torch.inference_mode(not _is_fsdp(model)):
+            out = _generate(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache,
+                            generator, n_vocab, on_token, compile)
     finally:
         model.train(was_training)
-    return idx
+    return out.clone()  # an ordinary tensor: callers may modify it outside inference mode
+
+
+def _is_fsdp(model: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def _generate(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator, n_vocab,
+              on_token, compile) -> torch.Tensor:
+    ctx_len = model.spec.context_length
+    b, t0 = idx.shape
+    total = t0 + max_new_tokens
+    out = torch.empty(b, total, dtype=torch.long, device=idx.device)  # filled in place: no per-step concat
+    out[:, :t0] = idx
+    n = t0  # tokens in `out` so far
+    cache_ok = model.supports_kv_cache if use_cache is None else use_cache
+    # Sized for this call, not the whole context: less memory and a cheaper allocation.
+    cache = model.new_kv_cache(min(ctx_len, total)) if cache_ok else None
+    head = {"last_only": True} if isinstance(model, GPT) else {}  # only the next token's logits
+    step = _compiled_step(model) if compile and cache is not None and head else None
+    finished = torch.zeros(b, dtype=torch.bool, device=idx.device) if eos_id is not None else None
+    step_input = idx[:, -ctx_len:]
+    warned = False
+    for _ in range(max_new_tokens):
+        if n > ctx_len and not warned:
+            warned = True
+            warnings.warn(
+                f"the text passed the model's context length ({ctx_len} tokens): from here on each new "
+                f"token sees only the last {ctx_len} tokens (a sliding window)"
+                + (", recomputed without the KV cache (slower)" if cache_ok else ""), stacklevel=3)
+        if cache is not None and cache.offset + step_input.shape[1] > ctx_len:
+            # Learned positions make cached keys depend on where they sat: the cache cannot slide.
+            cache, step_input = None, out[:, n - ctx_len:n]
+        if cache is None:
+            logits = model(step_input, **head)
+        elif step is not None and step_input.shape[1] == 1:
+            logits = step(step_input, cache)
+        else:
+            logits = model(step_input, kv_cache=cache, **head)
+        logits = logits[:, -1, :n_vocab]  # (B, V)
+        if temperature > 0:
+            logits = filter_logits(logits.float() / temperature, top_k, top_p)
+            next_id = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1, generator=generator)
+        else:
+            next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1); exact in any dtype
+        if finished is not None:
+            next_id = next_id.masked_fill(finished[:, None], eos_id)
+            finished |= next_id[:, 0] == eos_id
+        out[:, n] = next_id[:, 0]
+        n += 1
+        if on_token is not None:
+            on_token(next_id)
+        step_input = next_id if cache is not None else out[:, max(0, n - ctx_len):n]
+        if finished is not None and bool(finished.all()):
+            break
+    return out[:, :n]
+
+
+def _decode_step(model, ids, cache):
+    return model(ids, kv_cache=cache, last_only=True)
+
+
+_compiled_decode = None
+
+
+def _compiled_step(model: GPT):
+    """The one-token decoding step through torch.compile, compiled once per process (models of
+    the same structure share the graph: their parameters are its inputs)."""
+    global _compiled_decode
+    if _compiled_decode is None:
+        # dynamic: the cache grows every step, so its length must not be baked into the graph.
+        _compiled_decode = torch.compile(_decode_step, dynamic=True)
+    return lambda ids, cache: _compiled_decode(model, ids, cache)

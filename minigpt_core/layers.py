@@ -110,9 +110,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: in
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     t_q, t_k = q.shape[2], k.shape[2]
     plain = window is None and alibi_slopes is None
-    if plain and not return_weights and (past == 0 or t_q == 1):
+    if plain and not return_weights and (t_q == 1 or past == 0):
         # A fresh sequence is causal from the top-left corner; one new query sees every cached key.
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=past == 0 and t_q > 1)
+        # (t_q tested first: under torch.compile `past` is symbolic and SDPA wants a plain bool.)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=t_q > 1 and past == 0)
     bias = attention_bias(t_q, t_k, past, window=window, alibi_slopes=alibi_slopes, device=q.device, dtype=q.dtype)
     if not return_weights:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)

@@ -192,13 +192,14 @@ class GPT(nn.Module):
         # Recompute each block's activations in backward instead of keeping them (train.activation_checkpointing).
         self.activation_checkpointing = False
 
-    def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None, *,
+    def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None, *, last_only: bool = False,
                 targets: torch.Tensor | None = None, loss_chunk: int = 0) -> torch.Tensor:
-        """Logits (B, T, vocab_size) of token ids ``idx`` (B, T); with ``targets`` (B, T), the mean
-        next-token loss instead (fp32), its head and cross-entropy taken ``loss_chunk`` tokens at a
-        time (0: all at once) so the full-vocabulary logits never exist together. The loss is
-        computed inside forward so a DDP / FSDP wrapper's hooks see the head's weight used."""
-        x = self.hidden(idx, kv_cache)
+        """Logits (B, T, vocab_size) of token ids ``idx`` (B, T); ``last_only``: (B, 1, vocab_size),
+        the next token's; with ``targets`` (B, T), the mean next-token loss instead (fp32), its head
+        and cross-entropy taken ``loss_chunk`` tokens at a time (0: all at once) so the full-vocabulary
+        logits never exist together. The loss is computed inside forward so a DDP / FSDP wrapper's
+        hooks see the head's weight used."""
+        x = self.hidden(idx, kv_cache, last_only=last_only)
         if targets is None:
             return self.out_head(x)  # (B, T, V)
         head = self.out_head
@@ -208,8 +209,8 @@ class GPT(nn.Module):
             return F.cross_entropy(head(x).flatten(0, 1).float(), targets.flatten())
         return chunked_head_loss(x, head.weight, targets, loss_chunk)
 
-    def hidden(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        """The final norm's output (B, T, C): what the output head reads."""
+    def hidden(self, idx: torch.Tensor, kv_cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """The final norm's output (B, T, C): what the output head reads (last_only: (B, 1, C))."""
         _, t = idx.shape
         x = self.tok_emb(idx)  # (B, T, C)
         start = 0 if kv_cache is None else kv_cache.offset
@@ -225,6 +226,8 @@ class GPT(nn.Module):
             for block, layer_cache in zip(self.trf_blocks, kv_cache.layers):
                 x = block(x, kv_cache=layer_cache)
             kv_cache.advance(t)
+        if last_only:  # generation: the output head (the largest matmul) on one position, not T
+            x = x[:, -1:]
         return self.final_norm(x)
 
     def aux_loss(self) -> torch.Tensor | None:

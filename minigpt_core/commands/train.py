@@ -192,6 +192,8 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar for several samples")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the one-token decoding step (pays off for long generations)")
     _quantize_arg(p)
 
 
@@ -262,7 +264,7 @@ def _sample(args) -> int:
     gen.manual_seed(args.seed) if args.seed is not None else gen.seed()
     # The end-of-text id of a char tokenizer's instruction model lies just past its vocabulary.
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=gen,
-              n_vocab=max(tokenizer.n_vocab, (eos or 0) + 1), eos_id=eos)
+              n_vocab=max(tokenizer.n_vocab, (eos or 0) + 1), eos_id=eos, compile=args.compile)
     if args.num_samples == 1:  # printed as it comes: a long generation is never silent
         stream = _Stream(tokenizer, eos)
         sys.stdout.write(shown)
