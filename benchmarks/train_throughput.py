@@ -21,6 +21,7 @@ after imports, freed blocks returned to the OS; CUDA: torch.cuda.max_memory_allo
     python benchmarks/train_throughput.py            # 124M shape, ctx 256, batch 4, 5 repeats (CPU: ~15 min)
     python benchmarks/train_throughput.py --quick    # tiny shapes, a smoke test under a minute
     python benchmarks/train_throughput.py --write    # also append the tables to benchmarks/RESULTS.md
+    python benchmarks/train_throughput.py --quickstart-only --compile   # + compiled recipes, compile time apart
     python benchmarks/train_throughput.py --ctx 1024 --batch 8   # GPU
 """
 
@@ -30,6 +31,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -73,9 +75,12 @@ def build(name: str, a: argparse.Namespace) -> torch.nn.Module:
     return model
 
 
-def make_step(model: torch.nn.Module, precision: str, a: argparse.Namespace, device: torch.device):
-    """A closure running one full training step (the same loss and optimizer for every model)."""
+def make_step(model: torch.nn.Module, precision: str, a: argparse.Namespace, device: torch.device,
+              compiled: bool = False):
+    """A closure running one full training step (the same loss and optimizer for every model); ``compiled``:
+    the forward (with its loss) through torch.compile, as train.compile does."""
     model.to(device).train()
+    forward = torch.compile(model) if compiled else model
     optimizer = build_optimizer(model, TrainSpec(), device)
     gen = torch.Generator().manual_seed(1)
     batch = torch.randint(0, a.vocab, (a.batch, a.ctx + 1), generator=gen).to(device)
@@ -84,7 +89,7 @@ def make_step(model: torch.nn.Module, precision: str, a: argparse.Namespace, dev
 
     def step() -> None:
         with autocast(device, precision):  # ours: the loss as the trainer takes it (inside forward)
-            loss = lm_loss(model(input_ids=x).logits, y) if is_hf else model(x, targets=y, loss_chunk=model.loss_chunk)
+            loss = lm_loss(forward(input_ids=x).logits, y) if is_hf else forward(x, targets=y, loss_chunk=model.loss_chunk)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -169,12 +174,23 @@ def quickstart_table(a: argparse.Namespace, device: torch.device) -> str:
         q.batch = 8
     names = ["book", "fast"]
     steps = {n: make_step(build(n, q), "fp32", q, device) for n in names}
+    compile_s = {}
+    if a.compile:  # the first call compiles: timed on its own, apart from the steady-state speed
+        for n in list(names):
+            step = steps[n + ", compiled"] = make_step(build(n, q), "fp32", q, device, compiled=True)
+            t0 = time.perf_counter()
+            step()
+            compile_s[n + ", compiled"] = time.perf_counter() - t0
+        names = list(steps)
     times = time_alternating(steps, repeats=a.repeats, warmup=1, sync=sync_fn(device))
     tokens = q.batch * q.ctx
     book = tokens / times["book"]
-    rows = "\n".join(f"| {n} | {tokens / times[n]:,.0f} | {tokens / times[n] / book:.2f}x |" for n in names)
+    rows = "\n".join(f"| {n} | {tokens / times[n]:,.0f} | {tokens / times[n] / book:.2f}x | "
+                     f"{f'{compile_s[n]:.1f}' if n in compile_s else '-'} |" for n in names)
     return (f"Quickstart shape (vocab 128, ctx 128, emb 128, 4 heads, 4 layers, batch {q.batch}, fp32; median of "
-            f"{a.repeats} round-robin repeats):\n\n| recipe | tokens/s | vs book |\n|---|---|---|\n{rows}")
+            f"{a.repeats} round-robin repeats; a compiled recipe's first step, its compilation, is timed apart and "
+            f"left out of its tokens/s):\n\n| recipe | tokens/s | vs book | first step (compile) s |\n"
+            f"|---|---|---|---|\n{rows}")
 
 
 def main() -> None:
@@ -193,6 +209,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny shapes, 3 repeats, no memory: a smoke test")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     p.add_argument("--no-quickstart", action="store_true", help="skip the quickstart-shape table")
+    p.add_argument("--compile", action="store_true", help="quickstart table: also both recipes under torch.compile")
+    p.add_argument("--quickstart-only", action="store_true", help="only the quickstart-shape table")
     p.add_argument("--write", action="store_true", help="append the results to benchmarks/RESULTS.md")
     p.add_argument("--_memory", nargs=2, metavar=("MODEL", "PRECISION"), help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -205,6 +223,12 @@ def main() -> None:
         print(_peak_memory_here(a._memory[0], a._memory[1], a, device))
         return
 
+    if a.quickstart_only:
+        quick = quickstart_table(a, device)
+        print(quick)
+        if a.write:
+            append_results("Training throughput at the quickstart shape: book vs fast recipe", quick)
+        return
     names = a.models.split(",") if a.models else [*VARIANTS, HF]
     models = {n: build(n, a) for n in names}
     n_params = {n: sum(t.numel() for t in m.parameters()) for n, m in models.items()}
