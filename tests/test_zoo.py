@@ -476,14 +476,15 @@ def quickstart_cache(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("attention", CAUSAL_ATTENTIONS)
 def test_quickstart_trains_with_each_causal_attention(attention, tmp_path, quickstart_cache):
-    """experiments/quickstart.toml plus one [model.attention] table, on a tiny budget (--set overrides)."""
+    """experiments/quickstart.toml with another attention and a tiny budget (--set overrides)."""
     from minigpt_core import load_spec
     from minigpt_core.train import train
 
     quickstart = ROOT / "experiments" / "quickstart.toml"
     experiment = tmp_path / "quickstart.toml"
-    experiment.write_text(quickstart.read_text(encoding="utf-8") + f'\n[model.attention]\nname = "{attention}"\n')
-    spec = load_spec(experiment, overrides=TINY_BUDGET + [f"train.out_dir={tmp_path / 'runs'}",
+    experiment.write_text(quickstart.read_text(encoding="utf-8"))
+    spec = load_spec(experiment, overrides=TINY_BUDGET + [f"model.attention.name={attention}",
+                                                          f"train.out_dir={tmp_path / 'runs'}",
                                                           f"data.cache_dir={quickstart_cache}"])
     assert spec.model.attention.name == attention
     threads = torch.get_num_threads()
