@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import signal
 import subprocess
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from minigpt_core.tasks.classification import (
     read_examples,
     split_examples,
 )
-from training_utils import ROOT, cli, kill_training_at, losses, read_metrics, runs_of, tiny_spec_data
+from training_utils import ROOT, cli, losses, reference_and_killed_run, read_metrics, runs_of, tiny_spec_data
 
 SHIPPED = ROOT / "experiments" / "finetune" / "data" / "pydoc_packages.tsv"
 
@@ -203,20 +202,12 @@ def test_a_classification_run_killed_with_sigkill_resumes_with_identical_losses(
     common["model"] = {**common["model"], "drop_rate": 0.1}  # the RNG state must be restored too
     common["train"] = {**common["train"], "max_steps": 30, "save_every": 5, "eval_every": 10, "keep_last": 20,
                        "deterministic": True}
-    specs = {}
-    for side in ("a", "b"):
-        (tmp_path / side).mkdir()
-        specs[side] = _write(tmp_path / side, {**common, "train": {**common["train"],
-                                                                  "out_dir": str(tmp_path / side / "runs")}})
-    status, _, err = cli(capsys, "train", specs["a"], "--no-progress")  # in this process: no start-up cost
-    assert status == 0, err
-    still_running, returncode = kill_training_at(specs["b"], tmp_path / "b" / "runs", 10)
-    assert still_running and returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    resume_spec = reference_and_killed_run(capsys, tmp_path, common, 10)
     (killed,) = runs_of(tmp_path / "b" / "runs", "cls-test")
     assert 10 <= max(losses(killed)) < 30
 
     # the file infers the classes, the run stored them: a resume with the file is still the same spec
-    status, out, err = cli(capsys, "train", specs["b"], "--resume", "--no-progress")
+    status, out, err = cli(capsys, "train", resume_spec, "--resume", "--no-progress")
     assert status == 0, err
     assert "resumed at step" in out
     (ref,) = runs_of(tmp_path / "a" / "runs", "cls-test")

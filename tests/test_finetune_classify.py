@@ -5,7 +5,6 @@ init_from a classifier checkpoint to go on fine-tuning it."""
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from minigpt_core.finetune import count_trainable
 from minigpt_core.spec import load_spec, parse_spec
 from minigpt_core.tasks import build_task_model
 from test_classification import _cls_spec, _easy_set, _write
-from training_utils import ROOT, cli, kill_training_at, losses, read_metrics, runs_of, tiny_spec_data
+from training_utils import ROOT, cli, losses, reference_and_killed_run, read_metrics, runs_of, tiny_spec_data
 
 # The tiny model (training_utils): 2 blocks, emb 32, ff 128, no q/k/v bias, tied embedding / LM head.
 C, F = 32, 128
@@ -130,14 +129,7 @@ def test_a_lora_classifier_run_killed_with_sigkill_resumes_with_identical_losses
                                  "adapter": {"name": "book.lora", "params": {**LORA, "dropout": 0.1}}})
     common["train"] = {**common["train"], "max_steps": 10, "save_every": 3, "eval_every": 5, "keep_last": 10,
                        "deterministic": True}
-    specs = {}
-    for side in ("a", "b"):
-        (tmp_path / side).mkdir()
-        specs[side] = _write(tmp_path / side, {**common, "train": {**common["train"],
-                                                                  "out_dir": str(tmp_path / side / "runs")}})
-    _ok(*cli(capsys, "train", specs["a"], "--no-progress")[::2])
-    still_running, returncode = kill_training_at(specs["b"], tmp_path / "b" / "runs", 6)
-    assert still_running and returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    resume_spec = reference_and_killed_run(capsys, tmp_path, common, 6)
     (killed,) = runs_of(tmp_path / "b" / "runs", "cls-test")
     assert 6 <= max(losses(killed)) < 10
     # checkpoints hold the adapter, the final norm and the head, and name the language model as their base
@@ -145,7 +137,7 @@ def test_a_lora_classifier_run_killed_with_sigkill_resumes_with_identical_losses
     assert {k.split(".")[0] for k in load_file(str(ckpt / "model.safetensors"))} == {"trf_blocks", "final_norm",
                                                                                      "out_head"}
     assert read_meta(ckpt)["finetune"]["base"]["init_from"].startswith(str(lm.resolve()))
-    status, out, err = cli(capsys, "train", specs["b"], "--resume", "--no-progress")
+    status, out, err = cli(capsys, "train", resume_spec, "--resume", "--no-progress")
     _ok(status, err)
     assert "resumed at step" in out
     (ref,) = runs_of(tmp_path / "a" / "runs", "cls-test")

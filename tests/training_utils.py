@@ -104,3 +104,22 @@ def kill_training_at(spec: Path, runs_dir: Path, step: int, timeout: float = 120
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     return still_running, proc.returncode
+
+
+def reference_and_killed_run(capsys, tmp_path: Path, spec_data: dict, kill_step: int) -> Path:
+    """The resume tests' set-up: SPEC_DATA written twice, a/ trained to the end in this process and b/
+    in a subprocess SIGKILLed at its checkpoint of ``kill_step``. Returns b/'s spec (to resume);
+    the runs are under tmp_path/a/runs and tmp_path/b/runs."""
+    import signal
+
+    specs = {}
+    for side in ("a", "b"):
+        (tmp_path / side).mkdir()
+        data = {**spec_data, "train": {**spec_data["train"], "out_dir": str(tmp_path / side / "runs")}}
+        specs[side] = tmp_path / side / "spec.toml"
+        specs[side].write_text(_toml.dumps(data), encoding="utf-8")
+    status, _, err = cli(capsys, "train", specs["a"], "--no-progress")  # in this process: no start-up cost
+    assert status == 0, err
+    still_running, returncode = kill_training_at(specs["b"], tmp_path / "b" / "runs", kill_step)
+    assert still_running and returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    return specs["b"]
