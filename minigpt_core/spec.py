@@ -537,18 +537,16 @@ def _cross_section_problems(spec: "ExperimentSpec") -> list[tuple[str, str]]:
     """Rules between sections, checked at validation so `validate` catches what `train` would refuse."""
     problems = []
     d, m = spec.data, spec.model
-    if spec.task == "classification" and spec.classification is None:
-        problems.append(("classification", "task = \"classification\" needs a [classification] section naming "
-                         "the labelled data, e.g. path = \"data.tsv\" (docs/finetune.md)"))
-    if spec.task != "classification" and spec.classification is not None:
-        problems.append(("task", f"the [classification] section is only read with task = \"classification\" "
-                         f"(now {spec.task!r}): set the task or remove the section"))
-    if spec.task == "instruction" and spec.instruction is None:
-        problems.append(("instruction", "task = \"instruction\" needs an [instruction] section naming the "
-                         "examples, e.g. path = \"alpaca.json\" (docs/finetune.md)"))
-    if spec.task != "instruction" and spec.instruction is not None:
-        problems.append(("task", f"the [instruction] section is only read with task = \"instruction\" "
-                         f"(now {spec.task!r}): set the task or remove the section"))
+    # Each task with a section of its own: the section is needed by that task and read by no other.
+    for task, needs in (("classification", "a [classification] section naming the labelled data, e.g. "
+                                           "path = \"data.tsv\""),
+                        ("instruction", "an [instruction] section naming the examples, e.g. path = \"alpaca.json\"")):
+        section = getattr(spec, task)
+        if spec.task == task and section is None:
+            problems.append((task, f"task = \"{task}\" needs {needs} (docs/finetune.md)"))
+        if spec.task != task and section is not None:
+            problems.append(("task", f"the [{task}] section is only read with task = \"{task}\" "
+                             f"(now {spec.task!r}): set the task or remove the section"))
     if d.max_length is not None and d.max_length > m.context_length and spec.init_from is None:
         problems.append(("data.max_length", f"{d.max_length} exceeds model.context_length ({m.context_length}); "
                          f"the model cannot attend over longer samples: lower data.max_length or raise "
