@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import warnings
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from .errors import MinigptError
-from .model import GPT
+from .model import GPT, plain_linear
 
-__all__ = ["generate", "filter_logits", "check_sampling", "SamplingError"]
+__all__ = ["generate", "filter_logits", "check_sampling", "SamplingError", "threaded_gemv"]
 
 
 class SamplingError(MinigptError):
@@ -75,12 +77,58 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
     try:
         # inference_mode skips autograd's bookkeeping on every op; FSDP2 swaps parameter storage
         # between calls, which tensors created in inference mode would not allow.
-        with torch.inference_mode(not _is_fsdp(model)):
+        fsdp = _is_fsdp(model)
+        gemv = contextlib.nullcontext() if fsdp or compile else threaded_gemv(model)
+        with torch.inference_mode(not fsdp), gemv:
             out = _generate(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache,
                             generator, n_vocab, on_token, compile)
     finally:
         model.train(was_training)
     return out.clone()  # an ordinary tensor: callers may modify it outside inference mode
+
+
+# A decoding step multiplies a few rows by each weight matrix (a matrix-vector product): it is bound
+# by how fast the weights stream from memory. PyTorch's CPU BLAS runs that product on one thread,
+# which reads memory at ~10 GB/s here while two threads read ~15-18 (benchmarks/RESULTS.md,
+# "Generation"); a batched matmul over slices of the weight runs one slice per thread.
+GEMV_MAX_ROWS = 4  # measured: at 8 rows the BLAS matmul is already multithreaded and as fast
+
+
+def _threaded_linear(module: torch.nn.Linear, parts: int, x: torch.Tensor) -> torch.Tensor:
+    rows, k = x.numel() // x.shape[-1], x.shape[-1]
+    if rows > GEMV_MAX_ROWS:
+        return torch.nn.functional.linear(x, module.weight, module.bias)
+    w = module.weight  # (N, K), contiguous: its first parts * h rows view as (parts, h, K) without a copy
+    n = w.shape[0]
+    h = n // parts
+    y = torch.bmm(x.reshape(1, rows, k).expand(parts, rows, k), w[:h * parts].view(parts, h, k).transpose(1, 2))
+    y = y.transpose(0, 1).reshape(rows, h * parts)  # (parts, rows, h) -> (rows, N')
+    if h * parts != n:  # an uneven output size (GPT-2's 50,257-token head): the few last rows apart
+        y = torch.cat([y, torch.nn.functional.linear(x.reshape(rows, k), w[h * parts:])], dim=1)
+    if module.bias is not None:
+        y = y + module.bias
+    return y.view(*x.shape[:-1], n)
+
+
+@contextlib.contextmanager
+def threaded_gemv(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block, the model's plain fp32 CPU ``nn.Linear`` layers multiply up to
+    ``GEMV_MAX_ROWS`` rows on all of torch's threads: the same products, which may round differently
+    in the last bit. Layers an adapter wraps or hooks, other dtypes (bf16 was not faster on this
+    CPU) and devices run as they are."""
+    parts = torch.get_num_threads()
+    layers = [] if parts < 2 else [
+        m for m in model.modules()
+        if plain_linear(m) and "forward" not in m.__dict__ and type(m.weight) is torch.nn.Parameter
+        and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32 and m.weight.is_contiguous()
+        and m.out_features >= 16 * parts]
+    for m in layers:
+        m.forward = functools.partial(_threaded_linear, m, parts)  # an instance attribute shadows the method
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.__dict__.pop("forward", None)
 
 
 def _is_fsdp(model: torch.nn.Module) -> bool:

@@ -15,7 +15,7 @@ from torch import nn
 from .spec import ExperimentSpec, ModelSpec, ResolvedComponent
 
 __all__ = ["BuildContext", "KVCache", "LayerKVCache", "GPT", "build_model", "mark_residual_projection",
-           "is_residual_projection", "chunked_head_loss"]
+           "is_residual_projection", "chunked_head_loss", "plain_linear"]
 
 RESIDUAL_PROJECTION_ATTR = "_minigpt_residual_projection"
 ATTENTION_MODULE_ATTR = "_minigpt_attention"  # set on each module built for the attention slot
@@ -106,6 +106,12 @@ class KVCache:
         self.offset += n
 
 
+def plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear nothing hooks into (an adapter would wrap, replace or hook it): code may use its
+    weight directly instead of calling it."""
+    return type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+
+
 class _ChunkedHeadLoss(torch.autograd.Function):
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, ``chunk`` rows at a time.
 
@@ -114,6 +120,10 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     wanted, the gradients of ``hidden`` and ``weight`` too (softmax - one-hot), so nothing of the
     (N, V) logits is kept for backward and the head's matmuls are not recomputed. Backward only
     scales the stored gradients by the incoming one.
+
+    The logits are computed transposed, (V, chunk) = weight @ h.T: on CPU BLAS that layout ran the
+    forward GEMM ~1.5x faster than h @ weight.T, and the weight gradient then accumulates with one
+    addmm_ (no extra pass over the (V, C) buffer) -- benchmarks/RESULTS.md, "chunked head".
     """
 
     @staticmethod
@@ -124,18 +134,23 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for i in range(0, n, chunk):
             h, t = hidden[i:i + chunk], targets[i:i + chunk]
-            logits = F.linear(h, weight)  # autocast (if on) picks the matmul's dtype, as the plain head does
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            total -= logp.gather(1, t[:, None]).sum()
+            cols = torch.arange(len(t), device=h.device)
+            logits_t = torch.mm(weight, h.t())  # (V, c); autocast (if on) picks the dtype, as the plain head's
+            lt = logits_t.float()
+            lse = torch.logsumexp(lt, dim=0)  # (c,)
+            total += (lse - lt[t, cols]).sum()
             if want_h or want_w:
-                g = logp.exp_()  # in place: d(sum CE)/d logits = softmax - one-hot
-                g[torch.arange(len(t), device=g.device), t] -= 1
-                g = g.to(logits.dtype)
-                del logp, logits
+                g = lt.sub_(lse).exp_()  # softmax, in place (logits_t is not needed again)
+                g[t, cols] -= 1  # d(sum CE)/d logits = softmax - one-hot
+                g = g.to(logits_t.dtype)
+                del lt, logits_t
                 if want_h:
-                    grad_h[i:i + chunk] = g @ weight
+                    grad_h[i:i + chunk] = g.t() @ weight
                 if want_w:
-                    grad_w += (g.t() @ h).float()
+                    if g.dtype == grad_w.dtype:
+                        grad_w.addmm_(g, h)
+                    else:
+                        grad_w += (g @ h).float()
         # Kept on ctx (not inputs or outputs); backward scales them in place: no second copy.
         ctx.grad_h = grad_h.div_(n) if want_h else None
         ctx.grad_w = grad_w.div_(n) if want_w else None
@@ -203,7 +218,7 @@ class GPT(nn.Module):
         if targets is None:
             return self.out_head(x)  # (B, T, V)
         head = self.out_head
-        if type(head) is not nn.Linear or head.bias is not None or head._forward_hooks or head._forward_pre_hooks:
+        if not plain_linear(head) or head.bias is not None:
             loss_chunk = 0  # an adapted head (e.g. LoRA's hook) must run as a module: the plain path
         if loss_chunk <= 0:
             return F.cross_entropy(head(x).flatten(0, 1).float(), targets.flatten())

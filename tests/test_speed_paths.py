@@ -1,0 +1,143 @@
+"""The shape-dependent fast paths compute the same function as the plain ones: the fused q/k/v
+projection of many rows, and the threaded matrix-vector products of generation."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minigpt_core import build_model, spec_from_preset
+from minigpt_core import layers as layers_module
+from minigpt_core.generate import GEMV_MAX_ROWS, generate, threaded_gemv
+from minigpt_core.layers import FUSE_PROJECTIONS_MIN_ROWS, SDPAttention
+
+SHAPE = {"vocab_size": 301, "context_length": 64, "emb_dim": 64, "n_heads": 4, "n_layers": 2}
+
+
+@pytest.fixture
+def two_threads():
+    """The threaded paths only engage with more than one torch thread (CI may run tests on one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _linear_calls(monkeypatch) -> list[nn.Linear]:
+    """Record every nn.Linear module whose forward runs."""
+    calls, original = [], nn.Linear.forward
+
+    def counting(self, x):
+        calls.append(self)
+        return original(self, x)
+
+    monkeypatch.setattr(nn.Linear, "forward", counting)
+    return calls
+
+
+def _outputs_and_grads(module, x):
+    x = x.clone().requires_grad_()
+    out = module(x)
+    out.square().sum().backward()
+    grads = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad(set_to_none=True)
+    return out.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize("n_kv_heads, bias", [(None, True), (2, False)])
+def test_many_rows_take_one_fused_projection_with_the_same_outputs_and_gradients(monkeypatch, n_kv_heads, bias):
+    torch.manual_seed(0)
+    attn = SDPAttention(64, 4, qkv_bias=bias, n_kv_heads=n_kv_heads)
+    x = torch.randn(2, FUSE_PROJECTIONS_MIN_ROWS // 2, 64)  # exactly the threshold's rows
+    calls = _linear_calls(monkeypatch)
+    fused = _outputs_and_grads(attn, x)
+    assert calls == [attn.out_proj]  # q, k and v came from one F.linear of the concatenated weights
+    calls.clear()
+    monkeypatch.setattr(layers_module, "FUSE_PROJECTIONS_MIN_ROWS", 10**9)
+    apart = _outputs_and_grads(attn, x)
+    assert calls == [attn.W_query, attn.W_key, attn.W_value, attn.out_proj]
+    torch.testing.assert_close(fused[0], apart[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused[1], apart[1], atol=1e-5, rtol=1e-5)
+    for a, b in zip(fused[2], apart[2]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_a_hooked_or_adapted_projection_runs_as_its_module(monkeypatch):
+    torch.manual_seed(0)
+    attn = SDPAttention(64, 4, qkv_bias=True)
+    x = torch.randn(1, FUSE_PROJECTIONS_MIN_ROWS, 64)
+    seen = []
+    attn.W_key.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    calls = _linear_calls(monkeypatch)
+    attn(x)
+    assert seen == [(1, FUSE_PROJECTIONS_MIN_ROWS, 64)]  # the hook (e.g. an adapter's) saw its output
+    assert calls == [attn.W_query, attn.W_key, attn.W_value, attn.out_proj]
+
+
+def test_fewer_rows_than_the_threshold_run_the_three_projections(monkeypatch):
+    attn = SDPAttention(64, 4)
+    calls = _linear_calls(monkeypatch)
+    attn(torch.randn(1, 3, 64))
+    assert calls == [attn.W_query, attn.W_key, attn.W_value, attn.out_proj]
+
+
+@pytest.mark.parametrize("out_features, rows, bias", [(301, 1, False), (256, 4, True), (1000, 2, True)])
+def test_threaded_gemv_equals_the_linear_layer(two_threads, out_features, rows, bias):
+    torch.manual_seed(0)
+    layer = nn.Linear(48, out_features, bias=bias)
+    x = torch.randn(rows, 1, 48)
+    with torch.inference_mode():
+        want = layer(x)
+        with threaded_gemv(layer):
+            assert "forward" in layer.__dict__  # the threaded path is on
+            got = layer(x)
+            more = torch.randn(GEMV_MAX_ROWS + 1, 48)  # more rows: the plain matmul
+            torch.testing.assert_close(layer(more), F.linear(more, layer.weight, layer.bias))
+    assert "forward" not in layer.__dict__  # restored
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_threaded_gemv_leaves_other_layers_alone_and_restores_after_an_error(two_threads):
+    hooked, bf16, small = nn.Linear(32, 64), nn.Linear(32, 64).to(torch.bfloat16), nn.Linear(32, 8)
+    hooked.register_forward_hook(lambda *a: None)
+    plain = nn.Linear(32, 64)
+    model = nn.ModuleList([hooked, bf16, small, plain])
+    with pytest.raises(RuntimeError, match="boom"):
+        with threaded_gemv(model):
+            assert ["forward" in m.__dict__ for m in model] == [False, False, False, True]
+            raise RuntimeError("boom")
+    assert not any("forward" in m.__dict__ for m in model)
+
+
+def test_threaded_gemv_does_nothing_on_one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        layer = nn.Linear(32, 64)
+        with threaded_gemv(layer):
+            assert "forward" not in layer.__dict__
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_generation_gives_the_same_tokens_with_the_threaded_products(two_threads, batch, monkeypatch):
+    torch.manual_seed(0)
+    model = build_model(spec_from_preset("gpt2-124m", model={**SHAPE, "init": {"name": "gpt2.normal",
+                                                                               "params": {"std": 0.2}}},
+                                         tokenizer={"name": "char"}), seed=0)
+    prompt = torch.randint(0, SHAPE["vocab_size"], (batch, 5), generator=torch.Generator().manual_seed(1))
+    used = []
+    original = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: used.append(1) or original(*a))
+    threaded = generate(model, prompt, 20)
+    assert used  # generate() took the threaded path
+    monkeypatch.setattr("minigpt_core.generate.threaded_gemv", lambda model: contextlib.nullcontext())
+    plain = generate(model, prompt, 20)
+    assert torch.equal(threaded, plain)
+    assert not any("forward" in m.__dict__ for m in model.modules())
