@@ -21,6 +21,7 @@ reported instead.
     python benchmarks/generate.py              # 124M shape, batch 1 and 8, fp32 and bf16 (minutes)
     python benchmarks/generate.py --quick      # a tiny model and a few tokens (seconds)
     python benchmarks/generate.py --compile    # also ours with generate(..., compile=True)
+    python benchmarks/generate.py --bf16-batches 1   # bf16 at batch 1 only (minutes per call otherwise on AVX2 CPUs)
     python benchmarks/generate.py --write      # replace this benchmark's section of benchmarks/RESULTS.md
 """
 
@@ -104,7 +105,7 @@ def run(a: argparse.Namespace, device: torch.device) -> tuple[list[dict], str, s
         dtype = DTYPES[precision]
         ours = (ours32 if dtype == torch.float32 else copy.deepcopy(ours32)).to(device, dtype)
         theirs = (theirs32 if dtype == torch.float32 else copy.deepcopy(theirs32)).to(device, dtype)
-        for batch in a.batches:
+        for batch in (a.bf16_batches or a.batches) if precision == "bf16" else a.batches:
             prompt = torch.randint(0, a.vocab, (batch, a.prompt_len),
                                    generator=torch.Generator().manual_seed(batch)).to(device)
             n = a.new_tokens
@@ -185,6 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--new-tokens", type=int, default=200)
     p.add_argument("--batches", default="1,8", help="comma list of batch sizes")
     p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--bf16-batches", default=None,
+                   help="batch sizes for bf16 (default: --batches); on a CPU without bf16 matrix instructions a "
+                        "bf16 batch-8 call takes minutes")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--init-std", type=float, default=0.2)
     p.add_argument("--attention", default=None, help="override the preset's attention (e.g. torch.sdpa)")
@@ -200,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         for k, v in QUICK.items():
             setattr(a, k, v)
     a.batches = [int(b) for b in a.batches.split(",")]
+    a.bf16_batches = [int(b) for b in a.bf16_batches.split(",")] if a.bf16_batches else None
     a.precisions = a.precisions.split(",")
     if a.threads:
         torch.set_num_threads(a.threads)
