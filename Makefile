@@ -24,11 +24,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	@touch $@
 
+# Two workers or more (pytest-xdist), each file on one worker (its module fixtures built once),
+# one torch thread each: tiny models do not scale past one thread, and the workers share the cores.
 test: install
-	$(BIN)/python -m pytest -q --durations=15
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --dist loadfile --durations=15
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow"
 
 run: install
 	$(BIN)/minigpt train experiments/quickstart.toml

@@ -8,8 +8,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))  # tests/book_reference.py
 
-# The suite runs on 2 cores next to other work; one intra-op thread keeps timings stable.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# The suite runs on 2 cores next to other work; at most two intra-op threads keep timings stable,
+# and one per pytest-xdist worker (`make test`), since the workers already share the cores.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture

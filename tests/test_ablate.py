@@ -381,7 +381,7 @@ def test_time_budget_gives_each_variant_the_steps_that_fit_the_time(tmp_path):
 base = "base.toml"
 seeds = [1, 2]
 budget = "time"
-time_budget_s = 0.5
+time_budget_s = 5
 [variants.small]
 [variants.wide]
 "model.emb_dim" = 128
@@ -389,8 +389,9 @@ time_budget_s = 0.5
 ''')
     plan = load_plan(path)
     steps = {c.variant: c.steps for c in plan.cells}
+    # only timed, never run: a budget of many small steps keeps the order clear on a loaded machine
     assert steps["small"] > steps["wide"] >= 1  # the bigger model gets fewer steps in the same time
-    assert "same wall-clock time: 0.5 s" in plan.budget_summary
+    assert "same wall-clock time: 5.0 s" in plan.budget_summary
     # a rerun takes the steps from the manifest instead of timing again
     again = load_plan(path, time_steps={"small": 7, "wide": 3})
     assert [c.steps for c in again.cells] == [7, 7, 3, 3]
