@@ -1,11 +1,9 @@
-"""The measurements behind three shape-dependent fast paths, at GPT-2 124M's shapes (fp32, CPU).
+"""The measurements behind two shape-dependent fast paths, at GPT-2 124M's shapes (fp32, CPU).
 
 1. The chunked head + loss (minigpt_core.model._ChunkedHeadLoss) computes each chunk's logits
    transposed, (V, c) = W @ h.T, and accumulates the weight gradient with addmm_: GFLOP/s of each
    GEMM in both layouts, and the whole head + loss forward and backward against the plain path.
-2. SDPAttention projects q, k and v with one GEMM of the concatenated weights when there are many
-   rows: three (C, C) GEMMs against one (C, 3C), forward and backward, concatenation included.
-3. generate() runs the few-row products of decoding on all threads (minigpt_core.generate.threaded_gemv):
+2. generate() runs the few-row products of decoding on all threads (minigpt_core.generate.threaded_gemv):
    GB/s of weights read by F.linear and by the threaded path, each weight read cold (cycling through
    more copies than the caches hold), and the single- and all-thread read bandwidth of a plain sum.
 
@@ -28,9 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import append_results, machine, time_alternating  # noqa: E402
 
 from minigpt_core import generate as generate_module  # noqa: E402
-from minigpt_core import layers as layers_module  # noqa: E402
 from minigpt_core.generate import threaded_gemv  # noqa: E402
-from minigpt_core.layers import SDPAttention  # noqa: E402
 from minigpt_core.model import chunked_head_loss  # noqa: E402
 
 EMB, VOCAB = 768, 50257
@@ -74,38 +70,16 @@ def head_tables(a) -> str:
     return "\n".join(lines)
 
 
-def projection_table(a) -> str:
-    torch.manual_seed(0)
-    attn = SDPAttention(EMB, 12, qkv_bias=True)
-    x = torch.randn(4, 256, EMB, requires_grad=True)  # the benchmark's batch 4 x context 256
-
-    def step():
-        q, k, v = attn._project(x)
-        (q.sum() + k.sum() + v.sum()).backward()
-
-    def apart():
-        layers_module.FUSE_PROJECTIONS_MIN_ROWS, saved = 10**9, layers_module.FUSE_PROJECTIONS_MIN_ROWS
-        try:
-            step()
-        finally:
-            layers_module.FUSE_PROJECTIONS_MIN_ROWS = saved
-
-    t = time_alternating({"one": step, "three": apart}, repeats=a.repeats * 3)
-    return ("**q/k/v projection of 1024 rows, forward and backward** (ms)\n\n| path | ms | speed-up |\n|---|---:|---:|\n"
-            f"| three (768, 768) GEMMs | {t['three'] * 1e3:.1f} | 1.00x |\n"
-            f"| one (768, 2304) GEMM of the concatenated weights | {t['one'] * 1e3:.1f} | "
-            f"{t['three'] / t['one']:.2f}x |")
-
-
 def gemv_table(a) -> str:
     torch.manual_seed(0)
-    lines = ["**Decoding GEMVs** (GB/s of fp32 weights read, each weight cold)", "",
+    lines = [f"**Decoding GEMVs** (GB/s of fp32 weights read, each weight cold; generate() threads up to "
+             f"{generate_module.GEMV_MAX_ROWS} rows)", "",
              "| weight (out, in) | rows | F.linear | threaded_gemv | speed-up |", "|---|---:|---:|---:|---:|"]
     for n, k in ((2304, 768), (3072, 768), (768, 3072), (VOCAB, EMB)):
         copies = max(2, int(300e6 // (n * k * 4)))  # ~300 MB: more than any cache
         mods = torch.nn.ModuleList(torch.nn.Linear(k, n, bias=False) for _ in range(copies))
         gb = n * k * 4 * copies / 1e9
-        for rows in (1, 4, 8):  # 8 rows: forced past GEMV_MAX_ROWS, to show where the threshold sits
+        for rows in (1, 4, 8, 16):  # the threaded path forced on, to show where GEMV_MAX_ROWS should sit
             x = torch.randn(rows, k)
             with torch.inference_mode():
                 def plain():
@@ -116,7 +90,7 @@ def gemv_table(a) -> str:
                     with threaded_gemv(mods):
                         for m in mods:
                             m(x)
-                saved, generate_module.GEMV_MAX_ROWS = generate_module.GEMV_MAX_ROWS, max(rows, 4)
+                saved, generate_module.GEMV_MAX_ROWS = generate_module.GEMV_MAX_ROWS, rows
                 try:
                     t = time_alternating({"plain": plain, "threaded": threaded}, repeats=a.repeats)
                 finally:
@@ -143,11 +117,11 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     print(machine(), flush=True)
     parts = []
-    for make in (head_tables, projection_table, gemv_table):
+    for make in (head_tables, gemv_table):
         parts.append(make(a))
         print(parts[-1] + "\n", flush=True)
     if a.write:
-        append_results("Kernels: head layout, fused q/k/v projection, threaded decoding GEMVs", "\n\n".join(parts))
+        append_results("Kernels: head layout, threaded decoding GEMVs", "\n\n".join(parts))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import math
 import warnings
+import weakref
 from typing import Callable, Iterator
 
 import torch
@@ -78,7 +79,7 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
         # inference_mode skips autograd's bookkeeping on every op; FSDP2 swaps parameter storage
         # between calls, which tensors created in inference mode would not allow.
         fsdp = _is_fsdp(model)
-        gemv = contextlib.nullcontext() if fsdp or compile else threaded_gemv(model)
+        gemv = contextlib.nullcontext() if fsdp else threaded_gemv(model)
         with torch.inference_mode(not fsdp), gemv:
             out = _generate(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache,
                             generator, n_vocab, on_token, compile)
@@ -91,7 +92,7 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
 # by how fast the weights stream from memory. PyTorch's CPU BLAS runs that product on one thread,
 # which reads memory at ~10 GB/s here while two threads read ~15-18 (benchmarks/RESULTS.md,
 # "Generation"); a batched matmul over slices of the weight runs one slice per thread.
-GEMV_MAX_ROWS = 4  # measured: at 8 rows the BLAS matmul is already multithreaded and as fast
+GEMV_MAX_ROWS = 8  # measured faster up to 8 rows (benchmarks/kernels.py); more rows are a GEMM BLAS threads well
 
 
 def _threaded_linear(module: torch.nn.Linear, parts: int, x: torch.Tensor) -> torch.Tensor:
@@ -110,6 +111,9 @@ def _threaded_linear(module: torch.nn.Linear, parts: int, x: torch.Tensor) -> to
     return y.view(*x.shape[:-1], n)
 
 
+_THREADED_FORWARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 @contextlib.contextmanager
 def threaded_gemv(model: torch.nn.Module) -> Iterator[None]:
     """Within the block, the model's plain fp32 CPU ``nn.Linear`` layers multiply up to
@@ -123,7 +127,12 @@ def threaded_gemv(model: torch.nn.Module) -> Iterator[None]:
         and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32 and m.weight.is_contiguous()
         and m.out_features >= 16 * parts]
     for m in layers:
-        m.forward = functools.partial(_threaded_linear, m, parts)  # an instance attribute shadows the method
+        # An instance attribute shadows the method. The same object every call: a compiled decode
+        # step guards on it, and a new one would recompile the step at each generate().
+        forward = _THREADED_FORWARDS.get(m)
+        if forward is None or forward.args[1] != parts:
+            forward = _THREADED_FORWARDS[m] = functools.partial(_threaded_linear, m, parts)
+        m.forward = forward
     try:
         yield
     finally:

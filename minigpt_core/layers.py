@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import BuildContext, LayerKVCache, mark_residual_projection, plain_linear
+from .model import BuildContext, LayerKVCache, mark_residual_projection
 
 __all__ = [
     "GELU",
@@ -121,11 +121,6 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: in
     return F.dropout(weights, dropout_p) @ v, weights
 
 
-# Below this many rows (tokens) the copy that concatenates the three projection weights costs more
-# than the one wide GEMM saves, e.g. when decoding a token at a time: the three GEMMs run apart.
-FUSE_PROJECTIONS_MIN_ROWS = 256
-
-
 class SDPAttention(nn.Module):
     """Multi-head causal attention on scaled_dot_product_attention, with the modern options.
 
@@ -164,13 +159,6 @@ class SDPAttention(nn.Module):
         self.W_value = nn.Linear(emb_dim, kv_dim, bias=bias)
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        projections = (self.W_query, self.W_key, self.W_value)
-        if x.numel() // x.shape[-1] >= FUSE_PROJECTIONS_MIN_ROWS and all(map(plain_linear, projections)):
-            # One (C, C + 2 kv) GEMM instead of three: CPU BLAS ran the wide one ~1.4x faster at GPT-2's
-            # shape (benchmarks/RESULTS.md). The parameters keep the book's layout: same weights, same seeds.
-            weight = torch.cat([m.weight for m in projections])
-            bias = None if self.W_query.bias is None else torch.cat([m.bias for m in projections])
-            return F.linear(x, weight, bias).split([m.out_features for m in projections], dim=-1)
         return self.W_query(x), self.W_key(x), self.W_value(x)
 
     def _attend(self, q, k, v, past: int, return_weights: bool):

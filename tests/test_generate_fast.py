@@ -107,7 +107,21 @@ def test_last_only_gives_the_last_positions_logits(registry):
 
 
 @pytest.mark.slow
-def test_compiled_decode_step_gives_the_same_tokens_and_compiles_once(registry):
+@pytest.mark.parametrize("threads", [1, 2])  # 2: the decode step's linears run as threaded GEMVs
+def test_compiled_decode_step_gives_the_same_tokens_and_compiles_once(registry, threads):
+    from minigpt_core import generate as generate_module
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = _compiled_decode_checks(registry)
+    finally:
+        torch.set_num_threads(before)
+    threaded = [m for m in model.modules() if m in generate_module._THREADED_FORWARDS]
+    assert bool(threaded) == (threads > 1)
+
+
+def _compiled_decode_checks(registry):
     from torch._dynamo.utils import counters
 
     model = _model(registry, "torch.sdpa", context_length=32, n_layers=1)
@@ -122,6 +136,7 @@ def test_compiled_decode_step_gives_the_same_tokens_and_compiles_once(registry):
         assert torch.equal(generate(model, want[:, :7], 8, compile=True, generator=torch.Generator().manual_seed(3), **kw),
                            generate(model, want[:, :7], 8, generator=torch.Generator().manual_seed(3), **kw))
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    return model
 
 
 @pytest.mark.slow

@@ -1,5 +1,4 @@
-"""The shape-dependent fast paths compute the same function as the plain ones: the fused q/k/v
-projection of many rows, and the threaded matrix-vector products of generation."""
+"""The threaded matrix-vector products of generation compute the same function as the linear layers."""
 
 from __future__ import annotations
 
@@ -11,9 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minigpt_core import build_model, spec_from_preset
-from minigpt_core import layers as layers_module
 from minigpt_core.generate import GEMV_MAX_ROWS, generate, threaded_gemv
-from minigpt_core.layers import FUSE_PROJECTIONS_MIN_ROWS, SDPAttention
 
 SHAPE = {"vocab_size": 301, "context_length": 64, "emb_dim": 64, "n_heads": 4, "n_layers": 2}
 
@@ -25,64 +22,6 @@ def two_threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(before)
-
-
-def _linear_calls(monkeypatch) -> list[nn.Linear]:
-    """Record every nn.Linear module whose forward runs."""
-    calls, original = [], nn.Linear.forward
-
-    def counting(self, x):
-        calls.append(self)
-        return original(self, x)
-
-    monkeypatch.setattr(nn.Linear, "forward", counting)
-    return calls
-
-
-def _outputs_and_grads(module, x):
-    x = x.clone().requires_grad_()
-    out = module(x)
-    out.square().sum().backward()
-    grads = [p.grad.clone() for p in module.parameters()]
-    module.zero_grad(set_to_none=True)
-    return out.detach(), x.grad, grads
-
-
-@pytest.mark.parametrize("n_kv_heads, bias", [(None, True), (2, False)])
-def test_many_rows_take_one_fused_projection_with_the_same_outputs_and_gradients(monkeypatch, n_kv_heads, bias):
-    torch.manual_seed(0)
-    attn = SDPAttention(64, 4, qkv_bias=bias, n_kv_heads=n_kv_heads)
-    x = torch.randn(2, FUSE_PROJECTIONS_MIN_ROWS // 2, 64)  # exactly the threshold's rows
-    calls = _linear_calls(monkeypatch)
-    fused = _outputs_and_grads(attn, x)
-    assert calls == [attn.out_proj]  # q, k and v came from one F.linear of the concatenated weights
-    calls.clear()
-    monkeypatch.setattr(layers_module, "FUSE_PROJECTIONS_MIN_ROWS", 10**9)
-    apart = _outputs_and_grads(attn, x)
-    assert calls == [attn.W_query, attn.W_key, attn.W_value, attn.out_proj]
-    torch.testing.assert_close(fused[0], apart[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(fused[1], apart[1], atol=1e-5, rtol=1e-5)
-    for a, b in zip(fused[2], apart[2]):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-
-
-def test_a_hooked_or_adapted_projection_runs_as_its_module(monkeypatch):
-    torch.manual_seed(0)
-    attn = SDPAttention(64, 4, qkv_bias=True)
-    x = torch.randn(1, FUSE_PROJECTIONS_MIN_ROWS, 64)
-    seen = []
-    attn.W_key.register_forward_hook(lambda module, args, out: seen.append(out.shape))
-    calls = _linear_calls(monkeypatch)
-    attn(x)
-    assert seen == [(1, FUSE_PROJECTIONS_MIN_ROWS, 64)]  # the hook (e.g. an adapter's) saw its output
-    assert calls == [attn.W_query, attn.W_key, attn.W_value, attn.out_proj]
-
-
-def test_fewer_rows_than_the_threshold_run_the_three_projections(monkeypatch):
-    attn = SDPAttention(64, 4)
-    calls = _linear_calls(monkeypatch)
-    attn(torch.randn(1, 3, 64))
-    assert calls == [attn.W_query, attn.W_key, attn.W_value, attn.out_proj]
 
 
 @pytest.mark.parametrize("out_features, rows, bias", [(301, 1, False), (256, 4, True), (1000, 2, True)])
