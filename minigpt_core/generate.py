@@ -6,7 +6,6 @@ import contextlib
 import functools
 import math
 import warnings
-import weakref
 from typing import Callable, Iterator
 
 import torch
@@ -90,9 +89,9 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
 
 # A decoding step multiplies a few rows by each weight matrix (a matrix-vector product): it is bound
 # by how fast the weights stream from memory. PyTorch's CPU BLAS runs that product on one thread,
-# which reads memory at ~10 GB/s here while two threads read ~15-18 (benchmarks/RESULTS.md,
-# "Generation"); a batched matmul over slices of the weight runs one slice per thread.
-GEMV_MAX_ROWS = 8  # measured faster up to 8 rows (benchmarks/kernels.py); more rows are a GEMM BLAS threads well
+# reading 8-10 GB/s on a 2-core EPYC; a batched matmul over slices of the weight, one slice per
+# thread, read 11-17 GB/s there (benchmarks/kernels.py, "Kernels" in benchmarks/RESULTS.md).
+GEMV_MAX_ROWS = 8  # a batch of up to 8 sequences decoding; measured faster at 1-16 rows
 
 
 def _threaded_linear(module: torch.nn.Linear, parts: int, x: torch.Tensor) -> torch.Tensor:
@@ -111,7 +110,7 @@ def _threaded_linear(module: torch.nn.Linear, parts: int, x: torch.Tensor) -> to
     return y.view(*x.shape[:-1], n)
 
 
-_THREADED_FORWARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_THREADED_FORWARD = "_minigpt_threaded_forward"  # where a layer keeps its threaded forward between calls
 
 
 @contextlib.contextmanager
@@ -129,9 +128,9 @@ def threaded_gemv(model: torch.nn.Module) -> Iterator[None]:
     for m in layers:
         # An instance attribute shadows the method. The same object every call: a compiled decode
         # step guards on it, and a new one would recompile the step at each generate().
-        forward = _THREADED_FORWARDS.get(m)
+        forward = m.__dict__.get(_THREADED_FORWARD)
         if forward is None or forward.args[1] != parts:
-            forward = _THREADED_FORWARDS[m] = functools.partial(_threaded_linear, m, parts)
+            forward = m.__dict__[_THREADED_FORWARD] = functools.partial(_threaded_linear, m, parts)
         m.forward = forward
     try:
         yield
