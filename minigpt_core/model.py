@@ -123,7 +123,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 
     The logits are computed transposed, (V, chunk) = weight @ h.T: on CPU BLAS that layout ran the
     forward GEMM ~1.5x faster than h @ weight.T, and the weight gradient then accumulates with one
-    addmm_ (no extra pass over the (V, C) buffer) -- benchmarks/RESULTS.md, "chunked head".
+    addmm_ (no extra pass over the (V, C) buffer): benchmarks/kernels.py, "Kernels" in RESULTS.md.
     """
 
     @staticmethod
