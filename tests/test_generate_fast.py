@@ -12,6 +12,7 @@ import torch
 
 from minigpt_core import build_model, parse_spec
 from minigpt_core.generate import generate
+from training_utils import torch_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 61
@@ -111,12 +112,8 @@ def test_last_only_gives_the_last_positions_logits(registry):
 def test_compiled_decode_step_gives_the_same_tokens_and_compiles_once(registry, threads):
     from minigpt_core import generate as generate_module
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         model = _compiled_decode_checks(registry)
-    finally:
-        torch.set_num_threads(before)
     threaded = [m for m in model.modules() if generate_module._THREADED_FORWARD in m.__dict__]
     assert bool(threaded) == (threads > 1)
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from minigpt_core import build_model, spec_from_preset
 from minigpt_core.generate import GEMV_MAX_ROWS, generate, threaded_gemv
+from training_utils import torch_threads
 
 SHAPE = {"vocab_size": 301, "context_length": 64, "emb_dim": 64, "n_heads": 4, "n_layers": 2}
 
@@ -18,10 +19,8 @@ SHAPE = {"vocab_size": 301, "context_length": 64, "emb_dim": 64, "n_heads": 4, "
 @pytest.fixture
 def two_threads():
     """The threaded paths only engage with more than one torch thread (CI may run tests on one)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(2):
+        yield
 
 
 @pytest.mark.parametrize("out_features, rows, bias", [(301, 1, False), (256, 4, True), (1000, 2, True)])
@@ -54,14 +53,9 @@ def test_threaded_gemv_leaves_other_layers_alone_and_restores_after_an_error(two
 
 
 def test_threaded_gemv_does_nothing_on_one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        layer = nn.Linear(32, 64)
-        with threaded_gemv(layer):
-            assert "forward" not in layer.__dict__
-    finally:
-        torch.set_num_threads(before)
+    layer = nn.Linear(32, 64)
+    with torch_threads(1), threaded_gemv(layer):
+        assert "forward" not in layer.__dict__
 
 
 @pytest.mark.parametrize("batch", [1, 3])

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 from minigpt_core import _toml
 
@@ -125,3 +128,14 @@ def reference_and_killed_run(capsys, tmp_path: Path, spec_data: dict, kill_step:
     still_running, returncode = kill_training_at(specs["b"], tmp_path / "b" / "runs", kill_step)
     assert still_running and returncode == -signal.SIGKILL, "the run finished before it could be killed"
     return specs["b"]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's CPU thread count set to ``n`` inside the block (code paths that depend on it), then restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
