@@ -1,23 +1,25 @@
 """Training tasks besides next-token prediction: what the data is, the head, the loss, the metrics.
 
-The trainer stays one loop for every task: with ``spec.task == "lm"`` (the default) it runs as it
-always has; any other task is a :class:`Task` that the trainer asks, at a few fixed points, for its
-data, its head, the loss of a batch and its evaluation. A new task (like instruction tuning) is a
-``Task`` subclass added to :data:`TASK_CLASSES` plus its section in the spec.
+The trainer stays one loop for every task: each task, language modelling (lm.py, the default)
+included, is a :class:`Task` strategy that the trainer asks, at a few fixed points, for its data,
+its head, the loss of a micro-batch, its evaluation and its final report, passing it only what
+that needs (the spec, the model, micro-batch size, device, precision and processes), never the
+trainer. The two fine-tuning tasks (classification.py, instruction.py) share supervised.py. A new
+task is a ``Task`` subclass added to :data:`TASK_CLASSES` plus its section in the spec.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import Task
+from .base import FinalReport, Task
 
 if TYPE_CHECKING:
     from torch import nn
 
     from ..spec import ExperimentSpec
 
-__all__ = ["Task", "get_task", "build_task_model", "require_lm", "check_init_from_task", "TASK_CLASSES",
+__all__ = ["Task", "FinalReport", "get_task", "training_task", "build_task_model", "require_lm", "check_init_from_task", "TASK_CLASSES",
            "TOKEN_TASKS"]
 
 
@@ -33,7 +35,14 @@ def _instruction():
     return InstructionTask
 
 
-TASK_CLASSES = {"classification": _classification, "instruction": _instruction}
+def _lm():
+    from .lm import LMTask
+
+    return LMTask
+
+
+# Loaded when first used: each task module pulls in what its data and evaluation need.
+TASK_CLASSES = {"lm": _lm, "classification": _classification, "instruction": _instruction}
 
 # Tasks whose model still predicts the next token (its output head is the language model's).
 TOKEN_TASKS = ("lm", "instruction")
@@ -43,6 +52,11 @@ def get_task(spec: "ExperimentSpec") -> Task | None:
     """The spec's task, or None for a language model (the trainer's own code path)."""
     if spec.task == "lm":
         return None
+    return TASK_CLASSES[spec.task]()(spec)
+
+
+def training_task(spec: "ExperimentSpec") -> Task:
+    """The strategy a training run of ``spec`` drives (a language model's included)."""
     return TASK_CLASSES[spec.task]()(spec)
 
 
