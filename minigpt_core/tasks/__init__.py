@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..errors import MinigptError
+from ..model import build_model
 from .base import FinalReport, Task
 
 if TYPE_CHECKING:
@@ -62,8 +64,6 @@ def training_task(spec: "ExperimentSpec") -> Task:
 
 def build_task_model(spec: "ExperimentSpec", **kwargs) -> "nn.Module":
     """``build_model`` plus the task's head: what a checkpoint of ``spec`` holds weights for."""
-    from ..model import build_model
-
     model = build_model(spec, **kwargs)
     task = get_task(spec)
     return model if task is None else task.attach_head(model)
@@ -72,8 +72,6 @@ def build_task_model(spec: "ExperimentSpec", **kwargs) -> "nn.Module":
 def require_lm(spec: "ExperimentSpec", where: object, what: str) -> None:
     """Refuse a fine-tuned (non-lm) checkpoint where a language model is needed (sampling, export, init_from)."""
     if spec.task not in TOKEN_TASKS:
-        from ..errors import MinigptError
-
         raise MinigptError(
             f"{where} is a {spec.task} model (task = {spec.task!r}): its head predicts classes, not tokens, "
             f"so it cannot be used for {what}. Use `minigpt classify` with it, or the language model it was "
@@ -86,8 +84,6 @@ def check_init_from_task(loaded: "ExperimentSpec", spec: "ExperimentSpec", where
     kept and trains on)."""
     if loaded.task in TOKEN_TASKS:
         return
-    from ..errors import MinigptError
-
     origin = f" ({loaded.init_from})" if loaded.init_from else ""
     if spec.task != loaded.task:
         raise MinigptError(
