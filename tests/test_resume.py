@@ -92,8 +92,8 @@ def test_compiled_and_plain_models_share_checkpoints(tmp_path):
     # dynamo's wrapper (OptimizedModule) prefixes every key with _orig_mod.; checkpoints never do
     spec = parse_spec(tiny_spec_data(tmp_path, train={"max_steps": 3, "save_every": 3, "eval_every": 0}))
     trainer = Trainer(spec, **quiet)
-    trainer.forward = torch.compile(trainer.wrapped, backend="eager")  # what train.compile sets up
-    assert any(k.startswith("_orig_mod.") for k in trainer.forward.state_dict())
+    trainer.engine.forward = torch.compile(trainer.engine.wrapped, backend="eager")  # what train.compile sets up
+    assert any(k.startswith("_orig_mod.") for k in trainer.engine.forward.state_dict())
     compiled_run = trainer.run()
     plain = Trainer(spec.model_copy(update={"train": spec.train.model_copy(update={"max_steps": 5})}),
                     resume=compiled_run.checkpoint, **quiet)
@@ -102,7 +102,7 @@ def test_compiled_and_plain_models_share_checkpoints(tmp_path):
     plain.run()
     again = Trainer(spec.model_copy(update={"train": spec.train.model_copy(update={"max_steps": 6})}),
                     resume=compiled_run.run_dir, **quiet)
-    again.forward = torch.compile(again.wrapped, backend="eager")
+    again.engine.forward = torch.compile(again.engine.wrapped, backend="eager")
     assert again.step == 5
     assert again.run().step == 6
     # and the model-level helpers accept either form

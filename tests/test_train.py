@@ -285,7 +285,7 @@ def test_the_applied_update_uses_the_clipped_gradient(tmp_path):
     # the reference: the same batch through a copy of the model, the global norm clipped by hand
     ref = copy.deepcopy(trainer.model)
     split = trainer.data.split
-    batch = torch.from_numpy(split.corpus.windows(split.train[copy.deepcopy(trainer.sampler).next_batch()],
+    batch = torch.from_numpy(split.corpus.windows(split.train[copy.deepcopy(trainer.engine.sampler).next_batch()],
                                                   split.length))
     logits = ref(batch[:, :-1])
     nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).backward()

@@ -1,23 +1,27 @@
 """Training tasks besides next-token prediction: what the data is, the head, the loss, the metrics.
 
-The trainer stays one loop for every task: with ``spec.task == "lm"`` (the default) it runs as it
-always has; any other task is a :class:`Task` that the trainer asks, at a few fixed points, for its
-data, its head, the loss of a batch and its evaluation. A new task (like instruction tuning) is a
-``Task`` subclass added to :data:`TASK_CLASSES` plus its section in the spec.
+The trainer stays one loop for every task: each task, language modelling (lm.py, the default)
+included, is a :class:`Task` strategy that the trainer asks, at a few fixed points, for its data,
+its head, the loss of a micro-batch, its evaluation and its final report, passing it only what
+that needs (the spec, the model, micro-batch size, device, precision and processes), never the
+trainer. The two fine-tuning tasks (classification.py, instruction.py) share supervised.py. A new
+task is a ``Task`` subclass added to :data:`TASK_CLASSES` plus its section in the spec.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import Task
+from ..errors import MinigptError
+from ..model import build_model
+from .base import FinalReport, Task
 
 if TYPE_CHECKING:
     from torch import nn
 
     from ..spec import ExperimentSpec
 
-__all__ = ["Task", "get_task", "build_task_model", "require_lm", "check_init_from_task", "TASK_CLASSES",
+__all__ = ["Task", "FinalReport", "get_task", "training_task", "build_task_model", "require_lm", "check_init_from_task", "TASK_CLASSES",
            "TOKEN_TASKS"]
 
 
@@ -33,7 +37,14 @@ def _instruction():
     return InstructionTask
 
 
-TASK_CLASSES = {"classification": _classification, "instruction": _instruction}
+def _lm():
+    from .lm import LMTask
+
+    return LMTask
+
+
+# Loaded when first used: each task module pulls in what its data and evaluation need.
+TASK_CLASSES = {"lm": _lm, "classification": _classification, "instruction": _instruction}
 
 # Tasks whose model still predicts the next token (its output head is the language model's).
 TOKEN_TASKS = ("lm", "instruction")
@@ -46,10 +57,13 @@ def get_task(spec: "ExperimentSpec") -> Task | None:
     return TASK_CLASSES[spec.task]()(spec)
 
 
+def training_task(spec: "ExperimentSpec") -> Task:
+    """The strategy a training run of ``spec`` drives (a language model's included)."""
+    return TASK_CLASSES[spec.task]()(spec)
+
+
 def build_task_model(spec: "ExperimentSpec", **kwargs) -> "nn.Module":
     """``build_model`` plus the task's head: what a checkpoint of ``spec`` holds weights for."""
-    from ..model import build_model
-
     model = build_model(spec, **kwargs)
     task = get_task(spec)
     return model if task is None else task.attach_head(model)
@@ -58,8 +72,6 @@ def build_task_model(spec: "ExperimentSpec", **kwargs) -> "nn.Module":
 def require_lm(spec: "ExperimentSpec", where: object, what: str) -> None:
     """Refuse a fine-tuned (non-lm) checkpoint where a language model is needed (sampling, export, init_from)."""
     if spec.task not in TOKEN_TASKS:
-        from ..errors import MinigptError
-
         raise MinigptError(
             f"{where} is a {spec.task} model (task = {spec.task!r}): its head predicts classes, not tokens, "
             f"so it cannot be used for {what}. Use `minigpt classify` with it, or the language model it was "
@@ -72,8 +84,6 @@ def check_init_from_task(loaded: "ExperimentSpec", spec: "ExperimentSpec", where
     kept and trains on)."""
     if loaded.task in TOKEN_TASKS:
         return
-    from ..errors import MinigptError
-
     origin = f" ({loaded.init_from})" if loaded.init_from else ""
     if spec.task != loaded.task:
         raise MinigptError(

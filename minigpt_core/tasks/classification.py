@@ -9,7 +9,6 @@ default), as the book does for the SMS Spam Collection.
 from __future__ import annotations
 
 import csv
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.sources import DataError
+from ..finetune import mark_trainable
 from ..spec import ClassificationSpec, ExperimentSpec
-from .base import Task
+from .base import FinalReport
+from .supervised import SPLITS, ExampleData, ExampleSplit, SupervisedTask, base_tokenizer, json_records, over_rows
 
 __all__ = ["ClassificationTask", "ClassificationData", "read_examples", "split_examples", "pack_rows", "pool",
            "confusion_matrix", "classification_metrics", "majority_baseline", "encode_for_classification"]
 
-SPLITS = ("train", "val", "test")
 HEAD_ATTR = "_minigpt_classes"  # on a model whose out_head is a classification head: its classes
 
 
@@ -84,21 +84,7 @@ def _read_table(cs: ClassificationSpec, path: Path, delimiter: str) -> list[tupl
 
 
 def _read_jsonl(cs: ClassificationSpec, path: Path) -> list[dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path} is not valid JSON: {exc}") from None
-    else:
-        records = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}, line {n}: not valid JSON ({exc}); a JSONL file holds one "
-                                    f"object per line.") from None
+    records = json_records(path.read_text(encoding="utf-8"), path)
     if not all(isinstance(r, dict) for r in records):
         raise DataError(f"{path}: every record must be a JSON object with the text and label fields.")
     return records
@@ -254,17 +240,10 @@ def majority_baseline(train_labels: np.ndarray, labels: np.ndarray, n_classes: i
 
 # -- the task -------------------------------------------------------------------------------------
 @dataclass
-class ClassificationSplit:
-    train: np.ndarray
-    val: np.ndarray
-    test: np.ndarray
-    length: int  # max_length + 1, the trainer's "window" length (it trains on length - 1 tokens)
+class ClassificationSplit(ExampleSplit):
     classes: list[str]
     pad_id: int
     pooling: str
-
-    def rows(self, split: str) -> np.ndarray:
-        return getattr(self, split)
 
     def describe(self) -> str:
         return (f"{len(self.train):,} train / {len(self.val):,} validation / {len(self.test):,} test examples, "
@@ -273,27 +252,9 @@ class ClassificationSplit:
 
 
 @dataclass
-class ClassificationData:
-    tokenizer: Any
-    split: ClassificationSplit
-    source: str
+class ClassificationData(ExampleData):
+    split: ClassificationSplit  # length: max_length + 1 (the trainer trains on length - 1 tokens)
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _tokenizer(spec: ExperimentSpec, state: dict[str, Any] | None, texts: list[str]):
-    from ..tokenizers import TokenizerError, build_tokenizer, tokenizer_from_state
-
-    if state is None and spec.init_from is not None and not spec.init_from.startswith("hf:"):
-        from ..checkpoint import read_meta
-        from ..train.state import pick_checkpoint
-
-        state = read_meta(pick_checkpoint(spec.init_from)[0]).get("tokenizer")  # the ids the weights know
-    if state is not None:
-        return tokenizer_from_state(state, spec.registry)
-    try:
-        return build_tokenizer(spec)
-    except TokenizerError:  # a tokenizer that learns its vocabulary (char): from these texts
-        return build_tokenizer(spec, training_text="\n".join(texts))
 
 
 def encode_for_classification(tokenizer, texts: list[str], max_length: int, pad_id: int) -> np.ndarray:
@@ -301,18 +262,20 @@ def encode_for_classification(tokenizer, texts: list[str], max_length: int, pad_
     return pack_rows([tokenizer.encode(t) for t in texts], np.zeros(len(texts), dtype=np.int64), max_length, pad_id)
 
 
-class ClassificationTask(Task):
+class ClassificationTask(SupervisedTask):
     name = "classification"
 
     def __init__(self, spec: ExperimentSpec):
         super().__init__(spec)
         self.data: ClassificationData | None = None
+        self.last_confusion: dict[str, np.ndarray] = {}  # split -> its confusion matrix at the last evaluation
 
     @property
     def cs(self) -> ClassificationSpec:
         return self.spec.classification
 
-    def load_data(self, spec, *, tokenizer_state=None, write: Callable[[str], None] = print) -> ClassificationData:
+    def load_data(self, spec, *, tokenizer_state=None, write: Callable[[str], None] = print, env=None,
+                  progress: bool = False) -> ClassificationData:
         self.spec = spec
         cs = self.cs
         examples = read_examples(cs)
@@ -322,7 +285,7 @@ class ClassificationTask(Task):
         index = {c: i for i, c in enumerate(classes)}
         labels = np.array([index[l] for _, l in examples], dtype=np.int64)
         parts = split_examples(labels, len(classes), cs)
-        tokenizer = _tokenizer(spec, tokenizer_state, texts)
+        tokenizer = base_tokenizer(spec, tokenizer_state, texts)
         ids = [tokenizer.encode(t) for t in texts]
         context = spec.model.context_length
         max_length = cs.max_length or min(max(len(ids[i]) for i in parts["train"]), context)
@@ -363,8 +326,6 @@ class ClassificationTask(Task):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.spec.seed)
             head = nn.Linear(model.spec.emb_dim, len(classes))
-        from ..finetune import mark_trainable
-
         # A new head always trains, whatever [finetune] freezes (it starts random).
         model.out_head = mark_trainable(head.to(model.tok_emb.weight.device))
         model.__dict__[HEAD_ATTR] = list(classes)
@@ -384,72 +345,43 @@ class ClassificationTask(Task):
         p = counts[counts > 0] / counts.sum()
         return float(-(p * np.log(p)).sum())
 
-    @torch.no_grad()
     def predict(self, model: nn.Module, rows: np.ndarray, *, micro_batch: int, device: torch.device,
                 precision: str = "fp32", env=None) -> tuple[float, np.ndarray]:
         """(summed loss, confusion matrix) over ``rows``, split evenly over processes (summed back)."""
-        from ..train.device import autocast
-        from ..train.distributed import DistEnv
-
-        env = env or DistEnv()
         k = len(self.data.split.classes) if self.data else len(self.cs.classes)
-        mine = rows[env.rank::env.world_size]
-        # Every process runs the same number of forward passes (FSDP needs all of them in each).
-        n_batches = math.ceil(math.ceil(len(rows) / env.world_size) / micro_batch)
         total = torch.zeros((), dtype=torch.float64, device=device)
         cm = torch.zeros(k * k, dtype=torch.float64, device=device)
-        was_training = model.training
-        model.eval()
-        try:
-            for b in range(n_batches):
-                chunk = mine[b * micro_batch:(b + 1) * micro_batch]
-                real = len(chunk)
-                batch = torch.from_numpy(chunk if real else rows[:1]).to(device)
-                with autocast(device, precision):
-                    logits = model(self.inputs(batch))
-                if not real:
-                    continue
-                pooled = self.pooled(logits, batch)
-                total += F.cross_entropy(pooled, batch[:, -1], reduction="sum").double()
-                cm += torch.bincount(batch[:, -1] * k + pooled.argmax(-1), minlength=k * k).double()
-        finally:
-            model.train(was_training)
+
+        def consume(logits: torch.Tensor, batch: torch.Tensor) -> None:
+            nonlocal total, cm
+            pooled = self.pooled(logits, batch)
+            total += F.cross_entropy(pooled, batch[:, -1], reduction="sum").double()
+            cm += torch.bincount(batch[:, -1] * k + pooled.argmax(-1), minlength=k * k).double()
+
+        env = over_rows(model, rows, self.inputs, consume, micro_batch=micro_batch, device=device,
+                        precision=precision, env=env)
         return float(env.sum(total)), env.sum(cm).cpu().numpy().reshape(k, k).astype(np.int64)
 
-    def evaluate(self, model: nn.Module, split: str, **kwargs) -> tuple[float, dict[str, float]]:
+    def evaluate(self, model: nn.Module, split: str, **options: Any) -> tuple[float, dict[str, float]]:
         rows = self.data.split.rows(split)
-        loss_sum, cm = self.predict(model, rows, **kwargs)
+        loss_sum, cm = self.predict(model, rows, **options)
         metrics = classification_metrics(cm, self.data.split.classes, split)
-        self.last_confusion = getattr(self, "last_confusion", {})
         self.last_confusion[split] = cm
         return (loss_sum / len(rows) if len(rows) else math.nan), metrics
 
-    def finish(self, trainer) -> None:
+    def split_result(self, model: nn.Module, split: str, rows: np.ndarray,
+                     **options: Any) -> tuple[dict[str, float], dict[str, Any]]:
         sp = self.data.split
-        kwargs = dict(micro_batch=trainer.micro_batch, device=trainer.device, precision=trainer.spec.train.precision,
-                      env=trainer.env)
-        model = trainer.wrapped if trainer.fsdp else trainer.model
-        metrics: dict[str, float] = {}
-        report: dict[str, Any] = {"classes": sp.classes}
-        train_labels = sp.train[:, -1]
-        for split in SPLITS:
-            rows = sp.rows(split)
-            if not len(rows):
-                continue
-            loss, m = self.evaluate(model, split, **kwargs)
-            majority, base = majority_baseline(train_labels, rows[:, -1], len(sp.classes))
-            metrics.update(m)
-            metrics[f"{split}/loss"] = loss
-            metrics[f"{split}/majority_baseline"] = base
-            report[split] = {"examples": len(rows), "loss": loss, "majority_class": sp.classes[majority],
-                             "majority_baseline": base,
-                             "confusion_matrix": self.last_confusion[split].tolist(), **m}
-        if not trainer.env.is_main:
-            return
-        trainer.loggers.log({k: v for k, v in metrics.items() if not k.startswith("val/loss")}, step=trainer.step)
-        if hasattr(trainer, "jsonl"):
-            trainer.jsonl.event(trainer.step, event="classification", **report)
-        trainer.write(format_report(report))
+        loss, m = self.evaluate(model, split, **options)
+        majority, base = majority_baseline(sp.train[:, -1], rows[:, -1], len(sp.classes))
+        record = {"examples": len(rows), "loss": loss, "majority_class": sp.classes[majority],
+                  "majority_baseline": base, "confusion_matrix": self.last_confusion[split].tolist(), **m}
+        return {**m, f"{split}/loss": loss, f"{split}/majority_baseline": base}, record
+
+    def final_report(self, metrics: dict[str, float], results: dict[str, dict[str, Any]]) -> FinalReport:
+        report = {"classes": self.data.split.classes, **results}
+        return FinalReport({k: v for k, v in metrics.items() if not k.startswith("val/loss")}, report,
+                           format_report(report))
 
 
 def format_report(report: dict[str, Any]) -> str:

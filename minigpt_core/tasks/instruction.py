@@ -13,7 +13,6 @@ tokens (and the end-of-text) only.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +25,12 @@ from torch import nn
 
 from ..data.sources import DataError
 from ..spec import ExperimentSpec, InstructionSpec
-from .base import Task
+from .base import FinalReport
+from .supervised import SPLITS, ExampleData, ExampleSplit, SupervisedTask, base_tokenizer, json_records, over_rows
 
 __all__ = ["InstructionTask", "InstructionSplit", "InstructionData", "read_instructions", "split_indices",
            "pack_instruction_rows", "instruction_targets", "build_template", "end_of_text_id", "instruction_prompt", "IGNORE_INDEX"]
 
-SPLITS = ("train", "val", "test")
 IGNORE_INDEX = -100  # torch's cross_entropy default, the book's
 
 
@@ -46,22 +45,9 @@ def read_instructions(path_str: str) -> list[dict[str, str]]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8.") from None
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path} is not valid JSON: {exc}. An instruction file is a JSON list of objects "
-                            f"(the Alpaca format) or JSONL, one object per line.") from None
-    else:
-        records = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}, line {n}: not valid JSON ({exc}); a JSONL file holds one object "
-                                    f"per line, e.g. {{\"instruction\": \"...\", \"input\": \"\", "
-                                    f"\"output\": \"...\"}}.") from None
+    records = json_records(text, path, list_hint=". An instruction file is a JSON list of objects (the Alpaca "
+                                                  "format) or JSONL, one object per line.",
+                           line_hint=', e.g. {"instruction": "...", "input": "", "output": "..."}')
     if not records:
         raise DataError(f"{path} holds no examples; instruction tuning needs records with 'instruction' and "
                         f"'output' (and optionally 'input') fields (docs/finetune.md shows the format).")
@@ -138,17 +124,10 @@ def instruction_targets(batch: torch.Tensor, width: int, mask_prompt: bool) -> t
 
 # -- the task -------------------------------------------------------------------------------------
 @dataclass
-class InstructionSplit:
-    train: np.ndarray
-    val: np.ndarray
-    test: np.ndarray
-    length: int  # max_length, the trainer's "window" length (it reads at most length - 1 tokens)
+class InstructionSplit(ExampleSplit):  # length: max_length (the trainer reads at most length - 1 tokens)
     eot_id: int
     mask_prompt: bool
     template: str
-
-    def rows(self, split: str) -> np.ndarray:
-        return getattr(self, split)
 
     def describe(self) -> str:
         return (f"{len(self.train):,} train / {len(self.val):,} validation / {len(self.test):,} test examples, "
@@ -158,14 +137,12 @@ class InstructionSplit:
 
 
 @dataclass
-class InstructionData:
-    tokenizer: Any
+class InstructionData(ExampleData):
     split: InstructionSplit
-    source: str
     sample_prompt: str | None = None
 
 
-class InstructionTask(Task):
+class InstructionTask(SupervisedTask):
     name = "instruction"
 
     def __init__(self, spec: ExperimentSpec):
@@ -176,16 +153,15 @@ class InstructionTask(Task):
     def ins(self) -> InstructionSpec:
         return self.spec.instruction
 
-    def load_data(self, spec, *, tokenizer_state=None, write: Callable[[str], None] = print) -> InstructionData:
-        from .classification import _tokenizer
-
+    def load_data(self, spec, *, tokenizer_state=None, write: Callable[[str], None] = print, env=None,
+                  progress: bool = False) -> InstructionData:
         self.spec = spec
         ins = self.ins
         examples = read_instructions(ins.path)
         template = build_template(spec)
         prompts = [template.prompt(e["instruction"], e["input"]) for e in examples]
         texts = [template.text(p, e["output"]) for p, e in zip(prompts, examples)]
-        tokenizer = _tokenizer(spec, tokenizer_state, texts)
+        tokenizer = base_tokenizer(spec, tokenizer_state, texts)
         eot = end_of_text_id(spec, tokenizer)
         encoded = []
         for n, (prompt, text) in enumerate(zip(prompts, texts), 1):
@@ -264,62 +240,43 @@ class InstructionTask(Task):
     def sample_prompt(self) -> str | None:
         return self.data.sample_prompt if self.data else None
 
-    @torch.no_grad()
+    def sample_eos(self) -> int | None:
+        return self.data.split.eot_id
+
     def response_loss(self, model: nn.Module, rows: np.ndarray, *, micro_batch: int, device: torch.device,
                       precision: str = "fp32", env=None) -> tuple[float, int]:
         """(summed loss, token count) over the responses of ``rows``, split evenly over processes."""
-        from ..train.device import autocast
-        from ..train.distributed import DistEnv
-
-        env = env or DistEnv()
-        mine = rows[env.rank::env.world_size]
-        # Every process runs the same number of forward passes (FSDP needs all of them in each).
-        n_batches = math.ceil(math.ceil(len(rows) / env.world_size) / micro_batch)
         total = torch.zeros((), dtype=torch.float64, device=device)
         count = torch.zeros((), dtype=torch.float64, device=device)
-        was_training = model.training
-        model.eval()
-        try:
-            for b in range(n_batches):
-                chunk = mine[b * micro_batch:(b + 1) * micro_batch]
-                real = len(chunk)
-                batch = torch.from_numpy(chunk if real else rows[:1]).to(device)
-                with autocast(device, precision):
-                    logits = model(self.inputs(batch))
-                if real:
-                    s, c = self._loss_sum(logits, batch, mask_prompt=True)
-                    total += s.double()
-                    count += c.double()
-        finally:
-            model.train(was_training)
+
+        def consume(logits: torch.Tensor, batch: torch.Tensor) -> None:
+            nonlocal total, count
+            s, c = self._loss_sum(logits, batch, mask_prompt=True)
+            total += s.double()
+            count += c.double()
+
+        env = over_rows(model, rows, self.inputs, consume, micro_batch=micro_batch, device=device,
+                        precision=precision, env=env)
         return float(env.sum(total)), int(env.sum(count))
 
-    def evaluate(self, model: nn.Module, split: str, **kwargs) -> tuple[float, dict[str, float]]:
-        total, count = self.response_loss(model, self.data.split.rows(split), **kwargs)
+    def evaluate(self, model: nn.Module, split: str, **options: Any) -> tuple[float, dict[str, float]]:
+        total, count = self.response_loss(model, self.data.split.rows(split), **options)
         return (total / count if count else math.nan), {}
 
-    def finish(self, trainer) -> None:
-        kwargs = dict(micro_batch=trainer.micro_batch, device=trainer.device, precision=trainer.spec.train.precision,
-                      env=trainer.env)
-        model = trainer.wrapped if trainer.fsdp else trainer.model
-        report: dict[str, Any] = {}
-        for split in SPLITS:
-            rows = self.data.split.rows(split)
-            if len(rows):
-                total, count = self.response_loss(model, rows, **kwargs)
-                report[split] = {"examples": len(rows), "response_tokens": count, "loss": total / count}
-        if not trainer.env.is_main:
-            return
+    def split_result(self, model: nn.Module, split: str, rows: np.ndarray,
+                     **options: Any) -> tuple[dict[str, float], dict[str, Any]]:
+        total, count = self.response_loss(model, rows, **options)
+        record = {"examples": len(rows), "response_tokens": count, "loss": total / count}
         # Not SPLIT/loss: train/loss is the last step's batch loss, val/loss the evaluation's.
-        trainer.loggers.log({f"{s}/response_loss": r["loss"] for s, r in report.items()}, step=trainer.step)
-        if hasattr(trainer, "jsonl"):
-            trainer.jsonl.event(trainer.step, event="instruction", **report)
+        return {f"{split}/response_loss": record["loss"]}, record
+
+    def final_report(self, metrics: dict[str, float], results: dict[str, dict[str, Any]]) -> FinalReport:
         lines = ["instruction results (loss on the response tokens and the end-of-text, nats/token)",
                  f"  {'split':<6} {'examples':>8} {'tokens':>8} {'loss':>8} {'perplexity':>10}"]
-        for split, r in report.items():
+        for split, r in results.items():
             lines.append(f"  {split:<6} {r['examples']:>8,} {r['response_tokens']:>8,} {r['loss']:>8.4f} "
                          f"{math.exp(min(r['loss'], 50)):>10.2f}")
-        trainer.write("\n".join(lines))
+        return FinalReport(metrics, results, "\n".join(lines))
 
 
 def instruction_prompt(spec: ExperimentSpec, tokenizer, instruction: str, input: str = "",

@@ -14,7 +14,7 @@ from ..data.corpus import TokenCorpus
 from .device import autocast
 from .distributed import DistEnv
 
-__all__ = ["eval_windows", "evaluate", "lm_loss"]
+__all__ = ["eval_windows", "evaluate", "lm_loss", "unigram_entropy"]
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -58,3 +58,17 @@ def evaluate(model: nn.Module, corpus: TokenCorpus, starts: np.ndarray, length: 
         model.train(was_training)
     total, count = env.sum(total), env.sum(count)
     return float(total / count) if count > 0 else math.nan
+
+
+def unigram_entropy(parts: list[np.ndarray], n_vocab: int, max_tokens: int = 100_000_000) -> float:
+    """Entropy (nats) of the token frequencies: the loss of a model that ignores context."""
+    counts = np.zeros(n_vocab, dtype=np.int64)
+    seen = 0
+    for part in parts:
+        take = part[: max_tokens - seen]
+        counts += np.bincount(np.asarray(take), minlength=n_vocab)[:n_vocab]
+        seen += len(take)
+        if seen >= max_tokens:
+            break
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())

@@ -18,7 +18,8 @@ from .._disk import NO_SPACE, disk_full_error, reporting_full_disk
 from ..errors import MinigptError
 from ..spec import WandbSpec
 
-__all__ = ["Logger", "JsonlLogger", "ConsoleLogger", "WandbLogger", "MultiLogger", "wandb_mode", "METRICS_FILE"]
+__all__ = ["Logger", "JsonlLogger", "ConsoleLogger", "WandbLogger", "MultiLogger", "RunLog", "open_run_log", "wandb_mode",
+           "METRICS_FILE"]
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -231,3 +232,33 @@ class MultiLogger(Logger):
                 errors.append(exc)
         if errors:
             print(f"warning: a logger failed to close: {errors[0]}", file=sys.stderr)
+
+
+class RunLog(MultiLogger):
+    """A training run's loggers, and the run's own metrics.jsonl for its events (started, finished,
+    diverged...). Where the run keeps no metrics.jsonl (other ranks; loggers given by the caller)
+    events go nowhere."""
+
+    def __init__(self, loggers: list[Logger], jsonl: JsonlLogger | None = None, wandb: WandbLogger | None = None):
+        super().__init__(loggers)
+        self.jsonl = jsonl
+        self.wandb = wandb
+
+    def event(self, step: int, **fields: Any) -> None:
+        if self.jsonl is not None:
+            self.jsonl.event(step, **fields)
+
+
+def open_run_log(spec: Any, run_dir: Path, *, is_main: bool, write: Callable[[str], None],
+                 config: Callable[[], dict[str, Any]], run_id: str | None) -> RunLog:
+    """Rank 0's loggers: metrics.jsonl, the console and (unless disabled) W&B, which resumes the run
+    ``run_id`` if given; ``config()`` is the W&B run's config. Other ranks log nothing."""
+    if not is_main:
+        return RunLog([])
+    jsonl = JsonlLogger(run_dir / METRICS_FILE)
+    loggers: list[Logger] = [jsonl, ConsoleLogger(write)]
+    wandb = None
+    if wandb_mode(spec.wandb) != "disabled":
+        wandb = WandbLogger(spec.wandb, name=spec.name, run_dir=run_dir, config=config(), run_id=run_id)
+        loggers.append(wandb)
+    return RunLog(loggers, jsonl, wandb)
