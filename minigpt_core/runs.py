@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import MinigptError
+from .base.errors import MinigptError
 from .train.lock import LOCK_FILE, lock_holder
 from .train.loggers import METRICS_FILE
 
@@ -175,7 +175,7 @@ def summarize_run(run_dir: str | Path, records: list[dict[str, Any]] | None = No
 
 def _checkpoint_total_steps(run_dir: Path) -> int | None:
     """The planned steps recorded in the run's latest checkpoint (runs whose events do not say)."""
-    from .train.state import CHECKPOINTS_DIR, TRAINER_FILE, list_checkpoints
+    from .checkpoints.state import CHECKPOINTS_DIR, TRAINER_FILE, list_checkpoints
 
     found = list_checkpoints(run_dir / CHECKPOINTS_DIR)
     if not found:
@@ -206,7 +206,7 @@ class NotARunError(MinigptError):
 def is_run_dir(path: str | Path) -> bool:
     """A directory the trainer made: metrics.jsonl, the run's lock (taken first, while the data loads),
     or spec.toml beside checkpoints/; an experiment file that happens to be called spec.toml is not a run."""
-    from .train.state import CHECKPOINTS_DIR
+    from .checkpoints.state import CHECKPOINTS_DIR
 
     path = Path(path)
     if not path.is_dir() or path.parent.name == CHECKPOINTS_DIR:
@@ -217,7 +217,7 @@ def is_run_dir(path: str | Path) -> bool:
 
 def resolve_run(path: str | Path) -> Path:
     """A run directory from a run, one of its checkpoints, or an experiment directory (its latest run)."""
-    from .train.state import CHECKPOINTS_DIR, META_FILE, TRAINER_FILE
+    from .checkpoints.state import CHECKPOINTS_DIR, META_FILE, TRAINER_FILE
 
     path = Path(path)
     if not path.exists():
@@ -247,7 +247,7 @@ def read_spec(run_dir: str | Path) -> dict[str, Any]:
 
     Read as plain TOML, not validated: a run made with a plugin that is gone still compares.
     """
-    from . import _toml
+    from .base import toml as _toml
     from .train.trainer import _flatten
 
     try:

@@ -48,7 +48,7 @@ def get_task(spec: "ExperimentSpec") -> Task | None:
 
 def build_task_model(spec: "ExperimentSpec", **kwargs) -> "nn.Module":
     """``build_model`` plus the task's head: what a checkpoint of ``spec`` holds weights for."""
-    from ..model import build_model
+    from ..model.build import build_model
 
     model = build_model(spec, **kwargs)
     task = get_task(spec)
@@ -58,7 +58,7 @@ def build_task_model(spec: "ExperimentSpec", **kwargs) -> "nn.Module":
 def require_lm(spec: "ExperimentSpec", where: object, what: str) -> None:
     """Refuse a fine-tuned (non-lm) checkpoint where a language model is needed (sampling, export, init_from)."""
     if spec.task not in TOKEN_TASKS:
-        from ..errors import MinigptError
+        from ..base.errors import MinigptError
 
         raise MinigptError(
             f"{where} is a {spec.task} model (task = {spec.task!r}): its head predicts classes, not tokens, "
@@ -72,7 +72,7 @@ def check_init_from_task(loaded: "ExperimentSpec", spec: "ExperimentSpec", where
     kept and trains on)."""
     if loaded.task in TOKEN_TASKS:
         return
-    from ..errors import MinigptError
+    from ..base.errors import MinigptError
 
     origin = f" ({loaded.init_from})" if loaded.init_from else ""
     if spec.task != loaded.task:

@@ -281,11 +281,11 @@ class ClassificationData:
 
 
 def _tokenizer(spec: ExperimentSpec, state: dict[str, Any] | None, texts: list[str]):
-    from ..tokenizers import TokenizerError, build_tokenizer, tokenizer_from_state
+    from ..model.tokenizers import TokenizerError, build_tokenizer, tokenizer_from_state
 
     if state is None and spec.init_from is not None and not spec.init_from.startswith("hf:"):
-        from ..checkpoint import read_meta
-        from ..train.state import pick_checkpoint
+        from ..checkpoints.checkpoint import read_meta
+        from ..checkpoints.state import pick_checkpoint
 
         state = read_meta(pick_checkpoint(spec.init_from)[0]).get("tokenizer")  # the ids the weights know
     if state is not None:
@@ -388,8 +388,8 @@ class ClassificationTask(Task):
     def predict(self, model: nn.Module, rows: np.ndarray, *, micro_batch: int, device: torch.device,
                 precision: str = "fp32", env=None) -> tuple[float, np.ndarray]:
         """(summed loss, confusion matrix) over ``rows``, split evenly over processes (summed back)."""
-        from ..train.device import autocast
-        from ..train.distributed import DistEnv
+        from ..base.device import autocast
+        from ..base.distributed import DistEnv
 
         env = env or DistEnv()
         k = len(self.data.split.classes) if self.data else len(self.cs.classes)

@@ -268,8 +268,8 @@ class InstructionTask(Task):
     def response_loss(self, model: nn.Module, rows: np.ndarray, *, micro_batch: int, device: torch.device,
                       precision: str = "fp32", env=None) -> tuple[float, int]:
         """(summed loss, token count) over the responses of ``rows``, split evenly over processes."""
-        from ..train.device import autocast
-        from ..train.distributed import DistEnv
+        from ..base.device import autocast
+        from ..base.distributed import DistEnv
 
         env = env or DistEnv()
         mine = rows[env.rank::env.world_size]

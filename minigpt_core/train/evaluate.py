@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.corpus import TokenCorpus
-from .device import autocast
-from .distributed import DistEnv
+from ..base.device import autocast
+from ..base.distributed import DistEnv
 
 __all__ = ["eval_windows", "evaluate", "lm_loss"]
 

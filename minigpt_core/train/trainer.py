@@ -28,23 +28,23 @@ import numpy as np
 import torch
 
 from .. import __version__
-from .._disk import NO_SPACE, DiskFullError, disk_full_error, reporting_full_disk
-from ..checkpoint import atomic_write_bytes, load_model_state, plugin_versions
+from ..base.disk import NO_SPACE, DiskFullError, disk_full_error, reporting_full_disk
+from ..checkpoints.checkpoint import atomic_write_bytes, load_model_state, plugin_versions
 from ..data import BatchSampler, load_training_data
-from ..errors import CheckpointError, MinigptError, SpecError
-from ..generate import generate
-from ..registry import ComponentRegistry
+from ..base.errors import CheckpointError, MinigptError, SpecError
+from ..model.generate import generate
+from ..base.registry import ComponentRegistry
 from ..spec import ExperimentSpec, dump_spec, parse_spec
-from ..summary import summarize
-from .device import autocast, make_grad_scaler, select_device, set_deterministic
-from .distributed import DistEnv, gradient_sync, init_distributed, shutdown, wrap_model
+from ..model.summary import summarize
+from ..base.device import autocast, make_grad_scaler, select_device, set_deterministic
+from ..base.distributed import DistEnv, gradient_sync, init_distributed, shutdown, wrap_model
 from .compile import compiled_graphs
 from .evaluate import eval_windows, evaluate, lm_loss
 from .flops import PRECISION_DTYPES, measure_matmul_peak, mfu
 from .loggers import METRICS_FILE, ConsoleLogger, JsonlLogger, Logger, MultiLogger, WandbLogger, wandb_mode
 from .optim import build_optimizer, lr_at
 from .lock import RunLock
-from .state import (
+from ..checkpoints.state import (
     CHECKPOINTS_DIR,
     LoadedState,
     begin_checkpoint,
@@ -372,10 +372,11 @@ class Trainer:
         # -- model ---------------------------------------------------------------------------
         meta_build = self._meta_build(spec)  # FSDP2: built on the meta device, each process fills its shard
         if (spec.init_from is None or self.loaded is not None) and not meta_build:  # refuse what cannot fit
-            from ..memory import check_model_fits
+            from ..model.memory import check_model_fits
 
             check_model_fits(spec.model, training=True, device=self.device)
-        from ..finetune import apply_finetune, base_record, finetune_active, restore_finetuned
+        from ..finetune import apply_finetune, base_record, finetune_active
+        from ..assembly import restore_finetuned
         from ..tasks import build_task_model, get_task
 
         self.finetune = None  # what [finetune] froze and adapted (minigpt_core.finetune)
@@ -385,7 +386,7 @@ class Trainer:
 
             model, recorder = build_meta_model(spec)
         elif self.loaded is None:
-            from ..pretrained import load_init_from
+            from ..assembly import load_init_from
 
             model, spec = load_init_from(spec, report=self.write if self.env.is_main else None)
             if self.task is not None:  # the data decides the head (its classes), so it comes first
@@ -503,8 +504,8 @@ class Trainer:
 
     @staticmethod
     def _saved_spec_data(ckpt: Path) -> dict[str, Any]:
-        from .. import _toml
-        from ..checkpoint import SPEC_FILE, check_plugin_files
+        from ..base import toml as _toml
+        from ..checkpoints.checkpoint import SPEC_FILE, check_plugin_files
 
         data = _toml.loads((ckpt / SPEC_FILE).read_text(encoding="utf-8"))  # hash-verified on load
         return check_plugin_files(ckpt, data)
@@ -994,8 +995,7 @@ class Trainer:
         return {"compile_seconds": round(self.compile_seconds, 3), "recompiles": recompiles}
 
     def describe(self) -> str:
-        from ..cli import describe_components
-        from ..spec import spec_warnings
+        from ..spec import describe_components, spec_warnings
 
         t, m = self.spec.train, self.spec.model
         lines = [
@@ -1012,7 +1012,7 @@ class Trainer:
         ]
         if self.finetune is not None:
             lines.insert(2, f"fine-tuning: {self.finetune.describe()}")
-        from ..memory import training_memory_warning
+        from ..model.memory import training_memory_warning
 
         warns = spec_warnings(self.spec, total_steps=self.total_steps)
         warns.append(training_memory_warning(m, self.n_params, self.micro_batch, self.seq_len, self.device))

@@ -10,9 +10,9 @@ import os
 
 import torch
 
-from .errors import InsufficientMemoryError
-from .model import GPT
-from .spec import ModelSpec, ResolvedComponent
+from ..base.errors import InsufficientMemoryError
+from .gpt import GPT
+from ..spec import ModelSpec, ResolvedComponent
 
 __all__ = ["estimate_model_size", "check_model_fits", "available_memory", "training_memory_warning"]
 

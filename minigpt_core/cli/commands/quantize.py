@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import arguments, command
+from ..parser import arguments, command
 
 
 def _quantize_args(p: argparse.ArgumentParser) -> None:
-    from .train import _WHICH
+    from ..inference import _WHICH
 
     p.add_argument("checkpoint", help=_WHICH)
     p.add_argument("out", help="new checkpoint directory for the int8 model")
@@ -22,10 +22,11 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
 def _quantize(args) -> int:
     from pathlib import Path
 
-    from ..checkpoint import META_FILE, WEIGHTS_FILE
-    from ..errors import MinigptError
-    from ..quantize import get_method, quantize_checkpoint
-    from ..train.state import pick_checkpoint
+    from ...checkpoints.checkpoint import META_FILE, WEIGHTS_FILE
+    from ...base.errors import MinigptError
+    from ...quantize import get_method
+    from ...assembly import quantize_checkpoint
+    from ...checkpoints.state import pick_checkpoint
 
     get_method(args.method)
     ckpt, which = pick_checkpoint(args.checkpoint)

@@ -23,7 +23,7 @@ from typing import Any, Iterable
 
 import pluggy
 
-from ._hookspecs import PROJECT_NAME, MinigptHookSpecs
+from .hookspecs import PROJECT_NAME, MinigptHookSpecs
 from .errors import DuplicateComponentError, PluginLoadError, PluginLoadWarning
 from .registry import ComponentEntry, ComponentRegistry, UnavailableComponent, make_entry
 

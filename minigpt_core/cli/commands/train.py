@@ -9,17 +9,18 @@ import os
 import sys
 from pathlib import Path
 
-from ..cli import arguments, command
-from ..errors import MinigptError
+from ..inference import _WHICH, _load_for_inference
+from ..parser import arguments, command
+from ...base.errors import MinigptError
 
 __all__ = ["source_slot"]
 
 
 def source_slot(source: str, params: list[str] | None = None) -> dict:
     """A data.source slot from a command-line SOURCE: a dataset name, a shards directory or text paths."""
-    from .._plugins import get_registry
-    from ..data import is_shard_dir
-    from ..spec import apply_overrides
+    from ...base.loader import get_registry
+    from ...data import is_shard_dir
+    from ...spec import apply_overrides
 
     extra = apply_overrides({}, params or [])
     if ("dataset", source) in get_registry():
@@ -47,9 +48,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 @command("train", "train the experiment's model, with checkpoints and W&B / JSONL logging (torchrun for several processes)")
 @arguments(_train_args)
 def _train(args) -> int:
-    from ..spec import load_spec
-    from ..train import train
-    from ..train.trainer import append_console, label_slug, run_spec
+    from ...spec import load_spec
+    from ...train import train
+    from ...train.trainer import append_console, label_slug, run_spec
 
     if args.label is not None:
         label_slug(args.label)  # a bad label fails before anything is loaded
@@ -130,48 +131,7 @@ def _threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
-def _load_for_inference(path: str, device: str, file=None, quantize: str | None = None):
-    """Load the checkpoint every inference command uses (see pick_checkpoint), saying which it is.
 
-    An int8 checkpoint (minigpt quantize) loads as such; ``quantize`` (--quantize METHOD) quantizes a
-    float one after loading. Both run on the CPU ("auto" picks it)."""
-    from ..checkpoint import load_model, read_meta
-    from ..tokenizers import build_tokenizer, tokenizer_from_state
-    from ..train import select_device
-    from ..train.state import pick_checkpoint
-
-    ckpt, which = pick_checkpoint(path)
-    record = read_meta(ckpt).get("quantization")
-    stored = record.get("method") if isinstance(record, dict) else "?"  # a damaged record: load_model says so
-    if quantize is not None:
-        from ..quantize import QuantizationError, get_method
-
-        get_method(quantize)  # an unknown method or a missing library before the load
-        if record:
-            raise QuantizationError(f"{ckpt} is already quantized (method {stored}); leave out "
-                                    f"--quantize, or give the float checkpoint it was made from.")
-    int8 = bool(record) or quantize is not None
-    print(f"checkpoint: {ckpt} ({which}{', int8 ' + (quantize or stored) if int8 else ''})",
-          file=file or sys.stdout, flush=True)
-    if int8 and device != "auto":  # before select_device: the reason is int8, not a missing GPU
-        from ..quantize import check_device
-
-        check_device(device)
-    dev = select_device("cpu" if int8 else device)
-    model, spec = load_model(ckpt, map_location=dev, quantized=True)
-    if quantize is not None:
-        from ..quantize import quantize_model
-
-        model = quantize_model(model, quantize)
-    from ..tasks import require_lm
-
-    require_lm(spec, ckpt, "sampling or next-token evaluation")
-    state = read_meta(ckpt).get("tokenizer")
-    tokenizer = tokenizer_from_state(state) if state else build_tokenizer(spec)
-    return ckpt, model, spec, tokenizer, dev
-
-
-_WHICH = "checkpoint directory, or a run / experiment directory (its best checkpoint, else its latest)"
 
 
 def _sample_args(p: argparse.ArgumentParser) -> None:
@@ -233,7 +193,7 @@ def _sample(args) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from ..generate import check_sampling, generate
+    from ...model.generate import check_sampling, generate
 
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
     if not 1 <= args.num_samples <= MAX_SAMPLES:
@@ -252,7 +212,7 @@ def _sample(args) -> int:
                                                                quantize=args.quantize)
     eos, shown = None, args.prompt
     if args.instruction is not None:
-        from ..tasks.instruction import instruction_prompt
+        from ...tasks.instruction import instruction_prompt
 
         text, eos = instruction_prompt(spec, tokenizer, args.instruction, args.input, args.template)
         prompt, shown = tokenizer.encode(text), ""  # only the response is printed
@@ -318,10 +278,10 @@ def _eval(args) -> int:
     import numpy as np
     from tqdm.auto import tqdm
 
-    from ..checkpoint import read_meta
-    from ..data import TokenCorpus, load_tokens, load_training_data, sample_length, window_starts
-    from ..spec import parse_spec
-    from ..train.evaluate import eval_windows, evaluate
+    from ...checkpoints.checkpoint import read_meta
+    from ...data import TokenCorpus, load_tokens, load_training_data, sample_length, window_starts
+    from ...spec import parse_spec
+    from ...train.evaluate import eval_windows, evaluate
 
     if args.batch_size < 1:
         raise MinigptError(f"--batch-size must be >= 1, not {args.batch_size}.")
@@ -391,10 +351,10 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
 @command("prepare", "tokenize a text source into uint16 memory-mapped shards for training (dataset 'shards')")
 @arguments(_prepare_args)
 def _prepare(args) -> int:
-    from ..data import build_source, write_shards
-    from ..data.pipeline import text_tokenizer
-    from ..data.sources import TokenSource
-    from ..spec import parse_spec
+    from ...data import build_source, write_shards
+    from ...data.pipeline import text_tokenizer
+    from ...data.sources import TokenSource
+    from ...spec import parse_spec
 
     if args.workers < 0 or args.shard_tokens <= 0:
         raise MinigptError("--workers must be >= 0 and --shard-tokens > 0.")

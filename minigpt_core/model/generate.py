@@ -10,8 +10,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from .errors import MinigptError
-from .model import GPT, plain_linear
+from ..base.errors import MinigptError
+from .gpt import GPT, plain_linear
 
 __all__ = ["generate", "filter_logits", "check_sampling", "SamplingError", "threaded_gemv"]
 

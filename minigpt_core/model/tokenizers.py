@@ -9,34 +9,20 @@ to rebuild exactly the tokenizer a run used.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Mapping
 
 from pydantic import ValidationError
 
-from .errors import MinigptError
-from .registry import ComponentRegistry
-from .spec import ExperimentSpec
+from ..base.contracts import Tokenizer
+from ..base.errors import MinigptError
+from ..base.registry import ComponentRegistry
+from ..spec import ExperimentSpec
 
 __all__ = ["Tokenizer", "TokenizerContext", "TokenizerError", "build_tokenizer", "tokenizer_from_state"]
 
 
 class TokenizerError(MinigptError):
     """A tokenizer cannot be built (missing or corrupt files, no network) or cannot encode a text."""
-
-
-@runtime_checkable
-class Tokenizer(Protocol):
-    name: str  # registry name, e.g. "gpt2"
-    n_vocab: int  # ids are 0 .. n_vocab - 1
-    eot_id: int | None  # <|endoftext|>, or None if the tokenizer has no such token
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: Sequence[int]) -> str: ...
-
-    def state(self) -> dict[str, Any]:
-        """JSON-serialisable; ``tokenizer_from_state(tok.state())`` rebuilds the same tokenizer."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -55,7 +41,7 @@ def build_tokenizer(spec: ExperimentSpec | str, training_text: str | None = None
     default params and no vocabulary check (looked up in ``registry``, default the process's).
     """
     if isinstance(spec, str):
-        from .spec import parse_spec
+        from ..spec import parse_spec
 
         # The model section only has to admit the tokenizer's vocabulary; nothing is built.
         spec = parse_spec({"tokenizer": {"name": spec}, "model": {"vocab_size": 1 << 30}}, registry=registry)
@@ -78,7 +64,7 @@ def build_tokenizer(spec: ExperimentSpec | str, training_text: str | None = None
 
 def tokenizer_from_state(state: Mapping[str, Any], registry: ComponentRegistry | None = None) -> Tokenizer:
     """Rebuild a tokenizer from what its ``state()`` returned (e.g. read back from a run's files)."""
-    from ._plugins import get_registry
+    from ..base.loader import get_registry
 
     registry = registry or get_registry()
     name = state.get("name") if isinstance(state, Mapping) else None

@@ -10,38 +10,11 @@ import textwrap
 import warnings
 from typing import Callable
 
-from .errors import MinigptError
+from ..base.errors import MinigptError
+from .parser import COMMANDS, _print_table, arguments, command
 
 __all__ = ["main", "COMMANDS"]
 
-# name -> (help, add_arguments, run). Later modules add their commands here.
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
-
-
-def command(name: str, help: str):
-    def wrap(fn):
-        def add_args(p):  # default: no arguments
-            return None
-        COMMANDS[name] = (help, getattr(fn, "_add_args", add_args), fn)
-        return fn
-    return wrap
-
-
-def arguments(add_args):
-    def wrap(fn):
-        fn._add_args = add_args
-        return fn
-    return wrap
-
-
-def _print_table(rows: list[list[str]], headers: list[str]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-
-
-# -- plugins ------------------------------------------------------------------------------
 def _plugins_args(p):
     p.add_argument("--trace", action="store_true",
                    help="also show each plugin's hook implementations and the components it registered")
@@ -54,8 +27,8 @@ def _hook_names(plugin) -> list[str] | None:
 
     import pluggy
 
-    from ._hookspecs import PROJECT_NAME
-    from ._plugins import ENTRY_POINT_GROUP
+    from ..base.hookspecs import PROJECT_NAME
+    from ..base.loader import ENTRY_POINT_GROUP
 
     eps = [ep for ep in md.entry_points(group=ENTRY_POINT_GROUP, name=plugin.name) if ep.value == plugin.module]
     try:  # already imported by the loader: this only looks it up
@@ -85,7 +58,7 @@ def _print_trace(reg) -> None:
 @command("plugins", "list loaded plugins, their distributions, and plugins that failed to load")
 @arguments(_plugins_args)
 def _plugins(args) -> int:
-    from ._plugins import PLUGINS_ENV_VAR, get_registry
+    from ..base.loader import PLUGINS_ENV_VAR, get_registry
 
     reg = get_registry()
     rows = [[p.name, p.distribution or "-", p.version or "-", str(p.components), p.module] for p in reg.plugins]
@@ -109,7 +82,7 @@ def _components_args(p):
 @command("components", "list registered components with description, params, capabilities and source plugin")
 @arguments(_components_args)
 def _components(args) -> int:
-    from ._plugins import get_registry
+    from ..base.loader import get_registry
 
     reg = get_registry()
     entries = reg.entries(args.kind, args.pattern)
@@ -158,13 +131,13 @@ def _file_args(p, what: str = "experiment TOML file"):
 @command("validate", "check an experiment file (structure, components, params) without building anything")
 @arguments(_file_args)
 def _validate(args) -> int:
-    from .spec import load_spec, spec_warnings
+    from ..spec import describe_components, load_spec, spec_warnings
 
     spec = load_spec(args.file, overrides=args.overrides)
     m = spec.model
     origin = ""
     if spec.init_from is not None:
-        from .pretrained import init_from_model
+        from ..pretrained import init_from_model
 
         m = init_from_model(spec)
         origin = f", shape from init_from {spec.init_from}"
@@ -174,12 +147,6 @@ def _validate(args) -> int:
         print(f"warning: {w}", file=sys.stderr)
     return 0
 
-
-def describe_components(model) -> str:
-    """Every component slot of a model section, for the one-line descriptions of validate and train."""
-    from .spec import MODEL_SLOTS
-
-    return ", ".join(f"{slot} {getattr(model, slot).name}" for slot in MODEL_SLOTS)
 
 
 def _summary_args(p):
@@ -191,10 +158,10 @@ def _summary_args(p):
 def _summary(args) -> int:
     from pathlib import Path
 
-    from .checkpoint import SPEC_FILE
-    from .errors import CheckpointError
-    from .spec import load_spec
-    from .summary import summarize_spec
+    from ..checkpoints.checkpoint import SPEC_FILE
+    from ..base.errors import CheckpointError
+    from ..spec import load_spec
+    from ..assembly import summarize_spec
 
     path = Path(args.file)
     if path.is_dir():  # a checkpoint directory: its resolved spec describes the model
@@ -204,7 +171,8 @@ def _summary(args) -> int:
     spec = load_spec(path, overrides=args.overrides)
     print(f"{spec.name} ({args.file})")
     print(summarize_spec(spec).format())
-    from .finetune import count_trainable, finetune_active
+    from ..finetune import finetune_active
+    from ..assembly import count_trainable
 
     if finetune_active(spec):  # a fine-tuning spec: what its [finetune] section leaves trainable
         print(f"fine-tuning {count_trainable(spec).describe()}")
@@ -218,10 +186,10 @@ def _schema_args(p):
 @command("schema", "print the JSON schema of experiment files (--ablation: of ablation files)")
 @arguments(_schema_args)
 def _schema(args) -> int:
-    from .spec import ExperimentSpec
+    from ..spec import ExperimentSpec
 
     if getattr(args, "ablation", False):
-        from .ablation import AblationFile
+        from ..ablation import AblationFile
 
         print(json.dumps(AblationFile.model_json_schema(), indent=2))
         return 0
@@ -260,7 +228,7 @@ def _load_requested_plugins(args: argparse.Namespace) -> None:
     MINIGPT_PLUGIN_PATH for the processes the command starts."""
     refs = [*getattr(args, "plugins_before", []), *getattr(args, "plugins_after", [])]
     if refs:
-        from ._plugins import load_local_plugins
+        from ..base.loader import load_local_plugins
 
         load_local_plugins(refs, where="--plugin")
 
@@ -269,7 +237,7 @@ def _load_command_modules() -> None:
     """Import modules that register further commands (kept lazy: torch-heavy imports)."""
     import importlib
 
-    for mod in ("minigpt_core.commands",):  # the package imports its command modules
+    for mod in ("minigpt_core.cli.commands",):  # the package imports its command modules
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from ..errors import MinigptError
+from .errors import MinigptError
 
 __all__ = ["DeviceError", "select_device", "autocast", "make_grad_scaler", "set_deterministic"]
 

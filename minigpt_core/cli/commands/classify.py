@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from ..cli import arguments, command
-from ..errors import MinigptError
+from ..parser import arguments, command
+from ...base.errors import MinigptError
 
 __all__ = ["classify_texts", "classify_command"]
 
@@ -21,8 +21,8 @@ def classify_texts(model, spec, tokenizer, texts: list[str]) -> list[list[float]
     """Class probabilities of each text, in ``spec.classification.classes`` order, read as training read them."""
     import torch
 
-    from ..tasks import get_task
-    from ..tasks.classification import encode_for_classification
+    from ...tasks import get_task
+    from ...tasks.classification import encode_for_classification
 
     cs = spec.classification
     pad_id = cs.pad_id if cs.pad_id is not None else (tokenizer.eot_id if tokenizer.eot_id is not None else 0)
@@ -37,9 +37,10 @@ def classify_texts(model, spec, tokenizer, texts: list[str]) -> list[list[float]
 @command("classify", "print a fine-tuned classifier's class and class probabilities for texts")
 @arguments(_classify_args)
 def classify_command(args) -> int:
-    from ..checkpoint import load_model, read_meta
-    from ..tokenizers import tokenizer_from_state
-    from ..train.state import pick_checkpoint
+    from ...checkpoints.checkpoint import read_meta
+    from ...assembly import load_model
+    from ...model.tokenizers import tokenizer_from_state
+    from ...checkpoints.state import pick_checkpoint
 
     texts = list(args.text)
     if args.file:

@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
-from . import _toml
-from .errors import CheckpointError, MinigptError
-from .model import GPT
-from .registry import ComponentRegistry
-from .spec import ExperimentSpec, dump_spec, parse_spec
+from ..base import toml as _toml
+from ..base.errors import CheckpointError, MinigptError
+from ..model.weights import load_model_state, model_state_for_saving
+from ..base.registry import ComponentRegistry
+from ..spec import ExperimentSpec, dump_spec, parse_spec
 
 __all__ = [
     "WEIGHTS_FILE",
@@ -33,7 +33,6 @@ __all__ = [
     "META_FILE",
     "atomic_write_bytes",
     "save_model",
-    "load_model",
     "read_meta",
     "file_sha256",
     "verify_files",
@@ -66,48 +65,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def _unwrap(model: torch.nn.Module) -> GPT:
-    # DDP wraps as .module, torch.compile as ._orig_mod: checkpoints hold the plain model's keys.
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
-    return model  # type: ignore[return-value]
-
-
-def model_state_for_saving(model: torch.nn.Module,
-                           state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Contiguous CPU tensors, each storage once (safetensors refuses shared tensors).
-
-    ``state`` replaces ``model.state_dict()``, e.g. the full state gathered from FSDP shards.
-    """
-    model = _unwrap(model)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in (state or model.state_dict()).items()}
-    if model.out_head.weight is model.tok_emb.weight:
-        state.pop("out_head.weight", None)
-    # Causal-mask buffers are rebuilt from the spec; storing them would only waste space.
-    return {k: v for k, v in state.items() if not k.endswith(".mask")}
-
-
-def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    model = _unwrap(model)
-    expected = model_state_for_saving(model)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"The weights in {source} do not fit the model its spec describes: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}. "
-            f"The checkpoint was probably written by a different spec or plugin version."
-        )
-    for k, v in state.items():
-        if expected[k].shape != v.shape:
-            raise CheckpointError(
-                f"{source}: tensor {k} has shape {tuple(v.shape)} but the model expects "
-                f"{tuple(expected[k].shape)}; the checkpoint does not match its spec."
-            )
-    model.load_state_dict(state, strict=False)
-
-
 def plugin_versions(registry: ComponentRegistry) -> dict[str, str]:
     """Each loaded plugin's distribution and version (or its file's hash), as a checkpoint records them."""
     return {p.name: f"file sha256:{p.sha256}" if p.sha256 else f"{p.distribution or '-'} {p.version or '-'}"
@@ -132,7 +89,7 @@ def check_plugin_files(directory: str | Path, data: dict[str, Any],
     """Before a checkpoint's raw spec is parsed: a plugin file it lists that is gone is a
     CheckpointError naming the components it provided (unless those are loaded now, e.g. by
     --plugin from a new place); a file whose content changed since is a warning."""
-    from ._plugins import get_registry, is_plugin_file
+    from ..base.loader import get_registry, is_plugin_file
 
     refs = data.get("plugins")
     if not isinstance(refs, list) or not refs:
@@ -187,7 +144,7 @@ def save_model(model: torch.nn.Module, spec: ExperimentSpec, directory: str | Pa
     """
     from safetensors.torch import save
 
-    from . import __version__
+    from .. import __version__
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -325,39 +282,3 @@ def load_checkpoint_weights(directory: Path) -> dict[str, torch.Tensor]:
     return load_weights_file(directory / WEIGHTS_FILE)
 
 
-def load_model(directory: str | Path, registry: ComponentRegistry | None = None,
-               map_location: str | torch.device = "cpu", *,
-               quantized: bool = False) -> tuple[GPT, ExperimentSpec]:
-    """Rebuild the model from ``spec.toml`` and load ``model.safetensors`` into it.
-
-    A fine-tuning checkpoint that holds only trainable tensors rebuilds its base first (named in
-    meta.json, sha256-checked); an adapter comes back merged into the base weights (a plain GPT).
-
-    The files are checked against their recorded sha256 first (CheckpointError naming a damaged one).
-    An int8 checkpoint (``minigpt quantize``) loads only with ``quantized=True`` (inference): a
-    QuantizationError otherwise, since training or exporting needs float weights.
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise CheckpointError(f"No checkpoint directory at {directory}.")
-    meta = read_meta(directory)
-    _verify_model_files(directory, meta)
-    if meta.get("quantization") and not quantized:
-        from .quantize import check_quantized_use
-
-        check_quantized_use(directory, meta, "training, init_from, export or classification")
-    spec = load_spec_from_checkpoint(directory, registry)
-    state = load_checkpoint_weights(directory)
-    if meta.get("quantization"):
-        from .quantize import load_quantized
-
-        return load_quantized(directory, spec, state, meta, map_location), spec
-    from .finetune import finetune_active, plain_model, restore_finetuned
-    from .tasks import build_task_model
-
-    if finetune_active(spec):  # base (+ adapter, merged into it; + a task's head): a plain model
-        model = plain_model(restore_finetuned(spec, state, meta, str(directory))[0], copy_model=False)
-        return model.to(map_location), spec
-    model = build_task_model(spec)  # with the task's head (a classifier's Linear(emb_dim, n_classes))
-    load_model_state(model, state, str(directory))
-    return model.to(map_location), spec

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import MinigptError
+from .errors import MinigptError
 
 __all__ = ["DistEnv", "init_distributed", "wrap_model", "gradient_sync", "shutdown"]
 

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .spec import ExperimentSpec, ModelSpec, ResolvedComponent
+from ..spec import ExperimentSpec, ModelSpec, ResolvedComponent
 
-__all__ = ["BuildContext", "KVCache", "LayerKVCache", "GPT", "build_model", "mark_residual_projection",
+__all__ = ["BuildContext", "KVCache", "LayerKVCache", "GPT", "mark_residual_projection",
            "is_residual_projection", "chunked_head_loss", "plain_linear"]
 
 RESIDUAL_PROJECTION_ATTR = "_minigpt_residual_projection"
@@ -255,24 +255,4 @@ class GPT(nn.Module):
             raise ValueError(f"attention '{self.spec.attention.name}' does not declare a KV cache")
         return KVCache(len(self.trf_blocks), max_len or self.spec.context_length)
 
-
-def build_model(spec: ExperimentSpec | ModelSpec, *, seed: int | None = None) -> GPT:
-    """Build the GPT a spec describes, from the components it was resolved to.
-
-    A bare model section needs no tokenizer or dataset. With an :class:`ExperimentSpec`,
-    ``torch.manual_seed(spec.seed)`` runs first (pass ``seed=`` to override) so the same spec
-    always gives the same initial weights.
-    """
-    model_spec = spec.model if isinstance(spec, ExperimentSpec) else spec
-    components = model_spec.components
-    if isinstance(spec, ExperimentSpec):
-        seed = spec.seed if seed is None else seed
-    device = torch.get_default_device()
-    if device.type != "meta":  # refuse a model that cannot fit before allocating it
-        from .memory import check_model_fits
-
-        check_model_fits(model_spec, training=False, device=device)
-    if seed is not None:
-        torch.manual_seed(seed)
-    return GPT(model_spec, components)
 

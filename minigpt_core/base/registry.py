@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from pydantic import BaseModel, ConfigDict
 
+from .contracts import CAPABILITIES, KINDS
 from .errors import DuplicateComponentError, UnknownComponentError
 
 __all__ = [
@@ -27,24 +28,7 @@ __all__ = [
     "ComponentRegistry",
 ]
 
-# The kinds and capabilities are documented code in minigpt_core.plugin: a protocol per kind
-# (what a factory, called as factory(ctx, params), returns) and a Capability per capability (what
-# declaring it obliges). KINDS and CAPABILITIES are their one-line summaries, kind/capability ->
-# text; looked up on first use, because minigpt_core.plugin imports this module.
-def _contracts():
-    from . import plugin
-
-    return plugin
-
-
-def _kinds() -> dict[str, str]:
-    return _contracts().KINDS
-
-
-def __getattr__(name: str) -> Any:
-    if name in ("KINDS", "CAPABILITIES"):
-        return getattr(_contracts(), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# KINDS and CAPABILITIES (kind/capability -> one line) come from the contracts (base.contracts).
 
 
 # Namespaced names (plugin.component) are the convention; a few first-party data sources and
@@ -111,7 +95,7 @@ class ComponentRegistry:
     """All registered components, by kind. Built by :func:`minigpt_core.load_registry`."""
 
     def __init__(self) -> None:
-        self._entries: dict[str, dict[str, ComponentEntry]] = {k: {} for k in _kinds()}
+        self._entries: dict[str, dict[str, ComponentEntry]] = {k: {} for k in KINDS}
         self.unavailable: list[UnavailableComponent] = []
         # Filled by the plugin loader: loaded plugins and the ones that failed.
         self.plugins: list[Any] = []
@@ -172,7 +156,7 @@ class ComponentRegistry:
 
     def entries(self, kind: str | None = None, pattern: str = "*") -> list[ComponentEntry]:
         """Entries of one kind (or all kinds) whose name matches a shell-style pattern."""
-        kinds = [kind] if kind else list(_kinds())
+        kinds = [kind] if kind else list(KINDS)
         out = []
         for k in kinds:
             self._check_kind(k)
@@ -193,9 +177,9 @@ class ComponentRegistry:
         )
 
     def _check_kind(self, kind: str) -> None:
-        if kind not in _kinds():
+        if kind not in KINDS:
             raise UnknownComponentError(
-                f"Unknown component kind '{kind}'. Kinds are: {', '.join(_kinds())}."
+                f"Unknown component kind '{kind}'. Kinds are: {', '.join(KINDS)}."
             )
 
 
@@ -216,8 +200,8 @@ def make_entry(
     version: str | None = None,
 ) -> ComponentEntry:
     """Validate what a plugin declares, so mistakes surface at registration, naming the plugin."""
-    if kind not in _kinds():
-        raise ValueError(f"unknown component kind {kind!r} (kinds: {', '.join(_kinds())})")
+    if kind not in KINDS:
+        raise ValueError(f"unknown component kind {kind!r} (kinds: {', '.join(KINDS)})")
     if not _NAME_RE.match(name):
         raise ValueError(
             f"component name {name!r} must be lowercase and namespaced by convention, like 'myplugin.my_attention'"

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .model import GPT
+from .gpt import GPT
 
 __all__ = ["ParameterSummary", "summarize", "count_parameters"]
 
@@ -83,44 +83,3 @@ def summarize(model: GPT) -> ParameterSummary:
     return ParameterSummary(rows, total, head, tied, flops, trainable)
 
 
-def summarize_spec(spec) -> ParameterSummary:
-    """Build on the meta device (no memory, no init cost) and count."""
-    from .model import build_model
-
-    if getattr(spec, "task", "lm") != "lm":
-        return _summarize_task_spec(spec)
-    with torch.device("meta"):
-        return summarize(build_model(spec, seed=None))
-
-
-def _summarize_task_spec(spec) -> ParameterSummary:
-    """A fine-tuning spec: the init_from model's shape, with the task's head (classes read from the data
-    file when the spec does not declare them)."""
-    from .pretrained import init_from_model
-    from .tasks import build_task_model
-
-    spec = spec.model_copy(deep=True)
-    if spec.init_from is not None:
-        spec.model = init_from_model(spec)
-    with_task_classes(spec)
-    with torch.device("meta"):
-        model = build_task_model(spec, seed=None)
-        out = summarize(model)
-        from .finetune import apply_finetune, finetune_active
-
-        if finetune_active(spec):  # the trainable line: what [finetune] leaves trainable of these parameters
-            counted = {id(p) for p in model.parameters()}
-            apply_finetune(model, spec)
-            out.trainable = sum(p.numel() for p in model.parameters() if id(p) in counted and p.requires_grad)
-    out.fine_tuning = True
-    return out
-
-
-def with_task_classes(spec) -> None:
-    """Fill in a classification spec's classes from its data when it does not declare them (in place):
-    the head's size depends on them."""
-    cs = getattr(spec, "classification", None)
-    if getattr(spec, "task", "lm") == "classification" and cs is not None and cs.classes is None:
-        from .tasks.classification import read_examples, resolve_classes
-
-        cs.classes = resolve_classes(cs, [label for _, label in read_examples(cs)], cs.path or cs.hf_dataset)

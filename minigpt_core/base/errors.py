@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "MinigptError",
+    "FinetuneError",
     "SpecError",
     "UnknownComponentError",
     "DuplicateComponentError",
@@ -71,3 +72,7 @@ class PluginLoadError(MinigptError):
 
 class PluginLoadWarning(UserWarning):
     """A plugin failed to import or its registration hook raised; the others still load."""
+
+
+class FinetuneError(MinigptError):
+    """A ``[finetune]`` setting that does not fit the model (a pattern matching nothing, a tied head, ...)."""

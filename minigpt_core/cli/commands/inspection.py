@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli import arguments, command
-from ..errors import MinigptError
+from ..parser import arguments, command
+from ...base.errors import MinigptError
 
 __all__ = ["add_per_token_args", "PerTokenEval", "checkpoint_label"]
 
@@ -73,10 +73,10 @@ def _attention_args(p: argparse.ArgumentParser) -> None:
 def _attention(args) -> int:
     import torch
 
-    from ..inspection import attention_modules, attention_weights
-    from ..viz.attention import MAX_PAGE_CELLS, attention_page, write_attention_pngs
-    from ..viz.html import write_page
-    from .train import _load_for_inference
+    from ...inspection import attention_modules, attention_weights
+    from ...viz.attention import MAX_PAGE_CELLS, attention_page, write_attention_pngs
+    from ...viz.html import write_page
+    from ..inference import _load_for_inference
 
     text = _read_text(args)
     if not text:
@@ -154,8 +154,8 @@ class PerTokenEval:
     """
 
     def __init__(self, args, ckpt: Path, spec, tokenizer, length: int):
-        from ..checkpoint import read_meta
-        from .train import _load_for_inference
+        from ...checkpoints.checkpoint import read_meta
+        from ..inference import _load_for_inference
 
         self.args, self.ckpt, self.spec, self.tokenizer, self.length = args, ckpt, spec, tokenizer, length
         self.other = self.other_ckpt = self.other_spec = None
@@ -175,7 +175,7 @@ class PerTokenEval:
                       checkpoint_label(self.other_ckpt, self.other_spec) if self.other is not None else "other")
 
     def run(self, model, corpus, starts: np.ndarray, device, progress=None) -> float:
-        from ..inspection import window_token_losses
+        from ...inspection import window_token_losses
 
         a = self.args
         kw = dict(micro_batch=a.batch_size, device=device, precision=a.precision, progress=progress)
@@ -188,9 +188,9 @@ class PerTokenEval:
         return float(self.losses.astype(np.float64).mean()) if self.losses.size else float("nan")
 
     def report(self) -> None:
-        from ..viz.html import write_page
-        from ..viz._mpl import save_figure
-        from ..viz.tokens import MAX_PAGE_TOKENS, loss_figure, loss_page
+        from ...viz.html import write_page
+        from ...viz._mpl import save_figure
+        from ...viz.tokens import MAX_PAGE_TOKENS, loss_figure, loss_page
 
         per, starts, names = self.length - 1, self.starts, self.names
         vocab = {int(i): self.tokenizer.decode([int(i)]) for i in np.unique(self.ids)}

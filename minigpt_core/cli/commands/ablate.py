@@ -6,15 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..cli import arguments, command
-from ..errors import MinigptError
+from ..parser import arguments, command
+from ...base.errors import MinigptError
 
 __all__ = ["run_label_fields", "resolve_run"]
 
 
 # -- ablate -------------------------------------------------------------------------------------------
 def _ablate_args(p: argparse.ArgumentParser) -> None:
-    from ..ablation.runner import EXECUTORS
+    from ...ablation.runner import EXECUTORS
 
     p.add_argument("file", help="ablation TOML file (docs/ablations.md; e.g. experiments/ablations/norms.toml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -38,15 +38,15 @@ def _ablate_args(p: argparse.ArgumentParser) -> None:
 @command("ablate", "run an ablation: variants x seeds as ordinary runs, resumable, with a report at the end")
 @arguments(_ablate_args)
 def _ablate(args) -> int:
-    from ..ablation.plan import load_plan
-    from ..ablation.report import write_report
-    from ..ablation.runner import cores, read_manifest, run_ablation
+    from ...ablation.plan import load_plan
+    from ...ablation.report import write_report
+    from ...ablation.runner import cores, read_manifest, run_ablation
 
     if args.jobs < 1:
         raise MinigptError(f"--jobs must be >= 1, not {args.jobs}.")
     threads = max(1, cores() // args.jobs)
     # Time budgets timed earlier stay as they were: the cells' specs (and hashes) must not drift.
-    from ..ablation.plan import ablation_root, read_ablation_file
+    from ...ablation.plan import ablation_root, read_ablation_file
 
     time_steps = None
     if read_ablation_file(args.file).budget == "time":
@@ -80,7 +80,7 @@ def _print_plan(plan) -> None:
         ov = ", ".join(f"{k}={v}" for k, v in c.overrides.items()) or "(base)"
         rows.append([c.id, ov, f"{c.params:,}", f"{c.flops_per_token:,}", str(c.steps), f"{c.tokens:,}",
                      c.budget_note or "", c.spec_sha256[:12]])
-    from ..cli import _print_table
+    from ..parser import _print_table
 
     _print_table(rows, ["cell", "overrides", "params", "FLOPs/token", "steps", "tokens", "note", "spec sha256"])
     print("all cells are valid; nothing was run (--dry-run)")
@@ -95,7 +95,7 @@ def _report_args(p: argparse.ArgumentParser) -> None:
 @command("report", "rebuild an ablation's results.csv, report.md and figures from its runs (partial ablations too)")
 @arguments(_report_args)
 def _report(args) -> int:
-    from ..ablation.report import write_report
+    from ...ablation.report import write_report
 
     files = write_report(args.ablation_dir, log_wandb=not args.no_wandb, write=print)
     print(files.report.read_text(encoding="utf-8"))
@@ -106,7 +106,7 @@ def _report(args) -> int:
 # -- plot ---------------------------------------------------------------------------------------------
 def resolve_run(path: str | Path) -> Path:
     """A run directory, or an experiment directory's latest run (the one with the latest name)."""
-    from ..train.loggers import METRICS_FILE
+    from ...train.loggers import METRICS_FILE
 
     path = Path(path)
     if (path / METRICS_FILE).is_file():
@@ -123,8 +123,8 @@ _IGNORED = ("train.out_dir", "train.threads", "train.device", "description", "pl
 
 def run_label_fields(run_dirs: list[Path]) -> list[str]:
     """Per run, the spec fields that differ between the runs (``k=v, ...``), for legends."""
-    from .. import _toml
-    from ..ablation.plan import flatten_overrides
+    from ...base import toml as _toml
+    from ...ablation.plan import flatten_overrides
 
     flat = []
     for d in run_dirs:
@@ -156,9 +156,9 @@ def _plot_args(p: argparse.ArgumentParser) -> None:
 @command("plot", "plot train/validation loss, learning rate and tokens/s of one or more runs into a PNG")
 @arguments(_plot_args)
 def _plot(args) -> int:
-    from ..runs import read_metrics
-    from ..viz._mpl import save_figure
-    from ..viz.curves import runs_figure
+    from ...runs import read_metrics
+    from ...viz._mpl import save_figure
+    from ...viz.curves import runs_figure
 
     run_dirs = [resolve_run(r) for r in args.runs]
     labels = run_label_fields(run_dirs)

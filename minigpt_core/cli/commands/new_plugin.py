@@ -13,12 +13,12 @@ import re
 import string
 from pathlib import Path
 
-from ..cli import arguments, command
-from ..errors import MinigptError
+from ..parser import arguments, command
+from ...base.errors import MinigptError
 
 __all__ = ["NewPluginError", "EXAMPLES", "create_plugin"]
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "plugin"
+TEMPLATES = Path(__file__).resolve().parents[2] / "templates" / "plugin"
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 
 
@@ -48,7 +48,7 @@ def _check_name(name: str) -> None:
         )
     import importlib.metadata as md
 
-    from .._plugins import ENTRY_POINT_GROUP
+    from ...base.loader import ENTRY_POINT_GROUP
 
     if name in {ep.name for ep in md.entry_points(group=ENTRY_POINT_GROUP)}:
         raise NewPluginError(f"A minigpt plugin named '{name}' is already installed (`minigpt plugins` lists it); "

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import BuildContext, LayerKVCache, mark_residual_projection
+from .gpt import BuildContext, LayerKVCache, mark_residual_projection
 
 __all__ = [
     "GELU",

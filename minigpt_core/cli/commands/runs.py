@@ -10,8 +10,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ..cli import arguments, command
-from ..errors import MinigptError
+from ..parser import arguments, command
+from ...base.errors import MinigptError
 
 WIDTH = 100  # the tables fit a 100-column terminal
 
@@ -116,7 +116,7 @@ def _runs_args(p: argparse.ArgumentParser) -> None:
 
 
 def _ablation_row(root: Path, ablation: Path) -> tuple[list[str], dict[str, Any]]:
-    from ..runs import ablation_cells, read_manifest
+    from ...runs import ablation_cells, read_manifest
 
     cells = ablation_cells(ablation)
     counts: dict[str, int] = {}
@@ -170,7 +170,7 @@ def _table(rows: list[list[str]], notes: list[str]) -> None:
 @command("runs", "list runs and ablations: status, steps, validation loss, and the spec fields that differ")
 @arguments(_runs_args)
 def _runs(args) -> int:
-    from ..runs import (
+    from ...runs import (
         MANIFEST_FILE,
         ablation_cells,
         iter_ablation_dirs,
@@ -304,7 +304,7 @@ def _metric_rows(a, b) -> list[tuple[str, str, str, str]]:
 @command("diff", "the spec fields that differ between two runs, and their metrics side by side")
 @arguments(_diff_args)
 def _diff(args) -> int:
-    from ..runs import diff_specs, read_spec, resolve_run, summarize_run
+    from ...runs import diff_specs, read_spec, resolve_run, summarize_run
 
     run_a, run_b = resolve_run(args.run_a), resolve_run(args.run_b)
     spec_a, spec_b = read_spec(run_a), read_spec(run_b)

@@ -1,7 +1,7 @@
 """Training checkpoints: a model checkpoint directory plus everything needed to resume exactly.
 
     RUN/checkpoints/step_00000500/
-        model.safetensors  spec.toml  meta.json    the model checkpoint (minigpt_core.checkpoint);
+        model.safetensors  spec.toml  meta.json    the model checkpoint (minigpt_core.checkpoints.checkpoint);
                                                    meta.json also holds the tokenizer state
         optimizer.safetensors                      optimizer tensors, keyed by parameter name
         rng.safetensors                            every process's torch RNG states
@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import (
+from .checkpoint import (
     META_FILE,
     SPEC_FILE,
     WEIGHTS_FILE,
@@ -45,9 +45,9 @@ from ..checkpoint import (
     shard_file,
     verify_files,
 )
-from .._disk import NO_SPACE as _NO_SPACE
-from .._disk import disk_full_error
-from ..errors import CheckpointError
+from ..base.disk import NO_SPACE as _NO_SPACE
+from ..base.disk import disk_full_error
+from ..base.errors import CheckpointError
 
 __all__ = [
     "CHECKPOINTS_DIR",
