@@ -1,4 +1,9 @@
-"""minigpt core: registries, plugin loading, experiment specs and GPT assembly."""
+"""minigpt core: registries, plugin loading, experiment specs and GPT assembly.
+
+Importing it loads the base layer, the spec, the model and the plugin API (minigpt_core.plugin),
+not the trainer, tasks or the libraries of figures, statistics, adapters, quantization and W&B
+(tests/test_architecture.py). docs/architecture.md describes the layers.
+"""
 
 from __future__ import annotations
 
@@ -36,7 +41,8 @@ from .spec import (
 )
 from .model.summary import ParameterSummary, summarize
 
-__version__ = "0.1.0"
+from . import plugin  # the public plugin API, as `minigpt_core.plugin`
+from .base.version import __version__
 
 __all__ = [
     "__version__",

@@ -29,7 +29,7 @@ The capabilities (``CAPABILITIES``: name -> one line; ``CAPABILITY_CONTRACTS``: 
     ``causal``, ``kv_cache``, ``attn_weights``, ``gpt2``, ``multihead``, ``positions``, ``absolute``:
     each :class:`Capability` says what declaring it obliges the component to implement, what in
     minigpt relies on it and which conformance checks hold the component to it.
-    :class:`CanonicalStateProtocol` is the weight-layout hook of ``gpt2`` attentions and blocks;
+    :class:`CanonicalStateProtocol` (its read half :class:`CanonicalStateSource`) is the weight-layout hook of ``gpt2`` attentions and blocks;
     :class:`AuxLossProtocol` the convention for modules that add a training loss;
     :class:`HFFilesProtocol` a tokenizer's Hugging Face files; :class:`ActivationCheckpointingProtocol`
     a model that recomputes activations. These optional parts are runtime-checkable: the core tests
@@ -72,6 +72,7 @@ from .base.contracts import (
     AuxLossProtocol,
     BlockProtocol,
     CanonicalStateProtocol,
+    CanonicalStateSource,
     Capability,
     DatasetProtocol,
     Factory,
@@ -123,6 +124,7 @@ __all__ = [
     "CAPABILITY_CONTRACTS",
     "Capability",
     "CanonicalStateProtocol",
+    "CanonicalStateSource",
     "AuxLossProtocol",
     "HFFilesProtocol",
     "ActivationCheckpointingProtocol",

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import torch
 
+from .base.contracts import HFFilesProtocol
 from .checkpoints.checkpoint import atomic_write_bytes, load_weights_file
 from .model.trainable import plain_model
 from .model.weights import _unwrap
@@ -260,7 +261,7 @@ def _write_tokenizer_files(spec: ExperimentSpec, directory: Path, tokenizer_stat
         tok = tokenizer_from_state(tokenizer_state, spec.registry) if tokenizer_state else build_tokenizer(spec)
     except (TokenizerError, KeyError):  # e.g. a learnt vocabulary (char) without its saved state
         tok = None
-    files = tok.hf_files(spec.model.context_length) if hasattr(tok, "hf_files") else None
+    files = tok.hf_files(spec.model.context_length) if isinstance(tok, HFFilesProtocol) else None
     if files:
         for name, content in files.items():
             atomic_write_bytes(directory / name, content)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .base.errors import MinigptError
+from .viz.curves import metric_series
 from .train.lock import LOCK_FILE, lock_holder
 from .train.loggers import METRICS_FILE
 
@@ -52,25 +53,6 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
             records.append(record)
     return records
 
-
-def metric_series(records: list[dict[str, Any]], key: str, x: str = "train/tokens") -> tuple[list[float], list[float]]:
-    """(xs, ys) of every record with a finite ``key``, x taken from ``x`` (falling back to the step).
-
-    Validation records carry the training tokens seen so far, so curves of runs with different
-    batch sizes line up on the same axis. A resumed run's records after a rewind replace the
-    ones they repeat (the last value for a step wins).
-    """
-    by_step: dict[int, tuple[float, float]] = {}
-    last_x: float | None = None
-    for r in records:
-        if x in r and isinstance(r[x], (int, float)):
-            last_x = float(r[x])
-        v = r.get(key)
-        if isinstance(v, (int, float)) and math.isfinite(v):
-            by_step[int(r.get("step", 0))] = (float(r[x]) if isinstance(r.get(x), (int, float))
-                                              else (last_x if last_x is not None else float(r.get("step", 0))), float(v))
-    pts = [by_step[s] for s in sorted(by_step)]
-    return [p[0] for p in pts], [p[1] for p in pts]
 
 
 @dataclass

@@ -16,13 +16,12 @@ from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from minigpt_core import CheckpointError, ExperimentSpec, build_model, load_registry, parse_spec  # noqa: E402
 from minigpt_core.checkpoints.checkpoint import save_model  # noqa: E402
-from minigpt_core.assembly import load_model
+from minigpt_core.assembly import load_init_from, load_model  # noqa: E402
 from minigpt_core.model.generate import generate  # noqa: E402
 from minigpt_core.pretrained import (  # noqa: E402
     PretrainedError,
     export_hf,
     import_hf,
-    load_init_from,
     resolve_hf_source,
 )
 

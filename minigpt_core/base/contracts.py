@@ -22,7 +22,7 @@ __all__ = [
     "BlockProtocol", "InitProtocol", "TokenizerProtocol", "DatasetProtocol", "WeightsProtocol",
     "AdapterProtocol", "TemplateProtocol", "KIND_PROTOCOLS", "KINDS",
     "Capability", "CAPABILITY_CONTRACTS", "CAPABILITIES",
-    "CanonicalStateProtocol", "AuxLossProtocol", "HFFilesProtocol", "ActivationCheckpointingProtocol",
+    "CanonicalStateProtocol", "CanonicalStateSource", "AuxLossProtocol", "HFFilesProtocol", "ActivationCheckpointingProtocol",
 ]
 
 Tensor = torch.Tensor
@@ -356,7 +356,19 @@ class Capability:
 
 
 @runtime_checkable
-class CanonicalStateProtocol(Protocol):
+class CanonicalStateSource(Protocol):
+    """The read half of :class:`CanonicalStateProtocol`: a module that gives its weights under the canonical names.
+
+    Export and the equivalence check need only this half.
+    """
+
+    def canonical_state(self) -> dict[str, Tensor]:
+        """Its weights under the canonical names ("W_query.weight", ..., "out_proj.bias")."""
+        ...
+
+
+@runtime_checkable
+class CanonicalStateProtocol(CanonicalStateSource, Protocol):
     """The weight-layout hook of a ``gpt2`` attention that does not store the canonical layout.
 
     The canonical layout of one attention layer is the book's: ``W_query``, ``W_key``, ``W_value``
@@ -370,10 +382,6 @@ class CanonicalStateProtocol(Protocol):
     weights component documents (``help(minigpt_gpt2.hf)``). A block without them is mapped
     through its ``att`` attribute and its own state dict.
     """
-
-    def canonical_state(self) -> dict[str, Tensor]:
-        """Its weights under the canonical names ("W_query.weight", ..., "out_proj.bias")."""
-        ...
 
     def load_canonical_state(self, state: dict[str, Tensor]) -> None:
         """Copy weights given under the canonical names into its own parameters (in place)."""

@@ -144,7 +144,7 @@ def save_model(model: torch.nn.Module, spec: ExperimentSpec, directory: str | Pa
     """
     from safetensors.torch import save
 
-    from .. import __version__
+    from ..base.version import __version__
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

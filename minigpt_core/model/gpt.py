@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..base.contracts import AuxLossProtocol
 from ..spec import ExperimentSpec, ModelSpec, ResolvedComponent
 
 __all__ = ["BuildContext", "KVCache", "LayerKVCache", "GPT", "mark_residual_projection",
@@ -203,7 +204,7 @@ class GPT(nn.Module):
         self.supports_attn_weights = components["attention"].entry.has("attn_weights")  # minigpt_core.inspection
         # Modules that add a training loss (e.g. a mixture-of-experts load-balancing term) set
         # `self.aux_loss` in forward; found once here so the training step does no module walk.
-        self._aux_loss_modules = [m for m in self.modules() if m is not self and hasattr(m, "aux_loss")]
+        self._aux_loss_modules = [m for m in self.modules() if m is not self and isinstance(m, AuxLossProtocol)]
         # Recompute each block's activations in backward instead of keeping them (train.activation_checkpointing).
         self.activation_checkpointing = False
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..base.contracts import CanonicalStateProtocol, CanonicalStateSource
+
 __all__ = ["CANONICAL_ATTENTION_KEYS", "attention_canonical_state", "load_attention_canonical_state"]
 
 CANONICAL_ATTENTION_KEYS = ("W_query", "W_key", "W_value", "out_proj")
@@ -23,7 +25,7 @@ CANONICAL_ATTENTION_KEYS = ("W_query", "W_key", "W_value", "out_proj")
 
 def attention_canonical_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """An attention's weights under the canonical names (its ``canonical_state()``, else its own state dict's)."""
-    if hasattr(module, "canonical_state"):
+    if isinstance(module, CanonicalStateSource):
         return module.canonical_state()
     state = module.state_dict()
     return {k: v for k, v in state.items() if k.split(".")[0] in CANONICAL_ATTENTION_KEYS}
@@ -32,7 +34,7 @@ def attention_canonical_state(module: nn.Module) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def load_attention_canonical_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy canonical-named weights into an attention (its ``load_canonical_state()``, else by name)."""
-    if hasattr(module, "load_canonical_state"):
+    if isinstance(module, CanonicalStateProtocol):
         module.load_canonical_state(state)
         return
     missing, unexpected = module.load_state_dict(state, strict=False)

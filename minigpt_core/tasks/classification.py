@@ -363,7 +363,7 @@ class ClassificationTask(Task):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.spec.seed)
             head = nn.Linear(model.spec.emb_dim, len(classes))
-        from ..finetune import mark_trainable
+        from ..model.trainable import mark_trainable
 
         # A new head always trains, whatever [finetune] freezes (it starts random).
         model.out_head = mark_trainable(head.to(model.tok_emb.weight.device))

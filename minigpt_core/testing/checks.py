@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..base.contracts import AuxLossProtocol, CanonicalStateSource
 from ..model.interop import attention_canonical_state, load_attention_canonical_state
 from ..model.gpt import LayerKVCache
 from ..base.registry import KINDS, ComponentEntry
@@ -89,7 +90,7 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _aux_loss(module: nn.Module) -> torch.Tensor | None:
-    losses = [m.aux_loss for m in module.modules() if isinstance(getattr(m, "aux_loss", None), torch.Tensor)]
+    losses = [m.aux_loss for m in module.modules() if isinstance(m, AuxLossProtocol) and isinstance(m.aux_loss, torch.Tensor)]
     return torch.stack([l.float() for l in losses]).sum() if losses else None
 
 
@@ -286,7 +287,7 @@ def _canonical_or_skip(s: Subject, module: nn.Module) -> tuple[dict[str, torch.T
     weights onto the canonical layout (``canonical_state()``; e.g. a head-concatenating wrapper,
     whose output projection is the identity).
     """
-    if s.entry.has("gpt2") or hasattr(module, "canonical_state"):
+    if s.entry.has("gpt2") or isinstance(module, CanonicalStateSource):
         return attention_canonical_state(module), s.entry.has("gpt2")
     raise CheckSkipped(f"{s.label} has no canonical (GPT-2) weight layout to copy weights through")
 

@@ -20,7 +20,7 @@ import pytest
 
 @pytest.fixture
 def minigpt_registry():
-    from minigpt_core import _plugins
+    from minigpt_core.base import loader as _plugins
 
     registry = _plugins.load_registry()
     before = _plugins._default

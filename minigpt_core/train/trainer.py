@@ -27,7 +27,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .. import __version__
+from ..base.contracts import ActivationCheckpointingProtocol
+from ..base.version import __version__
 from ..base.disk import NO_SPACE, DiskFullError, disk_full_error, reporting_full_disk
 from ..checkpoints.checkpoint import atomic_write_bytes, load_model_state, plugin_versions
 from ..data import BatchSampler, load_training_data
@@ -431,7 +432,7 @@ class Trainer:
 
         # -- device, wrapping, optimizer -----------------------------------------------------------
         self.model = model if meta_build else model.to(self.device)  # the plain GPT: checkpoints, evaluation...
-        if hasattr(model, "activation_checkpointing"):  # before wrapping: FSDP2 / DDP hook the blocks as they are
+        if isinstance(model, ActivationCheckpointingProtocol):  # before wrapping: FSDP2 / DDP hook the blocks as they are
             model.activation_checkpointing = bool(t.activation_checkpointing)
         self.wrapped = wrap_model(model, t.strategy, self.env, self.device)
         self.fsdp = self.env.enabled and t.strategy == "fsdp"
