@@ -26,10 +26,13 @@ $(VENV)/.installed: pyproject.toml
 
 # Two workers or more (pytest-xdist), each file on one worker (its module fixtures built once),
 # one torch thread each: tiny models do not scale past one thread, and the workers share the cores.
+# lint-imports first: an import that breaks the layers (docs/architecture.md) fails the build.
 test: install
+	$(BIN)/lint-imports
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --dist loadfile --durations=15
 
 test-fast: install
+	$(BIN)/lint-imports
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow"
 
 run: install

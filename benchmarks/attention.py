@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import append_results, machine, time_alternating  # noqa: E402
 
 from minigpt_core import build_model, get_registry, spec_from_preset  # noqa: E402
-from minigpt_core.generate import generate  # noqa: E402
-from minigpt_core.model import BuildContext  # noqa: E402
+from minigpt_core.model.generate import generate  # noqa: E402
+from minigpt_core.model.gpt import BuildContext  # noqa: E402
 from minigpt_core.testing import Subject  # noqa: E402
 
 BASELINE = "book.multihead"

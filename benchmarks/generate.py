@@ -5,7 +5,7 @@ components, with GPT-2's q/k/v biases and tied head; --attention / --norm / --ac
 override them) is randomly initialised, nothing is downloaded, and its weights go through
 minigpt's GPT-2 interop (the ``gpt2.hf`` weights format that ``minigpt export-hf`` writes) into
 transformers' ``GPT2LMHeadModel``. Each continues the same random prompt greedily with its KV
-cache: ours through ``minigpt_core.generate.generate`` (what ``minigpt sample`` runs), theirs
+cache: ours through ``minigpt_core.model.generate.generate`` (what ``minigpt sample`` runs), theirs
 through ``GPT2LMHeadModel.generate(do_sample=False, use_cache=True)``. Weights are cast to the
 precision (fp32, bf16), as a checkpoint in that precision holds them.
 
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, append_results, machine, time_alternating  # noqa: E402
 
 from minigpt_core import build_model, get_registry, spec_from_preset  # noqa: E402
-from minigpt_core.generate import generate  # noqa: E402
+from minigpt_core.model.generate import generate  # noqa: E402
 from minigpt_core.pretrained import weights_format  # noqa: E402
 from minigpt_core.train import select_device  # noqa: E402
 

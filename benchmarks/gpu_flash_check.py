@@ -22,7 +22,7 @@ from _common import machine, time_alternating  # noqa: E402
 from attention import build_attention, causal_attentions  # noqa: E402
 
 from minigpt_core import get_registry  # noqa: E402
-from minigpt_core.interop import attention_canonical_state, load_attention_canonical_state  # noqa: E402
+from minigpt_core.model.interop import attention_canonical_state, load_attention_canonical_state  # noqa: E402
 
 
 def run(att, x, dtype):

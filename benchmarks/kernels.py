@@ -1,9 +1,9 @@
 """The measurements behind two shape-dependent fast paths, at GPT-2 124M's shapes (fp32, CPU).
 
-1. The chunked head + loss (minigpt_core.model._ChunkedHeadLoss) computes each chunk's logits
+1. The chunked head + loss (minigpt_core.model.gpt._ChunkedHeadLoss) computes each chunk's logits
    transposed, (V, c) = W @ h.T, and accumulates the weight gradient with addmm_: GFLOP/s of each
    GEMM in both layouts, and the whole head + loss forward and backward against the plain path.
-2. generate() runs the few-row products of decoding on all threads (minigpt_core.generate.threaded_gemv):
+2. generate() runs the few-row products of decoding on all threads (minigpt_core.model.generate.threaded_gemv):
    GB/s of weights read by F.linear and by the threaded path, each weight read cold (cycling through
    more copies than the caches hold), and the single- and all-thread read bandwidth of a plain sum.
 
@@ -25,9 +25,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import append_results, machine, time_alternating  # noqa: E402
 
-from minigpt_core import generate as generate_module  # noqa: E402
-from minigpt_core.generate import threaded_gemv  # noqa: E402
-from minigpt_core.model import chunked_head_loss  # noqa: E402
+from minigpt_core.model import generate as generate_module  # noqa: E402
+from minigpt_core.model.generate import threaded_gemv  # noqa: E402
+from minigpt_core.model.gpt import chunked_head_loss  # noqa: E402
 
 EMB, VOCAB = 768, 50257
 

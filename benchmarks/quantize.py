@@ -4,7 +4,7 @@ Two parts, both against fp32 and bf16 weights:
 
 * **124M shape** (GPT-2 small: 12 layers, emb 768, tied head, random init; speed and size do not
   depend on the weights): bytes of the linear layers' weights (the output head included) and
-  greedy batch-1 generation tokens/s through ``minigpt sample``'s path (minigpt_core.generate,
+  greedy batch-1 generation tokens/s through ``minigpt sample``'s path (minigpt_core.model.generate,
   KV cache), every variant timed round-robin so machine noise hits them alike.
 * **perplexity** on a trained model (random weights have no perplexity to keep): a checkpoint of
   experiments/quickstart.toml trained for --train-steps steps on the shipped python-docs text
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import append_results, machine, time_alternating  # noqa: E402
 
 from minigpt_core import build_model, spec_from_preset  # noqa: E402
-from minigpt_core.generate import generate  # noqa: E402
+from minigpt_core.model.generate import generate  # noqa: E402
 from minigpt_core.quantize import METHODS, linear_weight_bytes, quantize_model, quantized_state  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def trained_checkpoint(a: argparse.Namespace) -> Path:
     if a.checkpoint:
         return Path(a.checkpoint)
     out = CACHE / f"quickstart-{a.train_steps}"
-    from minigpt_core.train.state import pick_checkpoint
+    from minigpt_core.checkpoints.state import pick_checkpoint
 
     try:
         return pick_checkpoint(out / "quickstart")[0]
@@ -97,9 +97,10 @@ def trained_checkpoint(a: argparse.Namespace) -> Path:
 def perplexity_table(a: argparse.Namespace) -> str:
     import numpy as np
 
-    from minigpt_core.checkpoint import load_model, read_meta
+    from minigpt_core.checkpoints.checkpoint import read_meta
+    from minigpt_core.assembly import load_model
     from minigpt_core.data import load_training_data
-    from minigpt_core.train.evaluate import evaluate
+    from minigpt_core.tasks.evaluate import evaluate
 
     ckpt = trained_checkpoint(a)
     model, spec = load_model(ckpt)
@@ -107,7 +108,7 @@ def perplexity_table(a: argparse.Namespace) -> str:
     split = data.split
     starts = np.asarray(split.val)
     if a.max_windows and a.max_windows < len(starts):
-        from minigpt_core.train.evaluate import eval_windows
+        from minigpt_core.tasks.evaluate import eval_windows
 
         starts = starts[eval_windows(len(starts), a.max_windows)]
     rows = ["| weights | val loss | perplexity | vs fp32 |", "|---|---|---|---|"]

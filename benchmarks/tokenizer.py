@@ -44,7 +44,7 @@ def main() -> None:
     from minigpt_tokenizers.bpe import GPT2_FILES, gpt2_encoding_from_files, packaged_gpt2_dir
 
     from minigpt_core import ExperimentSpec
-    from minigpt_core.tokenizers import build_tokenizer
+    from minigpt_core.model.tokenizers import build_tokenizer
 
     cache = tempfile.mkdtemp(prefix="tiktoken-cache-")
     try:

@@ -41,7 +41,7 @@ from _common import append_results, machine, time_alternating  # noqa: E402
 
 from minigpt_core import build_model, spec_from_preset  # noqa: E402
 from minigpt_core.spec import TrainSpec  # noqa: E402
-from minigpt_core.summary import summarize  # noqa: E402
+from minigpt_core.model.summary import summarize  # noqa: E402
 from minigpt_core.train import autocast, build_optimizer, lm_loss, select_device  # noqa: E402
 from minigpt_core.train.flops import PRECISION_DTYPES, measure_matmul_peak  # noqa: E402
 

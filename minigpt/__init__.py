@@ -16,7 +16,7 @@ def main() -> int:
     except ValueError:  # not the main thread (an embedding application): leave signals alone
         previous = None
     try:
-        from minigpt_core.cli import _interrupted, main as cli_main
+        from minigpt_core.cli.app import _interrupted, main as cli_main
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, signal.SIG_IGN if pressed else previous)

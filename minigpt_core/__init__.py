@@ -1,9 +1,14 @@
-"""minigpt core: registries, plugin loading, experiment specs and GPT assembly."""
+"""minigpt core: registries, plugin loading, experiment specs and GPT assembly.
+
+Importing it loads the base layer, the spec, the model and the plugin API (minigpt_core.plugin),
+not the trainer, tasks or the libraries of figures, statistics, adapters, quantization and W&B
+(tests/test_architecture.py). docs/architecture.md describes the layers.
+"""
 
 from __future__ import annotations
 
-from ._hookspecs import hookimpl, hookspec
-from ._plugins import (
+from .base.hookspecs import hookimpl, hookspec
+from .base.loader import (
     ENTRY_POINT_GROUP,
     PLUGINS_ENV_VAR,
     PluginFailure,
@@ -12,7 +17,7 @@ from ._plugins import (
     load_registry,
     reset_registry,
 )
-from .errors import (
+from .base.errors import (
     CheckpointError,
     DuplicateComponentError,
     MinigptError,
@@ -20,8 +25,9 @@ from .errors import (
     SpecError,
     UnknownComponentError,
 )
-from .model import GPT, BuildContext, KVCache, LayerKVCache, build_model, mark_residual_projection
-from .registry import CAPABILITIES, KINDS, ComponentEntry, ComponentRegistry, NoParams
+from .model.gpt import GPT, BuildContext, KVCache, LayerKVCache, mark_residual_projection
+from .model.build import build_model
+from .base.registry import CAPABILITIES, KINDS, ComponentEntry, ComponentRegistry, NoParams
 from .spec import (
     PRESETS,
     ComponentSlot,
@@ -33,9 +39,10 @@ from .spec import (
     resolve_components,
     spec_from_preset,
 )
-from .summary import ParameterSummary, summarize
+from .model.summary import ParameterSummary, summarize
 
-__version__ = "0.1.0"
+from . import plugin  # the public plugin API, as `minigpt_core.plugin`
+from .base.version import __version__
 
 __all__ = [
     "__version__",

@@ -16,63 +16,22 @@ loads those tensors. :func:`plain_model` folds an adapter into the base weights 
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import CheckpointError, MinigptError
+from .base.errors import FinetuneError
+from .model.trainable import ADAPTER_ATTR, is_marked_trainable, mark_trainable, match_modules, plain_model
 
 __all__ = ["FinetuneError", "mark_trainable", "is_marked_trainable", "match_modules", "Finetune",
-           "apply_finetune", "finetune_active", "plain_model", "trainable_state", "restore_finetuned",
-           "count_trainable", "book_trainable"]
+           "apply_finetune", "finetune_active", "plain_model", "trainable_state", "book_trainable"]
 
-TRAINABLE_ATTR = "_minigpt_always_trainable"
-ADAPTER_ATTR = "_minigpt_adapter"  # the adapter object applied to a model, kept on the model
 META_KEY = "finetune"  # in a checkpoint's meta.json
-
-
-class FinetuneError(MinigptError):
-    """A ``[finetune]`` setting that does not fit the model (a pattern matching nothing, a tied head, ...)."""
-
-
-def mark_trainable(module: nn.Module) -> nn.Module:
-    """Tag a module whose parameters always train, whatever ``[finetune] trainable`` freezes
-    (a new classification head, an adapter's own layers)."""
-    setattr(module, TRAINABLE_ATTR, True)
-    return module
-
-
-def is_marked_trainable(module: nn.Module) -> bool:
-    """Whether :func:`mark_trainable` tagged ``module``."""
-    return bool(getattr(module, TRAINABLE_ATTR, False))
-
-
-def match_modules(model: nn.Module, patterns: list[str], *, where: str,
-                  accept: Callable[[nn.Module], bool] = lambda m: isinstance(m, nn.Linear),
-                  what: str = "nn.Linear layer") -> list[str]:
-    """Names of the modules (``model.named_modules()``) that a pattern matches and ``accept`` takes.
-
-    Patterns are shell-style (``fnmatch``: ``*`` also crosses dots), e.g. ``trf_blocks.*.att.*``,
-    ``*.ff.*``, ``out_head``. A pattern that matches none is an error naming the candidates.
-    """
-    candidates = [n for n, m in model.named_modules() if n and accept(m)]
-    chosen: list[str] = []
-    for pattern in patterns:
-        hits = [n for n in candidates if fnmatch.fnmatchcase(n, pattern)]
-        if not hits:
-            shown = ", ".join(candidates[:8]) + (f", ... ({len(candidates)} in all)" if len(candidates) > 8 else "")
-            raise FinetuneError(
-                f"{where}: the pattern {pattern!r} matches no {what} of the model. Patterns are shell-style over "
-                f"module names (`*` also matches dots), e.g. \"trf_blocks.*.att.*\" (attention projections), "
-                f"\"trf_blocks.*.ff.*\" (feed-forward) or \"out_head\"; the model's are: {shown}.")
-        chosen += [n for n in hits if n not in chosen]
-    return chosen
 
 
 def book_trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -118,7 +77,7 @@ class Finetune:
 
 
 def _build_adapter(spec: Any) -> Any:
-    from .model import BuildContext
+    from .model.gpt import BuildContext
 
     resolved = spec.components["finetune.adapter"]
     adapter = resolved.build(BuildContext(spec.model, spec.model.components))
@@ -172,7 +131,7 @@ def apply_finetune(model: nn.Module, spec: Any, *, base: dict[str, Any] | None =
 
 # -- the base of a fine-tuned checkpoint ------------------------------------------------------------
 def _weights_sha256(files: list[Path]) -> str:
-    from .checkpoint import file_sha256
+    from .checkpoints.checkpoint import file_sha256
 
     if len(files) == 1:
         return file_sha256(files[0])
@@ -186,7 +145,7 @@ def base_record(init_from: str | None) -> dict[str, Any] | None:
     """Where the base weights of a run with ``init_from`` are, resolved now, and their sha256."""
     if init_from is None:
         return None
-    from .checkpoint import WEIGHTS_FILE
+    from .checkpoints.checkpoint import WEIGHTS_FILE
     from .pretrained import HF_PREFIX
 
     if init_from.startswith(HF_PREFIX):
@@ -198,7 +157,7 @@ def base_record(init_from: str | None) -> dict[str, Any] | None:
         if any(p.name.endswith(".safetensors") for p in files):
             files = [p for p in files if p.name.endswith(".safetensors")]
         return {"init_from": HF_PREFIX + str(directory), "sha256": _weights_sha256(files)}
-    from .train.state import pick_checkpoint
+    from .checkpoints.state import pick_checkpoint
 
     ckpt, _ = pick_checkpoint(init_from)
     ckpt = ckpt.resolve()
@@ -207,25 +166,10 @@ def base_record(init_from: str | None) -> dict[str, Any] | None:
     return {"init_from": str(ckpt), "sha256": _weights_sha256(files or [ckpt / WEIGHTS_FILE])}
 
 
-def _load_base(spec: Any, base: dict[str, Any], source: str) -> nn.Module:
-    from .pretrained import load_init_from
-
-    where = base.get("init_from")
-    if not isinstance(where, str):
-        raise CheckpointError(f"{source}: its meta.json names no base weights ({META_KEY}.base.init_from).")
-    now = base_record(where)  # raises CheckpointError / PretrainedError if the base is gone
-    if now["sha256"] != base.get("sha256"):
-        raise CheckpointError(
-            f"{source} holds only fine-tuned weights on top of the base {where}, whose weights changed since "
-            f"(sha256 {str(base.get('sha256'))[:16]}... then, {now['sha256'][:16]}... now). Restore the base "
-            f"checkpoint it was trained from; these weights do not fit another one.")
-    model, _ = load_init_from(spec.model_copy(update={"init_from": where}))
-    return model
-
 
 def trainable_state(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The entries of ``state`` (default the model's) that belong to trainable parameters."""
-    from .checkpoint import _unwrap
+    from .model.weights import _unwrap
 
     model = _unwrap(model)
     keep = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
@@ -233,75 +177,4 @@ def trainable_state(model: nn.Module, state: dict[str, torch.Tensor] | None = No
     return {k: v for k, v in state.items() if k in keep}
 
 
-def restore_finetuned(spec: Any, state: dict[str, torch.Tensor], meta: dict[str, Any],
-                      source: str) -> tuple[nn.Module, Finetune]:
-    """The model of a checkpoint written by a fine-tuning run, adapter applied, weights loaded."""
-    from .checkpoint import load_model_state, model_state_for_saving
-    from .model import build_model
 
-    record = meta.get(META_KEY) if isinstance(meta.get(META_KEY), dict) else {}
-    base = record.get("base")
-    from .tasks import get_task
-
-    model = _load_base(spec, base, source) if base else build_model(spec)
-    task = get_task(spec)
-    if task is not None:  # a task's head, before the adapter: it trains and is saved like the adapter
-        model = task.attach_head(model)
-    info = apply_finetune(model, spec, base=base)
-    if not base:
-        load_model_state(model, state, source)
-        return model, info
-    expected = trainable_state(model, model_state_for_saving(model))
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"The fine-tuned weights in {source} do not fit the model its spec and base describe: missing "
-            f"{missing[:5]}, unexpected {unexpected[:5]}. The checkpoint was probably written by another "
-            f"version of the adapter plugin.")
-    for k, v in state.items():
-        if expected[k].shape != v.shape:
-            raise CheckpointError(f"{source}: tensor {k} has shape {tuple(v.shape)}, the model expects "
-                                  f"{tuple(expected[k].shape)}.")
-    model.load_state_dict(state, strict=False)
-    return model, info
-
-
-def plain_model(model: nn.Module, *, copy_model: bool = True) -> nn.Module:
-    """The model with its adapter merged into the base weights and removed (a plain GPT, the base's
-    state-dict keys); the model itself when it has no adapter. ``copy_model=False`` changes it in place."""
-    from .checkpoint import _unwrap
-
-    model = _unwrap(model)
-    adapter = model.__dict__.get(ADAPTER_ATTR)
-    if adapter is None:
-        return model
-    if copy_model:
-        model = copy.deepcopy(model)
-    adapter.unload(model)
-    del model.__dict__[ADAPTER_ATTR]
-    return model
-
-
-def count_trainable(spec: Any) -> Finetune:
-    """Total and trainable parameters of a fine-tuning spec, built on the meta device (no weights read);
-    with the task's head (a classification spec without classes reads them from its data)."""
-    from .model import build_model
-    from .pretrained import init_from_model
-    from .tasks import get_task
-
-    try:
-        model_section = init_from_model(spec)
-    except MinigptError:  # e.g. a checkpoint's spec whose relative init_from is elsewhere: its section is whole
-        model_section = spec.model
-    task = get_task(spec)
-    if task is not None:
-        from .summary import with_task_classes
-
-        spec = spec.model_copy(deep=True)
-        with_task_classes(spec)
-        task = get_task(spec)
-    with torch.device("meta"):
-        model = build_model(model_section.resolve(spec.registry), seed=None)
-        if task is not None:  # a new head always trains
-            model = task.attach_head(model)
-        return apply_finetune(model, spec)

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import MinigptError
-from .model import ATTENTION_MODULE_ATTR
+from .base.errors import MinigptError
+from .model.gpt import ATTENTION_MODULE_ATTR
+from .spec import attention_weights_message
 
 __all__ = ["AttentionWeightsUnavailable", "attention_modules", "capture_attention", "attention_weights",
            "attention_weights_message", "token_losses", "window_token_losses", "log_attention_maps"]
@@ -38,16 +39,6 @@ def _plain(model: nn.Module) -> nn.Module:
         model = getattr(model, "module", None) or getattr(model, "_orig_mod")
     return model
 
-
-def attention_weights_message(attention: str, registry=None) -> str:
-    """Why ``attention`` gives no weights, and which registered attentions can."""
-    from ._plugins import get_registry
-
-    registry = registry or get_registry()
-    able = [e.name for e in registry.entries("attention") if e.has("attn_weights")]
-    return (f"attention '{attention}' does not declare the attn_weights capability, so it cannot return its "
-            f"attention weights (fused kernels compute none). Attentions that can: {', '.join(able) or 'none'}. "
-            f"Train or load a model with one of them (`minigpt components attention` lists them).")
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -128,7 +119,7 @@ def attention_weights(model: nn.Module, idx: torch.Tensor) -> list[torch.Tensor]
 @torch.no_grad()
 def token_losses(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Next-token loss (nats) of every position: (B, T) from inputs and targets (B, T), in eval mode."""
-    from .train.evaluate import lm_loss
+    from .tasks.evaluate import lm_loss
 
     was_training = model.training
     model.eval()
@@ -148,8 +139,8 @@ def window_token_losses(model: nn.Module, corpus, starts: np.ndarray, length: in
     Row w, column p is the loss of predicting token ``starts[w] + p + 1`` of the corpus from the
     tokens of the window before it; the mean of the array is what ``evaluate`` returns.
     """
-    from .train.device import autocast
-    from .train.evaluate import lm_loss
+    from .base.device import autocast
+    from .tasks.evaluate import lm_loss
 
     out = np.empty((len(starts), length - 1), dtype=np.float32)
     was_training = model.training

@@ -17,15 +17,19 @@ import socket
 import urllib.request
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 import torch
 
-from .checkpoint import _unwrap, atomic_write_bytes, load_model, load_weights_file
-from .errors import CheckpointError, PretrainedError
-from .model import GPT, build_model
-from .registry import ComponentRegistry
+from .base.contracts import HFFilesProtocol
+from .checkpoints.checkpoint import atomic_write_bytes, load_weights_file
+from .model.trainable import plain_model
+from .model.weights import _unwrap
+from .base.errors import CheckpointError, PretrainedError
+from .model.gpt import GPT
+from .model.build import build_model
+from .base.registry import ComponentRegistry
 from .spec import MODEL_SLOTS, ExperimentSpec, ModelSpec, parse_spec
 
 __all__ = [
@@ -37,7 +41,6 @@ __all__ = [
     "resolve_hf_source",
     "import_hf",
     "export_hf",
-    "load_init_from",
     "init_from_model",
 ]
 
@@ -233,7 +236,7 @@ def import_hf(source: str | Path, registry: ComponentRegistry | None = None, *,
     ``components`` names other components for slots (e.g. ``minigpt_core.spec.BOOK_COMPONENTS``),
     keeping the format's params.
     """
-    from ._plugins import get_registry
+    from .base.loader import get_registry
 
     registry = registry or get_registry()
     directory = resolve_hf_source(str(source), cache_dir)
@@ -252,13 +255,13 @@ def import_hf(source: str | Path, registry: ComponentRegistry | None = None, *,
 
 def _write_tokenizer_files(spec: ExperimentSpec, directory: Path, tokenizer_state: Mapping[str, Any] | None) -> None:
     """The tokenizer's own Hugging Face files (``hf_files``), so the export loads with AutoTokenizer too."""
-    from .tokenizers import TokenizerError, build_tokenizer, tokenizer_from_state
+    from .model.tokenizers import TokenizerError, build_tokenizer, tokenizer_from_state
 
     try:
         tok = tokenizer_from_state(tokenizer_state, spec.registry) if tokenizer_state else build_tokenizer(spec)
     except (TokenizerError, KeyError):  # e.g. a learnt vocabulary (char) without its saved state
         tok = None
-    files = tok.hf_files(spec.model.context_length) if hasattr(tok, "hf_files") else None
+    files = tok.hf_files(spec.model.context_length) if isinstance(tok, HFFilesProtocol) else None
     if files:
         for name, content in files.items():
             atomic_write_bytes(directory / name, content)
@@ -267,7 +270,7 @@ def _write_tokenizer_files(spec: ExperimentSpec, directory: Path, tokenizer_stat
     warnings.warn(
         f"{directory} has no tokenizer files: the model was trained with the {name!r} tokenizer, which "
         f"this export cannot write{' without its saved state' if tok is None else ''}. Its token ids are that "
-        f"tokenizer's ids, not GPT-2's: encode and decode text with it (minigpt_core.tokenizers."
+        f"tokenizer's ids, not GPT-2's: encode and decode text with it (minigpt_core.model.tokenizers."
         f"tokenizer_from_state of the checkpoint's meta.json 'tokenizer').", stacklevel=3)
 
 
@@ -280,8 +283,6 @@ def export_hf(model: torch.nn.Module, spec: ExperimentSpec, directory: str | Pat
     directory has no tokenizer.
     """
     from safetensors.torch import save
-
-    from .finetune import plain_model
 
     model = plain_model(_unwrap(model))  # an adapter merged into the base weights: plain GPT-2
     fmt = weights_format(spec.registry, name=format)
@@ -324,8 +325,8 @@ def init_from_model(spec: ExperimentSpec) -> ModelSpec:
     ``validate`` shows this shape instead of the file's (which init_from overrides). A Hub id that is
     not cached locally is not fetched: the file's own section is returned.
     """
-    from . import _toml
-    from .checkpoint import SPEC_FILE, check_plugin_files
+    from .base import toml as _toml
+    from .checkpoints.checkpoint import SPEC_FILE, check_plugin_files
 
     source = spec.init_from
     if source is None:
@@ -344,7 +345,7 @@ def init_from_model(spec: ExperimentSpec) -> ModelSpec:
                 f"directory (or a run directory: its latest checkpoint), or 'hf:PATH_OR_HUB_ID' for "
                 f"Hugging Face GPT-2 weights."
             )
-        from .train.state import resolve_checkpoint
+        from .checkpoints.state import resolve_checkpoint
 
         ckpt = resolve_checkpoint(source)
         try:
@@ -359,74 +360,3 @@ def init_from_model(spec: ExperimentSpec) -> ModelSpec:
     return ModelSpec.model_validate(merged)
 
 
-def load_init_from(spec: ExperimentSpec, *, cache_dir: str | Path | None = None,
-                   report: Callable[[str], None] | None = None) -> tuple[GPT, ExperimentSpec]:
-    """The model a run starts from, and the spec that describes it.
-
-    ``init_from = "hf:PATH_OR_HUB_ID"`` loads Hugging Face GPT-2 weights; ``init_from = "DIR"`` a
-    minigpt checkpoint directory (a run or experiment directory: its best checkpoint, else its
-    latest; the files are hash-checked); ``None`` builds the spec's model with its init scheme. The
-    model section comes from the weights; the file may still choose any GPT-2 compatible attention
-    (``[model.attention]``) and the dropout rate, and all its other sections are kept. ``report``
-    receives a line naming the checkpoint used.
-    """
-    source = spec.init_from
-    if source is None:
-        return build_model(spec), spec
-    if source.startswith(HF_PREFIX):
-        directory = resolve_hf_source(source[len(HF_PREFIX):], cache_dir)
-        config, hf_state = read_hf_checkpoint(directory)
-        fmt = weights_format(spec.registry, model_type=config.get("model_type"))
-        imported = ModelSpec.model_validate(fmt.model_section(config))
-        new_spec = _respec(spec, _merge_model_section(spec, imported, source))
-        fmt.check(new_spec.components, export=False)
-        model = build_model(new_spec)
-        fmt.load_state(model, hf_state, str(directory))
-        return model, new_spec
-    else:
-        if not Path(source).is_dir():
-            raise CheckpointError(
-                f"init_from = {source!r}: no such checkpoint directory. Use a minigpt checkpoint "
-                f"directory (or a run directory: its best checkpoint, else its latest), or "
-                f"'hf:PATH_OR_HUB_ID' for Hugging Face GPT-2 weights."
-            )
-        from .train.state import pick_checkpoint  # imported here: the training stack is heavy
-
-        ckpt, which = pick_checkpoint(source)
-        if report is not None:
-            report(f"init_from checkpoint: {ckpt} ({which})")
-        loaded, loaded_spec = load_model(ckpt, spec.registry)
-        from .tasks import build_task_model, check_init_from_task
-
-        check_init_from_task(loaded_spec, spec, ckpt)
-        new_spec = _respec(spec, _merge_model_section(spec, loaded_spec.model, source))
-        if loaded_spec.task != "lm":  # a fine-tuned model of this task: its head comes too and trains on
-            if loaded_spec.model.attention != new_spec.model.attention:
-                raise CheckpointError(
-                    f"init_from = {source!r} is a {loaded_spec.task} model; going on fine-tuning it keeps its "
-                    f"components, but this experiment sets another [model.attention]. Remove that section.")
-            cs = new_spec.classification
-            if cs is not None and cs.classes is None:
-                cs.classes = list(loaded_spec.classification.classes)
-                cs._classes_from = str(ckpt)  # named when the data has labels outside them
-            model = build_task_model(new_spec)
-            model.load_state_dict(loaded.state_dict())
-            return model, new_spec
-        if new_spec.model.attention == loaded_spec.model.attention:
-            model = build_model(new_spec)
-            model.load_state_dict(loaded.state_dict())  # same components: same state-dict keys
-            return model, new_spec
-        # Another attention: only through a layout both speak (GPT-2's: the gpt2 capability).
-        fmt = weights_format(spec.registry, name=DEFAULT_EXPORT_FORMAT)
-        for s in (loaded_spec, new_spec):
-            fmt.check(s.components, export=False)
-        model = build_model(new_spec)
-        fmt.transfer(loaded, model, source)
-        return model, new_spec
-
-
-def _respec(spec: ExperimentSpec, model: dict[str, Any]) -> ExperimentSpec:
-    data = spec.model_dump(mode="json", exclude_none=True)
-    data.pop("preset", None)  # the model section is complete; a preset would be merged under it
-    data["model"] = model
-    return parse_spec(data, source=f"init_from {spec.init_from}", registry=spec.registry)

@@ -29,9 +29,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .errors import MinigptError
+from .base.errors import MinigptError
 
-__all__ = ["METHODS", "QuantizationError", "quantize_model", "quantize_checkpoint", "quantized_state",
+__all__ = ["METHODS", "QuantizationError", "quantize_model", "quantized_state",
            "load_quantized", "quantization_record", "check_quantized_use", "linear_weight_bytes"]
 
 INT8_SUFFIX = ".weight_int8"
@@ -169,7 +169,7 @@ def quantized_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str
 
     A tied output head gets its own int8 copy; the embedding it shares stays in float.
     """
-    from .checkpoint import model_state_for_saving
+    from .checkpoints.checkpoint import model_state_for_saving
 
     names = _linear_names(model)
     state = model_state_for_saving(model)
@@ -212,28 +212,6 @@ def linear_weight_bytes(state: dict[str, torch.Tensor], names: list[str]) -> int
     return sum(state[n + s].numel() * state[n + s].element_size() for n in names for s in (INT8_SUFFIX, SCALE_SUFFIX))
 
 
-def quantize_checkpoint(source: str | Path, out: str | Path, method: str = DEFAULT_METHOD) -> tuple[Path, dict]:
-    """Read a float checkpoint, write its int8 version to ``out``; returns (out, its quantization record)."""
-    from .checkpoint import load_model, read_meta, save_model
-
-    get_method(method)
-    source = Path(source)
-    done = read_meta(source).get("quantization")
-    if done:
-        done = done if isinstance(done, dict) else {}
-        raise QuantizationError(f"{source} is already an int8 checkpoint (method {done.get('method', '?')}); "
-                                f"quantize the float checkpoint it was made from ({done.get('source', '?')}) "
-                                f"instead.")
-    model, spec = load_model(source)
-    from .tasks import require_lm
-
-    require_lm(spec, source, "int8 quantization (for sampling and evaluation)")
-    state, names = quantized_state(model)
-    meta = {k: v for k, v in read_meta(source).items() if k == "tokenizer"}
-    record = quantization_record(method, names, str(source))
-    save_model(model, spec, out, meta={**meta, "quantization": record}, state=state)
-    return Path(out), record
-
 
 def check_quantized_use(directory: str | Path, meta: dict[str, Any], purpose: str) -> None:
     """Refuse a quantized checkpoint where float weights are needed (training, init_from, export)."""
@@ -251,8 +229,8 @@ def check_quantized_use(directory: str | Path, meta: dict[str, Any], purpose: st
 def load_quantized(directory: Path, spec, state: dict[str, torch.Tensor], meta: dict[str, Any],
                    map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a quantized checkpoint's model: the float model from the spec, then its int8 layers."""
-    from .checkpoint import load_model_state
-    from .errors import CheckpointError
+    from .checkpoints.checkpoint import load_model_state
+    from .base.errors import CheckpointError
     from .tasks import build_task_model
 
     record = meta["quantization"]

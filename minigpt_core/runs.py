@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import MinigptError
+from .base.errors import MinigptError
+from .viz.curves import metric_series
 from .train.lock import LOCK_FILE, lock_holder
 from .train.loggers import METRICS_FILE
 
@@ -52,25 +53,6 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
             records.append(record)
     return records
 
-
-def metric_series(records: list[dict[str, Any]], key: str, x: str = "train/tokens") -> tuple[list[float], list[float]]:
-    """(xs, ys) of every record with a finite ``key``, x taken from ``x`` (falling back to the step).
-
-    Validation records carry the training tokens seen so far, so curves of runs with different
-    batch sizes line up on the same axis. A resumed run's records after a rewind replace the
-    ones they repeat (the last value for a step wins).
-    """
-    by_step: dict[int, tuple[float, float]] = {}
-    last_x: float | None = None
-    for r in records:
-        if x in r and isinstance(r[x], (int, float)):
-            last_x = float(r[x])
-        v = r.get(key)
-        if isinstance(v, (int, float)) and math.isfinite(v):
-            by_step[int(r.get("step", 0))] = (float(r[x]) if isinstance(r.get(x), (int, float))
-                                              else (last_x if last_x is not None else float(r.get("step", 0))), float(v))
-    pts = [by_step[s] for s in sorted(by_step)]
-    return [p[0] for p in pts], [p[1] for p in pts]
 
 
 @dataclass
@@ -175,7 +157,7 @@ def summarize_run(run_dir: str | Path, records: list[dict[str, Any]] | None = No
 
 def _checkpoint_total_steps(run_dir: Path) -> int | None:
     """The planned steps recorded in the run's latest checkpoint (runs whose events do not say)."""
-    from .train.state import CHECKPOINTS_DIR, TRAINER_FILE, list_checkpoints
+    from .checkpoints.state import CHECKPOINTS_DIR, TRAINER_FILE, list_checkpoints
 
     found = list_checkpoints(run_dir / CHECKPOINTS_DIR)
     if not found:
@@ -206,7 +188,7 @@ class NotARunError(MinigptError):
 def is_run_dir(path: str | Path) -> bool:
     """A directory the trainer made: metrics.jsonl, the run's lock (taken first, while the data loads),
     or spec.toml beside checkpoints/; an experiment file that happens to be called spec.toml is not a run."""
-    from .train.state import CHECKPOINTS_DIR
+    from .checkpoints.state import CHECKPOINTS_DIR
 
     path = Path(path)
     if not path.is_dir() or path.parent.name == CHECKPOINTS_DIR:
@@ -217,7 +199,7 @@ def is_run_dir(path: str | Path) -> bool:
 
 def resolve_run(path: str | Path) -> Path:
     """A run directory from a run, one of its checkpoints, or an experiment directory (its latest run)."""
-    from .train.state import CHECKPOINTS_DIR, META_FILE, TRAINER_FILE
+    from .checkpoints.state import CHECKPOINTS_DIR, META_FILE, TRAINER_FILE
 
     path = Path(path)
     if not path.exists():
@@ -247,7 +229,7 @@ def read_spec(run_dir: str | Path) -> dict[str, Any]:
 
     Read as plain TOML, not validated: a run made with a plugin that is gone still compares.
     """
-    from . import _toml
+    from .base import toml as _toml
     from .train.trainer import _flatten
 
     try:

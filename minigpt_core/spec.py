@@ -7,7 +7,7 @@ A spec is checked in two passes, both before anything is built:
    component, its ``params`` validate against that component's own schema, and
    the component's own checks against the model section pass.
 
-All problems come back as one :class:`~minigpt_core.errors.SpecError` whose
+All problems come back as one :class:`~minigpt_core.base.errors.SpecError` whose
 entries carry dotted paths such as ``model.attention.params.window``.
 
 The second pass happens once: a parsed spec keeps its resolved components and the
@@ -27,9 +27,10 @@ from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from . import _toml
-from .errors import ComponentBuildError, MinigptError, SpecError
-from .registry import ComponentEntry, ComponentRegistry
+from .base import toml as _toml
+from .base.loader import get_registry, load_local_plugins, resolve_plugin_ref
+from .base.errors import ComponentBuildError, MinigptError, SpecError
+from .base.registry import ComponentEntry, ComponentRegistry
 
 __all__ = [
     "ComponentSlot",
@@ -88,8 +89,6 @@ class _Resolvable(_Strict):
         """The registry this spec was resolved against (the process default if it never was)."""
         if self._resolution is not None:
             return self._resolution.registry
-        from ._plugins import get_registry
-
         return get_registry()
 
     @property
@@ -554,6 +553,20 @@ def _cross_section_problems(spec: "ExperimentSpec") -> list[tuple[str, str]]:
     return problems
 
 
+def attention_weights_message(attention: str, registry=None) -> str:
+    """Why ``attention`` gives no weights, and which registered attentions can."""
+    registry = registry or get_registry()
+    able = [e.name for e in registry.entries("attention") if e.has("attn_weights")]
+    return (f"attention '{attention}' does not declare the attn_weights capability, so it cannot return its "
+            f"attention weights (fused kernels compute none). Attentions that can: {', '.join(able) or 'none'}. "
+            f"Train or load a model with one of them (`minigpt components attention` lists them).")
+
+
+def describe_components(model) -> str:
+    """Every component slot of a model section, for the one-line descriptions of validate and train."""
+    return ", ".join(f"{slot} {getattr(model, slot).name}" for slot in MODEL_SLOTS)
+
+
 def spec_warnings(spec: "ExperimentSpec", total_steps: int | None = None) -> list[str]:
     """Settings that are valid but almost certainly not what was meant (printed by validate and train)."""
     out = []
@@ -565,8 +578,6 @@ def spec_warnings(spec: "ExperimentSpec", total_steps: int | None = None) -> lis
     components = spec.model.components
     att, pos = components["attention"].entry, components["positional"].entry
     if t.log_attention_every and not att.has("attn_weights"):
-        from .inspection import attention_weights_message
-
         out.append(f"train.log_attention_every is set, but no attention maps will be drawn: "
                    f"{attention_weights_message(att.name, spec.registry)}")
     if att.has("positions") and pos.has("absolute"):
@@ -604,8 +615,6 @@ def parse_spec(data: Mapping[str, Any], source: str | None = None,
 
 
 def _load_spec_plugins(refs: Any, source: str | None, registry: ComponentRegistry | None) -> list[str]:
-    from ._plugins import load_local_plugins, resolve_plugin_ref
-
     if not (isinstance(refs, list) and all(isinstance(r, str) and r.strip() for r in refs)):
         raise SpecError([("plugins", "must be a list of plugin .py file paths or module names, e.g. "
                           "plugins = [\"./my_attention.py\", \"my_package.plugin\"]")], source)
@@ -648,8 +657,6 @@ def load_spec(path: str | Path, registry: ComponentRegistry | None = None,
     if overrides:
         data = apply_overrides(data, overrides)
     if isinstance(data.get("plugins"), list):  # relative to the experiment file, wherever it is run from
-        from ._plugins import resolve_plugin_ref
-
         data["plugins"] = [resolve_plugin_ref(r, path.parent) if isinstance(r, str) else r
                            for r in data["plugins"]]
     if not data:
@@ -731,8 +738,6 @@ def resolve_components(spec: ExperimentSpec | ModelSpec, registry: ComponentRegi
     conformance checks' component under test); ``for_lm=False`` lets through components that
     declare they cannot serve in a language model.
     """
-    from ._plugins import get_registry
-
     registry = registry or get_registry()
     is_model = isinstance(spec, ModelSpec)
     model = spec if is_model else spec.model

@@ -43,7 +43,7 @@ def isolated_plugins():
     In-process CLI calls load local plugins into the process-wide registry and name them in
     MINIGPT_PLUGIN_PATH (for worker processes); monkeypatch would not undo a variable it did not set.
     """
-    from minigpt_core._plugins import PLUGIN_PATH_ENV_VAR, reset_registry
+    from minigpt_core.base.loader import PLUGIN_PATH_ENV_VAR, reset_registry
 
     saved = os.environ.pop(PLUGIN_PATH_ENV_VAR, None)
     reset_registry()

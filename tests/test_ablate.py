@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from minigpt_core import _toml
+from minigpt_core.base import toml as _toml
 from training_utils import MINIGPT, ROOT, cli, tiny_spec_data
 
 # An attention that raises in forward while MINIGPT_TEST_BOOM=1 (a run-time failure of one variant),

@@ -8,9 +8,11 @@ import torch
 from safetensors.torch import load_file
 
 from minigpt_core import hookimpl, load_registry
-from minigpt_core.checkpoint import load_model, read_meta
-from minigpt_core.finetune import apply_finetune, count_trainable, plain_model, restore_finetuned
-from minigpt_core.model import build_model
+from minigpt_core.checkpoints.checkpoint import read_meta
+from minigpt_core.assembly import load_model
+from minigpt_core.finetune import apply_finetune, plain_model
+from minigpt_core.assembly import count_trainable, restore_finetuned
+from minigpt_core.model.build import build_model
 from minigpt_core.spec import parse_spec
 from minigpt_core.testing import check_component
 from minigpt_core.train.optim import build_optimizer

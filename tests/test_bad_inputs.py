@@ -26,7 +26,7 @@ def _files(root: Path) -> set[Path]:
 def _shards_with_ids_beyond_vocab(tmp_path: Path) -> Path:
     """Real shards written by the char tokenizer, then one id overwritten past the vocabulary (corruption)."""
     from minigpt_core.data import write_shards
-    from minigpt_core.tokenizers import build_tokenizer
+    from minigpt_core.model.tokenizers import build_tokenizer
     from minigpt_core.spec import parse_spec
 
     text = "hello shards\n\n" * 200
@@ -134,7 +134,7 @@ def minigpt_register(registry):
 
 @pytest.fixture
 def bad_plugins(tmp_path, monkeypatch):
-    from minigpt_core._plugins import reset_registry
+    from minigpt_core.base.loader import reset_registry
 
     site = tmp_path / "site"
     site.mkdir()
@@ -198,7 +198,7 @@ def test_ctrl_c_during_start_up_is_one_line_exit_130(tmp_path, presses, delay):
 
 def test_default_124m_shape_at_a_huge_micro_batch_warns_about_activations():
     """The empty file's 124M shape fits as weights + AdamW (2.6 GB); its activations are what overflow."""
-    from minigpt_core.memory import training_memory_warning
+    from minigpt_core.model.memory import training_memory_warning
     from minigpt_core.spec import parse_spec
 
     model = parse_spec({}).model

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from minigpt_core import _toml
-from minigpt_core.errors import SpecError
+from minigpt_core.base import toml as _toml
+from minigpt_core.base.errors import SpecError
 from minigpt_core.spec import ClassificationSpec, dump_spec, parse_spec
 from minigpt_core.tasks.classification import (
     classification_metrics,
@@ -168,7 +168,7 @@ def test_a_tiny_fine_tune_beats_the_majority_baseline_and_classify_reads_its_che
     # the run stores what it read from the data, so the head rebuilds from spec.toml alone
     saved = _toml.loads((run / "spec.toml").read_text())
     assert saved["classification"]["classes"] == ["high", "low"] and saved["classification"]["max_length"] == 20
-    from minigpt_core.checkpoint import load_model
+    from minigpt_core.assembly import load_model
 
     model, loaded_spec = load_model(run / "checkpoints" / "latest")
     assert tuple(model.out_head.weight.shape) == (2, 32) and loaded_spec.task == "classification"
@@ -230,7 +230,8 @@ def test_fine_tuning_from_a_language_model_run_keeps_its_weights_and_tokenizer(t
     status, out, err = cli(capsys, "train", _write(tmp_path, spec), "--no-progress")
     assert status == 0, err
     (run,) = runs_of(tmp_path / "runs", "cls-test")
-    from minigpt_core.checkpoint import load_model, read_meta
+    from minigpt_core.checkpoints.checkpoint import read_meta
+    from minigpt_core.assembly import load_model
 
     base, _ = load_model(lm_run / "checkpoints" / "latest")
     tuned, _ = load_model(run / "checkpoints" / "latest")
@@ -277,7 +278,7 @@ def test_a_classifier_trains_with_lora_on_a_frozen_base_and_its_checkpoint_holds
     (run,) = runs_of(tmp_path / "runs", "cls-test")
     from safetensors.torch import load_file
 
-    from minigpt_core.checkpoint import load_model
+    from minigpt_core.assembly import load_model
 
     saved = load_file(str(run / "checkpoints" / "latest" / "model.safetensors"))
     # the new head and the LoRA matrices trained; the frozen base is named, not copied

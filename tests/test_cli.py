@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from minigpt_core import spec_from_preset
-from minigpt_core.summary import summarize_spec
+from minigpt_core.assembly import summarize_spec
 
 
 def test_summary_of_gpt2_124m_shows_the_books_figures(minigpt_cli):

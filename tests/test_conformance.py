@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import minigpt_core._plugins as plugins
+import minigpt_core.base.loader as plugins
 from minigpt_core import hookimpl, load_registry
-from minigpt_core.cli import main
+from minigpt_core.cli.app import main
 from minigpt_core.testing import (
     CHECKS,
     CheckFailed,

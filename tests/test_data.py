@@ -17,7 +17,7 @@ from minigpt_core.data import (
     split_segments,
     write_shards,
 )
-from minigpt_core.tokenizers import tokenizer_from_state
+from minigpt_core.model.tokenizers import tokenizer_from_state
 from training_utils import corpus_text, run_minigpt, tiny_spec_data
 
 

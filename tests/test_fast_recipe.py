@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from minigpt_core import build_model, spec_from_preset
-from minigpt_core.model import chunked_head_loss
+from minigpt_core.model.gpt import chunked_head_loss
 from minigpt_core.spec import BOOK_COMPONENTS, FAST_COMPONENTS, PRESETS, parse_spec
 from minigpt_core.testing import check_component
 from minigpt_core.train import train
@@ -146,14 +146,14 @@ def test_train_options_validate():
     spec = parse_spec({"train": {"loss_chunk": 0, "activation_checkpointing": "blocks"}})
     assert spec.train.loss_chunk == 0 and spec.train.activation_checkpointing == "blocks"
     assert parse_spec({}).train.loss_chunk > 0  # on by default
-    from minigpt_core.errors import SpecError
+    from minigpt_core.base.errors import SpecError
 
     with pytest.raises(SpecError, match="train.activation_checkpointing"):
         parse_spec({"train": {"activation_checkpointing": "layers"}})
 
 
 def test_tiny_training_with_chunked_loss_and_checkpointing_matches_plain(tmp_path, monkeypatch):
-    import minigpt_core.model as model_module
+    import minigpt_core.model.gpt as model_module
 
     calls = {"chunked": 0, "checkpoint": 0}  # spies around the real functions: the trainer must reach them
 
@@ -223,8 +223,8 @@ def test_a_head_with_forward_hooks_takes_the_plain_loss():
 def test_import_hf_builds_the_fast_recipe_and_book_on_request_with_transformers_logits(tmp_path, registry):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from minigpt_core.cli import main
-    from minigpt_core.checkpoint import load_model
+    from minigpt_core.cli.app import main
+    from minigpt_core.assembly import load_model
     from minigpt_core.pretrained import import_hf
 
     torch.manual_seed(0)

@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minigpt_core.checkpoint import load_model, read_meta
-from minigpt_core.finetune import count_trainable
+from minigpt_core.checkpoints.checkpoint import read_meta
+from minigpt_core.assembly import load_model
+from minigpt_core.assembly import count_trainable
 from minigpt_core.spec import load_spec, parse_spec
 from minigpt_core.tasks import build_task_model
 from test_classification import _cls_spec, _easy_set, _write

@@ -35,9 +35,9 @@ def torchrun(*args, timeout: int = 300) -> subprocess.CompletedProcess:
 COMPARE = r'''
 import json, sys, torch
 from minigpt_core import parse_spec
-from minigpt_core import _toml
-from minigpt_core.model import build_model
-from minigpt_core.train.distributed import init_distributed, shutdown, wrap_model
+from minigpt_core.base import toml as _toml
+from minigpt_core.model.build import build_model
+from minigpt_core.base.distributed import init_distributed, shutdown, wrap_model
 from minigpt_core.train.meta_init import build_meta_model, materialise
 
 env = init_distributed("cpu")
@@ -99,7 +99,7 @@ def _shard_files(ckpt: Path) -> list[str]:
 def test_sharded_checkpoint_resumes_with_identical_losses_and_no_rank_holds_the_full_state(tmp_path):
     from safetensors.torch import load_file
 
-    from minigpt_core.checkpoint import load_model
+    from minigpt_core.assembly import load_model
     from minigpt_core.finetune import base_record
 
     spec = write_spec(tmp_path, train={"max_steps": 4, "save_every": 2, "eval_every": 2, "strategy": "fsdp",
@@ -170,7 +170,7 @@ def test_recorded_build_replays_to_the_plain_build(tmp_path, name):
     import torch
 
     from minigpt_core import parse_spec
-    from minigpt_core.model import build_model
+    from minigpt_core.model.build import build_model
     from minigpt_core.train.meta_init import build_meta_model, materialise
     from training_utils import tiny_spec_data
 
@@ -244,7 +244,7 @@ def test_meta_init_refuses_what_it_cannot_replay_and_needs_fsdp(tmp_path):
     from torch import nn
 
     from minigpt_core import parse_spec
-    from minigpt_core.errors import MinigptError
+    from minigpt_core.base.errors import MinigptError
     from minigpt_core.train.meta_init import record_meta_build
     from training_utils import tiny_spec_data
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from minigpt_core import build_model, load_registry, parse_spec
-from minigpt_core.generate import filter_logits, generate
+from minigpt_core.model.generate import filter_logits, generate
 
 CACHED_ATTENTIONS = [e.name for e in load_registry().entries("attention") if e.has("kv_cache")]
 VOCAB = 97

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from minigpt_core import build_model, parse_spec
-from minigpt_core.generate import generate
+from minigpt_core.model.generate import generate
 from training_utils import torch_threads
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +110,7 @@ def test_last_only_gives_the_last_positions_logits(registry):
 @pytest.mark.slow
 @pytest.mark.parametrize("threads", [1, 2])  # 2: the decode step's linears run as threaded GEMVs
 def test_compiled_decode_step_gives_the_same_tokens_and_compiles_once(registry, threads):
-    from minigpt_core import generate as generate_module
+    from minigpt_core.model import generate as generate_module
 
     with torch_threads(threads):
         model = _compiled_decode_checks(registry)

@@ -15,13 +15,13 @@ transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from minigpt_core import CheckpointError, ExperimentSpec, build_model, load_registry, parse_spec  # noqa: E402
-from minigpt_core.checkpoint import load_model, save_model  # noqa: E402
-from minigpt_core.generate import generate  # noqa: E402
+from minigpt_core.checkpoints.checkpoint import save_model  # noqa: E402
+from minigpt_core.assembly import load_init_from, load_model  # noqa: E402
+from minigpt_core.model.generate import generate  # noqa: E402
 from minigpt_core.pretrained import (  # noqa: E402
     PretrainedError,
     export_hf,
     import_hf,
-    load_init_from,
     resolve_hf_source,
 )
 
@@ -187,7 +187,7 @@ def test_init_from_a_minigpt_checkpoint_switches_attention(hf_small, registry, t
     with pytest.raises(CheckpointError, match="no such checkpoint directory"):
         load_init_from(ExperimentSpec(init_from=str(tmp_path / "missing")))
     # A training run's directory means its latest checkpoint.
-    from minigpt_core.train.state import save_checkpoint
+    from minigpt_core.checkpoints.state import save_checkpoint
     save_checkpoint(tmp_path / "run" / "checkpoints", 3, model=model, spec=spec,
                     model_state=model.state_dict(), optimizer_state={"state": {}, "param_groups": []},
                     rng_states=[{"cpu": torch.get_rng_state()}], trainer={}, meta={})
@@ -214,7 +214,7 @@ def test_hub_id_offline_fails_fast_with_a_clear_message(tmp_path, monkeypatch):
 
 
 def test_cli_import_summary_export(hf_small, tmp_path, capsys, monkeypatch):
-    from minigpt_core.cli import main  # in-process: the same code path as the console script
+    from minigpt_core.cli.app import main  # in-process: the same code path as the console script
 
     def cli(*args):
         rc = main(list(args))

@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from minigpt_core import _toml, build_model, parse_spec
-from minigpt_core.checkpoint import load_model, save_model
-from minigpt_core.errors import CheckpointError
-from minigpt_core.generate import generate
+from minigpt_core import build_model, parse_spec
+from minigpt_core.base import toml as _toml
+from minigpt_core.checkpoints.checkpoint import save_model
+from minigpt_core.assembly import load_model
+from minigpt_core.base.errors import CheckpointError
+from minigpt_core.model.generate import generate
 from minigpt_core.train import train
 from training_utils import MINIGPT, ROOT, cli, tiny_spec_data
 
@@ -137,7 +139,7 @@ def test_sample_refuses_out_of_range_settings(run, capsys, args, expected):
 
 
 def test_generate_refuses_nan_settings_from_python_too(registry):
-    from minigpt_core.generate import SamplingError
+    from minigpt_core.model.generate import SamplingError
 
     model = build_model(parse_spec({"model": {"vocab_size": 64, "context_length": 16, "emb_dim": 16,
                                               "n_heads": 2, "n_layers": 1}, "tokenizer": {"name": "char"}},
@@ -273,7 +275,7 @@ def test_char_tokenizer_export_loads_with_transformers(run, tmp_path, capsys):
     _, result = run
     status, out, err = cli(capsys, "export-hf", result.checkpoint, tmp_path / "hf")
     assert status == 0 and "no tokenizer" not in err, err
-    from minigpt_core.tokenizers import tokenizer_from_state
+    from minigpt_core.model.tokenizers import tokenizer_from_state
 
     ours = tokenizer_from_state(json.loads((result.checkpoint / "meta.json").read_text())["tokenizer"])
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")

@@ -144,8 +144,9 @@ def _page_data(html: str) -> dict:
 def test_attention_command_writes_readable_pngs_and_an_offline_page(run, tmp_path, capsys):
     import matplotlib.image as mpimg
 
-    from minigpt_core.checkpoint import load_model, read_meta
-    from minigpt_core.tokenizers import tokenizer_from_state
+    from minigpt_core.checkpoints.checkpoint import read_meta
+    from minigpt_core.assembly import load_model
+    from minigpt_core.model.tokenizers import tokenizer_from_state
 
     run_dir, ckpts, _ = run
     text = "The object is created"
@@ -190,7 +191,7 @@ def test_attention_command_selects_layer_head_and_window(run, tmp_path, capsys):
 
 
 def _direct_losses(ckpt: Path, stream: list[int], n_windows: int, per: int) -> np.ndarray:
-    from minigpt_core.checkpoint import load_model
+    from minigpt_core.assembly import load_model
 
     model, _ = load_model(ckpt)
     model.eval()
@@ -201,8 +202,8 @@ def _direct_losses(ckpt: Path, stream: list[int], n_windows: int, per: int) -> n
 
 
 def test_eval_per_token_matches_cross_entropy_and_compare_gives_the_difference(run, tmp_path, capsys):
-    from minigpt_core.checkpoint import read_meta
-    from minigpt_core.tokenizers import tokenizer_from_state
+    from minigpt_core.checkpoints.checkpoint import read_meta
+    from minigpt_core.model.tokenizers import tokenizer_from_state
 
     _, (step2, step4), text_file = run
     status, out, err = cli(capsys, "eval", step4, "--data", text_file, "--per-token", "--out", tmp_path / "one",
@@ -271,7 +272,8 @@ def test_log_attention_every_writes_maps_into_the_run_and_wandb(tmp_path):
 
 
 def test_compare_refuses_checkpoints_with_different_tokenizers(run, tmp_path, capsys):
-    from minigpt_core.checkpoint import load_model, read_meta, save_model
+    from minigpt_core.checkpoints.checkpoint import read_meta, save_model
+    from minigpt_core.assembly import load_model
 
     _, (step2, step4), text_file = run
     model, spec = load_model(step2)

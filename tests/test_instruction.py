@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minigpt_core import _toml
-from minigpt_core.errors import SpecError
+from minigpt_core.base import toml as _toml
+from minigpt_core.base.errors import SpecError
 from minigpt_core.spec import parse_spec
 from minigpt_core.tasks.instruction import (
     IGNORE_INDEX,
@@ -141,7 +141,7 @@ def test_the_data_is_formatted_tokenized_ended_split_and_validated_on_responses(
     assert tok.decode(row[p:n - 1].tolist()) == "\n<|assistant|>\nok"
     assert spec.instruction.max_length == max(int(r[-2]) for r in split.train)  # stored for the run
     # validation loss counts response tokens only, whatever mask_prompt trains on
-    from minigpt_core.model import build_model
+    from minigpt_core.model.build import build_model
 
     model = build_model(spec)
     loss, _ = task.evaluate(model, "val", micro_batch=4, device=torch.device("cpu"))
@@ -221,7 +221,7 @@ def test_a_tiny_instruction_run_from_a_language_model_learns_to_answer_and_sampl
     assert final["test/response_loss"] == pytest.approx(report["test"]["loss"])
     assert 'sample: ' in out and "ok'" in out  # the periodic sample: the response to a validation example
     saved = _toml.loads((run / "spec.toml").read_text())["instruction"]
-    from minigpt_core.checkpoint import read_meta
+    from minigpt_core.checkpoints.checkpoint import read_meta
 
     chars = read_meta(lm_run / "checkpoints" / "latest")["tokenizer"]["chars"]  # the base model's ids
     assert saved["eot_id"] == len(chars) and saved["template"]["name"] == "book.phi3" and saved["max_length"] > 20
@@ -270,7 +270,7 @@ def test_the_shipped_dataset_is_real_and_the_example_experiment_parses():
 
 
 def test_the_template_format_check_catches_a_template_whose_text_does_not_continue_its_prompt(registry):
-    from minigpt_core.registry import make_entry
+    from minigpt_core.base.registry import make_entry
     from minigpt_core.testing import check_component
 
     class EndsWithATag:  # text(prompt, output) != text(prompt, "") + output: sampling would misread it
@@ -319,7 +319,7 @@ def test_instruction_tuning_with_lora_on_a_frozen_base_saves_only_the_adapter_an
     (run,) = runs_of(tmp_path / "runs", "ins-test")
     from safetensors.torch import load_file
 
-    from minigpt_core.checkpoint import load_model
+    from minigpt_core.assembly import load_model
 
     saved = load_file(str(run / "checkpoints" / "latest" / "model.safetensors"))
     assert saved and all("lora" in k.lower() for k in saved), sorted(saved)  # the frozen base is named, not copied

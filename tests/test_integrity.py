@@ -11,13 +11,13 @@ import pytest
 
 from minigpt_core import parse_spec
 from minigpt_core.train import Trainer, load_checkpoint, train
-from minigpt_core.train.state import (
+from minigpt_core.checkpoints.state import (
     list_checkpoints,
     resolve_checkpoint,
     save_checkpoint,
     verify_checkpoint,
 )
-from minigpt_core.errors import MinigptError
+from minigpt_core.base.errors import MinigptError
 from training_utils import cli, read_metrics, runs_of, tiny_spec_data, write_spec
 
 quiet = dict(progress=False, write=lambda s: None)
@@ -106,7 +106,7 @@ def test_sigkill_at_any_point_of_a_save_leaves_only_complete_checkpoints(tmp_pat
     pristine = tmp_path / "pristine"
     shutil.copytree(root, pristine, symlinks=True)
     state = load_checkpoint(root / "step_00000004")
-    from minigpt_core.model import build_model
+    from minigpt_core.model.build import build_model
 
     model = build_model(spec)
     model.load_state_dict(state.model_state, strict=False)
@@ -230,7 +230,7 @@ def test_a_full_disk_stops_with_one_message_and_earlier_checkpoints_stay_intact(
 
 
 def test_a_full_disk_while_logging_metrics_names_the_log(small_disk):
-    from minigpt_core._disk import DiskFullError
+    from minigpt_core.base.disk import DiskFullError
     from minigpt_core.train.loggers import JsonlLogger
 
     logger = JsonlLogger(small_disk / "metrics.jsonl")
@@ -255,7 +255,7 @@ def _fill(disk):
 
 @pytest.mark.slow
 def test_a_full_disk_under_wandb_is_one_message_not_a_traceback_per_line(tmp_path, small_disk, capsys):
-    from minigpt_core._disk import DiskFullError
+    from minigpt_core.base.disk import DiskFullError
     from minigpt_core.spec import WandbSpec
     from minigpt_core.train.loggers import WandbLogger
 
@@ -281,7 +281,7 @@ def test_a_file_size_limit_stops_with_one_message_too(tmp_path):
     spec = write_spec(tmp_path, train={"max_steps": 4, "save_every": 2, "eval_every": 0})
     code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
             "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)); "
-            "from minigpt_core.cli import main; sys.exit(main(sys.argv[1:]))")
+            "from minigpt_core.cli.app import main; sys.exit(main(sys.argv[1:]))")
     r = subprocess.run([sys.executable, "-c", code, "train", str(spec), "--no-progress"], capture_output=True,
                        text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr

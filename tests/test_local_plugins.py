@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from minigpt_core import _toml
-from minigpt_core._plugins import PLUGIN_PATH_ENV_VAR, load_registry, reset_registry
+from minigpt_core.base import toml as _toml
+from minigpt_core.base.loader import PLUGIN_PATH_ENV_VAR, load_registry, reset_registry
 from training_utils import cli, run_minigpt, runs_of, tiny_spec_data
 
 # A whole plugin in one file: an attention component (the book's, under a new name).
@@ -207,7 +207,7 @@ def test_missing_file_without_hook_and_hook_errors(tmp_path, capsys):
 
 
 def test_loading_twice_is_idempotent(tmp_path):
-    from minigpt_core._plugins import load_local_plugins
+    from minigpt_core.base.loader import load_local_plugins
 
     plugin = write_plugin(tmp_path)
     reg = load_registry(local_plugins=())
@@ -224,8 +224,8 @@ def test_spec_plugins_must_be_a_list_of_strings(tmp_path, capsys):
 
 
 def test_a_clash_with_an_installed_component_names_both_and_adds_nothing(tmp_path, capsys):
-    from minigpt_core._plugins import load_local_plugins
-    from minigpt_core.errors import DuplicateComponentError
+    from minigpt_core.base.loader import load_local_plugins
+    from minigpt_core.base.errors import DuplicateComponentError
 
     clash = write_plugin(tmp_path, "clash.py", PLUGIN.replace(
         'registry.add("attention", "local.myattn"',

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-import minigpt_core._plugins as plugins
+import minigpt_core.base.loader as plugins
 from minigpt_core import load_registry
-from minigpt_core.commands.new_plugin import EXAMPLES, create_plugin
+from minigpt_core.cli.commands.new_plugin import EXAMPLES, create_plugin
 from minigpt_core.plugin import Params
 from minigpt_core.testing import run_checks
 
@@ -190,7 +190,7 @@ def test_generated_plugin_installs_passes_its_tests_and_trains(tmp_path):
         assert proc.returncode == 0, f"{cmd} failed ({time.perf_counter() - start:.0f}s):\n{proc.stdout}\n{proc.stderr}"
         return proc
 
-    from minigpt_core.cli import main
+    from minigpt_core.cli.app import main
 
     assert main(["new-plugin", "genattn", "--dir", str(tmp_path / "genattn")]) == 0  # in-process: no startup
     venv = tmp_path / "venv"

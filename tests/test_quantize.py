@@ -9,9 +9,11 @@ import re
 import pytest
 import torch
 
-from minigpt_core import _toml
-from minigpt_core.checkpoint import WEIGHTS_FILE, load_model, read_meta
-from minigpt_core.quantize import METHODS, INT8_SUFFIX, SCALE_SUFFIX, quantize_checkpoint, quantize_model
+from minigpt_core.base import toml as _toml
+from minigpt_core.checkpoints.checkpoint import WEIGHTS_FILE, read_meta
+from minigpt_core.assembly import load_model
+from minigpt_core.quantize import METHODS, INT8_SUFFIX, SCALE_SUFFIX, quantize_model
+from minigpt_core.assembly import quantize_checkpoint
 from training_utils import cli, runs_of, tiny_spec_data
 
 pytest.importorskip("torchao")
@@ -20,7 +22,7 @@ pytest.importorskip("torchao")
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 2-layer char model trained 150 steps on the tiny corpus (val loss ~3.0, unigram entropy 3.2)."""
-    from minigpt_core.cli import main
+    from minigpt_core.cli.app import main
 
     tmp = tmp_path_factory.mktemp("quant")
     data = tiny_spec_data(tmp, train={"max_steps": 150, "eval_every": 150, "save_every": 150, "log_every": 50,
@@ -29,7 +31,7 @@ def trained(tmp_path_factory):
     spec = tmp / "spec.toml"
     spec.write_text(_toml.dumps(data), encoding="utf-8")
     assert main(["train", str(spec), "--no-progress"]) == 0
-    from minigpt_core.train.state import pick_checkpoint
+    from minigpt_core.checkpoints.state import pick_checkpoint
 
     return pick_checkpoint(runs_of(tmp / "runs")[0])[0]
 
@@ -175,7 +177,7 @@ def test_existing_output_kept(trained, int8, capsys):
 
 def test_lora_finetuned_checkpoint_quantizes(trained, tmp_path, capsys):
     """A fine-tuned checkpoint holds only the adapter: quantizing merges it into the base first."""
-    from minigpt_core.train.state import pick_checkpoint
+    from minigpt_core.checkpoints.state import pick_checkpoint
 
     data = tiny_spec_data(tmp_path, init_from=str(trained), train={"max_steps": 2, "save_every": 2},
                           finetune={"adapter": {"name": "book.lora", "params": {"rank": 2, "alpha": 4.0}}})

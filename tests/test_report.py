@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from minigpt_core import _toml
+from minigpt_core.base import toml as _toml
 from training_utils import cli, tiny_spec_data
 
 
@@ -17,7 +17,7 @@ def two_runs(tmp_path_factory):
     data = tiny_spec_data(tmp, train={"max_steps": 4, "eval_every": 2, "save_every": 0, "peak_flops": 1e12})
     exp = tmp / "exp.toml"
     exp.write_text(_toml.dumps(data), encoding="utf-8")
-    from minigpt_core.cli import main
+    from minigpt_core.cli.app import main
 
     assert main(["train", str(exp), "--no-progress"]) == 0
     assert main(["train", str(exp), "--no-progress", "--set", "train.lr=0.001"]) == 0
@@ -26,7 +26,7 @@ def two_runs(tmp_path_factory):
 
 
 def test_plot_labels_runs_by_their_differing_fields_and_draws_each_metric(two_runs, capsys):
-    from minigpt_core.commands.ablate import run_label_fields
+    from minigpt_core.cli.commands.ablate import run_label_fields
     from minigpt_core.runs import read_metrics
     from minigpt_core.viz.curves import runs_figure
 

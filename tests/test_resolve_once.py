@@ -10,8 +10,9 @@ import torch
 
 import minigpt_book
 from minigpt_core import build_model, load_registry, parse_spec
-from minigpt_core.checkpoint import load_model, save_model
-from minigpt_core.errors import SpecError
+from minigpt_core.checkpoints.checkpoint import save_model
+from minigpt_core.assembly import load_model
+from minigpt_core.base.errors import SpecError
 from minigpt_core.spec import ComponentSlot, ModelSpec
 from minigpt_core.train.trainer import train
 

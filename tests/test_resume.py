@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from minigpt_core import parse_spec
-from minigpt_core.checkpoint import load_model_state, model_state_for_saving
-from minigpt_core.errors import CheckpointError
+from minigpt_core.checkpoints.checkpoint import load_model_state, model_state_for_saving
+from minigpt_core.base.errors import CheckpointError
 from minigpt_core.train import Trainer, load_checkpoint, train
 from training_utils import cli, kill_training_at, losses, run_minigpt, runs_of, tiny_spec_data, write_spec
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from minigpt_core import _toml, parse_spec
-from minigpt_core.errors import SpecError
+from minigpt_core import parse_spec
+from minigpt_core.base import toml as _toml
+from minigpt_core.base.errors import SpecError
 from minigpt_core.train import train
 from minigpt_core.train.lock import RunLock, RunLockedError
 from training_utils import ROOT, cli, losses, read_metrics, runs_of, tiny_spec_data, write_spec

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from minigpt_core.cli import main
+from minigpt_core.cli.app import main
 from minigpt_core.runs import metric_series, read_metrics, summarize_run
 from minigpt_core.spec import parse_spec
 from minigpt_core.train import train

@@ -14,7 +14,7 @@ from minigpt_core import (
     parse_spec,
     spec_from_preset,
 )
-from minigpt_core import _toml
+from minigpt_core.base import toml as _toml
 from minigpt_core.spec import apply_overrides, resolve_components
 
 TINY = {"vocab_size": 100, "context_length": 16, "emb_dim": 32, "n_heads": 2, "n_layers": 2}

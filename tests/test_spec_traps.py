@@ -18,7 +18,7 @@ def trained(tmp_path_factory):
     import contextlib  # capsys is function scoped: capture by hand
     import io
 
-    from minigpt_core.cli import main
+    from minigpt_core.cli.app import main
 
     tmp = tmp_path_factory.mktemp("traps")
     spec = write_spec(tmp, model=ROPE, train={"max_steps": 2, "warmup_steps": 50, "eval_every": 0, "save_every": 0,

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minigpt_core import build_model, spec_from_preset
-from minigpt_core.generate import GEMV_MAX_ROWS, generate, threaded_gemv
+from minigpt_core.model.generate import GEMV_MAX_ROWS, generate, threaded_gemv
 from training_utils import torch_threads
 
 SHAPE = {"vocab_size": 301, "context_length": 64, "emb_dim": 64, "n_heads": 4, "n_layers": 2}
@@ -70,7 +70,7 @@ def test_generation_gives_the_same_tokens_with_the_threaded_products(two_threads
     monkeypatch.setattr(torch, "bmm", lambda *a: used.append(1) or original(*a))
     threaded = generate(model, prompt, 20)
     assert used  # generate() took the threaded path
-    monkeypatch.setattr("minigpt_core.generate.threaded_gemv", lambda model: contextlib.nullcontext())
+    monkeypatch.setattr("minigpt_core.model.generate.threaded_gemv", lambda model: contextlib.nullcontext())
     plain = generate(model, prompt, 20)
     assert torch.equal(threaded, plain)
     assert not any("forward" in m.__dict__ for m in model.modules())

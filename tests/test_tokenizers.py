@@ -9,7 +9,7 @@ import tiktoken
 from tiktoken_ext.openai_public import ENCODING_CONSTRUCTORS
 
 from minigpt_core import ExperimentSpec, SpecError, parse_spec
-from minigpt_core.tokenizers import Tokenizer, TokenizerError, build_tokenizer, tokenizer_from_state
+from minigpt_core.model.tokenizers import Tokenizer, TokenizerError, build_tokenizer, tokenizer_from_state
 from minigpt_tokenizers.bpe import GPT2_FILES, gpt2_encoding, load_tiktoken_encoding, packaged_gpt2_dir
 
 # Multilingual, emoji (with ZWJ sequences and skin tones), combining marks, odd whitespace, code.

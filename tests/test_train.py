@@ -104,16 +104,16 @@ def test_accumulated_gradient_equals_the_whole_batch_gradient(tmp_path):
     spec = parse_spec(tiny_spec_data(tmp_path, train={
         "max_steps": 1, "batch_size": 8, "micro_batch_size": 2, "grad_clip": 0.0, "peak_flops": 1e12}))
     trainer = Trainer(spec, loggers=[], **quiet)
-    assert trainer.accum == 4
+    assert trainer.batching.accum == 4
     # the reference: the whole batch at once through a copy of the model
     ref = copy.deepcopy(trainer.model)
     split = trainer.data.split
-    batch = torch.from_numpy(split.corpus.windows(split.train[copy.deepcopy(trainer.sampler).next_batch()],
+    batch = torch.from_numpy(split.corpus.windows(split.train[copy.deepcopy(trainer.engine.sampler).next_batch()],
                                                   split.length))
     logits = ref(batch[:, :-1])
     nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).backward()
     seen = {}
-    trainer.optimizer.register_step_pre_hook(  # what the optimizer is about to apply
+    trainer.engine.optimizer.register_step_pre_hook(  # what the optimizer is about to apply
         lambda opt, args, kwargs: seen.update({n: p.grad.clone() for n, p in trainer.model.named_parameters()}))
     trainer.train_step()
     assert list(seen) == [n for n, _ in ref.named_parameters()]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from minigpt_book import FeedForward, LayerNorm, MultiHeadAttention
 from minigpt_core import SpecError, build_model, load_registry, parse_spec
-from minigpt_core.model import LayerKVCache
+from minigpt_core.model.gpt import LayerKVCache
 from minigpt_core.testing import check_component
 from minigpt_modern import (
     DyT,
@@ -257,7 +257,7 @@ def test_qk_norm_normalises_queries_and_keys(registry):
 
 
 def _ctx(registry, **model):
-    from minigpt_core.model import BuildContext
+    from minigpt_core.model.gpt import BuildContext
     from minigpt_core.testing import Subject
 
     entry = registry.get("attention", "book.multihead")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from minigpt_core import _toml
+from minigpt_core.base import toml as _toml
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIGPT = Path(sys.executable).with_name("minigpt")
@@ -84,7 +84,7 @@ def losses(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
 
 def cli(capsys, *args) -> tuple[int, str, str]:
     """Run the `minigpt` command line in this process (faster than a subprocess): (status, stdout, stderr)."""
-    from minigpt_core.cli import main
+    from minigpt_core.cli.app import main
 
     capsys.readouterr()
     status = main([str(a) for a in args])

@@ -17,8 +17,8 @@ from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .. import _toml
-from ..errors import MinigptError, SpecError
+from ..base import toml as _toml
+from ..base.errors import MinigptError, SpecError
 from ..spec import ExperimentSpec, apply_overrides, dump_spec, parse_spec
 
 __all__ = ["AblationError", "AblationFile", "Cell", "Plan", "load_plan", "flatten_overrides", "BUDGETS",
@@ -199,7 +199,7 @@ def _read_toml(path: Path, what: str) -> dict[str, Any]:
 
 
 def _base_data(cfg: AblationFile, file: Path) -> tuple[dict[str, Any], str]:
-    from .._plugins import resolve_plugin_ref
+    from ..base.loader import resolve_plugin_ref
 
     if isinstance(cfg.base, str):
         path = (file.parent / cfg.base).expanduser()
@@ -250,7 +250,7 @@ def _planned_steps(spec: ExperimentSpec) -> int:
 
 
 def _summary(spec: ExperimentSpec) -> tuple[int, int]:
-    from ..summary import summarize_spec
+    from ..assembly import summarize_spec
 
     s = summarize_spec(spec)
     return s.total, s.flops_per_token
@@ -262,9 +262,9 @@ def probe_step_seconds(spec: ExperimentSpec, threads: int | None = None, steps: 
 
     import torch
 
-    from ..model import build_model
+    from ..model.build import build_model
     from ..train import select_device
-    from ..train.evaluate import lm_loss
+    from ..tasks.evaluate import lm_loss
     from ..train.optim import build_optimizer
 
     before = torch.get_num_threads()
@@ -304,7 +304,7 @@ def load_plan(path: str | Path, sets: list[str] | None = None, *, time_steps: Ma
     does not time the models again; ``probe=False`` (dry run) leaves undecided time budgets at the
     baseline's steps.
     """
-    from .._plugins import resolve_plugin_ref
+    from ..base.loader import resolve_plugin_ref
 
     file = Path(path)
     cfg = read_ablation_file(file)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..checkpoint import atomic_write_bytes
+from ..checkpoints.checkpoint import atomic_write_bytes
 from ..runs import metric_series, read_metrics, summarize_run
 from .plan import AblationError
 from .runner import MANIFEST_FILE, read_manifest

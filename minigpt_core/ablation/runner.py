@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import _toml
-from ..checkpoint import atomic_write_bytes
+from ..base import toml as _toml
+from ..checkpoints.checkpoint import atomic_write_bytes
 from ..spec import dump_spec
 from .plan import AblationError, Cell, Plan, flatten_overrides
 
@@ -180,7 +180,7 @@ def _runs_in(exp_dir: Path) -> set[str]:
 
 
 def _has_checkpoint(run_dir: str | None) -> bool:
-    from ..train.state import list_checkpoints
+    from ..checkpoints.state import list_checkpoints
 
     return bool(run_dir) and bool(list_checkpoints(Path(run_dir) / "checkpoints"))
 

@@ -16,9 +16,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import SpecError
+from ..base.errors import SpecError
 from ..spec import ExperimentSpec
-from ..tokenizers import Tokenizer, TokenizerError, build_tokenizer, tokenizer_from_state
+from ..model.tokenizers import Tokenizer, TokenizerError, build_tokenizer, tokenizer_from_state
 from .corpus import Split, TokenCorpus, split_corpus
 from .shards import FORMAT_VERSION, ShardSet, is_shard_dir, open_shards, write_shards
 from .sources import DataContext, DataError, TextSource, TokenSource, default_cache_dir

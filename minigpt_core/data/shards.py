@@ -76,7 +76,7 @@ _worker_tokenizer = None
 
 def _init_worker(tokenizer_state: dict[str, Any]) -> None:
     global _worker_tokenizer
-    from ..tokenizers import tokenizer_from_state
+    from ..model.tokenizers import tokenizer_from_state
 
     _worker_tokenizer = tokenizer_from_state(tokenizer_state)
 

@@ -11,12 +11,9 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Any, Iterator
 
-from ..errors import MinigptError
-
-if TYPE_CHECKING:
-    from .shards import ShardSet
+from ..base.errors import MinigptError
 
 __all__ = ["DataError", "DataContext", "TextSource", "TokenSource", "default_cache_dir"]
 
@@ -57,7 +54,7 @@ class TokenSource(ABC):
     """Pre-tokenized shards, with the state of the tokenizer that wrote them."""
 
     @abstractmethod
-    def open(self) -> "ShardSet":
+    def open(self) -> Any:  # a data.shards.ShardSet (data.shards builds on this module)
         """The memory-mapped shards."""
 
     def describe(self) -> str:

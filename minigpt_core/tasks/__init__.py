@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..errors import MinigptError
-from ..model import build_model
+from ..base.errors import MinigptError
+from ..model.build import build_model
 from .base import FinalReport, Task
 
 if TYPE_CHECKING:

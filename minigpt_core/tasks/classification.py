@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.sources import DataError
-from ..finetune import mark_trainable
+from ..model.trainable import mark_trainable
 from ..spec import ClassificationSpec, ExperimentSpec
 from .base import FinalReport
 from .supervised import SPLITS, ExampleData, ExampleSplit, SupervisedTask, base_tokenizer, json_records, over_rows

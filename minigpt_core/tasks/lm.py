@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from ..data import TrainingData, load_training_data
-from ..train.distributed import DistEnv
-from ..train.evaluate import eval_windows, evaluate, unigram_entropy
+from ..base.distributed import DistEnv
+from .evaluate import eval_windows, evaluate, unigram_entropy
 from .base import Task
 
 __all__ = ["LMTask"]

@@ -14,13 +14,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import read_meta
+from ..checkpoints.checkpoint import read_meta
 from ..data.sources import DataError
 from ..spec import ExperimentSpec
-from ..tokenizers import TokenizerError, build_tokenizer, tokenizer_from_state
-from ..train.device import autocast
-from ..train.distributed import DistEnv
-from ..train.state import pick_checkpoint
+from ..model.tokenizers import TokenizerError, build_tokenizer, tokenizer_from_state
+from ..base.device import autocast
+from ..base.distributed import DistEnv
+from ..checkpoints.state import pick_checkpoint
 from .base import FinalReport, Task
 
 __all__ = ["SPLITS", "ExampleSplit", "ExampleData", "SupervisedTask", "base_tokenizer", "json_records", "over_rows"]

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..interop import attention_canonical_state, load_attention_canonical_state
-from ..model import LayerKVCache
-from ..registry import KINDS, ComponentEntry
+from ..base.contracts import AuxLossProtocol, CanonicalStateSource
+from ..model.interop import attention_canonical_state, load_attention_canonical_state
+from ..model.gpt import LayerKVCache
+from ..base.registry import KINDS, ComponentEntry
 from ..spec import MODEL_SLOTS
 from .subject import MODULE_KINDS, SEQUENCE_KINDS, CheckSkipped, Subject
 
@@ -89,7 +90,7 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _aux_loss(module: nn.Module) -> torch.Tensor | None:
-    losses = [m.aux_loss for m in module.modules() if isinstance(getattr(m, "aux_loss", None), torch.Tensor)]
+    losses = [m.aux_loss for m in module.modules() if isinstance(m, AuxLossProtocol) and isinstance(m.aux_loss, torch.Tensor)]
     return torch.stack([l.float() for l in losses]).sum() if losses else None
 
 
@@ -286,7 +287,7 @@ def _canonical_or_skip(s: Subject, module: nn.Module) -> tuple[dict[str, torch.T
     weights onto the canonical layout (``canonical_state()``; e.g. a head-concatenating wrapper,
     whose output projection is the identity).
     """
-    if s.entry.has("gpt2") or hasattr(module, "canonical_state"):
+    if s.entry.has("gpt2") or isinstance(module, CanonicalStateSource):
         return attention_canonical_state(module), s.entry.has("gpt2")
     raise CheckSkipped(f"{s.label} has no canonical (GPT-2) weight layout to copy weights through")
 
@@ -427,7 +428,7 @@ def _brief(exc: BaseException, limit: int = 600) -> str:
 
 def _check_compile_refused(s: Subject) -> None:
     """A component declaring not_compilable: a spec with train.compile = true is refused, with its reason."""
-    from ..errors import SpecError
+    from ..base.errors import SpecError
     from ..spec import ExperimentSpec, resolve_components
 
     spec = ExperimentSpec(model=s.model_spec(), train={"compile": True})
@@ -445,7 +446,7 @@ def _check_compile_refused(s: Subject) -> None:
                    "the same greedy tokens", {"attention", "block", "positional"},
                    when=_attention_declares("kv_cache"), for_lm=True)
 def check_generate_cached(s: Subject) -> None:
-    from ..generate import generate
+    from ..model.generate import generate
 
     model = s.tiny_gpt().eval()
     if not model.supports_kv_cache:
@@ -507,7 +508,7 @@ SAMPLE_TEXT = "Every effort moves you, 42 times.\nThe quick brown fox jumps over
 @conformance_check("tokenizer_roundtrip", "decode(encode(text)) == text, ids in range, state() rebuilds it",
                    {"tokenizer"})
 def check_tokenizer_roundtrip(s: Subject) -> None:
-    from ..tokenizers import TokenizerContext, tokenizer_from_state
+    from ..model.tokenizers import TokenizerContext, tokenizer_from_state
 
     tok = s.entry.factory(TokenizerContext(training_text=SAMPLE_TEXT), s.validated_params())
     ids = tok.encode(SAMPLE_TEXT)
@@ -549,7 +550,7 @@ def check_dataset_source(s: Subject) -> None:
 @conformance_check("weights_roundtrip", "a model's weights written in the format and read back give the same "
                    "logits; its config reads back as the same shape", {"weights"})
 def check_weights_roundtrip(s: Subject) -> None:
-    from ..errors import PretrainedError
+    from ..base.errors import PretrainedError
 
     fmt = s.entry.factory(None, s.validated_params())
     model_spec = s.model_spec()
@@ -573,7 +574,7 @@ def check_weights_roundtrip(s: Subject) -> None:
 # -- adapters --------------------------------------------------------------------------------
 def _adapted_gpt(s: Subject) -> tuple[nn.Module, object, torch.Tensor]:
     """A tiny GPT (untied head), the adapter built for it, and a batch of token ids."""
-    from ..model import BuildContext
+    from ..model.gpt import BuildContext
 
     model = s.tiny_gpt(seed=0).eval()
     adapter = s.entry.factory(BuildContext(model.spec, s.components(model.spec)), s.validated_params())

@@ -20,7 +20,7 @@ import pytest
 
 @pytest.fixture
 def minigpt_registry():
-    from minigpt_core import _plugins
+    from minigpt_core.base import loader as _plugins
 
     registry = _plugins.load_registry()
     before = _plugins._default
@@ -58,7 +58,8 @@ def tiny_spec() -> Callable[..., Any]:
 def tiny_model(minigpt_registry, tiny_spec) -> Callable[..., Any]:
     import torch
 
-    from minigpt_core.model import GPT, build_model  # noqa: F401 (GPT: the return type)
+    from minigpt_core.model.gpt import GPT  # noqa: F401 (GPT: the return type)
+    from minigpt_core.model.build import build_model
     from minigpt_core.spec import resolve_components
     from minigpt_core.testing.subject import seeded
 

@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
-from ..registry import KINDS, ComponentEntry, ComponentRegistry
+from ..base.registry import KINDS, ComponentEntry, ComponentRegistry
 from .checks import CHECKS, Check, applicable_checks
 from .subject import CheckFailed, CheckSkipped, ConformanceError, Subject
 
@@ -78,7 +78,7 @@ def check_component(entry: ComponentEntry, *, registry: ComponentRegistry | None
                     params: Mapping[str, Any] | None = None, checks: Iterable[str] | None = None,
                     device: str | torch.device = "cpu") -> list[CheckResult]:
     """Run every check that applies to one entry (with ``params`` instead of its defaults)."""
-    from .._plugins import get_registry
+    from ..base.loader import get_registry
 
     subject = Subject(entry, registry or get_registry(), dict(params or {}), torch.device(device))
     return [_run(check, subject) for check in applicable_checks(entry, _validate_check_names(checks))]
@@ -100,7 +100,7 @@ def run_checks(registry: ComponentRegistry | None = None, pattern: str = "*", *,
     components sharing those params); ``on_component`` is called after each component (the
     CLI prints its row there).
     """
-    from .._plugins import get_registry
+    from ..base.loader import get_registry
 
     registry = registry or get_registry()
     results: list[CheckResult] = []
@@ -148,7 +148,7 @@ def parametrize_component_checks(registry: ComponentRegistry | None = None, patt
     """
     import pytest
 
-    from .._plugins import get_registry
+    from ..base.loader import get_registry
 
     registry = registry or get_registry()
     names = _validate_check_names(checks)

@@ -9,10 +9,10 @@ from typing import Any, Iterator, Mapping
 import torch
 from pydantic import ValidationError
 
-from ..errors import MinigptError
-from ..model import GPT, BuildContext
-from ..registry import ComponentEntry, ComponentRegistry
-from ..errors import SpecError
+from ..base.errors import MinigptError
+from ..model.gpt import GPT, BuildContext
+from ..base.registry import ComponentEntry, ComponentRegistry
+from ..base.errors import SpecError
 from ..spec import MODEL_SLOTS, ComponentSlot, ModelSpec, ResolvedComponent, resolve_components
 
 __all__ = ["TINY_MODEL", "MODULE_KINDS", "SEQUENCE_KINDS", "CheckFailed", "CheckSkipped", "ConformanceError",

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from .device import DeviceError, autocast, select_device
-from .distributed import DistEnv, init_distributed, wrap_model
-from .evaluate import evaluate, lm_loss
+from ..base.device import DeviceError, autocast, select_device
+from ..base.distributed import DistEnv, init_distributed, wrap_model
+from ..tasks.evaluate import evaluate, lm_loss
 from .flops import measure_matmul_peak, mfu
 from .loggers import ConsoleLogger, JsonlLogger, Logger, MultiLogger, WandbLogger
 from .optim import build_optimizer, lr_at, param_groups
-from .state import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
+from ..checkpoints.state import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .trainer import TrainResult, Trainer, experiment_dir, train, unigram_entropy
 
 __all__ = [

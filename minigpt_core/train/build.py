@@ -7,21 +7,23 @@ from typing import Any, Callable
 
 import torch
 
-from .. import __version__
-from ..checkpoint import load_model_state, plugin_versions
+from ..base.version import __version__
+from ..model.weights import load_model_state
+from ..checkpoints.checkpoint import plugin_versions
 from ..data import BatchSampler
-from ..errors import CheckpointError, MinigptError
-from ..finetune import apply_finetune, base_record, finetune_active, restore_finetuned
-from ..memory import check_model_fits
-from ..pretrained import load_init_from
+from ..base.errors import CheckpointError, MinigptError
+from ..finetune import apply_finetune, base_record, finetune_active
+from ..assembly import restore_finetuned
+from ..model.memory import check_model_fits
+from ..assembly import load_init_from
 from ..spec import ExperimentSpec
-from ..summary import summarize
+from ..model.summary import summarize
 from ..tasks import Task, build_task_model
-from .device import make_grad_scaler
-from .distributed import DistEnv, wrap_model
+from ..base.device import make_grad_scaler
+from ..base.distributed import DistEnv, wrap_model
 from .meta_init import build_meta_model, load_local_shards, materialise
 from .optim import build_optimizer
-from .state import LoadedState
+from ..checkpoints.state import LoadedState
 from .step import Batching, Engine, plan_batches
 
 __all__ = ["build_run", "meta_build", "run_config"]

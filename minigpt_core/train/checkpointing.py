@@ -18,14 +18,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from .._disk import NO_SPACE, disk_full_error
-from ..errors import CheckpointError
+from ..base.disk import NO_SPACE, disk_full_error
+from ..base.errors import CheckpointError
 from ..finetune import META_KEY, trainable_state
 from ..spec import ExperimentSpec
-from .distributed import DistEnv
+from ..base.distributed import DistEnv
 from .meta_init import local_optimizer_state, local_shards, shard_layout, shard_optimizer_state
 from .optim import lr_at
-from .state import CHECKPOINTS_DIR, LoadedState, begin_checkpoint, save_checkpoint, write_shard
+from ..checkpoints.state import CHECKPOINTS_DIR, LoadedState, begin_checkpoint, save_checkpoint, write_shard
 from .step import Engine
 
 __all__ = ["RunProgress", "save_run", "restore_run"]

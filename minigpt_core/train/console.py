@@ -14,8 +14,8 @@ from typing import IO, Callable
 
 from tqdm.auto import tqdm
 
-from .._disk import DiskFullError
-from ..errors import MinigptError
+from ..base.disk import DiskFullError
+from ..base.errors import MinigptError
 
 __all__ = ["CONSOLE_FILE", "Console", "append_console", "failure_message"]
 

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from ..spec import TrainSpec
-from .distributed import DistEnv
-from .state import list_checkpoints
+from ..base.distributed import DistEnv
+from ..checkpoints.state import list_checkpoints
 
 __all__ = ["Divergence", "DivergenceWatch"]
 

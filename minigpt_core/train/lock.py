@@ -16,7 +16,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from ..errors import MinigptError
+from ..base.errors import MinigptError
 
 __all__ = ["LOCK_FILE", "RunLock", "RunLockedError", "lock_holder"]
 

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .._disk import NO_SPACE, disk_full_error, reporting_full_disk
-from ..errors import MinigptError
+from ..base.disk import NO_SPACE, disk_full_error, reporting_full_disk
+from ..base.errors import MinigptError
 from ..spec import WandbSpec
 
 __all__ = ["Logger", "JsonlLogger", "ConsoleLogger", "WandbLogger", "MultiLogger", "RunLog", "open_run_log", "wandb_mode",

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..errors import MinigptError
+from ..base.errors import MinigptError
 
 __all__ = ["build_meta_model", "record_meta_build", "materialise", "load_local_shards", "local_shards", "shard_layout",
            "local_optimizer_state", "shard_optimizer_state"]
@@ -226,9 +226,9 @@ def remember_names(model: nn.Module, recorder: _Recorder) -> None:
 def build_meta_model(spec) -> tuple[nn.Module, _Recorder]:
     """The GPT of ``spec`` with meta parameters, and the recording that :func:`materialise` replays.
 
-    Seeded as :func:`minigpt_core.model.build_model` seeds, so the replay gives its weights.
+    Seeded as :func:`minigpt_core.model.build.build_model` seeds, so the replay gives its weights.
     """
-    from ..model import GPT
+    from ..model.gpt import GPT
 
     with record_meta_build() as recorder:
         torch.manual_seed(spec.seed)
@@ -261,7 +261,7 @@ def shard_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
 @torch.no_grad()
 def load_local_shards(model: nn.Module, state: dict[str, torch.Tensor], device: torch.device, source: str) -> None:
     """Fill a sharded (meta-built, not yet materialised) model from this rank's shard file."""
-    from ..errors import CheckpointError
+    from ..base.errors import CheckpointError
 
     _to_empty(model, device)
     expected = _state(model)

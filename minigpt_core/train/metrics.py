@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .compile import compiled_graphs
-from .distributed import DistEnv
+from ..base.distributed import DistEnv
 from .flops import mfu
 
 __all__ = ["Speedometer", "peak_memory_mb", "train_metrics"]

@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import _toml
-from ..checkpoint import SPEC_FILE, check_plugin_files
-from ..errors import MinigptError
-from ..registry import ComponentRegistry
+from ..base import toml as _toml
+from ..checkpoints.checkpoint import SPEC_FILE, check_plugin_files
+from ..base.errors import MinigptError
+from ..base.registry import ComponentRegistry
 from ..spec import ExperimentSpec, apply_overrides, parse_spec
 from .run_dir import experiment_dir
-from .state import resolve_checkpoint
+from ..checkpoints.state import resolve_checkpoint
 
 __all__ = ["RESUME_SAFE_FIELDS", "resume_target", "resumed_spec", "run_spec", "saved_spec_data",
            "spec_differences", "flatten"]

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from .._disk import reporting_full_disk
-from ..checkpoint import atomic_write_bytes
-from ..errors import CheckpointError, MinigptError
+from ..base.disk import reporting_full_disk
+from ..checkpoints.checkpoint import atomic_write_bytes
+from ..base.errors import CheckpointError, MinigptError
 from ..spec import ExperimentSpec, dump_spec
-from .distributed import DistEnv
+from ..base.distributed import DistEnv
 from .lock import RunLock
-from .state import list_checkpoints, verify_checkpoint
+from ..checkpoints.state import list_checkpoints, verify_checkpoint
 
 __all__ = ["BRANCH_FILE", "RunPlace", "experiment_dir", "label_slug", "new_run_dir", "later_checkpoints",
            "place_run", "remove_unstarted"]

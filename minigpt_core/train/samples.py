@@ -9,11 +9,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..errors import MinigptError
-from ..generate import generate
+from ..base.errors import MinigptError
+from ..model.generate import generate
 from ..inspection import log_attention_maps
 from ..spec import ExperimentSpec
-from .device import autocast
+from ..base.device import autocast
 
 __all__ = ["sample_text", "attention_maps"]
 

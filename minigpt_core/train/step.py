@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from ..data import BatchSampler
-from ..errors import SpecError
+from ..base.errors import SpecError
 from ..spec import TrainSpec
-from .device import autocast
-from .distributed import gradient_sync
+from ..base.device import autocast
+from ..base.distributed import gradient_sync
 from .divergence import DivergenceWatch
 from .optim import lr_at
 

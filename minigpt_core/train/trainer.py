@@ -31,18 +31,18 @@ from typing import Any, Callable
 
 import torch
 
-from .._disk import NO_SPACE, disk_full_error
-from ..errors import CheckpointError, MinigptError
-from ..memory import training_memory_warning
-from ..spec import ExperimentSpec, spec_warnings
+from ..base.disk import NO_SPACE, disk_full_error
+from ..base.errors import CheckpointError, MinigptError
+from ..model.memory import training_memory_warning
+from ..spec import ExperimentSpec, describe_components, spec_warnings
 from ..tasks import training_task
 from .build import build_run, run_config
 from .checkpointing import RunProgress, restore_run, save_run
 from .console import CONSOLE_FILE, Console, append_console, failure_message
-from .device import autocast, select_device, set_deterministic
-from .distributed import init_distributed, shutdown
+from ..base.device import autocast, select_device, set_deterministic
+from ..base.distributed import init_distributed, shutdown
 from .divergence import DivergenceWatch
-from .evaluate import unigram_entropy
+from ..tasks.evaluate import unigram_entropy
 from .flops import PRECISION_DTYPES, measure_matmul_peak
 from .loggers import Logger, RunLog, open_run_log, wandb_mode
 from .metrics import Speedometer, train_metrics
@@ -52,7 +52,7 @@ from .run_dir import BRANCH_FILE, experiment_dir, label_slug, place_run, remove_
 from .run_dir import new_run_dir as _new_run_dir  # noqa: F401  (tests read it here)
 from .samples import attention_maps, sample_text
 from .signals import StopRequest
-from .state import CHECKPOINTS_DIR, load_checkpoint, resolve_checkpoint
+from ..checkpoints.state import CHECKPOINTS_DIR, load_checkpoint, resolve_checkpoint
 from .step import train_step
 
 __all__ = ["TrainResult", "Trainer", "train", "experiment_dir", "unigram_entropy", "run_spec", "BRANCH_FILE",
@@ -360,8 +360,6 @@ class Trainer:
             self.console.keep(f"error: {message}")
 
     def describe(self) -> str:
-        from ..cli import describe_components  # cli imports the trainer: issue 21 moves this function down
-
         t, m, b, data = self.spec.train, self.spec.model, self.batching, self.data
         n_params = self.engine.n_params
         lines = [

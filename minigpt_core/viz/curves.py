@@ -54,10 +54,28 @@ def band_figure(groups: Mapping[str, Sequence[tuple[Sequence[float], Sequence[fl
     return fig
 
 
+def metric_series(records: list[dict[str, Any]], key: str, x: str = "train/tokens") -> tuple[list[float], list[float]]:
+    """(xs, ys) of every record with a finite ``key``, x taken from ``x`` (falling back to the step).
+
+    Validation records carry the training tokens seen so far, so curves of runs with different
+    batch sizes line up on the same axis. A resumed run's records after a rewind replace the
+    ones they repeat (the last value for a step wins).
+    """
+    by_step: dict[int, tuple[float, float]] = {}
+    last_x: float | None = None
+    for r in records:
+        if x in r and isinstance(r[x], (int, float)):
+            last_x = float(r[x])
+        v = r.get(key)
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            by_step[int(r.get("step", 0))] = (float(r[x]) if isinstance(r.get(x), (int, float))
+                                              else (last_x if last_x is not None else float(r.get("step", 0))), float(v))
+    pts = [by_step[s] for s in sorted(by_step)]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
 def runs_figure(runs: Sequence[tuple[str, list[dict[str, Any]]]], title: str = "") -> Any:
     """``minigpt plot``: train and validation loss, learning rate and tokens/s against training tokens."""
-    from ..runs import metric_series
-
     plt = pyplot()
     fig, axes = plt.subplots(1, len(PLOT_METRICS), figsize=(5.2 * len(PLOT_METRICS), 4))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]

@@ -1,6 +1,6 @@
 """The book's non-attention layers: LayerNorm, GELU, FeedForward, the transformer block.
 
-GELU, FeedForward and TransformerBlock live in the core (:mod:`minigpt_core.layers`), because other
+GELU, FeedForward and TransformerBlock live in the core (:mod:`minigpt_core.model.layers`), because other
 plugins build on them too; they are re-exported here under the book's names.
 """
 

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from minigpt_core.plugin import (
+    CanonicalStateProtocol,
+    CanonicalStateSource,
     CheckpointError,
     PretrainedError,
     attention_canonical_state,
@@ -69,7 +71,7 @@ def _layer_norm_names(module: nn.Module, state: dict[str, torch.Tensor], prefix:
 
 
 def _block_canonical_state(block: nn.Module) -> dict[str, torch.Tensor]:
-    if hasattr(block, "canonical_state"):  # a block with its own layout maps itself
+    if isinstance(block, CanonicalStateSource):  # a block with its own layout maps itself
         return block.canonical_state()
     att = getattr(block, "att", None)
     if att is None:
@@ -83,7 +85,7 @@ def _block_canonical_state(block: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _load_block_canonical_state(block: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    if hasattr(block, "load_canonical_state"):
+    if isinstance(block, CanonicalStateProtocol):
         block.load_canonical_state(state)
         return
     rest = {k: v for k, v in state.items() if not k.startswith("att.")}

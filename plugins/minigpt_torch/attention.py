@@ -3,7 +3,7 @@
 The core's :func:`~minigpt_core.plugin.causal_attention` does the attention proper for every
 variant here and in ``minigpt_modern``; :class:`~minigpt_core.plugin.SDPAttention` wraps it with
 projections, grouped-query heads, optional QK-norm and rotary embeddings (both live in the core,
-:mod:`minigpt_core.layers`, because other plugins build on them; re-exported here).
+:mod:`minigpt_core.model.layers`, because other plugins build on them; re-exported here).
 :class:`FusedQKVAttention` and :class:`FlexAttention` change only how it projects or which
 kernel it calls. :class:`TorchMultiheadAttention` runs ``torch.nn.MultiheadAttention`` itself.
 """
@@ -37,7 +37,7 @@ class FusedQKVAttention(SDPAttention):
     def _project(self, x):
         return self.c_attn(x).split(self._split, dim=-1)
 
-    # Canonical layout (minigpt_core.interop): c_attn's rows are W_query, W_key, W_value stacked.
+    # Canonical layout (minigpt_core.model.interop): c_attn's rows are W_query, W_key, W_value stacked.
     def canonical_state(self) -> dict[str, torch.Tensor]:
         state = {f"out_proj.{n}": p.detach() for n, p in self.out_proj.named_parameters()}
         for part in ("weight", "bias"):

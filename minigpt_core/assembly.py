@@ -1,0 +1,270 @@
+"""Layer 6 (tasks and fine-tuning), its top: the model a checkpoint or a spec describes, whatever its task.
+
+Loading a checkpoint (a task's head, a fine-tuned model's base and adapter, int8 weights),
+``init_from`` (another checkpoint, or Hugging Face weights), quantizing a checkpoint, and the
+parameter summary of a spec. These call each other (a fine-tuned checkpoint's base is itself
+loaded through ``init_from``), so they live in one module above tasks, finetune, pretrained and
+quantize. May import every layer up to and including tasks and fine-tuning.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .base.errors import CheckpointError, MinigptError
+from .base.registry import ComponentRegistry
+from .checkpoints.checkpoint import (
+    _verify_model_files,
+    load_checkpoint_weights,
+    load_spec_from_checkpoint,
+    read_meta,
+    save_model,
+)
+from .checkpoints.state import pick_checkpoint
+from .finetune import META_KEY, Finetune, apply_finetune, base_record, finetune_active, trainable_state
+from .model.gpt import GPT
+from .model.build import build_model
+from .model.summary import ParameterSummary, summarize
+from .model.trainable import plain_model
+from .model.weights import load_model_state, model_state_for_saving
+from .pretrained import (
+    DEFAULT_EXPORT_FORMAT,
+    HF_PREFIX,
+    _merge_model_section,
+    init_from_model,
+    read_hf_checkpoint,
+    resolve_hf_source,
+    weights_format,
+)
+from .quantize import (
+    DEFAULT_METHOD,
+    QuantizationError,
+    check_quantized_use,
+    get_method,
+    load_quantized,
+    quantization_record,
+    quantized_state,
+)
+from .spec import ExperimentSpec, ModelSpec, parse_spec
+from .tasks import build_task_model, check_init_from_task, get_task, require_lm
+from .tasks.classification import read_examples, resolve_classes
+
+__all__ = ["load_model", "load_init_from", "restore_finetuned", "count_trainable", "quantize_checkpoint",
+           "summarize_spec", "with_task_classes"]
+
+def load_model(directory: str | Path, registry: ComponentRegistry | None = None,
+               map_location: str | torch.device = "cpu", *,
+               quantized: bool = False) -> tuple[GPT, ExperimentSpec]:
+    """Rebuild the model from ``spec.toml`` and load ``model.safetensors`` into it.
+
+    A fine-tuning checkpoint that holds only trainable tensors rebuilds its base first (named in
+    meta.json, sha256-checked); an adapter comes back merged into the base weights (a plain GPT).
+
+    The files are checked against their recorded sha256 first (CheckpointError naming a damaged one).
+    An int8 checkpoint (``minigpt quantize``) loads only with ``quantized=True`` (inference): a
+    QuantizationError otherwise, since training or exporting needs float weights.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"No checkpoint directory at {directory}.")
+    meta = read_meta(directory)
+    _verify_model_files(directory, meta)
+    if meta.get("quantization") and not quantized:
+        check_quantized_use(directory, meta, "training, init_from, export or classification")
+    spec = load_spec_from_checkpoint(directory, registry)
+    state = load_checkpoint_weights(directory)
+    if meta.get("quantization"):
+        return load_quantized(directory, spec, state, meta, map_location), spec
+    if finetune_active(spec):  # base (+ adapter, merged into it; + a task's head): a plain model
+        model = plain_model(restore_finetuned(spec, state, meta, str(directory))[0], copy_model=False)
+        return model.to(map_location), spec
+    model = build_task_model(spec)  # with the task's head (a classifier's Linear(emb_dim, n_classes))
+    load_model_state(model, state, str(directory))
+    return model.to(map_location), spec
+
+
+def load_init_from(spec: ExperimentSpec, *, cache_dir: str | Path | None = None,
+                   report: Callable[[str], None] | None = None) -> tuple[GPT, ExperimentSpec]:
+    """The model a run starts from, and the spec that describes it.
+
+    ``init_from = "hf:PATH_OR_HUB_ID"`` loads Hugging Face GPT-2 weights; ``init_from = "DIR"`` a
+    minigpt checkpoint directory (a run or experiment directory: its best checkpoint, else its
+    latest; the files are hash-checked); ``None`` builds the spec's model with its init scheme. The
+    model section comes from the weights; the file may still choose any GPT-2 compatible attention
+    (``[model.attention]``) and the dropout rate, and all its other sections are kept. ``report``
+    receives a line naming the checkpoint used.
+    """
+    source = spec.init_from
+    if source is None:
+        return build_model(spec), spec
+    if source.startswith(HF_PREFIX):
+        directory = resolve_hf_source(source[len(HF_PREFIX):], cache_dir)
+        config, hf_state = read_hf_checkpoint(directory)
+        fmt = weights_format(spec.registry, model_type=config.get("model_type"))
+        imported = ModelSpec.model_validate(fmt.model_section(config))
+        new_spec = _respec(spec, _merge_model_section(spec, imported, source))
+        fmt.check(new_spec.components, export=False)
+        model = build_model(new_spec)
+        fmt.load_state(model, hf_state, str(directory))
+        return model, new_spec
+    else:
+        if not Path(source).is_dir():
+            raise CheckpointError(
+                f"init_from = {source!r}: no such checkpoint directory. Use a minigpt checkpoint "
+                f"directory (or a run directory: its best checkpoint, else its latest), or "
+                f"'hf:PATH_OR_HUB_ID' for Hugging Face GPT-2 weights."
+            )
+        ckpt, which = pick_checkpoint(source)
+        if report is not None:
+            report(f"init_from checkpoint: {ckpt} ({which})")
+        loaded, loaded_spec = load_model(ckpt, spec.registry)
+        check_init_from_task(loaded_spec, spec, ckpt)
+        new_spec = _respec(spec, _merge_model_section(spec, loaded_spec.model, source))
+        if loaded_spec.task != "lm":  # a fine-tuned model of this task: its head comes too and trains on
+            if loaded_spec.model.attention != new_spec.model.attention:
+                raise CheckpointError(
+                    f"init_from = {source!r} is a {loaded_spec.task} model; going on fine-tuning it keeps its "
+                    f"components, but this experiment sets another [model.attention]. Remove that section.")
+            cs = new_spec.classification
+            if cs is not None and cs.classes is None:
+                cs.classes = list(loaded_spec.classification.classes)
+                cs._classes_from = str(ckpt)  # named when the data has labels outside them
+            model = build_task_model(new_spec)
+            model.load_state_dict(loaded.state_dict())
+            return model, new_spec
+        if new_spec.model.attention == loaded_spec.model.attention:
+            model = build_model(new_spec)
+            model.load_state_dict(loaded.state_dict())  # same components: same state-dict keys
+            return model, new_spec
+        # Another attention: only through a layout both speak (GPT-2's: the gpt2 capability).
+        fmt = weights_format(spec.registry, name=DEFAULT_EXPORT_FORMAT)
+        for s in (loaded_spec, new_spec):
+            fmt.check(s.components, export=False)
+        model = build_model(new_spec)
+        fmt.transfer(loaded, model, source)
+        return model, new_spec
+
+
+def _respec(spec: ExperimentSpec, model: dict[str, Any]) -> ExperimentSpec:
+    data = spec.model_dump(mode="json", exclude_none=True)
+    data.pop("preset", None)  # the model section is complete; a preset would be merged under it
+    data["model"] = model
+    return parse_spec(data, source=f"init_from {spec.init_from}", registry=spec.registry)
+
+
+def _load_base(spec: Any, base: dict[str, Any], source: str) -> nn.Module:
+    where = base.get("init_from")
+    if not isinstance(where, str):
+        raise CheckpointError(f"{source}: its meta.json names no base weights ({META_KEY}.base.init_from).")
+    now = base_record(where)  # raises CheckpointError / PretrainedError if the base is gone
+    if now["sha256"] != base.get("sha256"):
+        raise CheckpointError(
+            f"{source} holds only fine-tuned weights on top of the base {where}, whose weights changed since "
+            f"(sha256 {str(base.get('sha256'))[:16]}... then, {now['sha256'][:16]}... now). Restore the base "
+            f"checkpoint it was trained from; these weights do not fit another one.")
+    model, _ = load_init_from(spec.model_copy(update={"init_from": where}))
+    return model
+
+
+def restore_finetuned(spec: Any, state: dict[str, torch.Tensor], meta: dict[str, Any],
+                      source: str) -> tuple[nn.Module, Finetune]:
+    """The model of a checkpoint written by a fine-tuning run, adapter applied, weights loaded."""
+    record = meta.get(META_KEY) if isinstance(meta.get(META_KEY), dict) else {}
+    base = record.get("base")
+    model = _load_base(spec, base, source) if base else build_model(spec)
+    task = get_task(spec)
+    if task is not None:  # a task's head, before the adapter: it trains and is saved like the adapter
+        model = task.attach_head(model)
+    info = apply_finetune(model, spec, base=base)
+    if not base:
+        load_model_state(model, state, source)
+        return model, info
+    expected = trainable_state(model, model_state_for_saving(model))
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"The fine-tuned weights in {source} do not fit the model its spec and base describe: missing "
+            f"{missing[:5]}, unexpected {unexpected[:5]}. The checkpoint was probably written by another "
+            f"version of the adapter plugin.")
+    for k, v in state.items():
+        if expected[k].shape != v.shape:
+            raise CheckpointError(f"{source}: tensor {k} has shape {tuple(v.shape)}, the model expects "
+                                  f"{tuple(expected[k].shape)}.")
+    model.load_state_dict(state, strict=False)
+    return model, info
+
+
+def count_trainable(spec: Any) -> Finetune:
+    """Total and trainable parameters of a fine-tuning spec, built on the meta device (no weights read);
+    with the task's head (a classification spec without classes reads them from its data)."""
+    try:
+        model_section = init_from_model(spec)
+    except MinigptError:  # e.g. a checkpoint's spec whose relative init_from is elsewhere: its section is whole
+        model_section = spec.model
+    task = get_task(spec)
+    if task is not None:
+        spec = spec.model_copy(deep=True)
+        with_task_classes(spec)
+        task = get_task(spec)
+    with torch.device("meta"):
+        model = build_model(model_section.resolve(spec.registry), seed=None)
+        if task is not None:  # a new head always trains
+            model = task.attach_head(model)
+        return apply_finetune(model, spec)
+
+
+def quantize_checkpoint(source: str | Path, out: str | Path, method: str = DEFAULT_METHOD) -> tuple[Path, dict]:
+    """Read a float checkpoint, write its int8 version to ``out``; returns (out, its quantization record)."""
+    get_method(method)
+    source = Path(source)
+    done = read_meta(source).get("quantization")
+    if done:
+        done = done if isinstance(done, dict) else {}
+        raise QuantizationError(f"{source} is already an int8 checkpoint (method {done.get('method', '?')}); "
+                                f"quantize the float checkpoint it was made from ({done.get('source', '?')}) "
+                                f"instead.")
+    model, spec = load_model(source)
+    require_lm(spec, source, "int8 quantization (for sampling and evaluation)")
+    state, names = quantized_state(model)
+    meta = {k: v for k, v in read_meta(source).items() if k == "tokenizer"}
+    record = quantization_record(method, names, str(source))
+    save_model(model, spec, out, meta={**meta, "quantization": record}, state=state)
+    return Path(out), record
+
+
+def summarize_spec(spec) -> ParameterSummary:
+    """Build on the meta device (no memory, no init cost) and count."""
+    if getattr(spec, "task", "lm") != "lm":
+        return _summarize_task_spec(spec)
+    with torch.device("meta"):
+        return summarize(build_model(spec, seed=None))
+
+
+def _summarize_task_spec(spec) -> ParameterSummary:
+    """A fine-tuning spec: the init_from model's shape, with the task's head (classes read from the data
+    file when the spec does not declare them)."""
+    spec = spec.model_copy(deep=True)
+    if spec.init_from is not None:
+        spec.model = init_from_model(spec)
+    with_task_classes(spec)
+    with torch.device("meta"):
+        model = build_task_model(spec, seed=None)
+        out = summarize(model)
+        if finetune_active(spec):  # the trainable line: what [finetune] leaves trainable of these parameters
+            counted = {id(p) for p in model.parameters()}
+            apply_finetune(model, spec)
+            out.trainable = sum(p.numel() for p in model.parameters() if id(p) in counted and p.requires_grad)
+    out.fine_tuning = True
+    return out
+
+
+def with_task_classes(spec) -> None:
+    """Fill in a classification spec's classes from its data when it does not declare them (in place):
+    the head's size depends on them."""
+    cs = getattr(spec, "classification", None)
+    if getattr(spec, "task", "lm") == "classification" and cs is not None and cs.classes is None:
+        cs.classes = resolve_classes(cs, [label for _, label in read_examples(cs)], cs.path or cs.hf_dataset)

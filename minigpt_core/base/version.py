@@ -1,0 +1,3 @@
+"""The version every layer may record (checkpoints, run metadata)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,296 @@
+"""The ``minigpt`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+import warnings
+from typing import Callable
+
+from ..base.errors import MinigptError
+from .parser import COMMANDS, _print_table, arguments, command
+
+__all__ = ["main", "COMMANDS"]
+
+def _plugins_args(p):
+    p.add_argument("--trace", action="store_true",
+                   help="also show each plugin's hook implementations and the components it registered")
+
+
+def _hook_names(plugin) -> list[str] | None:
+    """The minigpt hooks a loaded plugin implements, read from its module (None: not importable by name)."""
+    import importlib
+    import importlib.metadata as md
+
+    import pluggy
+
+    from ..base.hookspecs import PROJECT_NAME
+    from ..base.loader import ENTRY_POINT_GROUP
+
+    eps = [ep for ep in md.entry_points(group=ENTRY_POINT_GROUP, name=plugin.name) if ep.value == plugin.module]
+    try:  # already imported by the loader: this only looks it up
+        obj = eps[0].load() if eps else sys.modules.get(plugin.module) or importlib.import_module(plugin.module)
+    except Exception:  # noqa: BLE001 - e.g. an object registered from a notebook
+        return None
+    pm = pluggy.PluginManager(PROJECT_NAME)
+    return sorted(n for n in dir(obj) if n.startswith("minigpt_") and pm.parse_hookimpl_opts(obj, n) is not None)
+
+
+def _print_trace(reg) -> None:
+    for p in reg.plugins:
+        hooks = _hook_names(p)
+        origin = f"{p.distribution} {p.version}, " if p.distribution else ""
+        print(f"\n{p.name}  ({origin}module {p.module})")
+        print(f"  hooks: {', '.join(hooks) if hooks else '?' if hooks is None else 'none'}")
+        entries = [e for e in reg.entries() if e.plugin == p.name]
+        kinds = dict.fromkeys(e.kind for e in entries)
+        for kind in kinds:
+            print(textwrap.fill(", ".join(e.name for e in entries if e.kind == kind), 96,
+                                initial_indent=f"  {kind}: ", subsequent_indent=" " * (len(kind) + 4)))
+        for u in reg.unavailable:
+            if u.plugin == p.name:
+                print(f"  unavailable {u.kind}: {u.name} ({u.reason})")
+
+
+@command("plugins", "list loaded plugins, their distributions, and plugins that failed to load")
+@arguments(_plugins_args)
+def _plugins(args) -> int:
+    from ..base.loader import PLUGINS_ENV_VAR, get_registry
+
+    reg = get_registry()
+    rows = [[p.name, p.distribution or "-", p.version or "-", str(p.components), p.module] for p in reg.plugins]
+    _print_table(rows, ["plugin", "distribution", "version", "components", "module"])
+    if getattr(args, "trace", False):
+        _print_trace(reg)
+    for f in reg.failures:
+        print(f"\nFAILED: {f.message()}")
+    if os.environ.get(PLUGINS_ENV_VAR) is not None:
+        print(f"\n({PLUGINS_ENV_VAR}={os.environ[PLUGINS_ENV_VAR]!r} restricts loading)")
+    return 0
+
+
+# -- components ---------------------------------------------------------------------------
+def _components_args(p):
+    p.add_argument("kind", nargs="?", help="attention, norm, activation, feedforward, positional, block, init, ...")
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style name pattern, e.g. 'book.*'")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+@command("components", "list registered components with description, params, capabilities and source plugin")
+@arguments(_components_args)
+def _components(args) -> int:
+    from ..base.loader import get_registry
+
+    reg = get_registry()
+    entries = reg.entries(args.kind, args.pattern)
+    absent = [u for u in reg.unavailable if (args.kind in (None, u.kind))]
+    if args.json:
+        print(json.dumps([{
+            "kind": e.kind, "name": e.name, "description": e.description,
+            "capabilities": sorted(e.capabilities), "plugin": e.plugin,
+            "distribution": e.distribution, "version": e.version,
+            "params": e.params.model_json_schema().get("properties", {}),
+            "not_for_lm": e.not_for_lm, "not_compilable": e.not_compilable,
+        } for e in entries], indent=2))
+        return 0
+    if not entries:
+        print(f"no {args.kind or ''} components match {args.pattern!r}".replace("  ", " "))
+    kind = None
+    for e in entries:
+        if e.kind != kind:
+            kind = e.kind
+            print(f"\n[{kind}]")
+        print(f"  {e.name}")
+        print(textwrap.fill(e.description, 96, initial_indent="      ", subsequent_indent="      "))
+        caps = ", ".join(sorted(e.capabilities)) or "-"
+        print(f"      capabilities: {caps}")
+        props = e.params.model_json_schema().get("properties", {})
+        if props:
+            shown = ", ".join(f"{k}={v.get('default', '?')!r}" for k, v in props.items())
+            print(f"      params: {shown}")
+        if e.not_for_lm:
+            print(f"      NOT FOR LANGUAGE MODELS: {e.not_for_lm.split(':')[0]}")
+        if e.not_compilable:
+            print(f"      NOT COMPILABLE (train.compile): {e.not_compilable}")
+        print(f"      from: {e.source}")
+    for u in absent:
+        print(f"\n  {u.name} ({u.kind}) UNAVAILABLE: {u.reason} [plugin {u.plugin}]")
+    return 0
+
+
+# -- validate / summary / schema ----------------------------------------------------------
+def _file_args(p, what: str = "experiment TOML file"):
+    p.add_argument("file", help=what)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field, e.g. --set model.n_layers=4 (repeatable)")
+
+
+@command("validate", "check an experiment file (structure, components, params) without building anything")
+@arguments(_file_args)
+def _validate(args) -> int:
+    from ..spec import describe_components, load_spec, spec_warnings
+
+    spec = load_spec(args.file, overrides=args.overrides)
+    m = spec.model
+    origin = ""
+    if spec.init_from is not None:
+        from ..pretrained import init_from_model
+
+        m = init_from_model(spec)
+        origin = f", shape from init_from {spec.init_from}"
+    print(f"{args.file}: OK ({spec.name}: {m.n_layers} layers, emb {m.emb_dim}, {m.n_heads} heads, "
+          f"vocab {m.vocab_size}, context {m.context_length}{origin}; {describe_components(m)})")
+    for w in spec_warnings(spec):
+        print(f"warning: {w}", file=sys.stderr)
+    return 0
+
+
+
+def _summary_args(p):
+    _file_args(p, "experiment TOML file, or a checkpoint directory (its spec.toml)")
+
+
+@command("summary", "per-component and total parameter counts and training FLOPs per token")
+@arguments(_summary_args)
+def _summary(args) -> int:
+    from pathlib import Path
+
+    from ..checkpoints.checkpoint import SPEC_FILE
+    from ..base.errors import CheckpointError
+    from ..spec import load_spec
+    from ..assembly import summarize_spec
+
+    path = Path(args.file)
+    if path.is_dir():  # a checkpoint directory: its resolved spec describes the model
+        if not (path / SPEC_FILE).is_file():
+            raise CheckpointError(f"{path} is a directory without {SPEC_FILE}; it is not a minigpt checkpoint.")
+        path = path / SPEC_FILE
+    spec = load_spec(path, overrides=args.overrides)
+    print(f"{spec.name} ({args.file})")
+    print(summarize_spec(spec).format())
+    from ..finetune import finetune_active
+    from ..assembly import count_trainable
+
+    if finetune_active(spec):  # a fine-tuning spec: what its [finetune] section leaves trainable
+        print(f"fine-tuning {count_trainable(spec).describe()}")
+    return 0
+
+
+def _schema_args(p):
+    p.add_argument("--ablation", action="store_true", help="the schema of ablation files instead")
+
+
+@command("schema", "print the JSON schema of experiment files (--ablation: of ablation files)")
+@arguments(_schema_args)
+def _schema(args) -> int:
+    from ..spec import ExperimentSpec
+
+    if getattr(args, "ablation", False):
+        from ..ablation import AblationFile
+
+        print(json.dumps(AblationFile.model_json_schema(), indent=2))
+        return 0
+    print(json.dumps(ExperimentSpec.model_json_schema(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    _load_command_modules()
+    parser = argparse.ArgumentParser(
+        prog="minigpt",
+        description="Assemble GPT-style language models from plugin components, train and inspect them.",
+        epilog="Run `minigpt COMMAND --help` for a command's options.",
+    )
+    _plugin_option(parser, "plugins_before")
+    common = argparse.ArgumentParser(add_help=False)
+    _plugin_option(common, "plugins_after")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_, add_args, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_, parents=[common])
+        add_args(p)
+    return parser
+
+
+def _plugin_option(parser: argparse.ArgumentParser, dest: str) -> None:
+    # Accepted before and after the command; separate dests because a subcommand's defaults
+    # would overwrite what was given before it.
+    parser.add_argument("--plugin", dest=dest, action="append", default=argparse.SUPPRESS,
+                        metavar="PATH_OR_MODULE",
+                        help="also load this plugin: a .py file or an importable module (repeatable; "
+                             "more in MINIGPT_PLUGIN_PATH, separated by os.pathsep)")
+
+
+def _load_requested_plugins(args: argparse.Namespace) -> None:
+    """--plugin: loaded before the command runs (a broken one is an error), and put in
+    MINIGPT_PLUGIN_PATH for the processes the command starts."""
+    refs = [*getattr(args, "plugins_before", []), *getattr(args, "plugins_after", [])]
+    if refs:
+        from ..base.loader import load_local_plugins
+
+        load_local_plugins(refs, where="--plugin")
+
+
+def _load_command_modules() -> None:
+    """Import modules that register further commands (kept lazy: torch-heavy imports)."""
+    import importlib
+
+    for mod in ("minigpt_core.cli.commands",):  # the package imports its command modules
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _interrupted() -> int:
+    import signal
+
+    try:  # a second Ctrl-C while we report the first must not end in a traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        pass
+    print("interrupted", file=sys.stderr)
+    return 130
+
+
+def _broken_pipe() -> int:
+    # `minigpt schema | head`: the reader left. Point stdout at /dev/null so the flush at exit stays quiet.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141  # 128 + SIGPIPE, what a shell reports for a program the pipe ended
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not args.command:
+            parser.print_help()
+            return 2
+        warnings.showwarning = _show_warning
+        try:
+            _load_requested_plugins(args)
+            status = COMMANDS[args.command][2](args) or 0
+            sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+            return status
+        except MinigptError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    except KeyboardInterrupt:
+        return _interrupted()
+    except BrokenPipeError:
+        return _broken_pipe()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

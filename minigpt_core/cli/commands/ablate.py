@@ -1,0 +1,176 @@
+"""``minigpt ablate``, ``report`` and ``plot``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..parser import arguments, command
+from ...base.errors import MinigptError
+
+__all__ = ["run_label_fields", "resolve_run"]
+
+
+# -- ablate -------------------------------------------------------------------------------------------
+def _ablate_args(p: argparse.ArgumentParser) -> None:
+    from ...ablation.runner import EXECUTORS
+
+    p.add_argument("file", help="ablation TOML file (docs/ablations.md; e.g. experiments/ablations/norms.toml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of every cell, e.g. --set train.max_steps=20 to try the file quickly "
+                        "(repeatable; recorded in the manifest)")
+    p.add_argument("--dry-run", action="store_true", help="validate every cell and list them with their budgets; "
+                                                          "run nothing")
+    p.add_argument("--jobs", type=int, default=1, help="cells run at once, the CPU cores split between them "
+                                                       "(train.threads; default 1)")
+    p.add_argument("--retry-failed", action="store_true", help="run failed cells again (by default a rerun "
+                                                               "skips them)")
+    p.add_argument("--force", action="store_true", help="run cells whose spec the file now changes as new runs "
+                                                        "(by default a changed finished cell is refused)")
+    p.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="local: processes on this machine (default); slurm: one Slurm job per cell through "
+                        "submitit (pip install 'minigpt[cluster]'); submitit-local: submitit's local executor "
+                        "(to try the slurm path on one machine)")
+    p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+
+
+@command("ablate", "run an ablation: variants x seeds as ordinary runs, resumable, with a report at the end")
+@arguments(_ablate_args)
+def _ablate(args) -> int:
+    from ...ablation.plan import load_plan
+    from ...ablation.report import write_report
+    from ...ablation.runner import cores, read_manifest, run_ablation
+
+    if args.jobs < 1:
+        raise MinigptError(f"--jobs must be >= 1, not {args.jobs}.")
+    threads = max(1, cores() // args.jobs)
+    # Time budgets timed earlier stay as they were: the cells' specs (and hashes) must not drift.
+    from ...ablation.plan import ablation_root, read_ablation_file
+
+    time_steps = None
+    if read_ablation_file(args.file).budget == "time":
+        prior = read_manifest(ablation_root(args.file, args.overrides))
+        if prior is not None:
+            time_steps = {c["variant"]: c["steps"] for c in prior["cells"]}
+    plan = load_plan(args.file, args.overrides, time_steps=time_steps, probe=not args.dry_run, threads=threads)
+    if args.dry_run:
+        _print_plan(plan)
+        return 0
+    manifest = run_ablation(plan, jobs=args.jobs, retry_failed=args.retry_failed, force=args.force,
+                            executor=args.executor, write=lambda s: print(s, flush=True))
+    if not args.no_report:
+        files = write_report(plan.root, write=print)
+        print(f"report: {files.report} (table), {files.results}, {files.curves}, {files.throughput}")
+    failed = [c for c in manifest["cells"] if c["status"] == "failed"]
+    left = [c for c in manifest["cells"] if c["status"] != "done"]
+    if failed:
+        print(f"{len(failed)} cell(s) failed: {', '.join(c['id'] for c in failed)}; see their errors in the "
+              f"report; after a fix run `minigpt ablate {args.file} --retry-failed`", file=sys.stderr)
+        return 1
+    return 0 if not left else 1
+
+
+def _print_plan(plan) -> None:
+    print(f"ablation {plan.name}: {len(plan.cells)} cells ({len(plan.variants)} variants x "
+          f"{len(plan.config.seeds)} seeds), baseline {plan.baseline}, under {plan.root}")
+    print(f"budget: {plan.config.budget}: {plan.budget_summary}")
+    rows = []
+    for c in plan.cells:
+        ov = ", ".join(f"{k}={v}" for k, v in c.overrides.items()) or "(base)"
+        rows.append([c.id, ov, f"{c.params:,}", f"{c.flops_per_token:,}", str(c.steps), f"{c.tokens:,}",
+                     c.budget_note or "", c.spec_sha256[:12]])
+    from ..parser import _print_table
+
+    _print_table(rows, ["cell", "overrides", "params", "FLOPs/token", "steps", "tokens", "note", "spec sha256"])
+    print("all cells are valid; nothing was run (--dry-run)")
+
+
+# -- report -------------------------------------------------------------------------------------------
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ablation_dir", help="the ablation's directory (train.out_dir/<ablation>, holding manifest.json)")
+    p.add_argument("--no-wandb", action="store_true", help="do not log the report to W&B")
+
+
+@command("report", "rebuild an ablation's results.csv, report.md and figures from its runs (partial ablations too)")
+@arguments(_report_args)
+def _report(args) -> int:
+    from ...ablation.report import write_report
+
+    files = write_report(args.ablation_dir, log_wandb=not args.no_wandb, write=print)
+    print(files.report.read_text(encoding="utf-8"))
+    print(f"written: {files.results}, {files.report}, {files.curves}, {files.throughput}")
+    return 0
+
+
+# -- plot ---------------------------------------------------------------------------------------------
+def resolve_run(path: str | Path) -> Path:
+    """A run directory, or an experiment directory's latest run (the one with the latest name)."""
+    from ...train.loggers import METRICS_FILE
+
+    path = Path(path)
+    if (path / METRICS_FILE).is_file():
+        return path
+    runs = sorted(p for p in path.iterdir() if (p / METRICS_FILE).is_file()) if path.is_dir() else []
+    if not runs:
+        raise MinigptError(f"{path} is neither a run directory (with {METRICS_FILE}) nor an experiment directory "
+                           f"holding runs; give e.g. runs/quickstart or runs/quickstart/20260101-120000.")
+    return runs[-1]
+
+
+_IGNORED = ("train.out_dir", "train.threads", "train.device", "description", "plugins")
+
+
+def run_label_fields(run_dirs: list[Path]) -> list[str]:
+    """Per run, the spec fields that differ between the runs (``k=v, ...``), for legends."""
+    from ...base import toml as _toml
+    from ...ablation.plan import flatten_overrides
+
+    flat = []
+    for d in run_dirs:
+        try:
+            flat.append(flatten_overrides(_toml.loads((d / "spec.toml").read_text(encoding="utf-8"))))
+        except (OSError, _toml.TOMLDecodeError):
+            flat.append({})
+    keys = sorted({k for f in flat for k in f})
+    differ = [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1
+              and not k.startswith("wandb.") and k not in _IGNORED]
+    if len(differ) > 1 and "name" in differ:
+        differ.remove("name")
+    labels = []
+    for d, f in zip(run_dirs, flat):
+        text = ", ".join(f"{k.removeprefix('model.')}={f.get(k, '-')}" for k in differ)
+        labels.append(text or f"{d.parent.name}/{d.name}")
+    if len(set(labels)) < len(labels):  # same settings: the run directories tell them apart
+        labels = [f"{lab} ({d.name})" for lab, d in zip(labels, run_dirs)]
+    return labels
+
+
+def _plot_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories, or experiment directories (their "
+                                                          "latest run)")
+    p.add_argument("--out", default=None, metavar="FILE.png", help="where the PNG goes (default: plot.png in the "
+                                                                   "first run's directory)")
+
+
+@command("plot", "plot train/validation loss, learning rate and tokens/s of one or more runs into a PNG")
+@arguments(_plot_args)
+def _plot(args) -> int:
+    from ...runs import read_metrics
+    from ...viz._mpl import save_figure
+    from ...viz.curves import runs_figure
+
+    run_dirs = [resolve_run(r) for r in args.runs]
+    labels = run_label_fields(run_dirs)
+    runs = [(label, read_metrics(d)) for label, d in zip(labels, run_dirs)]
+    empty = [str(d) for d, (_, recs) in zip(run_dirs, runs) if not recs]
+    if len(empty) == len(runs):
+        raise MinigptError(f"No metrics to plot: {', '.join(empty)} logged nothing yet.")
+    out = Path(args.out) if args.out else run_dirs[0] / "plot.png"
+    if out.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise MinigptError(f"--out {out}: give a .png (or .svg, .pdf) file name.")
+    save_figure(runs_figure(runs), out)
+    for label, d in zip(labels, run_dirs):
+        print(f"{label}: {d}")
+    print(f"plot: {out}")
+    return 0
