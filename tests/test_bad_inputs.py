@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -179,21 +180,38 @@ def test_schema_into_a_closed_pipe_is_quiet():
     assert err == ""
 
 
-@pytest.mark.parametrize("presses,delay", [(1, 0.6), (2, 0.6), (1, 0.3), (1, 1.0)])
+# Delays after the CLI says its Ctrl-C handler is in place: all well inside start-up (importing torch
+# and the plugins takes seconds here, and only longer on a loaded machine), from its first instant on.
+@pytest.mark.parametrize("presses,delay", [(1, 0.0), (1, 0.05), (2, 0.05), (1, 0.3), (1, 0.6)])
 def test_ctrl_c_during_start_up_is_one_line_exit_130(tmp_path, presses, delay):
     # Whenever it lands while torch and the plugins load (even inside numpy's C import, which a
     # KeyboardInterrupt leaves half-loaded), the run must stop: never swallowed, never a traceback.
+    # Before our handler is installed, Ctrl-C is the interpreter's business: the CLI's test hook
+    # (MINIGPT_TEST_READY_FD) says when it is ours, and the signal is never sent before that.
     spec = write_spec(tmp_path)
+    ready_r, ready_w = os.pipe()
     proc = subprocess.Popen([str(MINIGPT), "train", str(spec), "--no-progress"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env(), cwd=tmp_path)
-    time.sleep(delay)
-    for _ in range(presses):
-        proc.send_signal(signal.SIGINT)
-        time.sleep(0.05)
-    out, err = proc.communicate(timeout=120)
+                            stderr=subprocess.PIPE, text=True, env={**_env(), "MINIGPT_TEST_READY_FD": str(ready_w)},
+                            cwd=tmp_path, pass_fds=(ready_w,))
+    os.close(ready_w)  # the child holds the only write end: its exit ends the read below
+    try:
+        with os.fdopen(ready_r, "rb") as ready:
+            readable, _, _ = select.select([ready], [], [], 300)  # a generous deadline: a machine at load 15
+            line = ready.readline() if readable else b""
+        assert line == b"ready\n", "the CLI never said that its Ctrl-C handler was installed"
+        time.sleep(delay)
+        for _ in range(presses):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.05)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert "Traceback" not in err, err
     assert proc.returncode == 130, (proc.returncode, err)
     assert err.strip().splitlines()[-1] == "interrupted" and err.count("interrupted") == 1, err
+    assert "interrupted at step" not in out  # it landed in start-up, not in the training loop
 
 
 def test_default_124m_shape_at_a_huge_micro_batch_warns_about_activations():
