@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from test_plugins import make_distribution
-from training_utils import MINIGPT, cli, write_corpus, write_spec
+from training_utils import MINIGPT, PATIENCE_S, cli, write_corpus, write_spec
 
 
 def _files(root: Path) -> set[Path]:
@@ -175,7 +175,7 @@ def test_schema_into_a_closed_pipe_is_quiet():
     proc.stdout.read(10)
     proc.stdout.close()  # like `| head -c 10`
     err = proc.stderr.read().decode()
-    proc.wait(timeout=120)
+    proc.wait(timeout=PATIENCE_S)
     assert "Traceback" not in err and "BrokenPipe" not in err, err
     assert err == ""
 
@@ -196,14 +196,14 @@ def test_ctrl_c_during_start_up_is_one_line_exit_130(tmp_path, presses, delay):
     os.close(ready_w)  # the child holds the only write end: its exit ends the read below
     try:
         with os.fdopen(ready_r, "rb") as ready:
-            readable, _, _ = select.select([ready], [], [], 300)  # a generous deadline: a machine at load 15
+            readable, _, _ = select.select([ready], [], [], PATIENCE_S)
             line = ready.readline() if readable else b""
         assert line == b"ready\n", "the CLI never said that its Ctrl-C handler was installed"
         time.sleep(delay)
         for _ in range(presses):
             proc.send_signal(signal.SIGINT)
             time.sleep(0.05)
-        out, err = proc.communicate(timeout=300)
+        out, err = proc.communicate(timeout=PATIENCE_S)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from training_utils import ROOT, losses, run_minigpt, runs_of, write_spec
+from training_utils import PATIENCE_S, ROOT, losses, run_minigpt, runs_of, write_spec
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover - torch < 2.6
     pytestmark = pytest.mark.skip(reason="needs FSDP2 (torch >= 2.6)")
 
 
-def torchrun(*args, timeout: int = 300) -> subprocess.CompletedProcess:
+def torchrun(*args, timeout: int = PATIENCE_S) -> subprocess.CompletedProcess:
     return subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", *map(str, args)],
                           capture_output=True, text=True, cwd=ROOT, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
