@@ -118,8 +118,9 @@ def kill_training_at(spec: Path, runs_dir: Path, step: int, timeout: float = PAT
     """
     import signal
 
-    proc = subprocess.Popen([str(MINIGPT), "train", str(spec), "--no-progress"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # output to /dev/null: a pipe nobody reads while we wait could fill and stall the run
+    proc = subprocess.Popen([str(MINIGPT), "train", str(spec), "--no-progress"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         # the run's end also ends the wait: the caller then sees it was no longer running
         wait_for(f"the checkpoint of step {step}",
@@ -128,7 +129,7 @@ def kill_training_at(spec: Path, runs_dir: Path, step: int, timeout: float = PAT
         still_running = proc.poll() is None
     finally:
         proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=PATIENCE_S)
+        proc.wait(timeout=PATIENCE_S)
     return still_running, proc.returncode
 
 
