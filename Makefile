@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 BIN := $(VENV)/bin
 TORCH_OK := import torch, sys; v = tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]); sys.exit(not (2, 3) <= v < (2, 15))
 
-.PHONY: install test test-fast run clean
+.PHONY: install test test-fast test-stress run clean
 
 install: $(VENV)/.installed
 
@@ -26,10 +26,32 @@ $(VENV)/.installed: pyproject.toml
 
 # Two workers or more (pytest-xdist), each file on one worker (its module fixtures built once),
 # one torch thread each: tiny models do not scale past one thread, and the workers share the cores.
+TEST_CMD = OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --dist loadfile --durations=15
+
 # lint-imports first: an import that breaks the layers (docs/architecture.md) fails the build.
 test: install
 	$(BIN)/lint-imports
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --dist loadfile --durations=15
+	$(TEST_CMD)
+
+# The suite under load, as a busy CI machine runs it: STRESS_RUNS full runs of `make test`'s command
+# while two busy loops keep both cores busy (killed however it ends), then one summary line per run.
+# Full logs stay in a temporary folder, named at the end; the exit status is 1 if any run failed.
+STRESS_RUNS ?= 3
+test-stress: install
+	@logs=$$(mktemp -d); loads=""; \
+	trap 'kill $$loads 2>/dev/null' EXIT; trap 'exit 130' INT TERM; \
+	for i in 1 2; do $(BIN)/python -c "while True: pass" & loads="$$loads $$!"; done; \
+	failed=0; \
+	for run in $$(seq 1 $(STRESS_RUNS)); do \
+	  echo "== test-stress: run $$run of $(STRESS_RUNS), two busy loops running (pids$$loads)"; \
+	  { $(TEST_CMD); echo $$? > $$logs/run-$$run.rc; } 2>&1 | tee $$logs/run-$$run.log; \
+	  [ "$$(cat $$logs/run-$$run.rc)" = 0 ] || failed=1; \
+	done; \
+	echo "== test-stress summary ($(STRESS_RUNS) runs under load; logs in $$logs)"; \
+	for run in $$(seq 1 $(STRESS_RUNS)); do \
+	  echo "run $$run: exit $$(cat $$logs/run-$$run.rc): $$(grep -E '(passed|failed|error)' $$logs/run-$$run.log | tail -n 1)"; \
+	done; \
+	exit $$failed
 
 test-fast: install
 	$(BIN)/lint-imports

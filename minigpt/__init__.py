@@ -15,15 +15,38 @@ def main() -> int:
         previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
     except ValueError:  # not the main thread (an embedding application): leave signals alone
         previous = None
+    _signal_ready()
     try:
-        from minigpt_core.cli.app import _interrupted, main as cli_main
-    finally:
+        try:
+            from minigpt_core.cli.app import main as cli_main
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, signal.SIG_IGN if pressed else previous)
+        if pressed:
+            print("interrupted", file=sys.stderr)
+            return 130
+        return cli_main()
+    except KeyboardInterrupt:  # between our handlers: once Python's own handler is back, before main's
         if previous is not None:
-            signal.signal(signal.SIGINT, signal.SIG_IGN if pressed else previous)
-    if pressed:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the message
         print("interrupted", file=sys.stderr)
         return 130
+
+
+READY_FD_ENV_VAR = "MINIGPT_TEST_READY_FD"
+
+
+def _signal_ready() -> None:
+    """Test hook: with MINIGPT_TEST_READY_FD=N (an inherited pipe), write "ready" to fd N once Ctrl-C
+    is ours to handle, then close it. A test can then interrupt start-up without racing the
+    interpreter's own start (before our handler, Ctrl-C is Python's business, not ours)."""
+    import os
+
+    fd = os.environ.pop(READY_FD_ENV_VAR, None)  # popped: the processes this one starts must not write
+    if not fd:
+        return
     try:
-        return cli_main()
-    except KeyboardInterrupt:  # between main's own handlers
-        return _interrupted()
+        os.write(int(fd), b"ready\n")
+        os.close(int(fd))
+    except (OSError, ValueError):  # not an open fd: the hook is for tests, never a reason to fail
+        pass

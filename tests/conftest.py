@@ -3,10 +3,40 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+# The suite must not depend on the caller's environment: WANDB_MODE=offline would override a spec's
+# `disabled` mode, MINIGPT_PLUGINS= would unload every plugin, a thread count would change timings,
+# torchrun's variables would make a test a distributed rank. Each test sets what it needs.
+# OMP_NUM_THREADS stays: `make test` sets it for every worker.
+CALLER_PREFIXES = ("WANDB_", "MINIGPT_")
+CALLER_VARIABLES = ("MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS",
+                    "NUMEXPR_MAX_THREADS", "BLIS_NUM_THREADS", "GOTO_NUM_THREADS", "TORCH_NUM_THREADS",
+                    "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def caller_variables() -> list[str]:
+    return [k for k in os.environ if k.startswith(CALLER_PREFIXES) or k in CALLER_VARIABLES]
+
+
+# Cleared as this file loads, before torch and the test modules import (a registry or a thread pool
+# made while collecting would keep what they saw), and again by the session fixture below.
+for _name in caller_variables():
+    del os.environ[_name]
+
+import torch  # noqa: E402  (after the environment is clean)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))  # tests/book_reference.py
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _environment_independent_of_the_caller():
+    """No WANDB_*, MINIGPT_* or thread variables from the caller for the session; subprocesses started
+    with os.environ inherit the clean environment too."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in caller_variables():
+            mp.delenv(name)
+        yield
 
 # The suite runs on 2 cores next to other work; at most two intra-op threads keep timings stable,
 # and one per pytest-xdist worker (`make test`), since the workers already share the cores.
@@ -26,12 +56,14 @@ def minigpt_cli():
     """Run the installed `minigpt` console script in a subprocess, as a user would."""
     import subprocess
 
+    from training_utils import PATIENCE_S
+
     exe = Path(sys.executable).with_name("minigpt")
 
     def run(*args, env=None, cwd=ROOT):
         full_env = {**os.environ, **(env or {})}
         return subprocess.run([str(exe), *args], capture_output=True, text=True, env=full_env, cwd=cwd,
-                              timeout=300)
+                              timeout=PATIENCE_S)
 
     return run
 

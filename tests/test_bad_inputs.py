@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from test_plugins import make_distribution
-from training_utils import MINIGPT, cli, write_corpus, write_spec
+from training_utils import MINIGPT, PATIENCE_S, cli, write_corpus, write_spec
 
 
 def _files(root: Path) -> set[Path]:
@@ -174,26 +175,43 @@ def test_schema_into_a_closed_pipe_is_quiet():
     proc.stdout.read(10)
     proc.stdout.close()  # like `| head -c 10`
     err = proc.stderr.read().decode()
-    proc.wait(timeout=120)
+    proc.wait(timeout=PATIENCE_S)
     assert "Traceback" not in err and "BrokenPipe" not in err, err
     assert err == ""
 
 
-@pytest.mark.parametrize("presses,delay", [(1, 0.6), (2, 0.6), (1, 0.3), (1, 1.0)])
+# Delays after the CLI says its Ctrl-C handler is in place: all well inside start-up (importing torch
+# and the plugins takes seconds here, and only longer on a loaded machine), from its first instant on.
+@pytest.mark.parametrize("presses,delay", [(1, 0.0), (1, 0.05), (2, 0.05), (1, 0.3), (1, 0.6)])
 def test_ctrl_c_during_start_up_is_one_line_exit_130(tmp_path, presses, delay):
     # Whenever it lands while torch and the plugins load (even inside numpy's C import, which a
     # KeyboardInterrupt leaves half-loaded), the run must stop: never swallowed, never a traceback.
+    # Before our handler is installed, Ctrl-C is the interpreter's business: the CLI's test hook
+    # (MINIGPT_TEST_READY_FD) says when it is ours, and the signal is never sent before that.
     spec = write_spec(tmp_path)
+    ready_r, ready_w = os.pipe()
     proc = subprocess.Popen([str(MINIGPT), "train", str(spec), "--no-progress"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env(), cwd=tmp_path)
-    time.sleep(delay)
-    for _ in range(presses):
-        proc.send_signal(signal.SIGINT)
-        time.sleep(0.05)
-    out, err = proc.communicate(timeout=120)
+                            stderr=subprocess.PIPE, text=True, env={**_env(), "MINIGPT_TEST_READY_FD": str(ready_w)},
+                            cwd=tmp_path, pass_fds=(ready_w,))
+    os.close(ready_w)  # the child holds the only write end: its exit ends the read below
+    try:
+        with os.fdopen(ready_r, "rb") as ready:
+            readable, _, _ = select.select([ready], [], [], PATIENCE_S)
+            line = ready.readline() if readable else b""
+        assert line == b"ready\n", "the CLI never said that its Ctrl-C handler was installed"
+        time.sleep(delay)
+        for _ in range(presses):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.05)
+        out, err = proc.communicate(timeout=PATIENCE_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert "Traceback" not in err, err
     assert proc.returncode == 130, (proc.returncode, err)
     assert err.strip().splitlines()[-1] == "interrupted" and err.count("interrupted") == 1, err
+    assert "interrupted at step" not in out  # it landed in start-up, not in the training loop
 
 
 def test_default_124m_shape_at_a_huge_micro_batch_warns_about_activations():

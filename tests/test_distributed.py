@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from minigpt_core.train import load_checkpoint
-from training_utils import ROOT, losses, run_minigpt, runs_of, write_spec
+from training_utils import PATIENCE_S, ROOT, losses, run_minigpt, runs_of, write_spec
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
@@ -39,7 +39,7 @@ def test_two_gloo_ranks_log_the_losses_of_one_process(tmp_path, strategy):
     two = subprocess.run(
         [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "minigpt", "train", str(spec),
          "--no-progress", "--set", f"train.out_dir={tmp_path / 'two'}"],
-        capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        capture_output=True, text=True, cwd=ROOT, timeout=PATIENCE_S, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 process(es)" in two.stdout and "1 process(es)" in one.stdout
     assert two.stdout.count("validation loss") == 1  # only rank 0 reports

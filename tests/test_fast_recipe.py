@@ -11,7 +11,7 @@ from minigpt_core.model.gpt import chunked_head_loss
 from minigpt_core.spec import BOOK_COMPONENTS, FAST_COMPONENTS, PRESETS, parse_spec
 from minigpt_core.testing import check_component
 from minigpt_core.train import train
-from training_utils import losses, runs_of, tiny_spec_data
+from training_utils import PATIENCE_S, losses, runs_of, tiny_spec_data
 
 SHAPE = {"vocab_size": 300, "context_length": 32, "emb_dim": 64, "n_heads": 4, "n_layers": 2}
 CHAR = {"name": "char"}
@@ -201,7 +201,7 @@ def test_two_gloo_ranks_with_chunked_loss_and_checkpointing_log_the_losses_of_on
     two = subprocess.run(
         [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "minigpt", "train", str(spec),
          "--no-progress", "--set", f"train.out_dir={tmp_path / 'two'}"],
-        capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        capture_output=True, text=True, cwd=ROOT, timeout=PATIENCE_S, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert two.returncode == 0, two.stderr[-3000:]
     (run_one,), (run_two,) = runs_of(tmp_path / "one"), runs_of(tmp_path / "two")
     a, b = losses(run_one), losses(run_two)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from minigpt_core import hookimpl
-from training_utils import ROOT, losses, run_minigpt, runs_of, write_spec
+from training_utils import PATIENCE_S, ROOT, losses, run_minigpt, runs_of, write_spec
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover - torch < 2.6
     pytestmark = pytest.mark.skip(reason="needs FSDP2 (torch >= 2.6)")
 
 
-def torchrun(*args, timeout: int = 300) -> subprocess.CompletedProcess:
+def torchrun(*args, timeout: int = PATIENCE_S) -> subprocess.CompletedProcess:
     return subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", *map(str, args)],
                           capture_output=True, text=True, cwd=ROOT, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -223,7 +223,7 @@ def test_recorded_build_replays_init_ops_on_views_of_a_parameter(tmp_path):
     import torch
 
     from minigpt_core import load_registry, parse_spec
-    from minigpt_core.model import build_model
+    from minigpt_core.model.build import build_model
     from minigpt_core.train.meta_init import build_meta_model, materialise
     from training_utils import tiny_spec_data
 

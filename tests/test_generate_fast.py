@@ -12,7 +12,7 @@ import torch
 
 from minigpt_core import build_model, parse_spec
 from minigpt_core.model.generate import generate
-from training_utils import torch_threads
+from training_utils import PATIENCE_S, torch_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 61
@@ -140,6 +140,6 @@ def _compiled_decode_checks(registry):
 def test_benchmark_quick_mode_runs():
     pytest.importorskip("transformers")
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "generate.py"), "--quick", "--precisions", "fp32"],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+                          capture_output=True, text=True, timeout=PATIENCE_S, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| 1 | fp32 | ours |" in done.stdout and "identical" in done.stdout

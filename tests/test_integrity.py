@@ -18,7 +18,7 @@ from minigpt_core.checkpoints.state import (
     verify_checkpoint,
 )
 from minigpt_core.base.errors import MinigptError
-from training_utils import cli, read_metrics, runs_of, tiny_spec_data, write_spec
+from training_utils import PATIENCE_S, cli, read_metrics, runs_of, tiny_spec_data, write_spec
 
 quiet = dict(progress=False, write=lambda s: None)
 
@@ -283,7 +283,7 @@ def test_a_file_size_limit_stops_with_one_message_too(tmp_path):
             "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)); "
             "from minigpt_core.cli.app import main; sys.exit(main(sys.argv[1:]))")
     r = subprocess.run([sys.executable, "-c", code, "train", str(spec), "--no-progress"], capture_output=True,
-                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=PATIENCE_S)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     (run,) = runs_of(tmp_path / "runs")
     assert f"error: Cannot write {run / 'checkpoints' / 'step_00000002'}: the file size limit (ulimit -f)" in r.stderr

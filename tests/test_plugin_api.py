@@ -15,6 +15,7 @@ import pytest
 import minigpt_core
 import minigpt_core.plugin as api
 from minigpt_core.base import registry as registry_module
+from training_utils import PATIENCE_S
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGINS = ROOT / "plugins"
@@ -178,7 +179,7 @@ def test_the_guide_examples_run(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MINIGPT_PLUGINS"}
     env.update(OMP_NUM_THREADS="1", MINIGPT_CACHE=str(tmp_path / "cache"))
     proc = subprocess.run([sys.executable, str(tmp_path / "guide.py")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=PATIENCE_S)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     assert "hook exploded" in proc.stdout and "unavailable here" in proc.stdout
 

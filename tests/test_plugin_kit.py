@@ -20,7 +20,7 @@ from minigpt_core.cli.commands.new_plugin import EXAMPLES, create_plugin
 from minigpt_core.plugin import Params
 from minigpt_core.testing import run_checks
 
-from training_utils import ROOT, cli
+from training_utils import PATIENCE_S, ROOT, cli
 
 pytest_plugins = ["pytester"]
 
@@ -185,7 +185,7 @@ def test_generated_plugin_installs_passes_its_tests_and_trains(tmp_path):
     def run(*cmd, cwd):
         start = time.perf_counter()
         proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True,
-                              timeout=300)
+                              timeout=PATIENCE_S)
         print(f"{time.perf_counter() - start:5.1f}s  {' '.join(map(str, cmd[1:4]))}")
         assert proc.returncode == 0, f"{cmd} failed ({time.perf_counter() - start:.0f}s):\n{proc.stdout}\n{proc.stderr}"
         return proc

@@ -20,7 +20,7 @@ from minigpt_core.base import toml as _toml
 from minigpt_core.base.errors import SpecError
 from minigpt_core.train import train
 from minigpt_core.train.lock import RunLock, RunLockedError
-from training_utils import ROOT, cli, losses, read_metrics, runs_of, tiny_spec_data, write_spec
+from training_utils import PATIENCE_S, ROOT, cli, losses, read_metrics, runs_of, tiny_spec_data, write_spec
 
 quiet = dict(progress=False, write=lambda s: None)
 
@@ -33,7 +33,7 @@ def tree_hashes(directory: Path, skip: tuple[str, ...] = (".lock",)) -> dict[str
 def interrupt_when(path_glob: str, base: Path, ready) -> threading.Thread:
     """SIGINT this process (as Ctrl-C would) once a file under ``base`` satisfies ``ready``."""
     def watch():
-        deadline = time.time() + 120
+        deadline = time.time() + PATIENCE_S
         while time.time() < deadline:
             found = list(base.glob(path_glob))
             if found and ready(found[0]):
@@ -117,7 +117,7 @@ def test_a_run_in_use_is_refused_naming_its_holder_and_is_free_once_the_holder_d
         assert tree_hashes(run) == before  # nothing written, nothing pruned
     finally:
         holder.send_signal(signal.SIGKILL)  # a killed holder leaves a stale file, not a lock
-        holder.wait(timeout=30)
+        holder.wait(timeout=PATIENCE_S)
     status, _, err = cli(capsys, "train", "--resume", run, "--no-progress", "--set", "train.max_steps=6")
     assert status == 0, err
     assert sorted(losses(run)) == list(range(1, 7))

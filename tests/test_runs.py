@@ -16,7 +16,7 @@ from minigpt_core.runs import metric_series, read_metrics, summarize_run
 from minigpt_core.spec import parse_spec
 from minigpt_core.train import train
 from minigpt_core.train.lock import RunLock
-from training_utils import cli, kill_training_at, runs_of, tiny_spec_data, write_spec
+from training_utils import PATIENCE_S, cli, kill_training_at, runs_of, tiny_spec_data, write_spec
 
 TRAIN = {"max_steps": 4, "save_every": 2, "eval_every": 2}
 
@@ -109,7 +109,7 @@ def test_a_run_whose_lock_a_live_process_holds_is_running(out, capsys):
         assert _rows(cli(capsys, "runs", root)[1])[run.name].split()[3] == "running"
     finally:
         holder.send_signal(signal.SIGKILL)
-        holder.wait(timeout=30)
+        holder.wait(timeout=PATIENCE_S)
     assert _rows(cli(capsys, "runs", root)[1])[run.name].split()[3] == "finished"
     RunLock(run).acquire().release()  # looking never left the lock taken
 

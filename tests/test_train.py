@@ -16,7 +16,7 @@ from torch import nn
 from minigpt_core import SpecError, build_model, hookimpl, load_registry, parse_spec, spec_from_preset
 from minigpt_core.spec import TrainSpec
 from minigpt_core.train import DeviceError, lr_at, param_groups, train
-from training_utils import MINIGPT, ROOT, cli, losses, read_metrics, run_minigpt, tiny_spec_data, write_spec
+from training_utils import MINIGPT, PATIENCE_S, ROOT, cli, losses, read_metrics, run_minigpt, tiny_spec_data, write_spec
 
 quiet = dict(progress=False, write=lambda s: None)
 
@@ -245,7 +245,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     spec = write_spec(tmp_path, train={"max_steps": 100000, "eval_every": 0, "save_every": 0, "log_every": 1})
     proc = subprocess.Popen([str(MINIGPT), "train", str(spec), "--no-progress"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    deadline = time.time() + 120
+    deadline = time.time() + PATIENCE_S
     metrics = None
     while time.time() < deadline:
         found = list((tmp_path / "runs").glob("*/*/metrics.jsonl"))
@@ -255,7 +255,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
         time.sleep(0.2)
     assert metrics is not None, "training did not start"
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=PATIENCE_S)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     step = max(losses(metrics.parent))

@@ -11,7 +11,7 @@ import pytest
 
 from minigpt_core import MinigptError, parse_spec
 from minigpt_core.train import train
-from training_utils import cli, losses, read_metrics, runs_of, tiny_spec_data, write_spec
+from training_utils import cli, losses, read_metrics, runs_of, tiny_spec_data, wait_for, write_spec
 
 _BLOCK, _HEADER = 32768, 7  # the LevelDB log layout W&B uses for run-*.wandb
 _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
@@ -46,9 +46,22 @@ def wandb_records(path: Path):
         yield record
 
 
+def finished_records(path: Path) -> list:
+    """The run file's records once W&B has written all of them (its `exit` record comes last):
+    wandb-core may still be writing the file when `finish()` returns, on a loaded machine."""
+    def whole():
+        try:
+            records = list(wandb_records(path))
+        except Exception:  # noqa: BLE001 - a chunk still being written (bad CRC, short protobuf)
+            return None
+        return records if any(r.WhichOneof("record_type") == "exit" for r in records) else None
+
+    return wait_for(f"W&B to finish writing {path}", whole)
+
+
 def history(path: Path) -> list[dict]:
     rows = []
-    for r in wandb_records(path):
+    for r in finished_records(path):
         if r.WhichOneof("record_type") == "history":
             rows.append({it.key or "/".join(it.nested_key): json.loads(it.value_json) for it in r.history.item})
     return rows
@@ -64,7 +77,7 @@ def test_offline_run_holds_config_metrics_and_samples(tmp_path):
     assert result.wandb_mode == "offline" and result.wandb_dir.name.startswith("offline-run-")
     (run_file,) = result.wandb_dir.glob("run-*.wandb")
 
-    records = list(wandb_records(run_file))
+    records = finished_records(run_file)
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert (run.project, run.display_name, run.run_group, run.job_type) == \
         ("minigpt-tests", "tiny-test", "ablation-1", "unit-test")

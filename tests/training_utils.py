@@ -16,6 +16,25 @@ from minigpt_core.base import toml as _toml
 ROOT = Path(__file__).resolve().parents[1]
 MINIGPT = Path(sys.executable).with_name("minigpt")
 
+# Tests wait for states, never for times. This bounds only a hang (a state that never comes, a child
+# that never ends): generous enough for a machine at load average 15, where a 5-minute cell takes 40.
+PATIENCE_S = 3600
+
+
+def wait_for(what: str, check, timeout: float = PATIENCE_S, interval: float = 0.05):
+    """Poll ``check()`` until it returns something truthy, and return that; fail naming ``what`` if it
+    never does. ``check`` reads only what exists and is whole (it returns None otherwise)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
 
 def corpus_text(n_chars: int = 40_000) -> str:
     """Deterministic English prose: the first language-reference topics that ship with Python."""
@@ -63,7 +82,7 @@ def write_spec(tmp_path: Path, name: str = "spec.toml", **sections) -> Path:
     return path
 
 
-def run_minigpt(*args, env=None, timeout=300, cwd=ROOT) -> subprocess.CompletedProcess:
+def run_minigpt(*args, env=None, timeout=PATIENCE_S, cwd=ROOT) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([str(MINIGPT), *map(str, args)], capture_output=True, text=True, env=full_env,
                           cwd=cwd, timeout=timeout)
@@ -92,22 +111,25 @@ def cli(capsys, *args) -> tuple[int, str, str]:
     return status, out, err
 
 
-def kill_training_at(spec: Path, runs_dir: Path, step: int, timeout: float = 120) -> tuple[bool, int]:
+def kill_training_at(spec: Path, runs_dir: Path, step: int, timeout: float = PATIENCE_S) -> tuple[bool, int]:
     """`minigpt train SPEC` in a subprocess, SIGKILLed as soon as its checkpoint of ``step`` exists.
 
     Returns (it was still running when killed, its return code).
     """
     import signal
-    import time
 
-    proc = subprocess.Popen([str(MINIGPT), "train", str(spec), "--no-progress"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + timeout
-    while time.time() < deadline and not list(runs_dir.glob(f"*/*/checkpoints/step_{step:08d}")):
-        time.sleep(0.01)
-    still_running = proc.poll() is None
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
+    # output to /dev/null: a pipe nobody reads while we wait could fill and stall the run
+    proc = subprocess.Popen([str(MINIGPT), "train", str(spec), "--no-progress"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        # the run's end also ends the wait: the caller then sees it was no longer running
+        wait_for(f"the checkpoint of step {step}",
+                 lambda: list(runs_dir.glob(f"*/*/checkpoints/step_{step:08d}")) or proc.poll() is not None,
+                 timeout, interval=0.01)
+        still_running = proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=PATIENCE_S)
     return still_running, proc.returncode
 
 

@@ -133,6 +133,10 @@ class Plan:
     variants: dict[str, dict[str, Any]]
     cells: list[Cell] = field(default_factory=list)
     budget_summary: str = ""
+    # budget = "time": each timed variant's seconds per step (from probe_step_seconds) and the
+    # seconds of training per cell they were divided into (None when steps came from the manifest)
+    step_seconds: dict[str, float] = field(default_factory=dict)
+    time_budget_s: float | None = None
 
     def settings(self) -> dict[str, Any]:
         c = self.config
@@ -401,6 +405,7 @@ def _apply_budgets(plan: Plan, specs: dict[tuple[str, int], ExperimentSpec], tim
             seconds = None  # steps already fixed in the manifest
         elif probe:
             seconds = base_steps * step_s[plan.baseline]
+        plan.step_seconds, plan.time_budget_s = step_s, seconds
     steps_of: dict[str, int] = {}
     notes: dict[str, str] = {}
     for v in plan.variants:
