@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from minigpt_core.train import load_checkpoint
-from training_utils import PATIENCE_S, ROOT, losses, run_minigpt, runs_of, write_spec
+from training_utils import PATIENCE_S, ROOT, losses, run_minigpt, runs_of, wait_for, write_spec
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
@@ -84,12 +84,13 @@ def test_train_joins_the_process_group_threads_before_returning(tmp_path, monkey
     # torchrun --nproc_per_node 1 in this process: a file store, so no port to race for
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        assert gloo_threads()
+        wait_for("gloo's threads to start", gloo_threads)  # a new thread names itself a moment after it starts
         spec = parse_spec(tiny_spec_data(tmp_path, train={"max_steps": 2, "strategy": "fsdp", "eval_every": 2,
                                                           "save_every": 2, "peak_flops": 1e12}))
         result = train(spec, progress=False, write=lambda s: None)
         assert result.step == 2 and not dist.is_initialized()
-        assert not gloo_threads()
+        # the threads end once the group is destroyed; a leak keeps them for good, so a few minutes is generous
+        wait_for("gloo's threads to end", lambda: not gloo_threads(), timeout=300)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
