@@ -234,7 +234,7 @@ def read_ablation_file(path: str | Path) -> AblationFile:
     try:
         return AblationFile.model_validate(data)
     except ValidationError as err:
-        from ..spec import _problems
+        from ..spec import validation_problems as _problems
 
         raise AblationError(str(SpecError(_problems(err, model=AblationFile), str(path)))
                             .replace("Invalid experiment spec", "Invalid ablation file", 1)) from None
