@@ -336,7 +336,7 @@ RETRY_PLUGIN = '''
 import os
 from pathlib import Path
 from minigpt_core.plugin import Params, hookimpl
-from minigpt_core.train.state import list_checkpoints
+from minigpt_core.checkpoints.state import list_checkpoints
 from minigpt_torch import SDPAttention
 
 
@@ -362,7 +362,7 @@ def test_retry_failed_starts_a_cell_that_failed_after_a_checkpoint_afresh(tmp_pa
     # A failed run's checkpoints hold what led to the failure (a bug, a bad state): --retry-failed runs
     # the cell again from step 0 as a new run, not on from the failed run's last checkpoint.
     from minigpt_core.runs import read_metrics
-    from minigpt_core.train.state import list_checkpoints
+    from minigpt_core.checkpoints.state import list_checkpoints
 
     path = write_ablation(tmp_path, '''
 name = "retry"
