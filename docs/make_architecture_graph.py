@@ -61,7 +61,8 @@ def main(out: Path = ROOT / "docs" / "architecture.png") -> Path:
         y = n - 1 - i
         names = "  ".join(m.replace("minigpt_core.", "") for m in layer)
         ax.add_patch(plt.Rectangle((0, y + 0.12), 5.2, 0.76, facecolor="#e8eef7", edgecolor="#335"))
-        ax.text(2.6, y + 0.5, f"{names}   ({sizes[i]} modules)", ha="center", va="center", fontsize=9)
+        count = f"{sizes[i]} module{'' if sizes[i] == 1 else 's'}"
+        ax.text(2.6, y + 0.5, f"{names}   ({count})", ha="center", va="center", fontsize=9)
     for (a, b), count in sorted(edges.items()):
         ya, yb = n - 1 - a + 0.12, n - 1 - b + 0.88
         x = 5.35 + 0.22 * (a % 8) + 0.035 * b

@@ -26,7 +26,12 @@ import torch
 from torch import nn
 
 from .base.errors import FinetuneError
+from .checkpoints.checkpoint import WEIGHTS_FILE, file_sha256
+from .checkpoints.state import pick_checkpoint
+from .model.gpt import BuildContext
 from .model.trainable import ADAPTER_ATTR, is_marked_trainable, mark_trainable, match_modules, plain_model
+from .model.weights import _unwrap
+from .pretrained import HF_PREFIX, resolve_hf_source
 
 __all__ = ["FinetuneError", "mark_trainable", "is_marked_trainable", "match_modules", "Finetune",
            "apply_finetune", "finetune_active", "plain_model", "trainable_state", "book_trainable"]
@@ -77,8 +82,6 @@ class Finetune:
 
 
 def _build_adapter(spec: Any) -> Any:
-    from .model.gpt import BuildContext
-
     resolved = spec.components["finetune.adapter"]
     adapter = resolved.build(BuildContext(spec.model, spec.model.components))
     adapter.name = resolved.entry.name
@@ -131,8 +134,6 @@ def apply_finetune(model: nn.Module, spec: Any, *, base: dict[str, Any] | None =
 
 # -- the base of a fine-tuned checkpoint ------------------------------------------------------------
 def _weights_sha256(files: list[Path]) -> str:
-    from .checkpoints.checkpoint import file_sha256
-
     if len(files) == 1:
         return file_sha256(files[0])
     h = hashlib.sha256()
@@ -145,19 +146,13 @@ def base_record(init_from: str | None) -> dict[str, Any] | None:
     """Where the base weights of a run with ``init_from`` are, resolved now, and their sha256."""
     if init_from is None:
         return None
-    from .checkpoints.checkpoint import WEIGHTS_FILE
-    from .pretrained import HF_PREFIX
-
     if init_from.startswith(HF_PREFIX):
-        from .pretrained import resolve_hf_source
-
         directory = resolve_hf_source(init_from[len(HF_PREFIX):]).resolve()
         files = sorted(p for p in directory.iterdir()
                        if p.name.endswith(".safetensors") or p.name == "pytorch_model.bin")
         if any(p.name.endswith(".safetensors") for p in files):
             files = [p for p in files if p.name.endswith(".safetensors")]
         return {"init_from": HF_PREFIX + str(directory), "sha256": _weights_sha256(files)}
-    from .checkpoints.state import pick_checkpoint
 
     ckpt, _ = pick_checkpoint(init_from)
     ckpt = ckpt.resolve()
@@ -169,8 +164,6 @@ def base_record(init_from: str | None) -> dict[str, Any] | None:
 
 def trainable_state(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The entries of ``state`` (default the model's) that belong to trainable parameters."""
-    from .model.weights import _unwrap
-
     model = _unwrap(model)
     keep = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
     state = state if state is not None else model.state_dict()

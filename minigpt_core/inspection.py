@@ -21,9 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .base.device import autocast
 from .base.errors import MinigptError
 from .model.gpt import ATTENTION_MODULE_ATTR
 from .spec import attention_weights_message
+from .tasks.evaluate import lm_loss
+from .viz.attention import write_attention_pngs
 
 __all__ = ["AttentionWeightsUnavailable", "attention_modules", "capture_attention", "attention_weights",
            "attention_weights_message", "token_losses", "window_token_losses", "log_attention_maps"]
@@ -119,8 +122,6 @@ def attention_weights(model: nn.Module, idx: torch.Tensor) -> list[torch.Tensor]
 @torch.no_grad()
 def token_losses(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Next-token loss (nats) of every position: (B, T) from inputs and targets (B, T), in eval mode."""
-    from .tasks.evaluate import lm_loss
-
     was_training = model.training
     model.eval()
     try:
@@ -139,9 +140,6 @@ def window_token_losses(model: nn.Module, corpus, starts: np.ndarray, length: in
     Row w, column p is the loss of predicting token ``starts[w] + p + 1`` of the corpus from the
     tokens of the window before it; the mean of the array is what ``evaluate`` returns.
     """
-    from .base.device import autocast
-    from .tasks.evaluate import lm_loss
-
     out = np.empty((len(starts), length - 1), dtype=np.float32)
     was_training = model.training
     model.eval()
@@ -167,8 +165,6 @@ def log_attention_maps(model: nn.Module, tokenizer, prompt: str, out_dir, *, wri
     those with ``write`` draw. Returns the PNGs written.
     """
     from pathlib import Path
-
-    from .viz.attention import write_attention_pngs
 
     try:
         ids = tokenizer.encode(prompt)

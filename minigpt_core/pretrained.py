@@ -22,14 +22,18 @@ from urllib.parse import urlsplit
 
 import torch
 
+from .base import toml as _toml
 from .base.contracts import HFFilesProtocol
-from .checkpoints.checkpoint import atomic_write_bytes, load_weights_file
+from .base.errors import CheckpointError, PretrainedError
+from .base.loader import get_registry
+from .base.registry import ComponentRegistry
+from .checkpoints.checkpoint import atomic_write_bytes, load_weights_file, SPEC_FILE, check_plugin_files
+from .checkpoints.state import resolve_checkpoint
+from .model.build import build_model
+from .model.gpt import GPT
+from .model.tokenizers import TokenizerError, build_tokenizer, tokenizer_from_state
 from .model.trainable import plain_model
 from .model.weights import _unwrap
-from .base.errors import CheckpointError, PretrainedError
-from .model.gpt import GPT
-from .model.build import build_model
-from .base.registry import ComponentRegistry
 from .spec import MODEL_SLOTS, ExperimentSpec, ModelSpec, parse_spec
 
 __all__ = [
@@ -236,8 +240,6 @@ def import_hf(source: str | Path, registry: ComponentRegistry | None = None, *,
     ``components`` names other components for slots (e.g. ``minigpt_core.spec.BOOK_COMPONENTS``),
     keeping the format's params.
     """
-    from .base.loader import get_registry
-
     registry = registry or get_registry()
     directory = resolve_hf_source(str(source), cache_dir)
     config = _read_config(directory)
@@ -255,8 +257,6 @@ def import_hf(source: str | Path, registry: ComponentRegistry | None = None, *,
 
 def _write_tokenizer_files(spec: ExperimentSpec, directory: Path, tokenizer_state: Mapping[str, Any] | None) -> None:
     """The tokenizer's own Hugging Face files (``hf_files``), so the export loads with AutoTokenizer too."""
-    from .model.tokenizers import TokenizerError, build_tokenizer, tokenizer_from_state
-
     try:
         tok = tokenizer_from_state(tokenizer_state, spec.registry) if tokenizer_state else build_tokenizer(spec)
     except (TokenizerError, KeyError):  # e.g. a learnt vocabulary (char) without its saved state
@@ -325,9 +325,6 @@ def init_from_model(spec: ExperimentSpec) -> ModelSpec:
     ``validate`` shows this shape instead of the file's (which init_from overrides). A Hub id that is
     not cached locally is not fetched: the file's own section is returned.
     """
-    from .base import toml as _toml
-    from .checkpoints.checkpoint import SPEC_FILE, check_plugin_files
-
     source = spec.init_from
     if source is None:
         return spec.model
@@ -345,7 +342,6 @@ def init_from_model(spec: ExperimentSpec) -> ModelSpec:
                 f"directory (or a run directory: its latest checkpoint), or 'hf:PATH_OR_HUB_ID' for "
                 f"Hugging Face GPT-2 weights."
             )
-        from .checkpoints.state import resolve_checkpoint
 
         ckpt = resolve_checkpoint(source)
         try:

@@ -29,7 +29,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .base.errors import MinigptError
+from .base.errors import MinigptError, CheckpointError
+from .checkpoints.checkpoint import load_model_state, model_state_for_saving
+from .tasks import build_task_model
 
 __all__ = ["METHODS", "QuantizationError", "quantize_model", "quantized_state",
            "load_quantized", "quantization_record", "check_quantized_use", "linear_weight_bytes"]
@@ -169,8 +171,6 @@ def quantized_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str
 
     A tied output head gets its own int8 copy; the embedding it shares stays in float.
     """
-    from .checkpoints.checkpoint import model_state_for_saving
-
     names = _linear_names(model)
     state = model_state_for_saving(model)
     for name in names:
@@ -229,10 +229,6 @@ def check_quantized_use(directory: str | Path, meta: dict[str, Any], purpose: st
 def load_quantized(directory: Path, spec, state: dict[str, torch.Tensor], meta: dict[str, Any],
                    map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a quantized checkpoint's model: the float model from the spec, then its int8 layers."""
-    from .checkpoints.checkpoint import load_model_state
-    from .base.errors import CheckpointError
-    from .tasks import build_task_model
-
     record = meta["quantization"]
     method_name = record.get("method") if isinstance(record, dict) else None
     names = record.get("layers") if isinstance(record, dict) else None

@@ -13,10 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from .base import toml as _toml
 from .base.errors import MinigptError
-from .viz.curves import metric_series
+from .checkpoints.state import CHECKPOINTS_DIR, META_FILE, TRAINER_FILE, list_checkpoints
 from .train.lock import LOCK_FILE, lock_holder
 from .train.loggers import METRICS_FILE
+from .train.trainer import _flatten
+from .viz.curves import metric_series
 
 __all__ = ["read_metrics", "metric_series", "RunSummary", "summarize_run", "iter_run_dirs", "STATUSES",
            "NotARunError", "is_run_dir", "resolve_run", "read_spec", "spec_differences", "diff_specs",
@@ -157,8 +160,6 @@ def summarize_run(run_dir: str | Path, records: list[dict[str, Any]] | None = No
 
 def _checkpoint_total_steps(run_dir: Path) -> int | None:
     """The planned steps recorded in the run's latest checkpoint (runs whose events do not say)."""
-    from .checkpoints.state import CHECKPOINTS_DIR, TRAINER_FILE, list_checkpoints
-
     found = list_checkpoints(run_dir / CHECKPOINTS_DIR)
     if not found:
         return None
@@ -188,8 +189,6 @@ class NotARunError(MinigptError):
 def is_run_dir(path: str | Path) -> bool:
     """A directory the trainer made: metrics.jsonl, the run's lock (taken first, while the data loads),
     or spec.toml beside checkpoints/; an experiment file that happens to be called spec.toml is not a run."""
-    from .checkpoints.state import CHECKPOINTS_DIR
-
     path = Path(path)
     if not path.is_dir() or path.parent.name == CHECKPOINTS_DIR:
         return False
@@ -199,8 +198,6 @@ def is_run_dir(path: str | Path) -> bool:
 
 def resolve_run(path: str | Path) -> Path:
     """A run directory from a run, one of its checkpoints, or an experiment directory (its latest run)."""
-    from .checkpoints.state import CHECKPOINTS_DIR, META_FILE, TRAINER_FILE
-
     path = Path(path)
     if not path.exists():
         raise NotARunError(f"{path} does not exist. Give a run directory (runs/NAME/20261127-184000), an "
@@ -229,9 +226,6 @@ def read_spec(run_dir: str | Path) -> dict[str, Any]:
 
     Read as plain TOML, not validated: a run made with a plugin that is gone still compares.
     """
-    from .base import toml as _toml
-    from .train.trainer import _flatten
-
     try:
         data = _toml.loads((Path(run_dir) / "spec.toml").read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -17,6 +17,10 @@ from typing import Any, Callable
 
 from ..checkpoints.checkpoint import atomic_write_bytes
 from ..runs import metric_series, read_metrics, summarize_run
+from ..spec import WandbSpec
+from ..train.loggers import wandb_mode
+from ..viz._mpl import save_figure
+from ..viz.curves import band_figure
 from .plan import AblationError
 from .runner import MANIFEST_FILE, read_manifest
 from .stats import paired_difference, spread
@@ -162,9 +166,6 @@ def _markdown(manifest: dict[str, Any], rows: list[dict[str, Any]], files: dict[
 
 def write_report(root: str | Path, *, log_wandb: bool = True,
                  write: Callable[[str], None] = print) -> ReportFiles:
-    from ..viz._mpl import save_figure
-    from ..viz.curves import band_figure
-
     root = Path(root)
     manifest, rows, records = collect(root)
     buf = io.StringIO()
@@ -203,9 +204,6 @@ def write_report(root: str | Path, *, log_wandb: bool = True,
 def _log_to_wandb(manifest: dict[str, Any], rows: list[dict[str, Any]], files: ReportFiles,
                   write: Callable[[str], None]) -> None:
     """The report as a W&B run of its own (job_type "report" in the ablation's group), offline by default."""
-    from ..spec import WandbSpec
-    from ..train.loggers import wandb_mode
-
     try:
         spec = WandbSpec(**manifest.get("settings", {}).get("wandb", {}))
     except Exception:  # noqa: BLE001 - an older manifest

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from ..base import toml as _toml
 from ..checkpoints.checkpoint import atomic_write_bytes
+from ..checkpoints.state import list_checkpoints
 from ..spec import dump_spec
 from .plan import AblationError, Cell, Plan, flatten_overrides
 
@@ -180,8 +181,6 @@ def _runs_in(exp_dir: Path) -> set[str]:
 
 
 def _has_checkpoint(run_dir: str | None) -> bool:
-    from ..checkpoints.state import list_checkpoints
-
     return bool(run_dir) and bool(list_checkpoints(Path(run_dir) / "checkpoints"))
 
 
@@ -212,14 +211,16 @@ def _submitit_executor(kind: str, root: Path, params: dict[str, Any], check_only
 def run_ablation(plan: Plan, *, jobs: int = 1, retry_failed: bool = False, force: bool = False,
                  executor: str = "local", write: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every cell that is not done; returns the final manifest. A failing cell never stops the others."""
-    from ..train.lock import RunLock, RunLockedError
-
     if executor not in EXECUTORS:
         raise AblationError(f"--executor must be one of {', '.join(EXECUTORS)}, not {executor!r}.")
     if jobs < 1:
         raise AblationError(f"--jobs must be >= 1, not {jobs}.")
     if executor != "local":
         _submitit_executor(executor, plan.root, dict(plan.config.executor), check_only=True)
+    # Imported here: `minigpt --help` imports this module (EXECUTORS, for `ablate`'s arguments), and
+    # minigpt_core.train loads the whole trainer.
+    from ..train.lock import RunLock, RunLockedError
+
     root = plan.root
     root.mkdir(parents=True, exist_ok=True)
     try:

@@ -23,8 +23,10 @@ import torch
 
 from ..base import toml as _toml
 from ..base.errors import CheckpointError, MinigptError
-from ..model.weights import load_model_state, model_state_for_saving
+from ..base.loader import get_registry, is_plugin_file
 from ..base.registry import ComponentRegistry
+from ..base.version import __version__
+from ..model.weights import load_model_state, model_state_for_saving
 from ..spec import ExperimentSpec, dump_spec, parse_spec
 
 __all__ = [
@@ -89,8 +91,6 @@ def check_plugin_files(directory: str | Path, data: dict[str, Any],
     """Before a checkpoint's raw spec is parsed: a plugin file it lists that is gone is a
     CheckpointError naming the components it provided (unless those are loaded now, e.g. by
     --plugin from a new place); a file whose content changed since is a warning."""
-    from ..base.loader import get_registry, is_plugin_file
-
     refs = data.get("plugins")
     if not isinstance(refs, list) or not refs:
         return data
@@ -143,8 +143,6 @@ def save_model(model: torch.nn.Module, spec: ExperimentSpec, directory: str | Pa
     ``weights_file=False``: spec and metadata only (a sharded checkpoint's processes write the weights).
     """
     from safetensors.torch import save
-
-    from ..base.version import __version__
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,12 @@ import textwrap
 import warnings
 from typing import Callable
 
-from ..base.errors import MinigptError
+from ..ablation import AblationFile
+from ..base.errors import MinigptError, CheckpointError
+from ..base.hookspecs import PROJECT_NAME
+from ..base.loader import ENTRY_POINT_GROUP, PLUGINS_ENV_VAR, get_registry, load_local_plugins
+from ..checkpoints.checkpoint import SPEC_FILE
+from ..spec import ExperimentSpec, describe_components, load_spec, spec_warnings
 from .parser import COMMANDS, _print_table, arguments, command
 
 __all__ = ["main", "COMMANDS"]
@@ -26,9 +31,6 @@ def _hook_names(plugin) -> list[str] | None:
     import importlib.metadata as md
 
     import pluggy
-
-    from ..base.hookspecs import PROJECT_NAME
-    from ..base.loader import ENTRY_POINT_GROUP
 
     eps = [ep for ep in md.entry_points(group=ENTRY_POINT_GROUP, name=plugin.name) if ep.value == plugin.module]
     try:  # already imported by the loader: this only looks it up
@@ -58,8 +60,6 @@ def _print_trace(reg) -> None:
 @command("plugins", "list loaded plugins, their distributions, and plugins that failed to load")
 @arguments(_plugins_args)
 def _plugins(args) -> int:
-    from ..base.loader import PLUGINS_ENV_VAR, get_registry
-
     reg = get_registry()
     rows = [[p.name, p.distribution or "-", p.version or "-", str(p.components), p.module] for p in reg.plugins]
     _print_table(rows, ["plugin", "distribution", "version", "components", "module"])
@@ -82,8 +82,6 @@ def _components_args(p):
 @command("components", "list registered components with description, params, capabilities and source plugin")
 @arguments(_components_args)
 def _components(args) -> int:
-    from ..base.loader import get_registry
-
     reg = get_registry()
     entries = reg.entries(args.kind, args.pattern)
     absent = [u for u in reg.unavailable if (args.kind in (None, u.kind))]
@@ -131,8 +129,6 @@ def _file_args(p, what: str = "experiment TOML file"):
 @command("validate", "check an experiment file (structure, components, params) without building anything")
 @arguments(_file_args)
 def _validate(args) -> int:
-    from ..spec import describe_components, load_spec, spec_warnings
-
     spec = load_spec(args.file, overrides=args.overrides)
     m = spec.model
     origin = ""
@@ -158,9 +154,6 @@ def _summary_args(p):
 def _summary(args) -> int:
     from pathlib import Path
 
-    from ..checkpoints.checkpoint import SPEC_FILE
-    from ..base.errors import CheckpointError
-    from ..spec import load_spec
     from ..assembly import summarize_spec
 
     path = Path(args.file)
@@ -186,11 +179,7 @@ def _schema_args(p):
 @command("schema", "print the JSON schema of experiment files (--ablation: of ablation files)")
 @arguments(_schema_args)
 def _schema(args) -> int:
-    from ..spec import ExperimentSpec
-
     if getattr(args, "ablation", False):
-        from ..ablation import AblationFile
-
         print(json.dumps(AblationFile.model_json_schema(), indent=2))
         return 0
     print(json.dumps(ExperimentSpec.model_json_schema(), indent=2))
@@ -228,8 +217,6 @@ def _load_requested_plugins(args: argparse.Namespace) -> None:
     MINIGPT_PLUGIN_PATH for the processes the command starts."""
     refs = [*getattr(args, "plugins_before", []), *getattr(args, "plugins_after", [])]
     if refs:
-        from ..base.loader import load_local_plugins
-
         load_local_plugins(refs, where="--plugin")
 
 

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import sys
 
+from ..base.device import select_device
+from ..checkpoints.checkpoint import read_meta
+from ..checkpoints.state import pick_checkpoint
+from ..model.tokenizers import build_tokenizer, tokenizer_from_state
+
 _WHICH = "checkpoint directory, or a run / experiment directory (its best checkpoint, else its latest)"
 
 
@@ -12,11 +17,7 @@ def _load_for_inference(path: str, device: str, file=None, quantize: str | None 
 
     An int8 checkpoint (minigpt quantize) loads as such; ``quantize`` (--quantize METHOD) quantizes a
     float one after loading. Both run on the CPU ("auto" picks it)."""
-    from ..checkpoints.checkpoint import read_meta
     from ..assembly import load_model
-    from ..model.tokenizers import build_tokenizer, tokenizer_from_state
-    from ..train import select_device
-    from ..checkpoints.state import pick_checkpoint
 
     ckpt, which = pick_checkpoint(path)
     record = read_meta(ckpt).get("quantization")

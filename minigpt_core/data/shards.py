@@ -27,6 +27,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from ..model.tokenizers import tokenizer_from_state
 from .sources import DataError
 
 __all__ = [
@@ -76,7 +77,6 @@ _worker_tokenizer = None
 
 def _init_worker(tokenizer_state: dict[str, Any]) -> None:
     global _worker_tokenizer
-    from ..model.tokenizers import tokenizer_from_state
 
     _worker_tokenizer = tokenizer_from_state(tokenizer_state)
 

@@ -15,8 +15,9 @@ from pydantic import ValidationError
 
 from ..base.contracts import Tokenizer
 from ..base.errors import MinigptError
+from ..base.loader import get_registry
 from ..base.registry import ComponentRegistry
-from ..spec import ExperimentSpec
+from ..spec import ExperimentSpec, parse_spec
 
 __all__ = ["Tokenizer", "TokenizerContext", "TokenizerError", "build_tokenizer", "tokenizer_from_state"]
 
@@ -41,8 +42,6 @@ def build_tokenizer(spec: ExperimentSpec | str, training_text: str | None = None
     default params and no vocabulary check (looked up in ``registry``, default the process's).
     """
     if isinstance(spec, str):
-        from ..spec import parse_spec
-
         # The model section only has to admit the tokenizer's vocabulary; nothing is built.
         spec = parse_spec({"tokenizer": {"name": spec}, "model": {"vocab_size": 1 << 30}}, registry=registry)
     elif not isinstance(spec, ExperimentSpec):
@@ -64,8 +63,6 @@ def build_tokenizer(spec: ExperimentSpec | str, training_text: str | None = None
 
 def tokenizer_from_state(state: Mapping[str, Any], registry: ComponentRegistry | None = None) -> Tokenizer:
     """Rebuild a tokenizer from what its ``state()`` returned (e.g. read back from a run's files)."""
-    from ..base.loader import get_registry
-
     registry = registry or get_registry()
     name = state.get("name") if isinstance(state, Mapping) else None
     if not isinstance(name, str):

@@ -8,7 +8,8 @@
 - ``assert_conforms(kind, name, params=None, checks=None)``: run the conformance checks on one
   component; fails the test with every failing check's message.
 
-Nothing is imported at collection time, so loading the plugin costs other test suites nothing.
+Importing this module imports its package, ``minigpt_core.testing`` (the checks, and with them
+torch and the core), so the imports below cost nothing more.
 """
 
 from __future__ import annotations
@@ -16,12 +17,18 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Mapping
 
 import pytest
+import torch
+
+from minigpt_core.base import loader as _plugins
+from minigpt_core.model.build import build_model
+from minigpt_core.model.gpt import GPT
+from minigpt_core.spec import MODEL_SLOTS, ModelSpec, resolve_components
+from minigpt_core.testing import TINY_MODEL, check_component
+from minigpt_core.testing.subject import seeded
 
 
 @pytest.fixture
 def minigpt_registry():
-    from minigpt_core.base import loader as _plugins
-
     registry = _plugins.load_registry()
     before = _plugins._default
     _plugins._default = registry
@@ -43,9 +50,6 @@ def register_component(minigpt_registry) -> Callable[..., Any]:
 
 @pytest.fixture
 def tiny_spec() -> Callable[..., Any]:
-    from minigpt_core.spec import MODEL_SLOTS, ModelSpec
-    from minigpt_core.testing import TINY_MODEL
-
     def make(**overrides: Any) -> ModelSpec:
         fields = {**TINY_MODEL}
         for key, value in overrides.items():
@@ -56,13 +60,6 @@ def tiny_spec() -> Callable[..., Any]:
 
 @pytest.fixture
 def tiny_model(minigpt_registry, tiny_spec) -> Callable[..., Any]:
-    import torch
-
-    from minigpt_core.model.gpt import GPT  # noqa: F401 (GPT: the return type)
-    from minigpt_core.model.build import build_model
-    from minigpt_core.spec import resolve_components
-    from minigpt_core.testing.subject import seeded
-
     def make(seed: int = 0, **overrides: Any) -> GPT:
         model = tiny_spec(**overrides)
         resolve_components(model, minigpt_registry)  # the model section alone: no tokenizer or dataset needed
@@ -73,8 +70,6 @@ def tiny_model(minigpt_registry, tiny_spec) -> Callable[..., Any]:
 
 @pytest.fixture
 def assert_conforms(minigpt_registry) -> Callable[..., Any]:
-    from minigpt_core.testing import check_component
-
     def check(kind: str, name: str, params: Mapping[str, Any] | None = None,
               checks: Iterable[str] | None = None, device: str = "cpu"):
         results = check_component(minigpt_registry.get(kind, name), registry=minigpt_registry, params=params,

@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
+from ..base.loader import get_registry
 from ..base.registry import KINDS, ComponentEntry, ComponentRegistry
 from .checks import CHECKS, Check, applicable_checks
 from .subject import CheckFailed, CheckSkipped, ConformanceError, Subject
@@ -78,8 +79,6 @@ def check_component(entry: ComponentEntry, *, registry: ComponentRegistry | None
                     params: Mapping[str, Any] | None = None, checks: Iterable[str] | None = None,
                     device: str | torch.device = "cpu") -> list[CheckResult]:
     """Run every check that applies to one entry (with ``params`` instead of its defaults)."""
-    from ..base.loader import get_registry
-
     subject = Subject(entry, registry or get_registry(), dict(params or {}), torch.device(device))
     return [_run(check, subject) for check in applicable_checks(entry, _validate_check_names(checks))]
 
@@ -100,8 +99,6 @@ def run_checks(registry: ComponentRegistry | None = None, pattern: str = "*", *,
     components sharing those params); ``on_component`` is called after each component (the
     CLI prints its row there).
     """
-    from ..base.loader import get_registry
-
     registry = registry or get_registry()
     results: list[CheckResult] = []
     for entry in select_entries(registry, pattern, kinds):
@@ -147,8 +144,6 @@ def parametrize_component_checks(registry: ComponentRegistry | None = None, patt
     Declared expected failures become strict xfails (an unexpected pass fails the test).
     """
     import pytest
-
-    from ..base.loader import get_registry
 
     registry = registry or get_registry()
     names = _validate_check_names(checks)

@@ -11,21 +11,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
 
 from ..base.disk import NO_SPACE, disk_full_error
+from ..base.distributed import DistEnv
 from ..base.errors import CheckpointError
+from ..checkpoints.state import CHECKPOINTS_DIR, LoadedState, begin_checkpoint, save_checkpoint, write_shard
 from ..finetune import META_KEY, trainable_state
 from ..spec import ExperimentSpec
-from ..base.distributed import DistEnv
 from .meta_init import local_optimizer_state, local_shards, shard_layout, shard_optimizer_state
 from .optim import lr_at
-from ..checkpoints.state import CHECKPOINTS_DIR, LoadedState, begin_checkpoint, save_checkpoint, write_shard
 from .step import Engine
 
 __all__ = ["RunProgress", "save_run", "restore_run"]
@@ -84,6 +78,10 @@ def _write_shards(root: Path, step: int, engine: Engine, env: DistEnv) -> tuple[
 def save_run(run_dir: Path, spec: ExperimentSpec, engine: Engine, progress: RunProgress, tokenizer: Any,
              total_steps: int, env: DistEnv, device: torch.device) -> Path | None:
     """A checkpoint at ``progress.step`` (every process takes part; rank 0 returns its path)."""
+    # Imported here: torch.distributed.checkpoint pulls in DTensor and sympy (seconds), which every
+    # command that imports the trainer without saving would pay for.
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
     # FSDP: every rank takes part in gathering the full tensors; rank 0 writes. Sharded: each
     # rank writes its own shards into the directory rank 0 made, and rank 0 completes it.
     options = StateDictOptions(full_state_dict=True, cpu_offload=True) if engine.fsdp else StateDictOptions()
@@ -124,6 +122,8 @@ def save_run(run_dir: Path, spec: ExperimentSpec, engine: Engine, progress: RunP
 def restore_run(loaded: LoadedState, engine: Engine, progress: RunProgress, *, branch: bool, seed: int,
                 env: DistEnv, device: torch.device, write: Callable[[str], None]) -> None:
     """Put a resumed run where its checkpoint left it: counters, data position, optimizer, scaler, RNG."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict  # heavy: see save_run
+
     tr = loaded.trainer
     progress.step, progress.tokens = tr["step"], tr["tokens"]
     progress.best_val, progress.best_step = tr.get("best_val_loss"), tr.get("best_step")

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..base.errors import MinigptError
+from ..base.errors import MinigptError, CheckpointError
+from ..model.gpt import GPT
 
 __all__ = ["build_meta_model", "record_meta_build", "materialise", "load_local_shards", "local_shards", "shard_layout",
            "local_optimizer_state", "shard_optimizer_state"]
@@ -228,8 +229,6 @@ def build_meta_model(spec) -> tuple[nn.Module, _Recorder]:
 
     Seeded as :func:`minigpt_core.model.build.build_model` seeds, so the replay gives its weights.
     """
-    from ..model.gpt import GPT
-
     with record_meta_build() as recorder:
         torch.manual_seed(spec.seed)
         model = GPT(spec.model, spec.model.components)
@@ -261,8 +260,6 @@ def shard_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
 @torch.no_grad()
 def load_local_shards(model: nn.Module, state: dict[str, torch.Tensor], device: torch.device, source: str) -> None:
     """Fill a sharded (meta-built, not yet materialised) model from this rank's shard file."""
-    from ..base.errors import CheckpointError
-
     _to_empty(model, device)
     expected = _state(model)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))

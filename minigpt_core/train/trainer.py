@@ -8,16 +8,16 @@ and writes files. :meth:`Trainer.run` is the loop; each thing it does lives in i
     resume.py         what a resume may change in the run's spec
     build.py          the model, the task's data, batch geometry, wrapping, optimizer
     step.py           one optimizer step (accumulation, clipping, the scaler)
-    evaluate.py       the validation loss; tasks/ decide what evaluation means for them
     samples.py        text samples and attention maps during training
-    checkpointing.py  what a save writes and a resume restores (state.py: the files)
+    checkpointing.py  what a save writes and a resume restores (checkpoints/state.py: the files)
     divergence.py     stopping on a NaN/inf loss, gradient, weight or validation loss
     metrics.py        the logged training metrics: speed, MFU, memory, compile time
     console.py        the terminal, the progress bar and console.log
     loggers.py        metrics.jsonl, W&B and the run's events
     signals.py        Ctrl-C / SIGTERM: stop after this step and save
 
-The task (language model, classification, instruction) is a strategy from minigpt_core.tasks.
+The task (language model, classification, instruction) is a strategy from minigpt_core.tasks,
+which also evaluates: the validation loss over token windows is tasks/evaluate.py.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from .html import encode_array, page, write_page
+from ._mpl import pyplot
 
 __all__ = ["loss_page", "write_loss_page", "loss_figure", "MAX_PAGE_TOKENS"]
 
@@ -116,8 +117,6 @@ def loss_figure(tokens: Sequence[str], losses: np.ndarray, *, other: np.ndarray 
     lines, with a colour bar."""
     from matplotlib.colors import Normalize
     from matplotlib.patches import Rectangle
-
-    from ._mpl import pyplot
 
     plt = pyplot()
     tokens, losses = list(tokens)[:max_tokens], np.asarray(losses, dtype=np.float64)[:max_tokens]

@@ -6,16 +6,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..parser import arguments, command
+from ...ablation.plan import ablation_root, flatten_overrides, load_plan, read_ablation_file
+from ...ablation.runner import EXECUTORS, cores, read_manifest, run_ablation
+from ...base import toml as _toml
 from ...base.errors import MinigptError
+from ..parser import arguments, command, _print_table
 
 __all__ = ["run_label_fields", "resolve_run"]
 
 
 # -- ablate -------------------------------------------------------------------------------------------
 def _ablate_args(p: argparse.ArgumentParser) -> None:
-    from ...ablation.runner import EXECUTORS
-
     p.add_argument("file", help="ablation TOML file (docs/ablations.md; e.g. experiments/ablations/norms.toml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of every cell, e.g. --set train.max_steps=20 to try the file quickly "
@@ -38,15 +39,12 @@ def _ablate_args(p: argparse.ArgumentParser) -> None:
 @command("ablate", "run an ablation: variants x seeds as ordinary runs, resumable, with a report at the end")
 @arguments(_ablate_args)
 def _ablate(args) -> int:
-    from ...ablation.plan import load_plan
     from ...ablation.report import write_report
-    from ...ablation.runner import cores, read_manifest, run_ablation
 
     if args.jobs < 1:
         raise MinigptError(f"--jobs must be >= 1, not {args.jobs}.")
     threads = max(1, cores() // args.jobs)
     # Time budgets timed earlier stay as they were: the cells' specs (and hashes) must not drift.
-    from ...ablation.plan import ablation_root, read_ablation_file
 
     time_steps = None
     if read_ablation_file(args.file).budget == "time":
@@ -80,7 +78,6 @@ def _print_plan(plan) -> None:
         ov = ", ".join(f"{k}={v}" for k, v in c.overrides.items()) or "(base)"
         rows.append([c.id, ov, f"{c.params:,}", f"{c.flops_per_token:,}", str(c.steps), f"{c.tokens:,}",
                      c.budget_note or "", c.spec_sha256[:12]])
-    from ..parser import _print_table
 
     _print_table(rows, ["cell", "overrides", "params", "FLOPs/token", "steps", "tokens", "note", "spec sha256"])
     print("all cells are valid; nothing was run (--dry-run)")
@@ -123,9 +120,6 @@ _IGNORED = ("train.out_dir", "train.threads", "train.device", "description", "pl
 
 def run_label_fields(run_dirs: list[Path]) -> list[str]:
     """Per run, the spec fields that differ between the runs (``k=v, ...``), for legends."""
-    from ...base import toml as _toml
-    from ...ablation.plan import flatten_overrides
-
     flat = []
     for d in run_dirs:
         try:

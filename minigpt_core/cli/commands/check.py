@@ -5,6 +5,9 @@ from __future__ import annotations
 import fnmatch
 import textwrap
 
+from ...base.device import DeviceError, select_device
+from ...base.loader import get_registry
+from ...spec import apply_overrides
 from ..parser import arguments, command
 
 __all__ = ["format_row"]
@@ -43,17 +46,14 @@ def format_row(kind: str, name: str, results, name_width: int) -> str:
 @command("check", "run the conformance checks on registered components; prints a table, exit 1 on failure")
 @arguments(_args)
 def _check(args) -> int:
-    from ...base.loader import get_registry
     from pydantic import ValidationError
 
-    from ...spec import apply_overrides
     from ...testing import CHECKS, ConformanceError, run_checks, select_entries
 
     if args.list:
         for check in CHECKS.values():
             print(f"{check.name:20} {', '.join(sorted(check.kinds)):52} {check.description}")
         return 0
-    from ...base.device import DeviceError, select_device
 
     try:  # one message for a device that is not there, not a failure per check
         device = str(select_device(args.device))

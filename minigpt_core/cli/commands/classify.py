@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import sys
 
-from ..parser import arguments, command
 from ...base.errors import MinigptError
+from ...checkpoints.checkpoint import read_meta
+from ...checkpoints.state import pick_checkpoint
+from ...model.tokenizers import tokenizer_from_state
+from ..parser import arguments, command
 
 __all__ = ["classify_texts", "classify_command"]
 
@@ -37,10 +40,7 @@ def classify_texts(model, spec, tokenizer, texts: list[str]) -> list[list[float]
 @command("classify", "print a fine-tuned classifier's class and class probabilities for texts")
 @arguments(_classify_args)
 def classify_command(args) -> int:
-    from ...checkpoints.checkpoint import read_meta
     from ...assembly import load_model
-    from ...model.tokenizers import tokenizer_from_state
-    from ...checkpoints.state import pick_checkpoint
 
     texts = list(args.text)
     if args.file:

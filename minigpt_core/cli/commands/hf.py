@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..parser import arguments, command
 from ...base.errors import CheckpointError
+from ...checkpoints.checkpoint import read_meta, save_model
+from ...checkpoints.state import pick_checkpoint
+from ...spec import BOOK_COMPONENTS, ExperimentSpec
+from ..parser import arguments, command
 
 __all__ = ["import_hf_command", "export_hf_command"]
 
@@ -35,9 +38,7 @@ def _import_args(p):
 @command("import-hf", "convert a Hugging Face GPT-2 checkpoint into a minigpt checkpoint directory")
 @arguments(_import_args)
 def import_hf_command(args) -> int:
-    from ...checkpoints.checkpoint import save_model
     from ...pretrained import import_hf
-    from ...spec import BOOK_COMPONENTS, ExperimentSpec
 
     out = _fresh_output(args.out)
     name = args.name or Path(args.source.rstrip("/")).name or "gpt2-import"
@@ -60,10 +61,8 @@ def _export_args(p):
 @command("export-hf", "write a GPT-2 compatible minigpt checkpoint as a Hugging Face GPT-2 directory")
 @arguments(_export_args)
 def export_hf_command(args) -> int:
-    from ...checkpoints.checkpoint import read_meta
     from ...assembly import load_model
     from ...pretrained import export_hf
-    from ...checkpoints.state import pick_checkpoint
 
     out = _fresh_output(args.out)
     ckpt, which = pick_checkpoint(args.checkpoint)

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..parser import arguments, command
 from ...base.errors import MinigptError
+from ...checkpoints.checkpoint import read_meta
+from ..inference import _load_for_inference
+from ..parser import arguments, command
 
 __all__ = ["add_per_token_args", "PerTokenEval", "checkpoint_label"]
 
@@ -76,7 +78,6 @@ def _attention(args) -> int:
     from ...inspection import attention_modules, attention_weights
     from ...viz.attention import MAX_PAGE_CELLS, attention_page, write_attention_pngs
     from ...viz.html import write_page
-    from ..inference import _load_for_inference
 
     text = _read_text(args)
     if not text:
@@ -154,9 +155,6 @@ class PerTokenEval:
     """
 
     def __init__(self, args, ckpt: Path, spec, tokenizer, length: int):
-        from ...checkpoints.checkpoint import read_meta
-        from ..inference import _load_for_inference
-
         self.args, self.ckpt, self.spec, self.tokenizer, self.length = args, ckpt, spec, tokenizer, length
         self.other = self.other_ckpt = self.other_spec = None
         if args.compare is not None:

@@ -13,8 +13,9 @@ import re
 import string
 from pathlib import Path
 
-from ..parser import arguments, command
 from ...base.errors import MinigptError
+from ...base.loader import ENTRY_POINT_GROUP
+from ..parser import arguments, command
 
 __all__ = ["NewPluginError", "EXAMPLES", "create_plugin"]
 
@@ -47,8 +48,6 @@ def _check_name(name: str) -> None:
             f"'{re.sub(r'[^a-z0-9_]', '_', name.lower()).strip('_') or 'myplugin'}'."
         )
     import importlib.metadata as md
-
-    from ...base.loader import ENTRY_POINT_GROUP
 
     if name in {ep.name for ep in md.entry_points(group=ENTRY_POINT_GROUP)}:
         raise NewPluginError(f"A minigpt plugin named '{name}' is already installed (`minigpt plugins` lists it); "

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from ...base.errors import MinigptError
+from ...checkpoints.checkpoint import META_FILE, WEIGHTS_FILE
+from ...checkpoints.state import pick_checkpoint
+from ..inference import _WHICH
 from ..parser import arguments, command
 
 
 def _quantize_args(p: argparse.ArgumentParser) -> None:
-    from ..inference import _WHICH
-
     p.add_argument("checkpoint", help=_WHICH)
     p.add_argument("out", help="new checkpoint directory for the int8 model")
     p.add_argument("--method", default="int8-dynamic",
@@ -22,11 +24,8 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
 def _quantize(args) -> int:
     from pathlib import Path
 
-    from ...checkpoints.checkpoint import META_FILE, WEIGHTS_FILE
-    from ...base.errors import MinigptError
     from ...quantize import get_method
     from ...assembly import quantize_checkpoint
-    from ...checkpoints.state import pick_checkpoint
 
     get_method(args.method)
     ckpt, which = pick_checkpoint(args.checkpoint)

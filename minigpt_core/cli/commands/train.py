@@ -9,19 +9,31 @@ import os
 import sys
 from pathlib import Path
 
+from ...base.errors import MinigptError
+from ...base.loader import get_registry
+from ...checkpoints.checkpoint import read_meta
+from ...data import (
+    TokenCorpus,
+    build_source,
+    is_shard_dir,
+    load_tokens,
+    load_training_data,
+    sample_length,
+    window_starts,
+    write_shards,
+)
+from ...data.pipeline import text_tokenizer
+from ...data.sources import TokenSource
+from ...spec import apply_overrides, load_spec, parse_spec
 from ..inference import _WHICH, _load_for_inference
 from ..parser import arguments, command
-from ...base.errors import MinigptError
+from .inspection import PerTokenEval, add_per_token_args
 
 __all__ = ["source_slot"]
 
 
 def source_slot(source: str, params: list[str] | None = None) -> dict:
     """A data.source slot from a command-line SOURCE: a dataset name, a shards directory or text paths."""
-    from ...base.loader import get_registry
-    from ...data import is_shard_dir
-    from ...spec import apply_overrides
-
     extra = apply_overrides({}, params or [])
     if ("dataset", source) in get_registry():
         return {"name": source, "params": extra}
@@ -48,7 +60,6 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 @command("train", "train the experiment's model, with checkpoints and W&B / JSONL logging (torchrun for several processes)")
 @arguments(_train_args)
 def _train(args) -> int:
-    from ...spec import load_spec
     from ...train import train
     from ...train.trainer import append_console, label_slug, run_spec
 
@@ -267,7 +278,6 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in CI logs)")
     _quantize_arg(p)
-    from .inspection import add_per_token_args
 
     add_per_token_args(p)
 
@@ -278,9 +288,6 @@ def _eval(args) -> int:
     import numpy as np
     from tqdm.auto import tqdm
 
-    from ...checkpoints.checkpoint import read_meta
-    from ...data import TokenCorpus, load_tokens, load_training_data, sample_length, window_starts
-    from ...spec import parse_spec
     from ...tasks.evaluate import eval_windows, evaluate
 
     if args.batch_size < 1:
@@ -321,7 +328,6 @@ def _eval(args) -> int:
         starts = starts[eval_windows(len(starts), args.max_windows)]
     per_token = None
     if args.per_token or args.compare:  # one pass gives both the mean and each token's loss
-        from .inspection import PerTokenEval
 
         per_token = PerTokenEval(args, ckpt, spec, tokenizer, length)  # loads and checks --compare first
     with tqdm(total=len(starts) * (2 if args.compare else 1), unit="window", file=sys.stderr, dynamic_ncols=True,
@@ -351,11 +357,6 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
 @command("prepare", "tokenize a text source into uint16 memory-mapped shards for training (dataset 'shards')")
 @arguments(_prepare_args)
 def _prepare(args) -> int:
-    from ...data import build_source, write_shards
-    from ...data.pipeline import text_tokenizer
-    from ...data.sources import TokenSource
-    from ...spec import parse_spec
-
     if args.workers < 0 or args.shard_tokens <= 0:
         raise MinigptError("--workers must be >= 0 and --shard-tokens > 0.")
     # The model section only has to admit the tokenizer's vocabulary; nothing is built.

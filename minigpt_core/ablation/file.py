@@ -1,0 +1,187 @@
+"""Ablation files: their schema, reading them, and the variants their named overrides and axes make.
+
+A cell of the ablation is built from these by ``plan.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..base import toml as _toml
+from ..base.errors import MinigptError, SpecError
+from ..base.loader import resolve_plugin_ref
+from ..spec import apply_overrides, validation_problems
+
+__all__ = ["AblationError", "AblationFile", "BUDGETS", "flatten_overrides", "read_ablation_file", "ablation_root"]
+
+
+BUDGETS = ("tokens", "flops", "time")
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+# Set by the ablation itself; a variant that sets them would break the layout or the pairing.
+_RESERVED = {"name": "the cell's run name is seed-<s>", "seed": "seeds come from the ablation's `seeds` list",
+             "train.out_dir": "cells live under the base's train.out_dir/<ablation>; set it in the base",
+             "wandb.group": "the ablation's name", "wandb.job_type": "the variant's name", "wandb.config": "the cell's overrides"}
+
+
+class AblationError(MinigptError):
+    """An ablation file or its cells failed validation, or an ablation cannot (re)start as asked."""
+
+
+class AblationFile(BaseModel):
+    """An ablation file (TOML): a base experiment, seeds, and variants as named overrides and/or axes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, description="the ablation's name: directory train.out_dir/<name> and W&B group "
+                             "(default: the file's name without .toml)")
+    description: str = Field("", description="free text, shown in the report")
+    base: str | dict[str, Any] = Field(description="the experiment every cell starts from: a TOML file (relative to "
+                                       "this file) or an inline table with the fields of an experiment file")
+    common: dict[str, Any] = Field(default_factory=dict, description="overrides applied to the base for every "
+                                   "cell (\"dotted.field\" = value), e.g. a shorter train.max_steps than the base's")
+    seeds: list[int] = Field([123], min_length=1, description="seed s of every variant sees the same data order "
+                             "and the same initial weights where the shapes agree (paired seeds)")
+    variants: dict[str, dict[str, Any]] = Field(default_factory=dict, description="named variants: "
+                                                "name -> {\"dotted.field\" = value}; an empty table is the base")
+    axes: dict[str, list[Any]] = Field(default_factory=dict, description="\"dotted.field\" -> values; combined "
+                                       "as `combine` says, each combination a variant (after the named ones)")
+    combine: Literal["grid", "zip"] = Field("grid", description="axes as a cartesian product (grid) or "
+                                            "element by element (zip: lists of equal length)")
+    baseline: str | None = Field(None, description="the variant the report compares against (default: the first)")
+    budget: Literal["tokens", "flops", "time"] = Field("tokens", description="what every cell gets as much of as "
+                                                       "the baseline: training tokens, training FLOPs (FLOPs per "
+                                                       "token from the model summary) or wall-clock time")
+    time_budget_s: float | None = Field(None, gt=0, description="with budget = \"time\": seconds of training per "
+                                        "cell (default: what the baseline's steps take)")
+    nproc_per_node: int = Field(1, ge=1, description="processes per cell (torchrun --standalone inside the job)")
+    executor: dict[str, Any] = Field(default_factory=dict, description="submitit parameters for --executor slurm, "
+                                     "e.g. timeout_min = 60, slurm_partition = \"gpu\", gpus_per_node = 1")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str | None) -> str | None:
+        if v is not None and not _NAME.fullmatch(v):
+            raise ValueError(f"{v!r} is not a valid ablation name: use letters, digits, '.', '_' or '-' "
+                             f"(it names the directory train.out_dir/<name>)")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v) or any(s < 0 for s in v):
+            raise ValueError(f"seeds must be distinct and >= 0, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _variants(self) -> "AblationFile":
+        for name in self.variants:
+            if not _NAME.fullmatch(name):
+                raise ValueError(f"variant name {name!r}: use letters, digits, '.', '_' or '-' (it names a directory)")
+        for key, values in self.axes.items():
+            if not values:
+                raise ValueError(f"axis {key!r} has no values")
+        if self.combine == "zip" and len({len(v) for v in self.axes.values()}) > 1:
+            lengths = ", ".join(f"{k}: {len(v)}" for k, v in self.axes.items())
+            raise ValueError(f"combine = \"zip\" needs axes of equal length ({lengths}); use combine = \"grid\" "
+                             f"for every combination")
+        if not self.variants and not self.axes:
+            raise ValueError("no variants: add [variants.NAME] tables of overrides and/or an [axes] table")
+        return self
+
+
+def flatten_overrides(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"norm": {"name": x}}}`` and ``{"model.norm.name": x}`` both give ``{"model.norm.name": x}``."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten_overrides(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = data
+    for p in parents:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise SpecError([(key, f"'{p}' is a value, not a table")])
+        node = nxt
+    node[leaf] = copy.deepcopy(value)
+
+
+def _axis_label(key: str, value: Any) -> str:
+    parts = key.split(".")
+    label = parts[-2] if parts[-1] in ("name", "params") and len(parts) > 1 else parts[-1]
+    return re.sub(r"[^A-Za-z0-9._-]", "_", f"{label}-{value}")[:60]
+
+
+def _variants(cfg: AblationFile) -> dict[str, dict[str, Any]]:
+    out = {name: flatten_overrides(ov) for name, ov in cfg.variants.items()}
+    if cfg.axes:
+        keys = list(cfg.axes)
+        combos = (itertools.product(*cfg.axes.values()) if cfg.combine == "grid" else zip(*cfg.axes.values()))
+        for values in combos:
+            name = "_".join(_axis_label(k, v) for k, v in zip(keys, values))
+            if name in out:
+                raise AblationError(f"The axes make a variant named {name!r}, which is also a named variant; "
+                                    f"rename the named variant.")
+            out[name] = flatten_overrides(dict(zip(keys, values)))
+    return out
+
+
+def _read_toml(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return _toml.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AblationError(f"No such {what}: {path}.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AblationError(f"Cannot read the {what} {path}: {exc}.") from None
+    except _toml.TOMLDecodeError as exc:
+        raise AblationError(f"The {what} {path} is not valid TOML: {exc}.") from None
+
+
+def _base_data(cfg: AblationFile, file: Path) -> tuple[dict[str, Any], str]:
+    if isinstance(cfg.base, str):
+        path = (file.parent / cfg.base).expanduser()
+        data, where = _read_toml(path, "base experiment file (`base` of the ablation file)"), path.parent
+        shown = str(path)
+    else:
+        data, where, shown = copy.deepcopy(cfg.base), file.parent, "the inline [base] table"
+    if isinstance(data.get("plugins"), list):  # relative to the file that names them
+        data["plugins"] = [resolve_plugin_ref(r, where) if isinstance(r, str) else r for r in data["plugins"]]
+    return data, shown
+
+
+def _root_of(base: Mapping[str, Any], name: str) -> Path:
+    out_dir = base.get("train", {}).get("out_dir", "runs") if isinstance(base.get("train"), dict) else "runs"
+    return (Path(str(out_dir)).expanduser() / name).resolve()
+
+
+def ablation_root(path: str | Path, sets: list[str] | None = None) -> Path:
+    """Where the ablation in ``path`` (with these --set values) keeps its runs and manifest."""
+    file = Path(path)
+    cfg = read_ablation_file(file)
+    base, _ = _base_data(cfg, file)
+    for key, value in [*flatten_overrides(cfg.common).items(),
+                       *flatten_overrides(apply_overrides({}, list(sets or []))).items()]:
+        _set_dotted(base, key, value)
+    return _root_of(base, cfg.name or file.stem)
+
+
+def read_ablation_file(path: str | Path) -> AblationFile:
+    path = Path(path)
+    data = _read_toml(path, "ablation file")
+    try:
+        return AblationFile.model_validate(data)
+    except ValidationError as err:
+        raise AblationError(str(SpecError(validation_problems(err, model=AblationFile), str(path)))
+                            .replace("Invalid experiment spec", "Invalid ablation file", 1)) from None
