@@ -60,6 +60,8 @@ Errors
 
 from __future__ import annotations
 
+from torch import Tensor  # noqa: F401  (importable from here at a7c99bc, though not in __all__)
+
 from .base.contracts import (
     CAPABILITIES,
     CAPABILITY_CONTRACTS,
@@ -83,6 +85,7 @@ from .base.contracts import (
     Params,
     PositionalProtocol,
     TemplateProtocol,
+    Tokenizer,  # noqa: F401  (TokenizerProtocol's base; importable from here at a7c99bc, not in __all__)
     TokenizerProtocol,
     WeightsProtocol,
 )
