@@ -290,6 +290,135 @@ def test_a_changed_file_is_refused_for_finished_cells_unless_force(main_ablation
     assert "--force" in err and manifest_of(root)["settings"]["set"] == []
 
 
+# -- the report's ratios and the runner's states, without the shared ablation ------------------------------
+def _done_ablation(tmp: Path, speeds: dict[str, float], memory: dict[str, float]) -> Path:
+    """The manifest of a real plan, every cell done, each run's metrics.jsonl written with these numbers."""
+    from minigpt_core.ablation import load_plan
+    from minigpt_core.ablation.runner import reconcile, write_manifest
+
+    path = write_ablation(tmp, '''
+name = "ratios"
+base = "base.toml"
+seeds = [1, 2]
+[variants.base]
+[variants.fast]
+"train.lr" = 0.002
+''')
+    plan = load_plan(path, probe=False)
+    manifest = reconcile(plan, None, force=False)
+    for rec in manifest["cells"]:
+        run = plan.root / rec["variant"] / f"seed-{rec['seed']}" / "20260101-000000"
+        run.mkdir(parents=True)
+        wobble = 1.1 if rec["seed"] == 1 else 0.9  # the seeds' mean is the given number
+        records = [{"step": 0, "time": 100.0, "event": "start", "total_steps": 4}]
+        records += [{"step": s, "time": 100.0 + s, "train/loss": 3.0, "train/tokens": 256 * s,
+                     "train/tokens_per_s": speeds[rec["variant"]] * wobble,
+                     "train/peak_memory_mb": memory[rec["variant"]] * wobble} for s in (1, 2, 3, 4)]
+        records += [{"step": 4, "time": 104.5, "val/loss": 2.5}, {"step": 4, "time": 105.0, "event": "finished"}]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        rec.update(status="done", run_dir=str(run), attempts=1)
+    write_manifest(plan.root, manifest)
+    return plan.root
+
+
+def test_report_gives_tokens_per_s_and_peak_memory_as_variant_over_baseline(tmp_path, capsys):
+    root = _done_ablation(tmp_path, speeds={"base": 1000.0, "fast": 2000.0}, memory={"base": 100.0, "fast": 50.0})
+    status, out, err = cli(capsys, "report", root, "--no-wandb")
+    assert status == 0, err
+    table = (root / "report.md").read_text()
+    cols = {v: [c.strip() for c in next(line for line in table.splitlines() if line.startswith(f"| `{v}`"))
+                .split("|")] for v in ("base", "fast")}
+    # | variant | overrides | params | steps | loss | delta | p | tokens/s | peak memory | cells |
+    assert cols["base"][8:10] == ["1,000 (1.00x)", "100 (1.00x)"]
+    assert cols["fast"][8:10] == ["2,000 (2.00x)", "50 (0.50x)"]  # twice as fast, half the memory
+
+
+RETRY_PLUGIN = '''
+import os
+from pathlib import Path
+from minigpt_core.plugin import Params, hookimpl
+from minigpt_core.train.state import list_checkpoints
+from minigpt_torch import SDPAttention
+
+
+class FailsAfterCheckpoint(SDPAttention):
+    """Raises once a run under $MINIGPT_TEST_WATCH has a checkpoint: a crash in the middle of a cell."""
+
+    def forward(self, x):
+        watch = os.environ.get("MINIGPT_TEST_WATCH")
+        if watch and any(list_checkpoints(run / "checkpoints") for run in Path(watch).glob("*")):
+            raise RuntimeError("boom after a checkpoint")
+        return super().forward(x)
+
+
+@hookimpl
+def minigpt_register(registry):
+    registry.add("attention", "test.fails_after_checkpoint",
+                 lambda ctx, p: FailsAfterCheckpoint(ctx.emb_dim, ctx.n_heads, ctx.drop_rate, ctx.qkv_bias),
+                 params=Params, description="raises once its run has a checkpoint", capabilities={"causal"})
+'''
+
+
+def test_retry_failed_starts_a_cell_that_failed_after_a_checkpoint_afresh(tmp_path, capsys, monkeypatch):
+    # A failed run's checkpoints hold what led to the failure (a bug, a bad state): --retry-failed runs
+    # the cell again from step 0 as a new run, not on from the failed run's last checkpoint.
+    from minigpt_core.runs import read_metrics
+    from minigpt_core.train.state import list_checkpoints
+
+    path = write_ablation(tmp_path, '''
+name = "retry"
+base = "base.toml"
+seeds = [1]
+[variants.crashy]
+plugins = ["plugins/crashy.py"]
+"model.attention.name" = "test.fails_after_checkpoint"
+''', max_steps=6, save_every=2, eval_every=0)
+    (tmp_path / "plugins" / "crashy.py").write_text(RETRY_PLUGIN, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "runs" / "retry"
+    monkeypatch.setenv("MINIGPT_TEST_WATCH", str(root / "crashy" / "seed-1"))
+    status, out, err = cli(capsys, "ablate", path, "--no-report")
+    assert status == 1, out + err
+    failed = cells_by_id(root)["crashy/seed-1"]
+    assert failed["status"] == "failed" and "boom after a checkpoint" in failed["error"]
+    assert [s for s, _ in list_checkpoints(Path(failed["run_dir"]) / "checkpoints")] == [2]  # a resumable run
+
+    monkeypatch.delenv("MINIGPT_TEST_WATCH")  # the bug is fixed
+    status, out, err = cli(capsys, "ablate", path, "--no-report", "--retry-failed")
+    assert status == 0, out + err
+    assert "[crashy/seed-1] starting" in out and "resuming" not in out
+    cell = cells_by_id(root)["crashy/seed-1"]
+    assert cell["status"] == "done" and cell["attempts"] == 2
+    assert cell["run_dir"] != failed["run_dir"] and cell["previous_runs"] == [failed["run_dir"]]
+    records = read_metrics(cell["run_dir"])
+    assert [r["event"] for r in records if "event" in r] == ["start", "finished"]
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_running_cell_without_a_live_ablation_is_run_again_without_retry_failed(tmp_path, capsys, monkeypatch):
+    # `minigpt ablate` killed outright (SIGKILL, power cut) leaves its cell "running" in the manifest and
+    # nobody holding the lock: an interrupted cell, which the next plain run takes up, not a failed one.
+    from minigpt_core.ablation import load_plan
+    from minigpt_core.ablation.runner import reconcile, write_manifest
+
+    path = write_ablation(tmp_path, '''
+name = "stale"
+base = "base.toml"
+seeds = [1]
+[variants.only]
+''', max_steps=2, save_every=0, eval_every=0)
+    monkeypatch.chdir(tmp_path)
+    plan = load_plan(path, probe=False)
+    manifest = reconcile(plan, None, force=False)
+    manifest["cells"][0].update(status="running", attempts=1, started=1.0, host="elsewhere", job_id="12345")
+    write_manifest(plan.root, manifest)
+    status, out, err = cli(capsys, "ablate", path, "--no-report")
+    assert status == 0, out + err
+    assert "0 done, 1 to run" in out and "--retry-failed" not in out
+    cell = cells_by_id(plan.root)["only/seed-1"]
+    assert cell["status"] == "done" and cell["attempts"] == 2
+
+
 # -- interruption ----------------------------------------------------------------------------------------
 SLOW = '''
 name = "killed"

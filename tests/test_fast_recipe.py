@@ -75,7 +75,8 @@ def test_chunked_loss_equals_plain_loss_and_gradients(tied):
     for chunk in (0, 7, 32, 1000):  # plain; uneven chunks; one chunk per row... ; one chunk for all
         model.zero_grad(set_to_none=True)
         loss = model(idx[:, :-1], targets=idx[:, 1:], loss_chunk=chunk)
-        loss.backward()
+        # an incoming gradient other than 1 (a loss scaled for accumulation or fp16): backward must apply it
+        (loss * 3.7).backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     plain, plain_grads = results[0]
     reference = F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())

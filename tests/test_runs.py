@@ -222,6 +222,34 @@ def _write(run: Path, records: list[dict], tail: str = "") -> Path:
     return run
 
 
+def test_a_run_that_reached_its_last_step_without_an_end_event_is_finished(out, tmp_path, capsys):
+    # Killed between its last step and its finished event (or written before minigpt wrote one): the
+    # steps it planned are all there, so it finished; one step short it was killed.
+    import shutil
+
+    root, runs = out
+    records = [r for r in read_metrics(runs["finished"]) if r.get("event") != "finished"]
+    assert max(r["step"] for r in records) == 4
+    cases = {
+        "last-step": records,
+        # an older run's events say nothing of the plan: its last checkpoint does (step 4 of 4)
+        "last-step-no-plan": [{k: v for k, v in r.items() if k != "total_steps"} for r in records],
+        "step-short": [r for r in records if r["step"] < 4],
+    }
+    for name, recs in cases.items():
+        shutil.copytree(runs["finished"], tmp_path / "exp" / name)
+        _write(tmp_path / "exp" / name, recs)
+    got = {name: summarize_run(tmp_path / "exp" / name) for name in cases}
+    assert {k: (s.status, s.killed, s.steps, s.total_steps) for k, s in got.items()} == {
+        "last-step": ("finished", False, 4, 4), "last-step-no-plan": ("finished", False, 4, 4),
+        "step-short": ("interrupted", True, 3, 4)}
+    status, text, err = cli(capsys, "runs", tmp_path / "exp")
+    assert status == 0, err
+    rows = _rows(text)
+    assert rows["last-step"].split()[3:5] == ["finished", "4/4"]
+    assert rows["step-short"].split()[3:5] == ["interrupted?", "3/4"]
+
+
 def test_read_metrics_skips_a_truncated_last_line(tmp_path):
     run = _write(tmp_path / "r", [{"step": 1, "train/loss": 3.0}, {"step": 2, "train/loss": 2.5}],
                  tail='{"step": 3, "train/lo')

@@ -35,6 +35,16 @@ def test_warmup_then_cosine_to_min_lr():
     assert lr_at(50, TrainSpec(lr=1e-3, min_lr=0.0, warmup_steps=0, schedule="linear"), 100) == pytest.approx(5e-4)
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_past_its_last_step_the_schedule_stays_at_min_lr(schedule):
+    # Steps past the planned total (a resumed run's total cut short, a token budget rounded up) must
+    # not carry the decay on: linear would go below min_lr (even negative), cosine back up.
+    t = TrainSpec(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110, schedule=schedule)
+    assert lr_at(109, t, 110) > 1e-4
+    for step in (110, 111, 150, 400):
+        assert lr_at(step, t, 110) == pytest.approx(1e-4, rel=1e-9), step
+
+
 def test_matrices_decay_and_biases_and_norms_do_not():
     model = build_model(spec_from_preset("tiny", model={"n_layers": 1, "qkv_bias": True}))
     decay, no_decay = param_groups(model, 0.1)
@@ -82,6 +92,33 @@ def test_token_budget_sets_the_number_of_steps(tmp_path):
                                                       "eval_every": 0, "save_every": 0}))
     result = train(spec, **quiet)
     assert result.step == 4  # ceil(769 / 256)
+
+
+def test_accumulated_gradient_equals_the_whole_batch_gradient(tmp_path):
+    # The gradients themselves, as the optimizer receives them: AdamW's update barely depends on the
+    # gradient's scale, so equal losses would not show micro-batch gradients summed instead of averaged.
+    import copy
+
+    from minigpt_core.train import Trainer
+
+    spec = parse_spec(tiny_spec_data(tmp_path, train={
+        "max_steps": 1, "batch_size": 8, "micro_batch_size": 2, "grad_clip": 0.0, "peak_flops": 1e12}))
+    trainer = Trainer(spec, loggers=[], **quiet)
+    assert trainer.accum == 4
+    # the reference: the whole batch at once through a copy of the model
+    ref = copy.deepcopy(trainer.model)
+    split = trainer.data.split
+    batch = torch.from_numpy(split.corpus.windows(split.train[copy.deepcopy(trainer.sampler).next_batch()],
+                                                  split.length))
+    logits = ref(batch[:, :-1])
+    nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).backward()
+    seen = {}
+    trainer.optimizer.register_step_pre_hook(  # what the optimizer is about to apply
+        lambda opt, args, kwargs: seen.update({n: p.grad.clone() for n, p in trainer.model.named_parameters()}))
+    trainer.train_step()
+    assert list(seen) == [n for n, _ in ref.named_parameters()]
+    for name, p in ref.named_parameters():
+        assert (seen[name] - p.grad).abs().max().item() <= 1e-5 * p.grad.abs().max().item() + 1e-8, name
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
