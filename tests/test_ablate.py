@@ -127,6 +127,7 @@ budget = "flops"
 
 
 # -- the shared ablation ---------------------------------------------------------------------------------
+@pytest.mark.slow  # the shared ablation: 6 cells, each a `minigpt train` process
 def test_failing_cell_does_not_stop_the_others_and_is_reported(main_ablation):
     tmp, path, root, proc = main_ablation
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -149,6 +150,7 @@ def test_failing_cell_does_not_stop_the_others_and_is_reported(main_ablation):
     assert "done, 2 failed, 0 remaining" in proc.stdout
 
 
+@pytest.mark.slow  # the shared ablation: 6 cells, each a `minigpt train` process
 def test_report_statistics_match_an_independent_computation(main_ablation):
     from scipy import stats
 
@@ -171,6 +173,7 @@ def test_report_statistics_match_an_independent_computation(main_ablation):
     assert "same training tokens" in (root / "report.md").read_text()
 
 
+@pytest.mark.slow  # the shared ablation: 6 cells, each a `minigpt train` process
 def test_figures_have_one_line_per_variant_with_results(main_ablation):
     from minigpt_core.ablation.report import write_report
 
@@ -182,6 +185,7 @@ def test_figures_have_one_line_per_variant_with_results(main_ablation):
     assert files.curves_figure_lines == {"ln": 1, "rms": 1}  # boom has no curve: it failed
 
 
+@pytest.mark.slow  # the shared ablation: 6 cells, each a `minigpt train` process
 def test_report_command_rebuilds_the_files_and_refuses_a_plain_directory(main_ablation, capsys, tmp_path):
     tmp, path, root, proc = main_ablation
     (root / "report.md").unlink()
@@ -204,6 +208,7 @@ def test_band_figure_draws_mean_and_min_max_of_seeds():
     assert band.min() == 1.0 and band.max() == 4.0
 
 
+@pytest.mark.slow  # the shared ablation: 6 cells, each a `minigpt train` process
 def test_rerun_skips_done_and_retry_failed_reruns_only_the_failed(main_ablation, monkeypatch, capsys):
     tmp, path, root, proc = main_ablation
     before = cells_by_id(root)
@@ -225,6 +230,7 @@ def test_rerun_skips_done_and_retry_failed_reruns_only_the_failed(main_ablation,
     assert "failed**" not in report and "| `boom` |" in report
 
 
+@pytest.mark.slow  # the shared ablation: 6 cells, each a `minigpt train` process
 def test_a_changed_file_is_refused_for_finished_cells_unless_force(main_ablation, monkeypatch, capsys):
     tmp, path, root, proc = main_ablation
     monkeypatch.chdir(tmp)
@@ -317,6 +323,7 @@ time_budget_s = 5
     assert [c.steps for c in again.cells] == [7, 7, 3, 3] and again.step_seconds == {}
 
 
+@pytest.mark.slow  # the shared ablation: 6 cells, each a `minigpt train` process
 def test_report_is_logged_to_wandb_offline_in_a_run_of_its_own(main_ablation, monkeypatch):
     from minigpt_core.ablation.report import write_report
 

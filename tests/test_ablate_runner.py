@@ -45,6 +45,7 @@ def minigpt_register(registry):
 '''
 
 
+@pytest.mark.slow  # cells as `minigpt train` processes
 def test_retry_failed_starts_a_cell_that_failed_after_a_checkpoint_afresh(tmp_path, capsys, monkeypatch):
     # A failed run's checkpoints hold what led to the failure (a bug, a bad state): --retry-failed runs
     # the cell again from step 0 as a new run, not on from the failed run's last checkpoint.
@@ -81,6 +82,7 @@ plugins = ["plugins/crashy.py"]
     assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow  # cells as `minigpt train` processes
 def test_a_running_cell_without_a_live_ablation_is_run_again_without_retry_failed(tmp_path, capsys, monkeypatch):
     # `minigpt ablate` killed outright (SIGKILL, power cut) leaves its cell "running" in the manifest and
     # nobody holding the lock: an interrupted cell, which the next plain run takes up, not a failed one.
