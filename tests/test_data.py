@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 
@@ -33,8 +35,14 @@ def test_python_docs_is_deterministic_prose_from_the_standard_library(registry):
     entry = registry.get("dataset", "python-docs")
     a = entry.build(DataContext(cache_dir=None))
     b = entry.build(DataContext(cache_dir=None))
-    docs = list(a.documents())
-    assert docs == list(b.documents())
+    # Parsing the stdlib twice makes many collections; each would rescan this worker's whole heap (torch,
+    # every test module) without it frozen: 2-3x the time of the parsing itself.
+    gc.freeze()
+    try:
+        docs = list(a.documents())
+        assert docs == list(b.documents())
+    finally:
+        gc.unfreeze()
     assert a.fingerprint() == b.fingerprint()
     size = sum(len(d) for d in docs)
     assert 1_000_000 < size < 2_500_000  # about 1.5 MB with Python 3.11
