@@ -53,6 +53,8 @@ test-stress: install
 	done; \
 	exit $$failed
 
+# Everything but the tests marked slow (whole ablations, several ranks, killed runs, compilation, installs):
+# the loop while editing. `make test` runs them all.
 test-fast: install
 	$(BIN)/lint-imports
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow"

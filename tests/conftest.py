@@ -85,3 +85,16 @@ def isolated_plugins():
     if saved is not None:
         os.environ[PLUGIN_PATH_ENV_VAR] = saved
 
+
+
+# pytest-xdist's --dist loadfile hands out whole files in collection order, the next one to whichever
+# worker is nearly done. The longest files go first (as measured with --durations), so that none of them
+# starts last while the other worker idles. Order only: within a file, and among the rest, it is unchanged.
+LONG_FILES_FIRST = ("test_ablate_resume.py", "test_ablate.py", "test_ablate_runner.py", "test_generate_fast.py",
+                    "test_zoo.py", "test_hf_parity.py", "test_plugin_kit.py", "test_compile.py", "test_fsdp_meta.py",
+                    "test_resume.py", "test_distributed.py", "test_integrity.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # a stable sort

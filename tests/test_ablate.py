@@ -1,7 +1,8 @@
-"""`minigpt ablate` / `report`: cells as real runs in child processes, the manifest, reruns, the report.
+"""`minigpt ablate` / `report`: the plan's validation and budgets, the manifest, reruns, the report.
 
 One module-scoped ablation (2 good variants and one whose attention raises in forward, 2 seeds)
-is shared by the report, failure and retry tests; the SIGKILL and submitit tests run their own.
+is shared by the report, failure and rerun tests. Interruption and resume are in test_ablate_resume.py,
+the runner's cell states and executors in test_ablate_runner.py (files run on separate test workers).
 """
 
 from __future__ import annotations
@@ -9,63 +10,19 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from ablation_utils import ablate_in_process, cells_by_id, final_val, manifest_of, write_ablation
 from minigpt_core.base import toml as _toml
-from minigpt_core.checkpoints.state import list_checkpoints
-from minigpt_core.train.lock import lock_holder
-from training_utils import MINIGPT, PATIENCE_S, ROOT, cli, tiny_spec_data, wait_for
-
-# An attention that raises in forward while MINIGPT_TEST_BOOM=1 (a run-time failure of one variant),
-# and one that sleeps in forward (so a test can kill the ablation in the middle of a cell).
-PLUGIN = '''
-import os, time
-from minigpt_core.plugin import Params, hookimpl
-from minigpt_torch import SDPAttention
-
-
-class Boom(SDPAttention):
-    def forward(self, x):
-        if os.environ.get("MINIGPT_TEST_BOOM") == "1":
-            raise RuntimeError("boom: this attention always fails")
-        return super().forward(x)
-
-
-class Slow(SDPAttention):
-    def forward(self, x):
-        time.sleep(0.01)
-        return super().forward(x)
-
-
-@hookimpl
-def minigpt_register(registry):
-    registry.add("attention", "test.boom", lambda ctx, p: Boom(ctx.emb_dim, ctx.n_heads, ctx.drop_rate, ctx.qkv_bias),
-                 params=Params, description="raises in forward while MINIGPT_TEST_BOOM=1", capabilities={"causal"})
-    registry.add("attention", "test.slow", lambda ctx, p: Slow(ctx.emb_dim, ctx.n_heads, ctx.drop_rate, ctx.qkv_bias),
-                 params=Params, description="sleeps 10 ms per call", capabilities={"causal"})
-'''
+from training_utils import ROOT, cli
 
 
 @pytest.fixture(autouse=True)
 def _clean_plugin_state(isolated_plugins):
     yield
-
-
-def write_ablation(tmp: Path, body: str, name: str = "abl.toml", **train) -> Path:
-    # peak_flops given: each cell process skips the matmul timing (cells are mostly start-up here)
-    base = tiny_spec_data(tmp, train={"peak_flops": 1e12, **train})
-    (tmp / "base.toml").write_text(_toml.dumps(base), encoding="utf-8")
-    (tmp / "plugins").mkdir(exist_ok=True)
-    (tmp / "plugins" / "testattn.py").write_text(PLUGIN, encoding="utf-8")
-    path = tmp / name
-    path.write_text(body, encoding="utf-8")
-    return path
 
 
 MAIN = '''
@@ -87,26 +44,14 @@ plugins = ["plugins/testattn.py"]
 
 @pytest.fixture(scope="module")
 def main_ablation(tmp_path_factory):
-    """The shared ablation, run once: 6 cells, 2 at a time; the boom cells fail."""
+    """The shared ablation, run once: 6 cells, 2 at a time; the boom cells fail.
+
+    `minigpt ablate` runs in this process (a start-up saved); its cells are child processes as always.
+    The console script and its exit codes are covered by test_ablate_resume.py and test_ablate_runner.py."""
     tmp = tmp_path_factory.mktemp("ablation")
     path = write_ablation(tmp, MAIN)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MINIGPT_TEST_BOOM": "1"}
-    proc = subprocess.run([str(MINIGPT), "ablate", str(path), "--jobs", "2"], capture_output=True, text=True,
-                          env=env, cwd=tmp, timeout=PATIENCE_S)
-    return tmp, path, tmp / "runs" / "main", proc
-
-
-def manifest_of(root: Path) -> dict:
-    return json.loads((root / "manifest.json").read_text())
-
-
-def cells_by_id(root: Path) -> dict:
-    return {c["id"]: c for c in manifest_of(root)["cells"]}
-
-
-def final_val(run_dir: str | Path) -> float:
-    vals = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [r["val/loss"] for r in vals if "val/loss" in r][-1]
+    status, out, err = ablate_in_process(path, "--jobs", "2", cwd=tmp, env={"MINIGPT_TEST_BOOM": "1"})
+    return tmp, path, tmp / "runs" / "main", SimpleNamespace(returncode=status, stdout=out, stderr=err)
 
 
 # -- validation before anything runs -------------------------------------------------------------------
@@ -182,6 +127,7 @@ budget = "flops"
 
 
 # -- the shared ablation ---------------------------------------------------------------------------------
+@pytest.mark.slow  # the shared ablation: 6 cells, each a `minigpt train` process
 def test_failing_cell_does_not_stop_the_others_and_is_reported(main_ablation):
     tmp, path, root, proc = main_ablation
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -204,6 +150,7 @@ def test_failing_cell_does_not_stop_the_others_and_is_reported(main_ablation):
     assert "done, 2 failed, 0 remaining" in proc.stdout
 
 
+@pytest.mark.slow  # the shared ablation: 6 cells, each a `minigpt train` process
 def test_report_statistics_match_an_independent_computation(main_ablation):
     from scipy import stats
 
@@ -226,6 +173,7 @@ def test_report_statistics_match_an_independent_computation(main_ablation):
     assert "same training tokens" in (root / "report.md").read_text()
 
 
+@pytest.mark.slow  # the shared ablation: 6 cells, each a `minigpt train` process
 def test_figures_have_one_line_per_variant_with_results(main_ablation):
     from minigpt_core.ablation.report import write_report
 
@@ -237,6 +185,7 @@ def test_figures_have_one_line_per_variant_with_results(main_ablation):
     assert files.curves_figure_lines == {"ln": 1, "rms": 1}  # boom has no curve: it failed
 
 
+@pytest.mark.slow  # the shared ablation: 6 cells, each a `minigpt train` process
 def test_report_command_rebuilds_the_files_and_refuses_a_plain_directory(main_ablation, capsys, tmp_path):
     tmp, path, root, proc = main_ablation
     (root / "report.md").unlink()
@@ -259,6 +208,7 @@ def test_band_figure_draws_mean_and_min_max_of_seeds():
     assert band.min() == 1.0 and band.max() == 4.0
 
 
+@pytest.mark.slow  # the shared ablation: 6 cells, each a `minigpt train` process
 def test_rerun_skips_done_and_retry_failed_reruns_only_the_failed(main_ablation, monkeypatch, capsys):
     tmp, path, root, proc = main_ablation
     before = cells_by_id(root)
@@ -280,6 +230,7 @@ def test_rerun_skips_done_and_retry_failed_reruns_only_the_failed(main_ablation,
     assert "failed**" not in report and "| `boom` |" in report
 
 
+@pytest.mark.slow  # the shared ablation: 6 cells, each a `minigpt train` process
 def test_a_changed_file_is_refused_for_finished_cells_unless_force(main_ablation, monkeypatch, capsys):
     tmp, path, root, proc = main_ablation
     monkeypatch.chdir(tmp)
@@ -333,188 +284,8 @@ def test_report_gives_tokens_per_s_and_peak_memory_as_variant_over_baseline(tmp_
     assert cols["fast"][8:10] == ["2,000 (2.00x)", "50 (0.50x)"]  # twice as fast, half the memory
 
 
-RETRY_PLUGIN = '''
-import os
-from pathlib import Path
-from minigpt_core.plugin import Params, hookimpl
-from minigpt_core.checkpoints.state import list_checkpoints
-from minigpt_torch import SDPAttention
-
-
-class FailsAfterCheckpoint(SDPAttention):
-    """Raises once a run under $MINIGPT_TEST_WATCH has a checkpoint: a crash in the middle of a cell."""
-
-    def forward(self, x):
-        watch = os.environ.get("MINIGPT_TEST_WATCH")
-        if watch and any(list_checkpoints(run / "checkpoints") for run in Path(watch).glob("*")):
-            raise RuntimeError("boom after a checkpoint")
-        return super().forward(x)
-
-
-@hookimpl
-def minigpt_register(registry):
-    registry.add("attention", "test.fails_after_checkpoint",
-                 lambda ctx, p: FailsAfterCheckpoint(ctx.emb_dim, ctx.n_heads, ctx.drop_rate, ctx.qkv_bias),
-                 params=Params, description="raises once its run has a checkpoint", capabilities={"causal"})
-'''
-
-
-def test_retry_failed_starts_a_cell_that_failed_after_a_checkpoint_afresh(tmp_path, capsys, monkeypatch):
-    # A failed run's checkpoints hold what led to the failure (a bug, a bad state): --retry-failed runs
-    # the cell again from step 0 as a new run, not on from the failed run's last checkpoint.
-    from minigpt_core.runs import read_metrics
-    from minigpt_core.checkpoints.state import list_checkpoints
-
-    path = write_ablation(tmp_path, '''
-name = "retry"
-base = "base.toml"
-seeds = [1]
-[variants.crashy]
-plugins = ["plugins/crashy.py"]
-"model.attention.name" = "test.fails_after_checkpoint"
-''', max_steps=6, save_every=2, eval_every=0)
-    (tmp_path / "plugins" / "crashy.py").write_text(RETRY_PLUGIN, encoding="utf-8")
-    monkeypatch.chdir(tmp_path)
-    root = tmp_path / "runs" / "retry"
-    monkeypatch.setenv("MINIGPT_TEST_WATCH", str(root / "crashy" / "seed-1"))
-    status, out, err = cli(capsys, "ablate", path, "--no-report")
-    assert status == 1, out + err
-    failed = cells_by_id(root)["crashy/seed-1"]
-    assert failed["status"] == "failed" and "boom after a checkpoint" in failed["error"]
-    assert [s for s, _ in list_checkpoints(Path(failed["run_dir"]) / "checkpoints")] == [2]  # a resumable run
-
-    monkeypatch.delenv("MINIGPT_TEST_WATCH")  # the bug is fixed
-    status, out, err = cli(capsys, "ablate", path, "--no-report", "--retry-failed")
-    assert status == 0, out + err
-    assert "[crashy/seed-1] starting" in out and "resuming" not in out
-    cell = cells_by_id(root)["crashy/seed-1"]
-    assert cell["status"] == "done" and cell["attempts"] == 2
-    assert cell["run_dir"] != failed["run_dir"] and cell["previous_runs"] == [failed["run_dir"]]
-    records = read_metrics(cell["run_dir"])
-    assert [r["event"] for r in records if "event" in r] == ["start", "finished"]
-    assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
-
-
-def test_a_running_cell_without_a_live_ablation_is_run_again_without_retry_failed(tmp_path, capsys, monkeypatch):
-    # `minigpt ablate` killed outright (SIGKILL, power cut) leaves its cell "running" in the manifest and
-    # nobody holding the lock: an interrupted cell, which the next plain run takes up, not a failed one.
-    from minigpt_core.ablation import load_plan
-    from minigpt_core.ablation.runner import reconcile, write_manifest
-
-    path = write_ablation(tmp_path, '''
-name = "stale"
-base = "base.toml"
-seeds = [1]
-[variants.only]
-''', max_steps=2, save_every=0, eval_every=0)
-    monkeypatch.chdir(tmp_path)
-    plan = load_plan(path, probe=False)
-    manifest = reconcile(plan, None, force=False)
-    manifest["cells"][0].update(status="running", attempts=1, started=1.0, host="elsewhere", job_id="12345")
-    write_manifest(plan.root, manifest)
-    status, out, err = cli(capsys, "ablate", path, "--no-report")
-    assert status == 0, out + err
-    assert "0 done, 1 to run" in out and "--retry-failed" not in out
-    cell = cells_by_id(plan.root)["only/seed-1"]
-    assert cell["status"] == "done" and cell["attempts"] == 2
-
-
 # -- interruption ----------------------------------------------------------------------------------------
-SLOW = '''
-name = "killed"
-base = "base.toml"
-seeds = [1]
-plugins = []
-[variants.first]
-plugins = ["plugins/testattn.py"]
-"model.attention.name" = "test.slow"
-[variants.second]
-plugins = ["plugins/testattn.py"]
-"model.attention.name" = "test.slow"
-"model.norm.name" = "modern.rmsnorm"
-'''
-
-
-@pytest.mark.slow
-def test_sigkill_mid_cell_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, capsys, monkeypatch):
-    from minigpt_core.ablation.runner import cores
-
-    path = write_ablation(tmp_path, SLOW.replace("plugins = []\n", ""), max_steps=40, save_every=10,
-                          eval_every=10)
-    root = tmp_path / "runs" / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([str(MINIGPT), "ablate", str(path)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env, cwd=tmp_path)
-
-    def running_second_cell():
-        # its run directory once the manifest names it (the runner records it a moment after the
-        # trainer makes it) and a checkpoint is in it to resume from
-        try:
-            cell = cells_by_id(root)["second/seed-1"]
-        except (OSError, ValueError, KeyError):  # no manifest yet (it is written whole, by a rename)
-            return None
-        run = cell["run_dir"]
-        return run if cell["status"] == "running" and run and list_checkpoints(Path(run) / "checkpoints") else None
-
-    try:
-        killed_run = wait_for("the second cell to run and save a checkpoint", running_second_cell, interval=0.02)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=PATIENCE_S)
-    cells = cells_by_id(root)
-    assert cells["first/seed-1"]["status"] == "done" and cells["second/seed-1"]["status"] == "running"
-    assert cells["second/seed-1"]["run_dir"] == killed_run
-    # the cell dies with its parent (and the kernel drops its run's lock then): its run never reaches step 40
-    wait_for("the killed cell's process to end", lambda: lock_holder(killed_run) is None)
-    steps = [json.loads(x).get("step") for x in (Path(killed_run) / "metrics.jsonl").read_text().splitlines()]
-    assert max(steps) < 40
-    monkeypatch.chdir(tmp_path)
-    status, out, err = cli(capsys, "ablate", path, "--no-report")
-    assert status == 0, out + err
-    assert "1 done, 1 to run" in out and f"resuming {killed_run}" in out and out.count("[first/seed-1]") == 0
-    after = cells_by_id(root)
-    assert after["second/seed-1"]["run_dir"] == killed_run and after["first/seed-1"] == cells["first/seed-1"]
-    records = [json.loads(x) for x in (Path(killed_run) / "metrics.jsonl").read_text().splitlines()]
-    (resumed,) = [r for r in records if r.get("event") == "resume"]
-    assert 10 <= resumed["step"] < 40  # from the checkpoint the killed cell left, not from its end
-    # the same cells, uninterrupted, in this process
-    threads = max(1, cores())
-    for cid in ("first/seed-1", "second/seed-1"):
-        cell = root / cid / "cell.toml"
-        status, out, err = cli(capsys, "train", cell, "--no-progress", "--set", f"train.threads={threads}",
-                               "--set", f"train.out_dir={tmp_path / 'reference' / cid}")
-        assert status == 0, err
-        (ref,) = [p for p in (tmp_path / "reference" / cid / "seed-1").iterdir() if p.is_dir()]
-        ref_vals = {json.loads(x)["step"]: json.loads(x)["val/loss"]
-                    for x in (ref / "metrics.jsonl").read_text().splitlines() if "val/loss" in x}
-        got_vals = {json.loads(x)["step"]: json.loads(x)["val/loss"]
-                    for x in (Path(after[cid]["run_dir"]) / "metrics.jsonl").read_text().splitlines()
-                    if "val/loss" in x}
-        assert got_vals == ref_vals and len(ref_vals) == 4
-
-
 # -- submitit ------------------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_submitit_local_executor_runs_a_two_cell_ablation(tmp_path):
-    pytest.importorskip("submitit")
-    path = write_ablation(tmp_path, '''
-name = "sub"
-base = "base.toml"
-seeds = [1, 2]
-[variants.ln]
-''', max_steps=4, eval_every=2, save_every=0)
-    proc = subprocess.run([str(MINIGPT), "ablate", str(path), "--executor", "submitit-local", "--jobs", "2"],
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path,
-                          timeout=PATIENCE_S)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    root = tmp_path / "runs" / "sub"
-    cells = cells_by_id(root)
-    assert [c["status"] for c in cells.values()] == ["done", "done"]
-    assert manifest_of(root)["settings"]["executor"] == "submitit-local"
-    assert list((root / "submitit").iterdir())  # submitit's own job folder
-    assert all(final_val(c["run_dir"]) > 0 for c in cells.values())
-
-
 def test_time_budget_gives_each_variant_the_steps_that_fit_the_time(tmp_path):
     from minigpt_core.ablation import load_plan
 
@@ -552,6 +323,7 @@ time_budget_s = 5
     assert [c.steps for c in again.cells] == [7, 7, 3, 3] and again.step_seconds == {}
 
 
+@pytest.mark.slow  # the shared ablation: 6 cells, each a `minigpt train` process
 def test_report_is_logged_to_wandb_offline_in_a_run_of_its_own(main_ablation, monkeypatch):
     from minigpt_core.ablation.report import write_report
 
@@ -562,14 +334,6 @@ def test_report_is_logged_to_wandb_offline_in_a_run_of_its_own(main_ablation, mo
     (run,) = (root / "wandb").glob("offline-run-*")
     assert any(p.suffix == ".wandb" for p in run.iterdir())
     assert any("W&B offline report run" in ln for ln in lines), lines
-
-
-def test_slurm_without_submitit_says_how_to_install_it(tmp_path, capsys, monkeypatch):
-    path = write_ablation(tmp_path, 'base = "base.toml"\n[variants.a]\n')
-    monkeypatch.setitem(sys.modules, "submitit", None)  # as if it were not installed
-    status, out, err = cli(capsys, "ablate", path, "--executor", "slurm")
-    assert status == 2 and "pip install 'minigpt[cluster]'" in err
-    assert not (tmp_path / "runs").exists()
 
 
 def test_the_example_ablation_is_valid_and_matches_tokens():

@@ -1,4 +1,6 @@
-"""The `minigpt` console script, run as a user would run it."""
+"""The `minigpt` command line. The console script runs as a user would run it where that is the point
+(help, `python -m minigpt`, an error's whole stderr being one paragraph); the other commands' output is
+checked in this process, without a start-up per test."""
 
 import json
 import re
@@ -9,12 +11,13 @@ import pytest
 
 from minigpt_core import spec_from_preset
 from minigpt_core.assembly import summarize_spec
+from training_utils import ROOT, cli
 
 
-def test_summary_of_gpt2_124m_shows_the_books_figures(minigpt_cli):
-    out = minigpt_cli("summary", "experiments/gpt2_124m.toml")
-    assert out.returncode == 0, out.stderr
-    text = out.stdout
+def test_summary_of_gpt2_124m_shows_the_books_figures(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    status, text, err = cli(capsys, "summary", "experiments/gpt2_124m.toml")
+    assert status == 0, err
     for figure in ("163,009,536", "124,412,160", "2,360,064", "4,722,432", "38,597,376"):
         assert figure in text, figure
     assert re.search(r"attention\s+book\.multihead\s+2,360,064\s+12", text)
@@ -34,16 +37,17 @@ def test_summary_counts_tied_heads_once():
     assert summarize_spec(spec_from_preset("gpt2-xl")).total > 1_500_000_000  # built on meta: no memory
 
 
-def test_components_lists_book_attentions_with_description_capabilities_and_source(minigpt_cli):
-    out = minigpt_cli("components", "attention")
-    assert out.returncode == 0
-    block = out.stdout.split("book.multihead\n", 1)[1].split("\n  book.", 1)[0]
+def test_components_lists_book_attentions_with_description_capabilities_and_source(capsys, isolated_plugins):
+    status, stdout, _ = cli(capsys, "components", "attention")
+    assert status == 0
+    block = stdout.split("book.multihead\n", 1)[1].split("\n  book.", 1)[0]
     assert "MultiHeadAttention" in block and "causal" in block and "kv_cache" in block
     assert "from: book (minigpt" in block
     for name in ("book.self_attention_v1", "book.self_attention_v2", "book.causal", "book.multihead_wrapper"):
-        assert name in out.stdout
-    assert "NOT FOR LANGUAGE MODELS" in out.stdout
-    data = json.loads(minigpt_cli("components", "norm", "book.*", "--json").stdout)
+        assert name in stdout
+    assert "NOT FOR LANGUAGE MODELS" in stdout
+    status, stdout, _ = cli(capsys, "components", "norm", "book.*", "--json")
+    data = json.loads(stdout)
     assert data[0]["name"] == "book.layernorm" and "eps" in data[0]["params"]
 
 
@@ -56,25 +60,26 @@ def test_validate_misspelt_attention(tmp_path, minigpt_cli):
     assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1  # one paragraph
 
 
-def test_validate_bad_parameter_gives_the_path(tmp_path, minigpt_cli):
+def test_validate_bad_parameter_gives_the_path(tmp_path, capsys):
     path = tmp_path / "bad.toml"
     path.write_text('preset = "tiny"\n[model.positional.params]\nmax_positions = "many"\n')
-    out = minigpt_cli("validate", str(path))
-    assert out.returncode == 2
-    assert "model.positional.params.max_positions" in out.stderr and "integer" in out.stderr
-    assert "Traceback" not in out.stderr
+    status, _, err = cli(capsys, "validate", path)
+    assert status == 2
+    assert "model.positional.params.max_positions" in err and "integer" in err
+    assert "Traceback" not in err
 
 
-def test_validate_ok_and_missing_file(minigpt_cli):
-    assert minigpt_cli("validate", "experiments/tiny.toml").returncode == 0
-    out = minigpt_cli("validate", "experiments/nope.toml")
-    assert out.returncode == 2 and "no such experiment file" in out.stderr and "Traceback" not in out.stderr
+def test_validate_ok_and_missing_file(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert cli(capsys, "validate", "experiments/tiny.toml")[0] == 0
+    status, _, err = cli(capsys, "validate", "experiments/nope.toml")
+    assert status == 2 and "no such experiment file" in err and "Traceback" not in err
 
 
-def test_schema_is_json(minigpt_cli):
-    out = minigpt_cli("schema")
-    assert out.returncode == 0
-    assert "ModelSpec" in json.loads(out.stdout)["$defs"]
+def test_schema_is_json(capsys):
+    status, stdout, _ = cli(capsys, "schema")
+    assert status == 0
+    assert "ModelSpec" in json.loads(stdout)["$defs"]
 
 
 @pytest.mark.parametrize("args", [["--help"], ["summary", "--help"], ["components", "--help"]])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from minigpt_core.train import load_checkpoint
-from training_utils import PATIENCE_S, ROOT, losses, run_minigpt, runs_of, wait_for, write_spec
+from training_utils import PATIENCE_S, ROOT, cli, losses, runs_of, wait_for, write_spec
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
@@ -28,20 +28,21 @@ def _fsdp2_available() -> bool:
     "ddp",
     pytest.param("fsdp", marks=pytest.mark.skipif(not _fsdp2_available(), reason="needs FSDP2 (torch >= 2.6)")),
 ])
-def test_two_gloo_ranks_log_the_losses_of_one_process(tmp_path, strategy):
+def test_two_gloo_ranks_log_the_losses_of_one_process(tmp_path, capsys, strategy):
     # 8 sequences per step in micro-batches of 2: 1 process accumulates 4, each of 2 ranks 2
     # (so the inner micro-batches skip the all-reduce).
     spec = write_spec(tmp_path, train={"max_steps": 6, "batch_size": 8, "micro_batch_size": 2, "strategy": strategy,
                                        "eval_every": 3, "save_every": 3, "sample_every": 6, "sample_tokens": 8,
                                        "log_every": 1})
-    one = run_minigpt("train", spec, "--no-progress", "--set", f"train.out_dir={tmp_path / 'one'}")
-    assert one.returncode == 0, one.stderr
+    # the one-process reference in this process (no start-up); the two ranks are processes
+    status, one_out, err = cli(capsys, "train", spec, "--no-progress", "--set", f"train.out_dir={tmp_path / 'one'}")
+    assert status == 0, err
     two = subprocess.run(
         [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "minigpt", "train", str(spec),
          "--no-progress", "--set", f"train.out_dir={tmp_path / 'two'}"],
         capture_output=True, text=True, cwd=ROOT, timeout=PATIENCE_S, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert two.returncode == 0, two.stderr[-3000:]
-    assert "2 process(es)" in two.stdout and "1 process(es)" in one.stdout
+    assert "2 process(es)" in two.stdout and "1 process(es)" in one_out
     assert two.stdout.count("validation loss") == 1  # only rank 0 reports
     (run_one,), (run_two,) = runs_of(tmp_path / "one"), runs_of(tmp_path / "two")  # one run dir, by rank 0
     for key in ("train/loss", "val/loss"):
@@ -54,10 +55,10 @@ def test_two_gloo_ranks_log_the_losses_of_one_process(tmp_path, strategy):
     assert ckpt.trainer["world_size"] == 2 and set(ckpt.rng_states) == {0, 1}
     if strategy == "fsdp":
         return  # the gathered checkpoint is the same format; resuming it once (ddp) is enough
-    resumed = run_minigpt("train", spec, "--resume", run_two, "--no-progress", "--set", "train.max_steps=7",
-                          "--set", f"train.out_dir={tmp_path / 'two'}")
-    assert resumed.returncode == 0, resumed.stderr
-    assert "re-seeded" in resumed.stdout and 7 in losses(run_two)
+    status, out, err = cli(capsys, "train", spec, "--resume", run_two, "--no-progress", "--set", "train.max_steps=7",
+                           "--set", f"train.out_dir={tmp_path / 'two'}")
+    assert status == 0, err
+    assert "re-seeded" in out and 7 in losses(run_two)
 
 
 @pytest.mark.skipif(not (sys.platform.startswith("linux") and _fsdp2_available()), reason="reads /proc; needs FSDP2")

@@ -185,18 +185,19 @@ def test_tiny_training_with_chunked_loss_and_checkpointing_matches_plain(tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fsdp"])  # FSDP2: hooks inside the checkpointed blocks, the head in the root
-def test_two_gloo_ranks_with_chunked_loss_and_checkpointing_log_the_losses_of_one_process(tmp_path, strategy):
+def test_two_gloo_ranks_with_chunked_loss_and_checkpointing_log_the_losses_of_one_process(tmp_path, capsys, strategy):
     import os
     import subprocess
     import sys
 
-    from training_utils import ROOT, run_minigpt, write_spec
+    from training_utils import ROOT, cli, write_spec
 
     spec = write_spec(tmp_path, model={"drop_rate": 0.0}, train={
         "max_steps": 3, "batch_size": 4, "strategy": strategy, "eval_every": 0, "save_every": 0,
         "log_every": 1, "loss_chunk": 24, "activation_checkpointing": True})
-    one = run_minigpt("train", spec, "--no-progress", "--set", f"train.out_dir={tmp_path / 'one'}")
-    assert one.returncode == 0, one.stderr
+    # the one-process reference in this process (no start-up); the two ranks are processes
+    status, _, err = cli(capsys, "train", spec, "--no-progress", "--set", f"train.out_dir={tmp_path / 'one'}")
+    assert status == 0, err
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     two = subprocess.run(
         [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "minigpt", "train", str(spec),

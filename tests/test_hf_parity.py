@@ -247,15 +247,18 @@ def test_cli_import_summary_export(hf_small, tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.slow
-def test_gpt2_124m_shape(tmp_path, minigpt_cli):
+def test_gpt2_124m_shape(tmp_path, capsys):
+    from training_utils import cli
+
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config(bos_token_id=None, eos_token_id=None)).eval()  # the 124M shape
     hf.save_pretrained(tmp_path / "hf")
-    out = minigpt_cli("import-hf", str(tmp_path / "hf"), str(tmp_path / "ckpt"))
-    assert out.returncode == 0, out.stderr
-    summary = minigpt_cli("summary", str(tmp_path / "ckpt"))
-    assert summary.returncode == 0, summary.stderr
-    assert "124,439,808" in summary.stdout
+    # the commands in this process: two start-ups and two 124M loads saved (test_cli runs the script)
+    status, _, err = cli(capsys, "import-hf", tmp_path / "hf", tmp_path / "ckpt")
+    assert status == 0, err
+    status, out, err = cli(capsys, "summary", tmp_path / "ckpt")
+    assert status == 0, err
+    assert "124,439,808" in out
     model, spec = load_model(tmp_path / "ckpt")
     idx = torch.randint(0, 50257, (1, 32))
     with torch.no_grad():

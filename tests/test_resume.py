@@ -17,15 +17,16 @@ quiet = dict(progress=False, write=lambda s: None)
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_logs_bitwise_identical_losses(tmp_path):
+def test_resume_after_sigkill_logs_bitwise_identical_losses(tmp_path, capsys):
     # dropout on, so the RNG state must be restored too
     common = dict(model={**tiny_spec_data(tmp_path)["model"], "drop_rate": 0.1},
                   train={"max_steps": 60, "batch_size": 16, "save_every": 5, "eval_every": 20, "keep_last": 20,
                          "deterministic": True, "log_every": 1})
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    reference = run_minigpt("train", write_spec(tmp_path / "a", **common), "--no-progress")
-    assert reference.returncode == 0, reference.stderr
+    # the uninterrupted reference in this process (no start-up); the killed run and its resume are processes
+    status, _, err = cli(capsys, "train", write_spec(tmp_path / "a", **common), "--no-progress")
+    assert status == 0, err
     spec_b = write_spec(tmp_path / "b", **common)
     still_running, returncode = kill_training_at(spec_b, tmp_path / "b" / "runs", 10)
     assert still_running and returncode == -signal.SIGKILL, "the run finished before it could be killed"
@@ -52,10 +53,10 @@ def test_corrupt_or_truncated_checkpoint_is_refused_and_the_previous_one_still_w
 
     weights = latest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
-    r = run_minigpt("train", spec, "--resume", "--no-progress", "--set", "train.max_steps=12")
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "model.safetensors is truncated or corrupt" in r.stderr
-    assert f"previous checkpoint {previous} is intact" in r.stderr
+    status, _, err = cli(capsys, "train", spec, "--resume", "--no-progress", "--set", "train.max_steps=12")
+    assert status == 2 and "Traceback" not in err
+    assert "model.safetensors is truncated or corrupt" in err
+    assert f"previous checkpoint {previous} is intact" in err
 
     optimizer = previous / "optimizer.safetensors"
     pristine = optimizer.read_bytes()

@@ -28,6 +28,7 @@ from minigpt_modern import (
     glu_hidden_dim,
 )
 from minigpt_torch import FlexAttention, FusedQKVAttention, SDPAttention, TorchMultiheadAttention, attention_bias
+from training_utils import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 C, H, T = 32, 4, 10
@@ -74,12 +75,12 @@ def test_zoo_components_are_registered(registry):
     assert ("attention", "torch.flex") in registry or (flex and "FlexAttention" in flex[0].reason)
 
 
-def test_components_command_shows_params_and_capabilities(minigpt_cli):
-    out = minigpt_cli("components", "attention", "modern.*")
-    assert out.returncode == 0, out.stderr
-    assert "modern.rope" in out.stdout and "base=10000.0, fraction=1.0" in out.stdout
-    assert "modern.gqa" in out.stdout and "n_kv_heads=2" in out.stdout
-    assert "capabilities: attn_weights, causal, kv_cache, multihead" in out.stdout
+def test_components_command_shows_params_and_capabilities(capsys, isolated_plugins):
+    status, out, err = cli(capsys, "components", "attention", "modern.*")  # in-process: test_cli runs the script
+    assert status == 0, err
+    assert "modern.rope" in out and "base=10000.0, fraction=1.0" in out
+    assert "modern.gqa" in out and "n_kv_heads=2" in out
+    assert "capabilities: attn_weights, causal, kv_cache, multihead" in out
 
 
 def test_every_first_party_causal_attention_has_a_kv_cache(registry):
@@ -298,11 +299,11 @@ def test_component_checks_reject_bad_head_counts(registry):
     assert "model.feedforward" in str(err.value) and "top_k (3)" in str(err.value)
 
 
-def test_validate_reports_the_component_check_with_its_path(minigpt_cli):
-    out = minigpt_cli("validate", "experiments/tiny.toml", "--set", "model.attention.name=modern.gqa",
-                      "--set", "model.attention.params.n_kv_heads=3")
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "model.attention: modern.gqa: n_heads (4) must be divisible by n_kv_heads (3)" in out.stderr
+def test_validate_reports_the_component_check_with_its_path(capsys):
+    status, _, err = cli(capsys, "validate", ROOT / "experiments" / "tiny.toml", "--set",
+                         "model.attention.name=modern.gqa", "--set", "model.attention.params.n_kv_heads=3")
+    assert status == 2 and "Traceback" not in err
+    assert "model.attention: modern.gqa: n_heads (4) must be divisible by n_kv_heads (3)" in err
 
 
 # -- norms and activations ----------------------------------------------------------------------
