@@ -223,7 +223,7 @@ def test_recorded_build_replays_init_ops_on_views_of_a_parameter(tmp_path):
     import torch
 
     from minigpt_core import load_registry, parse_spec
-    from minigpt_core.model import build_model
+    from minigpt_core.model.build import build_model
     from minigpt_core.train.meta_init import build_meta_model, materialise
     from training_utils import tiny_spec_data
 
