@@ -1,4 +1,7 @@
-"""Data: sources (the ``dataset`` registry kind), token shards, the train/validation split, batches."""
+"""Data: sources (the ``dataset`` registry kind), token shards, the train/validation split, batches.
+
+The data layer. May import model, spec and base.
+"""
 
 from __future__ import annotations
 

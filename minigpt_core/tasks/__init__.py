@@ -6,6 +6,8 @@ its head, the loss of a micro-batch, its evaluation and its final report, passin
 that needs (the spec, the model, micro-batch size, device, precision and processes), never the
 trainer. The two fine-tuning tasks (classification.py, instruction.py) share supervised.py. A new
 task is a ``Task`` subclass added to :data:`TASK_CLASSES` plus its section in the spec.
+
+The tasks layer. May import checkpoints, data, model, spec and base; never the trainer, which drives them.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ From pytest, in the style of scikit-learn's ``parametrize_with_checks``::
 From Python, ``run_checks(pattern="torch.*")`` returns one :class:`CheckResult` per
 (component, check); from the shell, ``minigpt check 'torch.*'`` prints them as a table.
 A new check registered with :func:`conformance_check` reaches every component it applies to.
+
+The experiment tools layer, beside ablation (which it may not import). May import runs, train and every layer below.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""Training: the loop, optimizer and schedule, checkpoints and exact resume, loggers, several processes."""
+"""Training: the loop, optimizer and schedule, checkpoints and exact resume, loggers, several processes.
+
+The training layer (beside inspection and viz). May import every layer below it: assembly,
+fine-tuning, tasks, checkpoints, data, model, spec, base; never runs, ablation, testing or the CLI.
+"""
 
 from __future__ import annotations
 
