@@ -235,7 +235,8 @@ def test_after_a_resume_the_wandb_sync_command_uploads_every_offline_segment(tmp
     segments = sorted((run / "wandb").glob("offline-run-*"))
     # one W&B run id: each segment holds run-<id>.wandb (the folder name can't be parsed for it: W&B adds a
     # "-1" suffix when the resumed segment starts in the same second as the first, as on a fast machine)
-    assert len(segments) == 2 and len({f.name for s in segments for f in s.glob("run-*.wandb")}) == 1
+    run_files = [f.name for s in segments for f in s.glob("run-*.wandb")]
+    assert len(segments) == 2 and len(run_files) == 2 and len(set(run_files)) == 1
     (line,) = [x for x in out.splitlines() if "wandb sync" in x]
     command = line.split("upload it with: ")[1]
     expanded = subprocess.run(f"echo {command}", shell=True, capture_output=True, text=True).stdout.split()
