@@ -115,8 +115,12 @@ def _report(spec, result, print) -> int:
         where = "offline run" if result.wandb_mode == "offline" else "run (synced online)"
         print(f"W&B {where}: {result.wandb_dir}")
         if result.wandb_mode == "offline":
-            # A resumed run writes one offline-run-* folder per session: upload them all.
-            pattern = f"offline-run-*-{result.wandb_dir.name.rsplit('-', 1)[-1]}"  # ...-DATE_TIME-RUNID
+            # A resumed run writes one offline-run-* folder per session: upload them all. The run id comes
+            # from the folder's run-<id>.wandb: W&B names a folder ...-DATE_TIME-RUNID-1 when a session starts
+            # in the same second as the last, so the folder name's last part is not always the id.
+            run_id = next((f.stem[len("run-"):] for f in result.wandb_dir.glob("run-*.wandb")),
+                          result.wandb_dir.name.rsplit("-", 1)[-1])
+            pattern = f"offline-run-*-{run_id}*"
             segments = list(result.wandb_dir.parent.glob(pattern))
             what = result.wandb_dir if len(segments) <= 1 else result.wandb_dir.parent / pattern
             print(f"  upload it with: wandb sync {what}")
