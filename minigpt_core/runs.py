@@ -36,7 +36,8 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """Every record of ``run_dir/metrics.jsonl`` in order ([] if there is none).
 
     A last line cut short by a crash or a full disk is skipped, not an error: the lines
-    before it were flushed whole.
+    before it were flushed whole. So is a line that parses but is no record the trainer writes
+    (see _is_record): one odd line must not take a run, or a listing of runs, down with it.
     """
     path = Path(run_dir) / METRICS_FILE
     try:
@@ -52,9 +53,44 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(record, dict):
+        if _is_record(record):
             records.append(record)
     return records
+
+
+_COUNTER_MAX = 2**63  # steps and tokens are int64 counters; a bigger int is no count (and overflows a float)
+_TIME_MAX = 1e11  # unix seconds (the year 5138): datetime refuses much beyond its year 9999
+_COUNTERS = ("step", "total_steps", "recompiles")  # non-negative ints where present
+_TEXTS = ("event", "label", "error")  # strings (label and error may be null)
+
+
+def _finite(v: Any) -> bool:
+    """A real number every reader can turn into a float and print; a bool is no number here."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return abs(v) < _COUNTER_MAX if isinstance(v, int) else math.isfinite(v)
+
+
+def _is_record(record: Any) -> bool:
+    """A JSON object whose fields the readers use have the types the trainer writes: counters are
+    non-negative ints, the time a plausible unix time, metrics (``split/name``) finite numbers or null
+    (how a NaN is logged). Other fields are not looked at: plugins and events log what they like."""
+    if not isinstance(record, dict):
+        return False
+    for key in _COUNTERS:
+        if key in record and not (_finite(record[key]) and isinstance(record[key], int) and record[key] >= 0):
+            return False
+    if "time" in record and not (_finite(record["time"]) and 0 <= record["time"] < _TIME_MAX):
+        return False
+    if "compile_seconds" in record and not _finite(record["compile_seconds"]):
+        return False
+    for key in _TEXTS:
+        if key in record and not (isinstance(record[key], str) or (key != "event" and record[key] is None)):
+            return False
+    for key, value in record.items():
+        if "/" in key and not key.startswith("sample/") and value is not None and not _finite(value):
+            return False
+    return True
 
 
 

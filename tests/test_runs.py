@@ -257,6 +257,65 @@ def test_read_metrics_skips_a_truncated_last_line(tmp_path):
     assert read_metrics(tmp_path / "none") == []
 
 
+# Lines that parse as JSON but are no record the trainer writes. Each carries a training loss of 9.5
+# that would show in the summaries and curves if the line were read.
+ODD_LINES = {
+    "Infinity tokens": '{"step": 3, "time": 1e9, "train/tokens": Infinity, "train/loss": 9.5}',
+    "400-digit tokens": '{"step": 3, "time": 1e9, "train/tokens": 1' + "0" * 399 + ', "train/loss": 9.5}',
+    "400-digit step": '{"step": 1' + "0" * 399 + ', "time": 1e9, "train/loss": 9.5}',
+    "string step": '{"step": "three", "time": 1e9, "train/tokens": 96, "train/loss": 9.5}',
+    "null step": '{"step": null, "time": 1e9, "train/tokens": 96, "train/loss": 9.5}',
+    "bool step": '{"step": true, "time": 1e9, "train/tokens": 96, "train/loss": 9.5}',
+    "negative step": '{"step": -3, "time": 1e9, "train/tokens": 96, "train/loss": 9.5}',
+    "list loss": '{"step": 3, "time": 1e9, "train/tokens": 96, "train/loss": [9.5], "val/loss": [9.5]}',
+    "bool loss": '{"step": 3, "time": 1e9, "train/tokens": 96, "val/loss": true, "train/loss": 9.5}',
+    "NaN loss": '{"step": 3, "time": 1e9, "train/tokens": 96, "val/loss": NaN, "train/loss": 9.5}',
+    "huge time": '{"step": 3, "time": 1e300, "train/tokens": 96, "train/loss": 9.5}',
+    "Infinity time": '{"step": 3, "time": Infinity, "train/tokens": 96, "train/loss": 9.5}',
+    "event not a string": '{"step": 3, "time": 1e9, "event": ["finished"], "total_steps": 3, "train/loss": 9.5}',
+    "non-object lines": '[{"step": 3, "train/loss": 9.5}]\nnull\n"step"\n9.5',  # skipped before too
+}
+
+
+@pytest.mark.parametrize("line", ODD_LINES.values(), ids=ODD_LINES)
+def test_odd_metrics_lines_are_skipped_by_runs_diff_and_plot(out, tmp_path, capsys, line):
+    import shutil
+
+    _, runs = out
+    clean, odd = tmp_path / "clean" / "exp" / "run", tmp_path / "odd" / "exp" / "run"
+    shutil.copytree(runs["finished"], clean)
+    shutil.copytree(runs["finished"], odd)
+    good = (odd / "metrics.jsonl").read_text().splitlines()
+    # first (where the start time is read), in the middle and last: mixed with good lines
+    (odd / "metrics.jsonl").write_text("\n".join([line, *good[:3], line, *good[3:], line]) + "\n")
+
+    def summary(record: dict) -> dict:
+        return {k: v for k, v in record.items() if k not in ("run_dir", "name")}
+
+    # One listing holds both runs: the odd one reads as the run it is, and does not break the other.
+    status, text, err = cli(capsys, "runs", tmp_path, "--json")
+    assert status == 0 and "Traceback" not in err, err
+    got = {r["name"]: summary(r) for r in json.loads(text)}
+    assert set(got) == {"clean/exp/run", "odd/exp/run"} and got["odd/exp/run"] == got["clean/exp/run"]
+    assert got["odd/exp/run"]["final_train_loss"] != 9.5 and got["odd/exp/run"]["status"] == "finished"
+    status, text, err = cli(capsys, "runs", tmp_path)
+    assert status == 0 and "odd/exp/" in text and "clean/exp/" in text, err
+
+    status, text, err = cli(capsys, "diff", clean, odd, "--json")
+    assert status == 0, err
+    metrics = json.loads(text)["metrics"]
+    assert summary(metrics["a"]) == summary(metrics["b"])
+    status, text, err = cli(capsys, "diff", clean, odd)
+    assert status == 0 and "the specs are identical" in text, err
+
+    # The same records make the same picture (the legend names exp/run in both).
+    for run in (clean, odd):
+        status, _, err = cli(capsys, "plot", run, "--out", run.parent.parent / "plot.png")
+        assert status == 0, err
+    assert (tmp_path / "odd" / "plot.png").read_bytes() == (tmp_path / "clean" / "plot.png").read_bytes()
+    assert read_metrics(odd) == read_metrics(clean)  # the one reader every command and report uses
+
+
 def test_metric_series_takes_tokens_as_x_and_the_last_value_of_a_repeated_step():
     records = [{"step": 1, "train/tokens": 100, "train/loss": 3.0}, {"step": 2, "train/tokens": 200, "val/loss": 2.9},
                {"step": 2, "event": "resume"},
