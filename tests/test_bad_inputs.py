@@ -42,16 +42,24 @@ def _shards_with_ids_beyond_vocab(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def inputs(tmp_path, monkeypatch):
-    """A tiny valid spec, a binary file and corrupt shards; the working directory is tmp_path."""
+def inputs(tmp_path, monkeypatch, request):
+    """A tiny valid spec, a binary file, corrupt shards and a classification spec on five examples (too
+    few for a validation split at 70/10/20); the working directory is tmp_path."""
+    from minigpt_core.tasks.classification import FIELD_LIMIT
+
     monkeypatch.chdir(tmp_path)
     spec = write_spec(tmp_path)
     (tmp_path / "binary.toml").write_bytes(bytes(range(256)) * 4)
     shards = _shards_with_ids_beyond_vocab(tmp_path)
-    return {"spec": str(spec), "shards": str(shards)}
+    (tmp_path / "five.csv").write_text("label,text\n" + "".join(f"{'ab'[i % 2]},text {i}\n" for i in range(5)))
+    cls = write_spec(tmp_path, "cls.toml", task="classification", classification={"path": "five.csv"})
+    argv = request.node.callspec.params.get("argv", []) if hasattr(request.node, "callspec") else []
+    if any("{long_field}" in a for a in argv):  # 8 MiB: written only for the case that reads it
+        (tmp_path / "long_field.csv").write_text("label,text\na,short\nb,\"" + "x" * (FIELD_LIMIT + 1) + "\"\na,c\n")
+    return {"spec": str(spec), "shards": str(shards), "cls": str(cls), "long_field": "long_field.csv"}
 
 
-# (command and arguments with {spec}/{shards} placeholders, a phrase the message must contain)
+# (command and arguments with placeholders for the files of `inputs`, a phrase the message must contain)
 BAD_INPUTS = [
     (["train", "{spec}", "--set", "model.n_layers=100000", "--set", "model.emb_dim=768"], "too large"),
     (["train", "{spec}", "--set", "model.emb_dim=10000000"], "too large"),
@@ -76,6 +84,10 @@ BAD_INPUTS = [
     (["sample", "{spec}", "--top-p", "nan"], "top_p"),
     (["sample", "{spec}", "--top-k", "0"], "top_k"),
     (["sample", "{spec}", "--temperature", "nan"], "temperature"),
+    # classification data: a field past the CSV field limit; splits with no validation / training examples
+    (["train", "{cls}", "--set", "classification.path={long_field}"], "long_field.csv, line 3: cannot be read"),
+    (["train", "{cls}"], "leaves 3 training / 0 validation / 2 test examples: no validation examples"),
+    (["train", "{cls}", "--set", "classification.split=[0.1, 0.8, 0.1]"], "no training examples"),
 ]
 
 

@@ -96,6 +96,28 @@ def test_sms_spam_tsv_loads_as_the_book_reads_it_and_splits_like_the_book(tmp_pa
     assert len(set(kept.tolist())) == 1494 and np.bincount(labels[kept]).tolist() == [747, 747]
 
 
+@pytest.mark.parametrize("fmt", ["csv", "tsv"])
+def test_a_field_longer_than_the_csv_modules_default_limit_loads_and_trains_cut_to_the_context(tmp_path, capsys,
+                                                                                                  fmt):
+    # The csv module refuses fields over 131,072 characters by default: a long document is no error.
+    long_text = "abc " * 50_000  # 200,000 characters
+    sep = "," if fmt == "csv" else "\t"
+    lines = _easy_set(tmp_path / "easy.csv", n=40).read_text().splitlines()
+    lines = [line.replace(",", sep, 1) for line in lines]
+    lines[1:1] = [f"low{sep}{long_text}"] * 3
+    data = tmp_path / f"data.{fmt}"
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    examples = read_examples(ClassificationSpec(path=str(data)))
+    assert len(examples) == 43 and examples[:3] == [(long_text, "low")] * 3
+    spec = _cls_spec(tmp_path, data)
+    spec["train"] = {**spec["train"], "max_steps": 2, "eval_every": 2, "save_every": 2}
+    status, out, err = cli(capsys, "train", _write(tmp_path, spec), "--no-progress")
+    assert status == 0, err
+    (run,) = runs_of(tmp_path / "runs", "cls-test")
+    # a long text in the training split sets max_length to what the model reads: its context
+    assert _toml.loads((run / "spec.toml").read_text())["classification"]["max_length"] == 32
+
+
 def test_the_shipped_dataset_is_small_and_real():
     assert SHIPPED.stat().st_size < 1_000_000
     examples = read_examples(ClassificationSpec(path=str(SHIPPED)))

@@ -25,10 +25,12 @@ from ..spec import ClassificationSpec, ExperimentSpec
 from .base import FinalReport
 from .supervised import SPLITS, ExampleData, ExampleSplit, SupervisedTask, base_tokenizer, json_records, over_rows
 
-__all__ = ["ClassificationTask", "ClassificationData", "read_examples", "split_examples", "pack_rows", "pool",
-           "confusion_matrix", "classification_metrics", "majority_baseline", "encode_for_classification"]
+__all__ = ["ClassificationTask", "ClassificationData", "read_examples", "split_examples", "check_split_sizes",
+           "pack_rows", "pool", "confusion_matrix", "classification_metrics", "majority_baseline",
+           "encode_for_classification"]
 
 HEAD_ATTR = "_minigpt_classes"  # on a model whose out_head is a classification head: its classes
+FIELD_LIMIT = 8 * 2**20  # characters in one CSV/TSV field: far beyond any context length, bounded all the same
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -63,8 +65,26 @@ def _column_index(column: str | int, header: list[str] | None, which: str, where
 def _read_table(cs: ClassificationSpec, path: Path, delimiter: str) -> list[tuple[str, str]]:
     # TSV as the book reads the SMS Spam Collection: one example per line, quotes are text.
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    with path.open(encoding="utf-8", newline="") as f:
-        rows = [r for r in csv.reader(f, delimiter=delimiter, quoting=quoting) if r]
+    kind = "TSV" if delimiter == "\t" else "CSV"
+    # The csv module's default limit (131,072 characters a field) refuses ordinary long documents; the
+    # limit is process-wide, so it is raised for this read only.
+    previous = csv.field_size_limit(FIELD_LIMIT)
+    try:
+        with path.open(encoding="utf-8", newline="") as f:
+            reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
+            rows, start = [], 1  # start: the line the row being read begins on
+            try:
+                for r in reader:
+                    if r:
+                        rows.append(r)
+                    start = reader.line_num + 1
+            except csv.Error as exc:
+                hint = (f" A field may hold at most {FIELD_LIMIT:,} characters: is a quote left open, so that "
+                        f"the rest of the file reads as one field?" if "field limit" in str(exc) else "")
+                raise DataError(f"{path}, line {start}: cannot be read as {kind} ({exc}).{hint} Fix that line, "
+                                f"or check classification.format.") from None
+    finally:
+        csv.field_size_limit(previous)
     if not rows:
         return []
     header = None
@@ -193,6 +213,26 @@ def split_examples(labels: np.ndarray, n_classes: int, cs: ClassificationSpec) -
     return {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
 
 
+def check_split_sizes(parts: dict[str, np.ndarray], cs: ClassificationSpec, where: str) -> None:
+    """Refuse, before any run directory exists, a split with no training or validation examples (an
+    empty validation split would only show later, as a NaN loss and a "diverged" run), or none for the
+    test split classification.split asks for (a tiny test fraction: the test split takes the rest)."""
+    sizes = {s: len(parts[s]) for s in SPLITS}
+    empty = [name for s, name in zip(SPLITS, ("training", "validation", "test"))
+             if not sizes[s] and (s != "test" or cs.split[2] > 0)]
+    if not empty:
+        return
+    total = sum(sizes.values())
+    undersampled = " (after undersampling to balance the classes)" if cs.balance == "undersample" else ""
+    smallest = (f": of {total:,} examples, a fraction of at least {1 / total:.3g} (1/{total:,}) holds one"
+                if total else "")
+    no_test = " (or set the test fraction to 0 for no test split)" if "test" in empty else ""
+    raise DataError(f"{where}: the split {list(cs.split)} of its {total:,} example(s){undersampled} leaves "
+                    f"{sizes['train']:,} training / {sizes['val']:,} validation / {sizes['test']:,} test examples: "
+                    f"no {' and no '.join(empty)} examples. Add examples, or change classification.split"
+                    f"{smallest}{no_test}.")
+
+
 def pack_rows(ids: list[list[int]], labels: np.ndarray, max_length: int, pad_id: int) -> np.ndarray:
     """(N, max_length + 2): ids truncated/padded to max_length, then the real length, then the label."""
     rows = np.full((len(ids), max_length + 2), pad_id, dtype=np.int64)
@@ -285,6 +325,7 @@ class ClassificationTask(SupervisedTask):
         index = {c: i for i, c in enumerate(classes)}
         labels = np.array([index[l] for _, l in examples], dtype=np.int64)
         parts = split_examples(labels, len(classes), cs)
+        check_split_sizes(parts, cs, where)
         tokenizer = base_tokenizer(spec, tokenizer_state, texts)
         ids = [tokenizer.encode(t) for t in texts]
         context = spec.model.context_length
