@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from minigpt_core.cli.app import _parse_args, build_parser, main
+from minigpt_core.cli.app import build_parser, main
 from training_utils import ROOT
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -76,7 +76,7 @@ def test_every_documented_command_line_parses():
         err = io.StringIO()
         try:
             with contextlib.redirect_stderr(err):
-                _parse_args(parser, argv)
+                parser.parse_args(argv)
         except SystemExit:
             problems.append(f"{page}: minigpt {command}: {err.getvalue().strip().splitlines()[-1]}")
     assert not problems, "\n".join(problems)
