@@ -49,6 +49,9 @@ def test_a_warning_during_sample_gets_a_line_of_its_own_on_stderr(run, monkeypat
         assert status == 0 and "warning" not in out and "context length" in err, (out, err)
         status, shown = _one_stream(monkeypatch, "sample", run, *how, "--max-new-tokens", "40", "--temperature", "0")
     assert status == 0, shown
+    # The response reaches the screen whole, the warning on a line of its own (the response, greedy,
+    # is the same as in the run above): never a warning inside the response's text.
+    assert out in shown, (out, shown)
     lines = shown.splitlines()
     warned = [line for line in lines if "context length" in line]
     assert len(warned) == 1 and warned[0].startswith("warning: "), shown
