@@ -8,6 +8,8 @@ import contextlib
 import io
 import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -144,3 +146,17 @@ def test_the_figure_check_catches_a_figure_its_file_does_not_hold(tmp_path):
     row = "| `classify_lora.toml` (`peft.lora` rank 16, 15% train) | 67 s | 83.2% test accuracy |"
     assert FIGURE.findall(row) == ["15%", "67 s", "83.2%"]
     assert [f.name for f in _cited_files(row)] == ["classify_lora.toml"]
+
+
+# -- set-up ----------------------------------------------------------------------------------------------
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_run_installs_minigpt_without_the_test_tools(tmp_path):
+    """`make run` on a fresh machine (a venv that does not exist yet), as `make -n` plans it: minigpt
+    itself, not the dev extra (transformers, selenium, PEFT, ...) that only the tests need."""
+    def plan(target):
+        proc = subprocess.run(["make", "-n", target, f"VENV={tmp_path / 'venv'}"], cwd=ROOT, capture_output=True,
+                              text=True, check=True)
+        return [line for line in proc.stdout.splitlines() if "pip install" in line and "torch==" not in line]
+
+    assert plan("run") == [f"{tmp_path / 'venv'}/bin/python -m pip install -q -e ."]
+    assert any('".[dev]"' in line for line in plan("test"))
