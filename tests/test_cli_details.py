@@ -92,7 +92,7 @@ def test_an_unknown_param_lists_the_components_params(tmp_path, capsys):
     assert "model.activation.params.approximate: unknown param (the activation 'torch.gelu' takes no params)" in err
 
 
-def test_an_unavailable_component_is_listed_under_its_kind(tmp_path, capsys):
+def test_an_unavailable_component_is_listed_under_its_kind(tmp_path, capsys, isolated_plugins):
     """A norm a one-file plugin declares unavailable (as torch.flex is on a CPU-only torch) is listed
     under [norm], after the available norms, not after every kind."""
     plugin = tmp_path / "detailsfix.py"

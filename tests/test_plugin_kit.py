@@ -54,7 +54,8 @@ def test_new_plugin_writes_an_installable_package(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kind", list(EXAMPLES))
-def test_the_next_steps_new_plugin_prints_work_in_the_plugins_directory(tmp_path, capsys, monkeypatch, kind):
+def test_the_next_steps_new_plugin_prints_work_in_the_plugins_directory(tmp_path, capsys, monkeypatch, kind,
+                                                                        isolated_plugins):
     """The hint once named experiments/quickstart.toml, which is not in the plugin's directory: every file
     its commands name is there, and the experiment file it trains is valid with the plugin's component."""
     name = f"hint_{kind}"
