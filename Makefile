@@ -7,11 +7,16 @@ TORCH_VERSION ?= 2.13.0
 BIN := $(VENV)/bin
 TORCH_OK := import torch, sys; v = tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]); sys.exit(not (2, 3) <= v < (2, 15))
 
-.PHONY: install test test-fast test-stress run clean
+.PHONY: install install-run test test-fast test-stress run clean
 
+# `make install`: everything, tests included (the dev extra). `make run` needs only minigpt itself:
+# `install-run` leaves out the test tools (transformers, selenium, PEFT, torchao, datasets, ...).
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+install-run: $(VENV)/.installed-run
+
+# The venv and torch, shared by both.
+$(VENV)/.torch:
 	@if [ ! -x $(BIN)/python ]; then \
 	  if $(PYTHON) -c "$(TORCH_OK)" 2>/dev/null; then \
 	    echo "minigpt: reusing the torch installed for $(PYTHON)"; \
@@ -21,8 +26,15 @@ $(VENV)/.installed: pyproject.toml
 	  fi; \
 	fi
 	@$(BIN)/python -c "$(TORCH_OK)" 2>/dev/null || $(BIN)/python -m pip install "torch==$(TORCH_VERSION)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
 	@touch $@
+
+$(VENV)/.installed-run: pyproject.toml | $(VENV)/.torch
+	$(BIN)/python -m pip install -q -e .
+	@touch $@
+
+$(VENV)/.installed: pyproject.toml | $(VENV)/.torch
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@touch $@ $(VENV)/.installed-run
 
 # Two workers or more (pytest-xdist), each file on one worker (its module fixtures built once),
 # one torch thread each: tiny models do not scale past one thread, and the workers share the cores.
@@ -59,7 +71,7 @@ test-fast: install
 	$(BIN)/lint-imports
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow"
 
-run: install
+run: install-run
 	$(BIN)/minigpt train experiments/quickstart.toml
 
 clean:

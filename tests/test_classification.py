@@ -179,8 +179,12 @@ def test_a_tiny_fine_tune_beats_the_majority_baseline_and_classify_reads_its_che
     status, out, err = cli(capsys, "train", spec, "--no-progress")
     assert status == 0, err
     assert "classification results" in out and "confusion matrix (test" in out
+    # exp of a loss over classes is no perplexity: the validation lines and metrics leave it out
+    val_lines = [line for line in out.splitlines() if line.startswith("step ") and "val loss" in line]
+    assert len(val_lines) == 3 and all("perplexity" not in line and "accuracy" in line for line in val_lines), out
     (run,) = runs_of(tmp_path / "runs", "cls-test")
     records = read_metrics(run)
+    assert not any("val/perplexity" in r for r in records)
     final = {k: v for r in records if r.get("step") == 30 for k, v in r.items()}
     assert final["test/accuracy"] >= final["test/majority_baseline"] + 0.2, final
     assert 0.5 < final["test/majority_baseline"] < 0.8

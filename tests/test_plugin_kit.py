@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -39,7 +40,7 @@ def test_new_plugin_writes_an_installable_package(tmp_path, capsys):
     assert status == 0, err
     pkg = tmp_path / "pkg"
     assert {str(p.relative_to(pkg)) for p in pkg.rglob("*") if p.is_file()} == {
-        "pyproject.toml", "README.md", ".github/workflows/test.yml", "myattn/__init__.py",
+        "pyproject.toml", "README.md", "experiment.toml", ".github/workflows/test.yml", "myattn/__init__.py",
         "myattn/attention.py", "tests/test_myattn.py"}
     project = tomllib.loads((pkg / "pyproject.toml").read_text())
     assert project["project"]["entry-points"]["minigpt"] == {"myattn": "myattn"}
@@ -50,6 +51,27 @@ def test_new_plugin_writes_an_installable_package(tmp_path, capsys):
     assert 'parametrize_component_checks(pattern="myattn.*")' in test
     assert "myattn.causal_attention" in (pkg / "README.md").read_text()
     assert "myattn.causal_attention" in out
+
+
+@pytest.mark.parametrize("kind", list(EXAMPLES))
+def test_the_next_steps_new_plugin_prints_work_in_the_plugins_directory(tmp_path, capsys, monkeypatch, kind,
+                                                                        isolated_plugins):
+    """The hint once named experiments/quickstart.toml, which is not in the plugin's directory: every file
+    its commands name is there, and the experiment file it trains is valid with the plugin's component."""
+    name = f"hint_{kind}"
+    status, out, err = cli(capsys, "new-plugin", name, "--kind", kind, "--dir", tmp_path / name)
+    assert status == 0, err
+    monkeypatch.chdir(tmp_path / name)  # where `cd {target}` leaves the user
+    monkeypatch.syspath_prepend(str(tmp_path / name))  # as `pip install -e .` would make it importable
+    named = re.findall(r"\b[\w./-]+\.toml\b", out.split("next:", 1)[1])
+    assert "experiment.toml" in named and all(Path(f).is_file() for f in named), (named, out)
+    status, text, err = cli(capsys, "validate", "experiment.toml", "--plugin", name)
+    assert status == 0, err
+    assert f"{kind} {name}.{EXAMPLES[kind][0]}" in text  # the component under test is in the model
+    readme = Path("README.md").read_text()
+    assert "minigpt train experiment.toml" in readme and "experiments/quickstart.toml" not in readme
+    article = "an" if kind[0] in "aeiou" else "a"
+    assert f"check for {article} {kind}," in readme  # not "for a attention"
 
 
 @pytest.mark.parametrize("kind", list(EXAMPLES))
@@ -208,14 +230,12 @@ def test_generated_plugin_installs_passes_its_tests_and_trains(tmp_path):
     # Not installed here: this interpreter's registry lacks it, the throwaway venv's has it.
     assert "genattn" not in {p.name for p in load_registry().plugins}
 
-    # From the project (a run from the generated directory's parent would import that directory,
-    # not the package inside it, as `genattn`).
-    train = run(python, "-m", "minigpt", "train", "experiments/quickstart.toml",
-                "--set", "model.attention.name=genattn.causal_attention", "--set", "train.max_steps=2",
+    # What new-plugin's hint says, in the plugin's directory: train its own experiment file.
+    train = run(python, "-m", "minigpt", "train", "experiment.toml", "--set", "train.max_steps=2",
                 "--set", "train.batch_size=4", "--set", "train.warmup_steps=0", "--set", "train.eval_every=0",
                 "--set", "train.eval_batches=1", "--set", "train.sample_every=0", "--set", "train.sample_tokens=0",
                 "--set", "train.save_every=0", "--set", f"train.out_dir={tmp_path / 'runs'}",
                 "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "wandb.mode=disabled",
-                "--set", "data.source.params.docstrings=false", "--set", "train.threads=1", cwd=ROOT)
+                "--set", "data.source.params.docstrings=false", "--set", "train.threads=1", cwd=tmp_path / "genattn")
     assert "attention genattn.causal_attention" in train.stdout
-    assert list((tmp_path / "runs" / "quickstart").glob("*/metrics.jsonl"))
+    assert list((tmp_path / "runs" / "genattn-try").glob("*/metrics.jsonl"))

@@ -82,9 +82,12 @@ def _components_args(p):
 @command("components", "list registered components with description, params, capabilities and source plugin")
 @arguments(_components_args)
 def _components(args) -> int:
+    import fnmatch
+
     reg = get_registry()
     entries = reg.entries(args.kind, args.pattern)
-    absent = [u for u in reg.unavailable if (args.kind in (None, u.kind))]
+    absent = [u for u in reg.unavailable
+              if args.kind in (None, u.kind) and fnmatch.fnmatchcase(u.name, args.pattern)]
     if args.json:
         print(json.dumps([{
             "kind": e.kind, "name": e.name, "description": e.description,
@@ -94,29 +97,39 @@ def _components(args) -> int:
             "not_for_lm": e.not_for_lm, "not_compilable": e.not_compilable,
         } for e in entries], indent=2))
         return 0
-    if not entries:
+    if not entries and not absent:
         print(f"no {args.kind or ''} components match {args.pattern!r}".replace("  ", " "))
-    kind = None
-    for e in entries:
-        if e.kind != kind:
-            kind = e.kind
-            print(f"\n[{kind}]")
-        print(f"  {e.name}")
-        print(textwrap.fill(e.description, 96, initial_indent="      ", subsequent_indent="      "))
-        caps = ", ".join(sorted(e.capabilities)) or "-"
-        print(f"      capabilities: {caps}")
-        props = e.params.model_json_schema().get("properties", {})
-        if props:
-            shown = ", ".join(f"{k}={v.get('default', '?')!r}" for k, v in props.items())
-            print(f"      params: {shown}")
-        if e.not_for_lm:
-            print(f"      NOT FOR LANGUAGE MODELS: {e.not_for_lm.split(':')[0]}")
-        if e.not_compilable:
-            print(f"      NOT COMPILABLE (train.compile): {e.not_compilable}")
-        print(f"      from: {e.source}")
-    for u in absent:
-        print(f"\n  {u.name} ({u.kind}) UNAVAILABLE: {u.reason} [plugin {u.plugin}]")
+    # Kind by kind, an unavailable component under its own kind (after the available ones).
+    from ..base.contracts import KINDS
+
+    shown = {e.kind for e in entries} | {u.kind for u in absent}
+    for kind in (k for k in KINDS if k in shown):
+        print(f"\n[{kind}]")
+        for e in entries:
+            if e.kind == kind:
+                _print_entry(e)
+        for u in absent:
+            if u.kind == kind:
+                print(f"  {u.name}  UNAVAILABLE")
+                print(textwrap.fill(f"{u.reason} [plugin {u.plugin}]", 96, initial_indent="      ",
+                                    subsequent_indent="      "))
     return 0
+
+
+def _print_entry(e) -> None:
+    print(f"  {e.name}")
+    print(textwrap.fill(e.description, 96, initial_indent="      ", subsequent_indent="      "))
+    caps = ", ".join(sorted(e.capabilities)) or "-"
+    print(f"      capabilities: {caps}")
+    props = e.params.model_json_schema().get("properties", {})
+    if props:
+        shown = ", ".join(f"{k}={v.get('default', '?')!r}" for k, v in props.items())
+        print(f"      params: {shown}")
+    if e.not_for_lm:
+        print(f"      NOT FOR LANGUAGE MODELS: {e.not_for_lm.split(':')[0]}")
+    if e.not_compilable:
+        print(f"      NOT COMPILABLE (train.compile): {e.not_compilable}")
+    print(f"      from: {e.source}")
 
 
 # -- validate / summary / schema ----------------------------------------------------------
@@ -212,6 +225,17 @@ def _plugin_option(parser: argparse.ArgumentParser, dest: str) -> None:
                              "more in MINIGPT_PLUGIN_PATH, separated by os.pathsep)")
 
 
+def _parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, except that an option the subcommand does not know is reported with the subcommand's
+    usage (argparse leaves unknown options to the top-level parser, whose usage lists only the commands)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        subparsers = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        owner = subparsers.choices.get(args.command) if subparsers and args.command else None
+        (owner or parser).error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def _load_requested_plugins(args: argparse.Namespace) -> None:
     """--plugin: loaded before the command runs (a broken one is an error), and put in
     MINIGPT_PLUGIN_PATH for the processes the command starts."""
@@ -260,7 +284,7 @@ def _broken_pipe() -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args = _parse_args(parser, argv)
         if not args.command:
             parser.print_help()
             return 2

@@ -153,8 +153,11 @@ def _known_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 
 
 def validation_problems(err: ValidationError, prefix: tuple[Any, ...] = (),
-                        model: type[BaseModel] | None = None) -> list[tuple[str, str]]:
-    """Pydantic's errors as (dotted path, reason) problems; an unknown key suggests the field it resembles."""
+                        model: type[BaseModel] | None = None, component: str | None = None) -> list[tuple[str, str]]:
+    """Pydantic's errors as (dotted path, reason) problems; an unknown key suggests the field it resembles.
+
+    ``component`` (e.g. "norm 'torch.layernorm'"): ``model`` is that component's Params, and an unknown
+    param lists the valid ones (`minigpt schema` does not show a component's params)."""
     import difflib
 
     out = []
@@ -162,9 +165,15 @@ def validation_problems(err: ValidationError, prefix: tuple[Any, ...] = (),
         reason = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             loc = tuple(e["loc"])
-            close = difflib.get_close_matches(str(loc[-1]), _known_fields(model, loc[:-1]), n=1) if model else []
+            known = _known_fields(model, loc[:-1]) if model else []
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
             hint = f"did you mean '{_path(prefix + loc[:-1] + (close[0],))}'? " if close else "misspelt? "
-            reason = f"unknown field ({hint}`minigpt schema` lists every field)"
+            if component is not None and not loc[:-1]:
+                takes = f"{hint}the {component} takes: {', '.join(known)}" if known else \
+                    f"the {component} takes no params"
+                reason = f"unknown param ({takes})"
+            else:
+                reason = f"unknown field ({hint}`minigpt schema` lists every field)"
         out.append((_path(prefix + tuple(e["loc"])), reason))
     return out
 
@@ -214,7 +223,7 @@ def resolve_components(spec: _Resolvable, registry: ComponentRegistry | None = N
         try:
             params = entry.make_params(chosen.params)
         except ValidationError as err:
-            problems += validation_problems(err, path + ("params",))
+            problems += validation_problems(err, path + ("params",), entry.params, f"{entry.kind} '{entry.name}'")
             continue
         if entry.not_for_lm and for_lm:
             problems.append((_path(path + ("name",)),

@@ -34,6 +34,9 @@ class Task:
     """
 
     name = "task"
+    # Whether the loss is a mean over tokens, so that exp(loss) is a perplexity worth reporting
+    # (a classifier's loss is over classes: its exp means nothing).
+    per_token_loss = True
     # Whether a new run reads its data before the model is built (the data decides the head:
     # a classifier's classes), rather than after.
     reads_data_first = True

@@ -304,6 +304,7 @@ def encode_for_classification(tokenizer, texts: list[str], max_length: int, pad_
 
 class ClassificationTask(SupervisedTask):
     name = "classification"
+    per_token_loss = False
 
     def __init__(self, spec: ExperimentSpec):
         super().__init__(spec)

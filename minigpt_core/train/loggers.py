@@ -89,8 +89,8 @@ class ConsoleLogger(Logger):
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         if "val/loss" in metrics:
-            self.write(f"step {step}: val loss {metrics['val/loss']:.4f}, perplexity "
-                       f"{metrics['val/perplexity']:.2f}"
+            self.write(f"step {step}: val loss {metrics['val/loss']:.4f}"
+                       + (f", perplexity {metrics['val/perplexity']:.2f}" if "val/perplexity" in metrics else "")
                        + (f", train loss {metrics['train/loss']:.4f}" if "train/loss" in metrics else "")
                        + (f", accuracy {metrics['val/accuracy']:.2%}" if "val/accuracy" in metrics else ""))
 

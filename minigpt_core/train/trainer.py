@@ -287,7 +287,10 @@ class Trainer:
         p = self.progress
         p.last_val = self.evaluate()
         self._check_finite(metrics, val_loss=p.last_val)
-        metrics.update({"val/loss": p.last_val, "val/perplexity": math.exp(min(p.last_val, 50)), **p.eval_metrics})
+        metrics["val/loss"] = p.last_val
+        if getattr(self.task, "per_token_loss", True):
+            metrics["val/perplexity"] = math.exp(min(p.last_val, 50))
+        metrics.update(p.eval_metrics)
         if p.best_val is None or p.last_val < p.best_val:
             p.best_val, p.best_step = p.last_val, self.step
             return True

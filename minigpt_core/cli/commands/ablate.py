@@ -17,7 +17,7 @@ __all__ = ["run_label_fields", "resolve_run"]
 
 # -- ablate -------------------------------------------------------------------------------------------
 def _ablate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", help="ablation TOML file (docs/ablations.md; e.g. experiments/ablations/norms.toml)")
+    p.add_argument("file", help="ablation TOML file (docs/ablations.md; e.g. experiments/ablations/attention.toml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of every cell, e.g. --set train.max_steps=20 to try the file quickly "
                         "(repeatable; recorded in the manifest)")

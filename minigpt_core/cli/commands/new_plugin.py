@@ -2,7 +2,8 @@
 
 The package is rendered from the templates in ``minigpt_core/templates/plugin`` with
 :class:`string.Template`: pyproject.toml (the ``minigpt`` entry point), the component and its
-registration, a conformance test, a README and a GitHub Actions workflow.
+registration, a conformance test, a tiny experiment file using the component, a README and a
+GitHub Actions workflow.
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ def _check_name(name: str) -> None:
                              f"would shadow it (or be shadowed). Pick another name, e.g. '{name}_plugin'.")
 
 
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
 def create_plugin(name: str, kind: str = "attention", directory: str | Path | None = None) -> Path:
     """Write the plugin package ``name`` with an example ``kind`` component into ``directory``; return it."""
     if kind not in EXAMPLES:
@@ -70,11 +75,13 @@ def create_plugin(name: str, kind: str = "attention", directory: str | Path | No
     short, other_params, toml_params = EXAMPLES[kind]
     component_src = (TEMPLATES / "components" / f"{kind}.py.tmpl").read_text(encoding="utf-8")
     description = component_src.split('DESCRIPTION = "', 1)[1].split('"', 1)[0]
-    values = dict(name=name, dist=name.replace("_", "-"), kind=kind, component=f"{name}.{short}",
+    values = dict(name=name, dist=name.replace("_", "-"), kind=kind, a_kind=f"{_article(kind)} {kind}",
+                  component=f"{name}.{short}",
                   description=description, other_params=other_params, toml_params=toml_params)
     files = {
         "pyproject.toml": "pyproject.toml.tmpl",
         "README.md": "README.md.tmpl",
+        "experiment.toml": "experiment.toml.tmpl",
         ".github/workflows/test.yml": "github/test.yml.tmpl",
         f"{name}/__init__.py": "__init__.py.tmpl",
         f"{name}/{kind}.py": f"components/{kind}.py.tmpl",
@@ -103,5 +110,6 @@ def _new_plugin(args) -> int:
     component = f"{args.name}.{EXAMPLES[args.kind][0]}"
     print(f"wrote plugin '{args.name}' with the {args.kind} component '{component}' to {target}/")
     print(f"next:  cd {target} && pip install -e '.[test]' && pytest")
-    print(f"       minigpt train experiments/quickstart.toml --set model.{args.kind}.name={component}")
+    # experiment.toml is in the package: the command works where the line above leaves the user
+    print(f"       minigpt train experiment.toml        # a tiny GPT with {component}, 200 steps")
     return 0

@@ -7,6 +7,7 @@ import builtins
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from ...base.errors import MinigptError
@@ -158,7 +159,9 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", default="", metavar="TEXT", help="with --instruction: the instruction's input")
     p.add_argument("--template", default=None, metavar="NAME",
                    help="with --instruction: a registered template (default: the checkpoint's, else book.alpaca)")
-    p.add_argument("--max-new-tokens", type=int, default=100, help=f"at most {MAX_NEW_TOKENS:,}")
+    # --max-tokens too: the name `attention` uses for its (read) tokens, easy to type here by habit
+    p.add_argument("--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=int, default=100,
+                   help=f"tokens to generate, at most {MAX_NEW_TOKENS:,} (--max-tokens: the same)")
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (k >= 1)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, 0 < p <= 1")
@@ -243,10 +246,15 @@ def _sample(args) -> int:
     if args.num_samples == 1:  # printed as it comes: a long generation is never silent
         stream = _Stream(tokenizer, eos)
         sys.stdout.write(shown)
-        try:
-            generate(model, torch.tensor([prompt], device=device), args.max_new_tokens, on_token=stream, **kw)
-        finally:
-            stream.close()
+        # A warning raised mid-stream (e.g. the context length passed) would land inside the text's
+        # line on a terminal: hold it until the text's line has ended, then show it on its own line.
+        with warnings.catch_warnings(record=True) as held:  # the filters in force stay as they are
+            try:
+                generate(model, torch.tensor([prompt], device=device), args.max_new_tokens, on_token=stream, **kw)
+            finally:
+                stream.close()
+        for w in held:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         return 0
     bar = tqdm(total=args.num_samples * args.max_new_tokens, unit="token", file=sys.stderr, dynamic_ncols=True,
                disable=args.no_progress, delay=1.0, mininterval=0.5)
