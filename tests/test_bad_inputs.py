@@ -48,6 +48,13 @@ def inputs(tmp_path, monkeypatch):
     spec = write_spec(tmp_path)
     (tmp_path / "binary.toml").write_bytes(bytes(range(256)) * 4)
     shards = _shards_with_ids_beyond_vocab(tmp_path)
+    # ablations: axis values that make one name; 1,001 cells; two variants for --variants/--seeds
+    (tmp_path / "collide.toml").write_text(f'base = "{spec.name}"\n[axes]\n"description" = ["a b", "a_b"]\n')
+    lrs = ", ".join(str(0.001 * (i + 1)) for i in range(11))
+    (tmp_path / "many.toml").write_text(f'base = "{spec.name}"\nseeds = {list(range(91))}\n[axes]\n'
+                                        f'"train.lr" = [{lrs}]\n')
+    (tmp_path / "two.toml").write_text(f'base = "{spec.name}"\nseeds = [1, 2]\n[variants.a]\n[variants.b]\n'
+                                       f'"train.lr" = 0.002\n')
     return {"spec": str(spec), "shards": str(shards)}
 
 
@@ -76,6 +83,11 @@ BAD_INPUTS = [
     (["sample", "{spec}", "--top-p", "nan"], "top_p"),
     (["sample", "{spec}", "--top-k", "0"], "top_k"),
     (["sample", "{spec}", "--temperature", "nan"], "temperature"),
+    (["ablate", "collide.toml", "--dry-run"], 'description = "a b"'),
+    (["ablate", "many.toml", "--max-cells", "1000", "--dry-run"], "--max-cells 1001"),
+    (["ablate", "two.toml", "--variants", "a,c"], "the variants of two.toml are: a, b"),
+    (["ablate", "two.toml", "--seeds", "3"], "its seeds are: 1, 2"),
+    (["ablate", "two.toml", "--max-cells", "0"], "--max-cells"),
 ]
 
 
