@@ -34,8 +34,8 @@ from .file import (
     read_ablation_file,
 )
 
-__all__ = ["AblationError", "AblationFile", "Cell", "Plan", "load_plan", "count_cells", "MAX_CELLS", "flatten_overrides", "BUDGETS",
-           "ablation_root", "read_ablation_file"]
+__all__ = ["AblationError", "AblationFile", "Cell", "Plan", "load_plan", "count_cells", "MAX_CELLS",
+           "flatten_overrides", "BUDGETS", "ablation_root", "read_ablation_file"]
 
 
 @dataclass

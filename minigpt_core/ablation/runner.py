@@ -239,8 +239,9 @@ def run_ablation(plan: Plan, *, jobs: int = 1, retry_failed: bool = False, force
         for rec in manifest["cells"]:
             if rec["status"] == "running":  # its process is gone (we hold the lock): an interrupted cell
                 rec["status"] = "pending"
-        todo = [r for r in manifest["cells"] if (r["status"] == "pending" or (retry_failed and r["status"] == "failed"))
-                and (only is None or r["id"] in only)]
+        todo = [r for r in manifest["cells"] if r["status"] == "pending" or (retry_failed and r["status"] == "failed")]
+        if only is not None:
+            todo = [r for r in todo if r["id"] in only]
         skipped_failed = sum(1 for r in manifest["cells"] if r["status"] == "failed" and not retry_failed)
         write_manifest(root, manifest)
         done0 = sum(r["status"] == "done" for r in manifest["cells"])
