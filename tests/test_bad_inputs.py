@@ -56,6 +56,13 @@ def inputs(tmp_path, monkeypatch, request):
     argv = request.node.callspec.params.get("argv", []) if hasattr(request.node, "callspec") else []
     if any("{long_field}" in a for a in argv):  # 8 MiB: written only for the case that reads it
         (tmp_path / "long_field.csv").write_text("label,text\na,short\nb,\"" + "x" * (FIELD_LIMIT + 1) + "\"\na,c\n")
+    # ablations: axis values that make one name; 1,001 cells; two variants for --variants/--seeds
+    (tmp_path / "collide.toml").write_text(f'base = "{spec.name}"\n[axes]\n"description" = ["a b", "a_b"]\n')
+    lrs = ", ".join(str(0.001 * (i + 1)) for i in range(11))
+    (tmp_path / "many.toml").write_text(f'base = "{spec.name}"\nseeds = {list(range(91))}\n[axes]\n'
+                                        f'"train.lr" = [{lrs}]\n')
+    (tmp_path / "two.toml").write_text(f'base = "{spec.name}"\nseeds = [1, 2]\n[variants.a]\n[variants.b]\n'
+                                       f'"train.lr" = 0.002\n')
     return {"spec": str(spec), "shards": str(shards), "cls": str(cls), "long_field": "long_field.csv"}
 
 
@@ -88,6 +95,11 @@ BAD_INPUTS = [
     (["train", "{cls}", "--set", "classification.path={long_field}"], "long_field.csv, line 3: cannot be read"),
     (["train", "{cls}"], "leaves 3 training / 0 validation / 2 test examples: no validation examples"),
     (["train", "{cls}", "--set", "classification.split=[0.1, 0.8, 0.1]"], "no training examples"),
+    (["ablate", "collide.toml", "--dry-run"], 'description = "a b"'),
+    (["ablate", "many.toml", "--max-cells", "1000", "--dry-run"], "--max-cells 1001"),
+    (["ablate", "two.toml", "--variants", "a,c"], "the variants of two.toml are: a, b"),
+    (["ablate", "two.toml", "--seeds", "3"], "its seeds are: 1, 2"),
+    (["ablate", "two.toml", "--max-cells", "0"], "--max-cells"),
 ]
 
 

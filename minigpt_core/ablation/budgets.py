@@ -96,7 +96,16 @@ def fix_budgets(cfg: AblationFile, baseline: str, variants: Mapping[str, Mapping
     base_spec = specs[(baseline, first_seed)]
     base_steps, base_tps = planned_steps(base_spec), tokens_per_step(base_spec)
     base_tokens = base_steps * base_tps
-    summaries = {v: _summary(specs[(v, first_seed)]) for v in variants}
+    # Counting builds the model (on the meta device): once per distinct model, not per variant, since a
+    # grid over training settings has a thousand variants and one model.
+    by_model: dict[str, tuple[int, int]] = {}
+    summaries = {}
+    for v in variants:
+        spec = specs[(v, first_seed)]
+        key = spec.model_dump_json(exclude={"train", "wandb", "name", "seed", "description"})
+        if key not in by_model:
+            by_model[key] = _summary(spec)
+        summaries[v] = by_model[key]
     base_fpt = summaries[baseline][1]
     own_budget = {v for v, ov in variants.items() if {"train.max_steps", "train.max_tokens"} & set(ov)}
     seconds = None

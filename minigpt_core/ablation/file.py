@@ -6,7 +6,9 @@ A cell of the ablation is built from these by ``plan.py``.
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -74,8 +76,9 @@ class AblationFile(BaseModel):
     @field_validator("seeds")
     @classmethod
     def _distinct_seeds(cls, v: list[int]) -> list[int]:
-        if len(set(v)) != len(v) or any(s < 0 for s in v):
-            raise ValueError(f"seeds must be distinct and >= 0, got {v}")
+        # below 2**63 as the spec's seed: a cell's spec takes the seed without being parsed again
+        if len(set(v)) != len(v) or any(s < 0 or s >= 2**63 for s in v):
+            raise ValueError(f"seeds must be distinct, >= 0 and < 2**63, got {v}")
         return v
 
     @model_validator(mode="after")
@@ -121,7 +124,25 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 def _axis_label(key: str, value: Any) -> str:
     parts = key.split(".")
     label = parts[-2] if parts[-1] in ("name", "params") and len(parts) > 1 else parts[-1]
-    return re.sub(r"[^A-Za-z0-9._-]", "_", f"{label}-{value}")[:60]
+    return re.sub(r"[^A-Za-z0-9._-]", "_", f"{label}-{value}")
+
+
+_MAX_AXIS_NAME = 64  # well under the 100 of _NAME: it is a directory, a W&B job type and a column in the tables
+
+
+def _axes_name(labels: list[str], values: tuple[Any, ...]) -> str:
+    """A variant name from its axis labels; a long one is cut and given a hash of the values, so it stays unique."""
+    name = "_".join(labels)
+    if name.startswith("."):  # a hidden directory
+        name = "_" + name[1:]
+    if len(name) <= _MAX_AXIS_NAME:
+        return name
+    digest = hashlib.sha256(json.dumps(values, sort_keys=True, default=repr).encode("utf-8")).hexdigest()[:8]
+    return f"{name[:_MAX_AXIS_NAME - 9].rstrip('._-')}-{digest}"
+
+
+def _combo_text(keys: list[str], values: tuple[Any, ...]) -> str:
+    return ", ".join(f"{k} = {json.dumps(v, default=repr)}" for k, v in zip(keys, values))
 
 
 def _variants(cfg: AblationFile) -> dict[str, dict[str, Any]]:
@@ -129,11 +150,20 @@ def _variants(cfg: AblationFile) -> dict[str, dict[str, Any]]:
     if cfg.axes:
         keys = list(cfg.axes)
         combos = (itertools.product(*cfg.axes.values()) if cfg.combine == "grid" else zip(*cfg.axes.values()))
+        made: dict[str, tuple[Any, ...]] = {}  # axis-made name -> the values that made it
         for values in combos:
-            name = "_".join(_axis_label(k, v) for k, v in zip(keys, values))
+            name = _axes_name([_axis_label(k, v) for k, v in zip(keys, values)], values)
+            if name in made:
+                same = "the same values twice" if made[name] == values else "two combinations"
+                raise AblationError(
+                    f"The axes make the variant name {name!r} from {same}: ({_combo_text(keys, made[name])}) and "
+                    f"({_combo_text(keys, values)}). Characters other than letters, digits, '.', '_' and '-' "
+                    f"become '_' in names; make the axis values distinct, or give these variants as named "
+                    f"[variants.NAME] tables instead.")
             if name in out:
-                raise AblationError(f"The axes make a variant named {name!r}, which is also a named variant; "
-                                    f"rename the named variant.")
+                raise AblationError(f"The axes ({_combo_text(keys, values)}) make a variant named {name!r}, which "
+                                    f"is also a named variant; rename the named variant.")
+            made[name] = values
             out[name] = flatten_overrides(dict(zip(keys, values)))
     return out
 

@@ -86,8 +86,25 @@ def _rel(v: float | None, base: float | None) -> str:
     return f"{v:,.0f} ({v / base:.2f}x)"
 
 
+# Embedded user text (a description, an override, an error) must not become HTML, code or a table break.
+_MD_ESCAPES = {"\\": "\\\\", "`": "\\`", "|": "\\|", "<": "&lt;", ">": "&gt;", "&": "&amp;",
+               "[": "\\[", "]": "\\]", "*": "\\*", "\r": " ", "\n": " "}
+_NOT_IN_CODE = set("\\`|<>\r\n")  # what an inline code span would not keep literal (or would let through)
+
+
+def _md(text: Any, *, newlines: bool = False) -> str:
+    """``text`` as escaped markdown; ``newlines`` keeps line breaks (free text; in a table cell they end the row)."""
+    return "".join(ch if newlines and ch == "\n" else _MD_ESCAPES.get(ch, ch) for ch in str(text))
+
+
+def _code(text: Any) -> str:
+    """``text`` as inline code when a code span keeps it literal, else as escaped text."""
+    text = str(text)
+    return _md(text) if _NOT_IN_CODE & set(text) else f"`{text}`"
+
+
 def _overrides_text(overrides: dict[str, Any]) -> str:
-    return ", ".join(f"`{k}={json.dumps(v)}`" for k, v in overrides.items()) or "(base)"
+    return ", ".join(_code(f"{k}={json.dumps(v)}") for k, v in overrides.items()) or "(base)"
 
 
 def _markdown(manifest: dict[str, Any], rows: list[dict[str, Any]], files: dict[str, str]) -> str:
@@ -100,18 +117,18 @@ def _markdown(manifest: dict[str, Any], rows: list[dict[str, Any]], files: dict[
     base_rows = by_var.get(baseline, [])
     base_speed = spread([r["tokens_per_s"] for r in base_rows if r["tokens_per_s"]]).mean
     base_mem = spread([r["peak_memory_mb"] for r in base_rows if r["peak_memory_mb"]]).mean
-    lines = [f"# Ablation `{manifest['ablation']}`", ""]
+    lines = [f"# Ablation {_code(manifest['ablation'])}", ""]
     if settings.get("description"):
-        lines += [settings["description"], ""]
+        lines += [_md(settings["description"], newlines=True), ""]
     seeds = settings.get("seeds", [])
     lines += [
         f"- **Budget matched:** {settings.get('budget', 'tokens')}: {settings.get('budget_summary', '')}.",
         f"- **Seeds:** {', '.join(map(str, seeds))} (paired: seed s of every variant sees the same data order).",
-        f"- **Baseline:** `{baseline}`. **Metric:** final validation loss (nats/token, lower is better); "
+        f"- **Baseline:** {_code(baseline)}. **Metric:** final validation loss (nats/token, lower is better); "
         f"Δ = variant − baseline over paired seeds, with a 95% Student-t interval and the paired t-test's p.",
     ]
     if settings.get("set"):
-        lines.append(f"- **--set:** {', '.join('`' + s + '`' for s in settings['set'])}")
+        lines.append(f"- **--set:** {', '.join(_code(s) for s in settings['set'])}")
     lines += ["", "| variant | overrides | params | steps | val loss mean ± std (n) | Δ vs baseline [95% CI] | p "
               "| tokens/s (vs baseline) | peak memory MB (vs baseline) | cells |",
               "|---|---|---:|---:|---|---|---:|---:|---:|---|"]
@@ -139,9 +156,9 @@ def _markdown(manifest: dict[str, Any], rows: list[dict[str, Any]], files: dict[
         params = rs[0]["parameters"] if rs else None
         steps = rs[0]["steps"] if rs else None
         overrides = json.loads(rs[0]["overrides"]) if rs else {}
-        lines.append(f"| `{v}` | {_overrides_text(overrides)} | {params:,} | {steps} | {loss} | {delta} | {p} | "
+        lines.append(f"| {_code(v)} | {_overrides_text(overrides)} | {params:,} | {steps} | {loss} | {delta} | {p} | "
                      f"{_rel(speed, base_speed)} | {_rel(mem, base_mem)} | {cells} |"
-                     if params is not None else f"| `{v}` | {_overrides_text(overrides)} | — | — | {loss} | {delta} "
+                     if params is not None else f"| {_code(v)} | {_overrides_text(overrides)} | — | — | {loss} | {delta} "
                      f"| {p} | — | — | {cells} |")
     n_min = min((len(f) for f in final.values()), default=0)
     if n_min < 3:
@@ -152,8 +169,8 @@ def _markdown(manifest: dict[str, Any], rows: list[dict[str, Any]], files: dict[
     if failed:
         notes.append("Cells without a result (the variant's statistics leave them out):")
         for r in failed:
-            notes.append(f"  - `{r['variant']}` seed {r['seed']}: **{r['status']}**"
-                         + (f": {r['error']}" if r["error"] else ""))
+            notes.append(f"  - {_code(r['variant'])} seed {_md(r['seed'])}: **{_md(r['status'])}**"
+                         + (f": {_md(r['error'])}" if r["error"] else ""))
     if notes:
         lines += ["", *notes]
     lines += ["", "Mean over seeds with a min-max band across seeds:", ""]

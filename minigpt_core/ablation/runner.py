@@ -209,8 +209,12 @@ def _submitit_executor(kind: str, root: Path, params: dict[str, Any], check_only
 
 
 def run_ablation(plan: Plan, *, jobs: int = 1, retry_failed: bool = False, force: bool = False,
-                 executor: str = "local", write: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every cell that is not done; returns the final manifest. A failing cell never stops the others."""
+                 executor: str = "local", write: Callable[[str], None] = print,
+                 only: set[str] | None = None) -> dict[str, Any]:
+    """Run every cell that is not done; returns the final manifest. A failing cell never stops the others.
+
+    ``only``: the ids of the cells to run (a quick look); the others keep their state (missing if never run).
+    """
     if executor not in EXECUTORS:
         raise AblationError(f"--executor must be one of {', '.join(EXECUTORS)}, not {executor!r}.")
     if jobs < 1:
@@ -236,6 +240,8 @@ def run_ablation(plan: Plan, *, jobs: int = 1, retry_failed: bool = False, force
             if rec["status"] == "running":  # its process is gone (we hold the lock): an interrupted cell
                 rec["status"] = "pending"
         todo = [r for r in manifest["cells"] if r["status"] == "pending" or (retry_failed and r["status"] == "failed")]
+        if only is not None:
+            todo = [r for r in todo if r["id"] in only]
         skipped_failed = sum(1 for r in manifest["cells"] if r["status"] == "failed" and not retry_failed)
         write_manifest(root, manifest)
         done0 = sum(r["status"] == "done" for r in manifest["cells"])

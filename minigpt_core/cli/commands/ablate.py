@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ...ablation.plan import ablation_root, flatten_overrides, load_plan, read_ablation_file
+from ...ablation.plan import MAX_CELLS, ablation_root, flatten_overrides, load_plan, read_ablation_file
 from ...ablation.runner import EXECUTORS, cores, read_manifest, run_ablation
 from ...base import toml as _toml
 from ...base.errors import MinigptError
@@ -34,6 +34,14 @@ def _ablate_args(p: argparse.ArgumentParser) -> None:
                         "submitit (pip install 'minigpt[cluster]'); submitit-local: submitit's local executor "
                         "(to try the slurm path on one machine)")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    p.add_argument("--max-cells", type=int, default=MAX_CELLS, metavar="N",
+                   help=f"refuse an ablation of more than N cells (default {MAX_CELLS}): raise it for a larger grid")
+    p.add_argument("--variants", default=None, metavar="A,B",
+                   help="run only these variants (a quick look; the other cells stay missing in the manifest "
+                        "and the report until a run without it)")
+    p.add_argument("--seeds", default=None, metavar="S,T",
+                   help="run only these seeds (values from the file's seeds list), e.g. --variants a,b --seeds 1 "
+                        "as a smoke test")
 
 
 @command("ablate", "run an ablation: variants x seeds as ordinary runs, resumable, with a report at the end")
@@ -43,6 +51,8 @@ def _ablate(args) -> int:
 
     if args.jobs < 1:
         raise MinigptError(f"--jobs must be >= 1, not {args.jobs}.")
+    if args.max_cells < 1:
+        raise MinigptError(f"--max-cells must be >= 1, not {args.max_cells}.")
     threads = max(1, cores() // args.jobs)
     # Time budgets timed earlier stay as they were: the cells' specs (and hashes) must not drift.
 
@@ -51,17 +61,32 @@ def _ablate(args) -> int:
         prior = read_manifest(ablation_root(args.file, args.overrides))
         if prior is not None:
             time_steps = {c["variant"]: c["steps"] for c in prior["cells"]}
-    plan = load_plan(args.file, args.overrides, time_steps=time_steps, probe=not args.dry_run, threads=threads)
+
+    def count(name: str, variants: int, seeds: int) -> None:  # before the cells are built: a big grid takes time
+        print(f"ablation {name}: {variants * seeds} cells ({variants} variants x {seeds} seeds); checking them",
+              flush=True)
+
+    plan = load_plan(args.file, args.overrides, time_steps=time_steps, probe=not args.dry_run, threads=threads,
+                     max_cells=args.max_cells, on_count=count)
+    only = _selected_cells(plan, args.variants, args.seeds)
+    for group in plan.same_spec:
+        print(f"warning: variants {', '.join(group)} resolve to the same spec: they would train the same model "
+              f"the same way, and differ only in name. Give each its own overrides (e.g. name the component the "
+              f"base already uses explicitly, so that a change of the base cannot merge them).", file=sys.stderr)
     if args.dry_run:
-        _print_plan(plan)
+        _print_plan(plan, only)
         return 0
     manifest = run_ablation(plan, jobs=args.jobs, retry_failed=args.retry_failed, force=args.force,
-                            executor=args.executor, write=lambda s: print(s, flush=True))
+                            executor=args.executor, write=lambda s: print(s, flush=True), only=only)
     if not args.no_report:
         files = write_report(plan.root, write=print)
         print(f"report: {files.report} (table), {files.results}, {files.curves}, {files.throughput}")
-    failed = [c for c in manifest["cells"] if c["status"] == "failed"]
-    left = [c for c in manifest["cells"] if c["status"] != "done"]
+    cells = [c for c in manifest["cells"] if only is None or c["id"] in only]
+    failed = [c for c in cells if c["status"] == "failed"]
+    left = [c for c in cells if c["status"] != "done"]
+    if only is not None:
+        print(f"{len(only)} of {len(manifest['cells'])} cells selected (--variants/--seeds); the others are "
+              f"missing until `minigpt ablate {args.file}` runs them")
     if failed:
         print(f"{len(failed)} cell(s) failed: {', '.join(c['id'] for c in failed)}; see their errors in the "
               f"report; after a fix run `minigpt ablate {args.file} --retry-failed`", file=sys.stderr)
@@ -69,17 +94,48 @@ def _ablate(args) -> int:
     return 0 if not left else 1
 
 
-def _print_plan(plan) -> None:
+def _selected_cells(plan, variants: str | None, seeds: str | None) -> set[str] | None:
+    """The ids of the cells --variants/--seeds pick (None: all of them)."""
+    if variants is None and seeds is None:
+        return None
+    problems = []
+    chosen_v = list(plan.variants)
+    if variants is not None:
+        chosen_v = [v.strip() for v in variants.split(",") if v.strip()]
+        unknown = [v for v in chosen_v if v not in plan.variants]
+        if unknown or not chosen_v:
+            what = f"no variant named {', '.join(map(repr, unknown))}" if unknown else "names no variant"
+            problems.append(f"--variants {variants!r}: {what}; the variants of {plan.file.name} are: "
+                            f"{', '.join(plan.variants)}")
+    chosen_s = list(plan.config.seeds)
+    if seeds is not None:
+        words = [w.strip() for w in seeds.split(",") if w.strip()]
+        unknown = [w for w in words if not (w.isdigit() and int(w) in plan.config.seeds)]
+        if unknown or not words:
+            what = f"no seed {', '.join(unknown)} in the file" if unknown else "names no seed"
+            problems.append(f"--seeds {seeds!r}: {what}; its seeds are: {', '.join(map(str, plan.config.seeds))}")
+        else:
+            chosen_s = [int(w) for w in words]
+    if problems:
+        raise MinigptError("; ".join(problems) + ". Nothing was run.")
+    return {c.id for c in plan.cells if c.variant in chosen_v and c.seed in chosen_s}
+
+
+def _print_plan(plan, only: set[str] | None = None) -> None:
     print(f"ablation {plan.name}: {len(plan.cells)} cells ({len(plan.variants)} variants x "
           f"{len(plan.config.seeds)} seeds), baseline {plan.baseline}, under {plan.root}")
     print(f"budget: {plan.config.budget}: {plan.budget_summary}")
     rows = []
     for c in plan.cells:
+        if only is not None and c.id not in only:
+            continue
         ov = ", ".join(f"{k}={v}" for k, v in c.overrides.items()) or "(base)"
         rows.append([c.id, ov, f"{c.params:,}", f"{c.flops_per_token:,}", str(c.steps), f"{c.tokens:,}",
                      c.budget_note or "", c.spec_sha256[:12]])
 
     _print_table(rows, ["cell", "overrides", "params", "FLOPs/token", "steps", "tokens", "note", "spec sha256"])
+    if only is not None:
+        print(f"{len(only)} of {len(plan.cells)} cells selected (--variants/--seeds)")
     print("all cells are valid; nothing was run (--dry-run)")
 
 
