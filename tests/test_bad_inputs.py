@@ -42,13 +42,52 @@ def _shards_with_ids_beyond_vocab(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def inputs(tmp_path, monkeypatch):
-    """A tiny valid spec, a binary file and corrupt shards; the working directory is tmp_path."""
+def _fifo(tmp_path):
+    """A FIFO. Should a regression open it to read, a writer thread opens it too and closes at once, so the
+    read ends (at EOF) instead of blocking forever; the test then fails on what the command did."""
+    import threading
+
+    fifo = tmp_path / "pipe.toml"
+    os.mkfifo(fifo)
+    unblock = threading.Thread(target=lambda: os.close(os.open(fifo, os.O_WRONLY)), daemon=True)
+    unblock.start()  # blocks in open() until someone opens the FIFO to read
+    yield fifo
+    if unblock.is_alive():  # nobody read it (the fix): be its reader so the thread's open returns
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+        unblock.join()
+
+
+@pytest.fixture
+def _bounded_memory():
+    """A regression that reads /dev/zero whole fails with MemoryError at a few GiB instead of taking the
+    machine's memory: the address space is capped for the test (restored after)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/status") as f:
+        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    cap = vm + (4 << 30)
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@pytest.fixture
+def inputs(tmp_path, monkeypatch, _fifo, _bounded_memory):
+    """A tiny valid spec, a binary file, corrupt shards, a FIFO, a sparse 20 MiB file and an ablation file
+    whose base is /dev/zero; the working directory is tmp_path."""
     monkeypatch.chdir(tmp_path)
     spec = write_spec(tmp_path)
     (tmp_path / "binary.toml").write_bytes(bytes(range(256)) * 4)
     shards = _shards_with_ids_beyond_vocab(tmp_path)
-    return {"spec": str(spec), "shards": str(shards)}
+    big = tmp_path / "big.toml"
+    subprocess.run(["truncate", "-s", "20M", str(big)], check=True)  # sparse: no disk used
+    ablation = tmp_path / "zero_base.toml"
+    ablation.write_text('base = "/dev/zero"\nseeds = [1]\n\n[axes]\n"train.lr" = [1e-3, 2e-3]\n')
+    return {"spec": str(spec), "shards": str(shards), "fifo": str(_fifo), "big": str(big),
+            "ablation": str(ablation)}
 
 
 # (command and arguments with {spec}/{shards} placeholders, a phrase the message must contain)
@@ -76,6 +115,17 @@ BAD_INPUTS = [
     (["sample", "{spec}", "--top-p", "nan"], "top_p"),
     (["sample", "{spec}", "--top-k", "0"], "top_k"),
     (["sample", "{spec}", "--temperature", "nan"], "temperature"),
+    # Files read whole: a device, a FIFO or an over-size file is named for what it is, never read (issue 22.4)
+    (["validate", "/dev/zero"], "experiment file /dev/zero is a character device"),
+    (["validate", "{fifo}"], "is a FIFO"),
+    (["validate", "{big}"], "is 20.0 MiB"),
+    (["ablate", "{ablation}", "--dry-run"], "/dev/zero is a character device"),
+    (["ablate", "{big}", "--dry-run"], "over the limit"),
+    (["validate", "{spec}", "--plugin", "/dev/zero"], "plugin file /dev/zero is a character device"),
+    (["train", "{spec}", "--set", "task=classification", "--set", "classification.path=/dev/zero", "--set",
+      "classification.format=tsv"], "classification data file /dev/zero is a character device"),
+    (["train", "{spec}", "--set", "task=instruction", "--set", "instruction.path=/dev/zero"],
+     "instruction data file /dev/zero is a character device"),
 ]
 
 
