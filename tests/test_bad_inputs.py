@@ -214,6 +214,69 @@ def test_component_factory_raising_names_component_kind_and_plugin(bad_plugins, 
     assert "RuntimeError: factory exploded" in err
 
 
+@pytest.fixture
+def _sigint_restored():
+    previous = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, previous)  # the CLI ignores Ctrl-C once it has reported one
+
+
+# A plugin that raises KeyboardInterrupt itself (no Ctrl-C was pressed), at import or in its hook (issue 22.11)
+KI_AT_IMPORT = "raise KeyboardInterrupt\n"
+KI_IN_HOOK = """
+from minigpt_core import hookimpl
+
+@hookimpl
+def minigpt_register(registry):
+    raise KeyboardInterrupt
+"""
+
+
+def test_installed_plugins_raising_keyboard_interrupt_are_named_failures_not_an_interrupt(tmp_path, monkeypatch,
+                                                                                          capsys, _sigint_restored):
+    from minigpt_core.base.loader import reset_registry
+
+    site = tmp_path / "site"
+    site.mkdir()
+    make_distribution(site, "ki-import", "0.1", "ki_import", KI_AT_IMPORT, "kiimport")
+    make_distribution(site, "ki-hook", "0.2", "ki_hook", KI_IN_HOOK, "kihook")
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    reset_registry()
+    try:
+        status, out, err = cli(capsys, "validate", write_spec(tmp_path))
+    finally:
+        reset_registry()
+    assert status == 0 and "OK" in out and "interrupted" not in err, err
+    assert "'kiimport' from distribution ki-import 0.1 failed to import" in err
+    assert "'kihook' from distribution ki-hook 0.2 raised in its minigpt_register hook" in err
+    assert err.count("KeyboardInterrupt (raised by the plugin's own code") == 2, err
+
+
+@pytest.mark.parametrize("source,stage", [(KI_AT_IMPORT, "failed to import (line 1)"),
+                                          (KI_IN_HOOK, "raised in its minigpt_register hook")], ids=["import", "hook"])
+def test_a_plugin_file_raising_keyboard_interrupt_is_one_error_naming_it(tmp_path, capsys, source, stage,
+                                                                          _sigint_restored):
+    plugin = tmp_path / "ki_plugin.py"
+    plugin.write_text(source)
+    status, _, err = cli(capsys, "validate", write_spec(tmp_path), "--plugin", plugin)
+    assert status == 2 and "Traceback" not in err and "interrupted" not in err, err
+    assert err.startswith(f"error: The plugin file {plugin} (named by --plugin) {stage}"), err
+    assert "KeyboardInterrupt" in err
+
+
+@pytest.mark.parametrize("swallowed", [False, True])
+def test_a_real_ctrl_c_while_a_plugin_loads_still_interrupts(tmp_path, capsys, swallowed, _sigint_restored):
+    # The signal itself, sent from inside the plugin's import; a plugin that catches the KeyboardInterrupt
+    # does not keep the command running.
+    plugin = tmp_path / "slow_plugin.py"
+    send = "import signal\nsignal.raise_signal(signal.SIGINT)\n"
+    plugin.write_text(f"try:\n    {send.replace(chr(10), chr(10) + '    ').rstrip()}\nexcept KeyboardInterrupt:\n"
+                      f"    pass\n" if swallowed else send)
+    status, _, err = cli(capsys, "validate", write_spec(tmp_path), "--plugin", plugin)
+    assert status == 130 and err.strip() == "interrupted", err
+
+
 # -- the process: pipes and Ctrl-C ---------------------------------------------------------------
 def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1"}
