@@ -9,6 +9,8 @@ quantize. May import every layer up to and including tasks and fine-tuning.
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +26,7 @@ from .checkpoints.checkpoint import (
     read_meta,
     save_model,
 )
-from .checkpoints.state import pick_checkpoint
+from .checkpoints.state import CHECKPOINTS_DIR, list_checkpoints, pick_checkpoint
 from .finetune import META_KEY, Finetune, apply_finetune, base_record, finetune_active, trainable_state
 from .model.gpt import GPT
 from .model.build import build_model
@@ -227,13 +229,86 @@ def quantize_checkpoint(source: str | Path, out: str | Path, method: str = DEFAU
         raise QuantizationError(f"{source} is already an int8 checkpoint (method {done.get('method', '?')}); "
                                 f"quantize the float checkpoint it was made from ({done.get('source', '?')}) "
                                 f"instead.")
+    out = Path(out)
+    _refuse_inside_run_checkpoints(out)
     model, spec = load_model(source)
     require_lm(spec, source, "int8 quantization (for sampling and evaluation)")
     state, names = quantized_state(model)
     meta = {k: v for k, v in read_meta(source).items() if k == "tokenizer"}
     record = quantization_record(method, names, str(source))
-    save_model(model, spec, out, meta={**meta, "quantization": record}, state=state)
-    return Path(out), record
+    # Written into a hidden sibling and renamed into place: a kill leaves ``out`` complete or absent,
+    # never a partial directory that `sample` cannot load and `quantize` will not overwrite.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_quantize_dirs(out)
+    tmp = out.parent / f".{out.name}.quantizing-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_model(model, spec, tmp, meta={**meta, "quantization": record}, state=state)
+        _test_pause(tmp)
+        try:
+            os.replace(tmp, out)  # also over an empty directory (POSIX rename)
+        except OSError as exc:
+            if out.exists():
+                raise QuantizationError(f"{out} already exists and is not an empty directory ({exc.strerror}); "
+                                        f"nothing was written there. Give a new directory.") from None
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out, record
+
+
+def _refuse_inside_run_checkpoints(out: Path) -> None:
+    """A run's checkpoints/ directory belongs to the run: its next resume tidies away whatever it does not
+    recognise there, a quantized copy included."""
+    resolved = out.expanduser().resolve()
+    for folder in (resolved, *resolved.parents):
+        if folder.name == CHECKPOINTS_DIR and folder.is_dir() and (
+                list_checkpoints(folder) or any((folder.parent / f).exists() for f in _RUN_FILES)):
+            raise QuantizationError(
+                f"{out} is inside the run {folder.parent}'s {CHECKPOINTS_DIR}/ directory, which the run manages: "
+                f"its next resume or checkpoint may delete what it does not recognise there. Give a directory "
+                f"outside it, e.g. {folder.parent / 'int8'} (nothing was written).")
+
+
+_RUN_FILES = ("spec.toml", "metrics.jsonl", "console.log")
+_QUANTIZING = ".quantizing-"
+
+
+def _remove_stale_quantize_dirs(out: Path) -> None:
+    """The temporary directories a killed `quantize` to ``out`` left behind (their process is gone)."""
+    for leftover in out.parent.glob(f".{out.name}{_QUANTIZING}*"):
+        pid = leftover.name.rpartition(_QUANTIZING)[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def _test_pause(tmp: Path) -> None:
+    """Test hook: with MINIGPT_TEST_QUANTIZE_FD=N (an inherited pipe), write "written\n" to fd N once the
+    temporary directory is complete, then wait until the pipe's reader hangs up (a test SIGKILLs the
+    process in this state, just before the rename)."""
+    fd = os.environ.get("MINIGPT_TEST_QUANTIZE_FD")
+    if not fd:
+        return
+    import select
+
+    try:
+        os.write(int(fd), b"written\n")
+        poller = select.poll()
+        poller.register(int(fd), select.POLLERR)  # a pipe's write end reports POLLERR once no reader is left
+        poller.poll()
+        os.close(int(fd))
+    except (OSError, ValueError):  # not an open fd: the hook is for tests, never a reason to fail
+        pass
 
 
 def summarize_spec(spec) -> ParameterSummary:

@@ -50,7 +50,10 @@ Moving weights (for ``weights`` components)
 
 Tokenizers and data
     :class:`TokenizerContext`, :class:`TokenizerError`, :class:`DataContext`, :class:`DataError`,
-    :class:`TextSource`, :class:`TokenSource`, :class:`ShardSet`, :func:`open_shards`.
+    :class:`TextSource`, :class:`TokenSource`, :class:`ShardSet`, :func:`open_shards`;
+    :func:`read_bytes_bounded` / :func:`read_text_bounded` to read a whole file a user names (a device,
+    FIFO or over-size file is a clear error, never a read without end), with ``TOKENIZER_LIMIT`` or
+    ``DATA_LIMIT``.
 
 Errors
     :class:`MinigptError`: subclass it for a user error; the CLI prints its message, no traceback.
@@ -92,6 +95,7 @@ from .base.contracts import (
 from .base.errors import CheckpointError, MinigptError, PretrainedError
 from .base.hookspecs import hookimpl
 from .base.loader import PluginRegistrar as Registrar
+from .base.reading import DATA_LIMIT, TOKENIZER_LIMIT, read_bytes_bounded, read_text_bounded
 from .data.shards import ShardSet, open_shards
 from .data.sources import DataContext, DataError, TextSource, TokenSource
 from .model.gpt import BuildContext, KVCache, LayerKVCache, is_residual_projection, mark_residual_projection
@@ -161,6 +165,10 @@ __all__ = [
     "TokenSource",
     "ShardSet",
     "open_shards",
+    "read_bytes_bounded",
+    "read_text_bounded",
+    "TOKENIZER_LIMIT",
+    "DATA_LIMIT",
     # errors
     "MinigptError",
     "CheckpointError",

@@ -27,7 +27,7 @@ from .base.contracts import HFFilesProtocol
 from .base.errors import CheckpointError, PretrainedError
 from .base.loader import get_registry
 from .base.registry import ComponentRegistry
-from .checkpoints.checkpoint import atomic_write_bytes, load_weights_file, SPEC_FILE, check_plugin_files
+from .checkpoints.checkpoint import atomic_write_bytes, load_weights_file, read_record, SPEC_FILE, check_plugin_files
 from .checkpoints.state import resolve_checkpoint
 from .model.build import build_model
 from .model.gpt import GPT
@@ -77,7 +77,7 @@ def weights_format(registry: ComponentRegistry, *, model_type: str | None = None
 
 def _read_config(directory: Path) -> dict[str, Any]:
     try:
-        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        config = json.loads(read_record(directory / "config.json"))
     except FileNotFoundError:
         raise CheckpointError(f"{directory} has no config.json; it is not a Hugging Face checkpoint directory.") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -106,7 +106,7 @@ def read_hf_checkpoint(directory: str | Path) -> tuple[dict[str, Any], dict[str,
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            shards = sorted(set(json.loads(read_record(index))["weight_map"].values()))
         except (json.JSONDecodeError, KeyError, AttributeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{index} is corrupt ({exc}).") from None
         state: dict[str, torch.Tensor] = {}
@@ -345,7 +345,7 @@ def init_from_model(spec: ExperimentSpec) -> ModelSpec:
 
         ckpt = resolve_checkpoint(source)
         try:
-            saved = _toml.loads((ckpt / SPEC_FILE).read_text(encoding="utf-8"))
+            saved = _toml.loads(read_record(ckpt / SPEC_FILE))
         except (OSError, UnicodeDecodeError, _toml.TOMLDecodeError) as exc:
             raise CheckpointError(f"{ckpt / SPEC_FILE} is unreadable or corrupt ({exc}).") from None
         saved = check_plugin_files(ckpt, saved, spec.registry)  # its plugin files: gone (error) or changed (warning)

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 from .base import toml as _toml
 from .base.errors import MinigptError
+from .base.reading import SPEC_LIMIT, read_text_bounded
 from .checkpoints.state import CHECKPOINTS_DIR, META_FILE, TRAINER_FILE, list_checkpoints
 from .train.lock import LOCK_FILE, lock_holder
 from .train.loggers import METRICS_FILE
@@ -30,6 +31,11 @@ __all__ = ["read_metrics", "metric_series", "RunSummary", "summarize_run", "iter
 STATUSES = ("running", "finished", "interrupted", "failed", "diverged", "empty")
 _SESSION_EVENTS = ("start", "resume", "branch")
 _END_EVENTS = ("finished", "interrupted", "failed", "diverged")
+
+
+def _read_record(path: Path) -> str:
+    # ValueError, like a corrupt file: a listing skips what it cannot read instead of failing on it.
+    return read_text_bounded(path, "run record", SPEC_LIMIT, ValueError)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -200,7 +206,7 @@ def _checkpoint_total_steps(run_dir: Path) -> int | None:
     if not found:
         return None
     try:
-        total = json.loads((found[-1][1] / TRAINER_FILE).read_text(encoding="utf-8")).get("total_steps")
+        total = json.loads(_read_record(found[-1][1] / TRAINER_FILE)).get("total_steps")
     except (OSError, ValueError, AttributeError):
         return None
     return total if isinstance(total, int) else None
@@ -263,7 +269,7 @@ def read_spec(run_dir: str | Path) -> dict[str, Any]:
     Read as plain TOML, not validated: a run made with a plugin that is gone still compares.
     """
     try:
-        data = _toml.loads((Path(run_dir) / "spec.toml").read_text(encoding="utf-8"))
+        data = _toml.loads(_read_record(Path(run_dir) / "spec.toml"))
     except (OSError, ValueError):
         return {}
     return _flatten(data)
@@ -309,7 +315,7 @@ class AblationCell:
 def read_manifest(ablation_dir: str | Path) -> dict[str, Any] | None:
     """The ablation's manifest.json (None if there is none or it is unreadable)."""
     try:
-        data = json.loads((Path(ablation_dir) / MANIFEST_FILE).read_text(encoding="utf-8"))
+        data = json.loads(_read_record(Path(ablation_dir) / MANIFEST_FILE))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None

@@ -42,9 +42,43 @@ def _shards_with_ids_beyond_vocab(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def inputs(tmp_path, monkeypatch, request):
-    """A tiny valid spec, a binary file, corrupt shards and a classification spec on five examples (too
-    few for a validation split at 70/10/20); the working directory is tmp_path."""
+def _fifo(tmp_path):
+    """A FIFO. Should a regression open it to read, a writer thread opens it too and closes at once, so the
+    read ends (at EOF) instead of blocking forever; the test then fails on what the command did."""
+    import threading
+
+    fifo = tmp_path / "pipe.toml"
+    os.mkfifo(fifo)
+    unblock = threading.Thread(target=lambda: os.close(os.open(fifo, os.O_WRONLY)), daemon=True)
+    unblock.start()  # blocks in open() until someone opens the FIFO to read
+    yield fifo
+    if unblock.is_alive():  # nobody read it (the fix): be its reader so the thread's open returns
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+        unblock.join()
+
+
+@pytest.fixture
+def _bounded_memory():
+    """A regression that reads /dev/zero whole fails with MemoryError at a few GiB instead of taking the
+    machine's memory: the address space is capped for the test (restored after)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/status") as f:
+        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    cap = vm + (4 << 30)
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@pytest.fixture
+def inputs(tmp_path, monkeypatch, request, _fifo, _bounded_memory):
+    """A tiny valid spec, a binary file, corrupt shards, a FIFO, a sparse 20 MiB file and an ablation file
+    whose base is /dev/zero, a classification spec on five examples (too few for a validation split at
+    70/10/20) and ablation files; the working directory is tmp_path."""
     from minigpt_core.tasks.classification import FIELD_LIMIT
 
     monkeypatch.chdir(tmp_path)
@@ -63,7 +97,12 @@ def inputs(tmp_path, monkeypatch, request):
                                         f'"train.lr" = [{lrs}]\n')
     (tmp_path / "two.toml").write_text(f'base = "{spec.name}"\nseeds = [1, 2]\n[variants.a]\n[variants.b]\n'
                                        f'"train.lr" = 0.002\n')
-    return {"spec": str(spec), "shards": str(shards), "cls": str(cls), "long_field": "long_field.csv"}
+    big = tmp_path / "big.toml"
+    subprocess.run(["truncate", "-s", "20M", str(big)], check=True)  # sparse: no disk used
+    ablation = tmp_path / "zero_base.toml"
+    ablation.write_text('base = "/dev/zero"\nseeds = [1]\n\n[axes]\n"train.lr" = [1e-3, 2e-3]\n')
+    return {"spec": str(spec), "shards": str(shards), "fifo": str(_fifo), "big": str(big),
+            "ablation": str(ablation), "cls": str(cls), "long_field": "long_field.csv"}
 
 
 # (command and arguments with placeholders for the files of `inputs`, a phrase the message must contain)
@@ -100,6 +139,17 @@ BAD_INPUTS = [
     (["ablate", "two.toml", "--variants", "a,c"], "the variants of two.toml are: a, b"),
     (["ablate", "two.toml", "--seeds", "3"], "its seeds are: 1, 2"),
     (["ablate", "two.toml", "--max-cells", "0"], "--max-cells"),
+    # Files read whole: a device, a FIFO or an over-size file is named for what it is, never read (issue 22.4)
+    (["validate", "/dev/zero"], "experiment file /dev/zero is a character device"),
+    (["validate", "{fifo}"], "is a FIFO"),
+    (["validate", "{big}"], "is 20.0 MiB"),
+    (["ablate", "{ablation}", "--dry-run"], "/dev/zero is a character device"),
+    (["ablate", "{big}", "--dry-run"], "over the limit"),
+    (["validate", "{spec}", "--plugin", "/dev/zero"], "plugin file /dev/zero is a character device"),
+    (["train", "{spec}", "--set", "task=classification", "--set", "classification.path=/dev/zero", "--set",
+      "classification.format=tsv"], "classification data file /dev/zero is a character device"),
+    (["train", "{spec}", "--set", "task=instruction", "--set", "instruction.path=/dev/zero"],
+     "instruction data file /dev/zero is a character device"),
 ]
 
 
@@ -186,6 +236,69 @@ def test_component_factory_raising_names_component_kind_and_plugin(bad_plugins, 
     assert status == 2 and "Traceback" not in err
     assert "norm component 'boom.norm'" in err and "boom" in err and "boom-plugin 0.2" in err
     assert "RuntimeError: factory exploded" in err
+
+
+@pytest.fixture
+def _sigint_restored():
+    previous = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, previous)  # the CLI ignores Ctrl-C once it has reported one
+
+
+# A plugin that raises KeyboardInterrupt itself (no Ctrl-C was pressed), at import or in its hook (issue 22.11)
+KI_AT_IMPORT = "raise KeyboardInterrupt\n"
+KI_IN_HOOK = """
+from minigpt_core import hookimpl
+
+@hookimpl
+def minigpt_register(registry):
+    raise KeyboardInterrupt
+"""
+
+
+def test_installed_plugins_raising_keyboard_interrupt_are_named_failures_not_an_interrupt(tmp_path, monkeypatch,
+                                                                                          capsys, _sigint_restored):
+    from minigpt_core.base.loader import reset_registry
+
+    site = tmp_path / "site"
+    site.mkdir()
+    make_distribution(site, "ki-import", "0.1", "ki_import", KI_AT_IMPORT, "kiimport")
+    make_distribution(site, "ki-hook", "0.2", "ki_hook", KI_IN_HOOK, "kihook")
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    reset_registry()
+    try:
+        status, out, err = cli(capsys, "validate", write_spec(tmp_path))
+    finally:
+        reset_registry()
+    assert status == 0 and "OK" in out and "interrupted" not in err, err
+    assert "'kiimport' from distribution ki-import 0.1 failed to import" in err
+    assert "'kihook' from distribution ki-hook 0.2 raised in its minigpt_register hook" in err
+    assert err.count("KeyboardInterrupt (raised by the plugin's own code") == 2, err
+
+
+@pytest.mark.parametrize("source,stage", [(KI_AT_IMPORT, "failed to import (line 1)"),
+                                          (KI_IN_HOOK, "raised in its minigpt_register hook")], ids=["import", "hook"])
+def test_a_plugin_file_raising_keyboard_interrupt_is_one_error_naming_it(tmp_path, capsys, source, stage,
+                                                                          _sigint_restored):
+    plugin = tmp_path / "ki_plugin.py"
+    plugin.write_text(source)
+    status, _, err = cli(capsys, "validate", write_spec(tmp_path), "--plugin", plugin)
+    assert status == 2 and "Traceback" not in err and "interrupted" not in err, err
+    assert err.startswith(f"error: The plugin file {plugin} (named by --plugin) {stage}"), err
+    assert "KeyboardInterrupt" in err
+
+
+@pytest.mark.parametrize("swallowed", [False, True])
+def test_a_real_ctrl_c_while_a_plugin_loads_still_interrupts(tmp_path, capsys, swallowed, _sigint_restored):
+    # The signal itself, sent from inside the plugin's import; a plugin that catches the KeyboardInterrupt
+    # does not keep the command running.
+    plugin = tmp_path / "slow_plugin.py"
+    send = "import signal\nsignal.raise_signal(signal.SIGINT)\n"
+    plugin.write_text(f"try:\n    {send.replace(chr(10), chr(10) + '    ').rstrip()}\nexcept KeyboardInterrupt:\n"
+                      f"    pass\n" if swallowed else send)
+    status, _, err = cli(capsys, "validate", write_spec(tmp_path), "--plugin", plugin)
+    assert status == 130 and err.strip() == "interrupted", err
 
 
 # -- the process: pipes and Ctrl-C ---------------------------------------------------------------

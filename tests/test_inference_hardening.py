@@ -84,6 +84,37 @@ def test_a_checkpoint_without_trainer_json_is_verified_too(tmp_path, registry):
         load_model(tmp_path / "ckpt2", registry)
 
 
+# valid JSON, wrong shape: not an object, or a field minigpt reads with the wrong type (issue 22.9)
+MALFORMED_META = ["[]", '"a string"', "3", '{"sha256": [1, 2]}', '{"sha256": {"model.safetensors": 5}}',
+                  '{"tokenizer": "char"}', '{"quantization": 8}', '{"local_plugins": []}']
+
+
+@pytest.mark.parametrize("meta", MALFORMED_META)
+def test_a_malformed_meta_json_is_a_corrupt_checkpoint_checked_by_its_hash_first(run, tmp_path, capsys, meta):
+    tmp, result = run
+    ckpt = _copy_run(result, tmp_path) / "checkpoints" / result.checkpoint.name
+    (ckpt / "meta.json").write_text(meta)
+    for args in (("sample", ckpt, "--max-new-tokens", "3"), ("eval", ckpt, "--max-windows", "1"),
+                 ("quantize", ckpt, tmp_path / "int8")):
+        status, out, err = cli(capsys, *args)
+        assert status == 2 and "Traceback" not in err, (args[0], err)
+        # trainer.json records meta.json's sha256: the damage is found before meta.json is read
+        assert f"{ckpt / 'meta.json'} is truncated or corrupt" in err and "sha256" in err, (args[0], err)
+    assert not (tmp_path / "int8").exists()
+
+
+@pytest.mark.parametrize("meta", MALFORMED_META)
+def test_a_malformed_meta_json_without_trainer_json_is_a_corrupt_checkpoint(tmp_path, capsys, meta):
+    # import-hf and quantize write such checkpoints: meta.json is the record itself, so its shape is checked
+    spec = parse_spec({"model": {"vocab_size": 64, "context_length": 16, "emb_dim": 16, "n_heads": 2,
+                                 "n_layers": 1}, "tokenizer": {"name": "char"}})
+    ckpt = save_model(build_model(spec), spec, tmp_path / "ckpt")
+    (ckpt / "meta.json").write_text(meta)
+    status, _, err = cli(capsys, "sample", ckpt, "--max-new-tokens", "3")
+    assert status == 2 and "Traceback" not in err, err
+    assert f"{ckpt / 'meta.json'} is corrupt" in err and "Use another checkpoint" in err, err
+
+
 # -- one rule for which checkpoint, printed everywhere ---------------------------------------------
 def test_every_command_uses_the_best_checkpoint_and_says_which(run, tmp_path, capsys):
     tmp, result = run

@@ -3,8 +3,10 @@ generation, perplexity on a trained tiny model, and the user errors."""
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
+import subprocess
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from minigpt_core.checkpoints.checkpoint import WEIGHTS_FILE, read_meta
 from minigpt_core.assembly import load_model
 from minigpt_core.quantize import METHODS, INT8_SUFFIX, SCALE_SUFFIX, quantize_model
 from minigpt_core.assembly import quantize_checkpoint
-from training_utils import cli, runs_of, tiny_spec_data
+from training_utils import MINIGPT, cli, runs_of, tiny_spec_data
 
 pytest.importorskip("torchao")
 
@@ -173,6 +175,46 @@ def test_existing_output_kept(trained, int8, capsys):
     before = {p.name: p.read_bytes() for p in int8.iterdir()}
     assert "already exists" in _error(capsys, "quantize", trained, int8)
     assert {p.name: p.read_bytes() for p in int8.iterdir()} == before
+
+
+def test_output_inside_a_runs_checkpoints_directory_is_refused(trained, capsys):
+    # the run's next resume tidies away what it does not recognise under checkpoints/ (issue 22.10)
+    checkpoints = trained.parent
+    for out in (checkpoints / "int8", trained / "int8", checkpoints / "step_99999999"):
+        err = _error(capsys, "quantize", trained, out)
+        assert f"inside the run {checkpoints.parent}'s checkpoints/ directory" in err, err
+        assert not out.exists()
+    assert not [p for p in checkpoints.iterdir() if "int8" in p.name or "quantiz" in p.name]
+
+
+def test_sigkill_before_the_rename_leaves_no_output_and_the_next_quantize_completes(trained, tmp_path, capsys):
+    """A real process killed once its checkpoint is written but not yet in place (issue 22.10)."""
+    out = tmp_path / "int8"
+    ready_r, ready_w = os.pipe()
+    # The test hook: the process says when the temporary directory is complete, then waits for this end.
+    proc = subprocess.Popen([str(MINIGPT), "quantize", str(trained), str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                         "MINIGPT_TEST_QUANTIZE_FD": str(ready_w)},
+                            pass_fds=(ready_w,))
+    os.close(ready_w)  # the child holds the only write end: its exit ends the read below
+    try:
+        with os.fdopen(ready_r, "rb") as ready:
+            line = ready.readline()
+            assert line == b"written\n", ("the process never paused before its rename", proc.communicate())
+            (tmp,) = [p for p in tmp_path.iterdir() if p.name.startswith(".int8.")]
+            assert (tmp / "meta.json").is_file() and not out.exists()
+            proc.kill()  # SIGKILL, in that state
+            proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert not out.exists()  # complete or absent: absent
+    status, _, err = cli(capsys, "quantize", trained, out)  # not "already exists": out was never made
+    assert status == 0, err
+    assert [p.name for p in tmp_path.iterdir()] == ["int8"]  # the killed run's leftover is gone
+    status, text, err = cli(capsys, "sample", out, "--max-new-tokens", "4", "--seed", "1")
+    assert status == 0 and text.strip() and "int8-dynamic" in err, err
 
 
 def test_lora_finetuned_checkpoint_quantizes(trained, tmp_path, capsys):

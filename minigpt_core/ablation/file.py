@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..base import toml as _toml
 from ..base.errors import MinigptError, SpecError
 from ..base.loader import resolve_plugin_ref
+from ..base.reading import SPEC_LIMIT, read_text_bounded
 from ..spec import apply_overrides, validation_problems
 
 __all__ = ["AblationError", "AblationFile", "BUDGETS", "flatten_overrides", "read_ablation_file", "ablation_root"]
@@ -170,7 +171,8 @@ def _variants(cfg: AblationFile) -> dict[str, dict[str, Any]]:
 
 def _read_toml(path: Path, what: str) -> dict[str, Any]:
     try:
-        return _toml.loads(path.read_text(encoding="utf-8"))
+        return _toml.loads(read_text_bounded(path, what, SPEC_LIMIT, AblationError,
+                                             hint="Give the path of a TOML file (docs/ablations.md)."))
     except FileNotFoundError:
         raise AblationError(f"No such {what}: {path}.") from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..base import toml as _toml
+from ..base.reading import SPEC_LIMIT, read_text_bounded
 from ..checkpoints.checkpoint import atomic_write_bytes
 from ..checkpoints.state import list_checkpoints
 from ..spec import dump_spec
@@ -46,7 +47,7 @@ def cores() -> int:
 def read_manifest(root: str | Path) -> dict[str, Any] | None:
     path = Path(root) / MANIFEST_FILE
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text_bounded(path, "ablation manifest", SPEC_LIMIT, AblationError))
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
@@ -77,7 +78,8 @@ def _spec_diff(run_dir: str | None, cell: Cell) -> str:
     if not run_dir or not (Path(run_dir) / "spec.toml").is_file():
         return "the cell's resolved spec changed"
     try:
-        old = flatten_overrides(_toml.loads((Path(run_dir) / "spec.toml").read_text(encoding="utf-8")))
+        old = flatten_overrides(_toml.loads(read_text_bounded(Path(run_dir) / "spec.toml", "run spec", SPEC_LIMIT,
+                                                              OSError)))
     except (OSError, _toml.TOMLDecodeError):
         return "the cell's resolved spec changed"
     new = flatten_overrides(_toml.loads(dump_spec(cell.spec)))

@@ -25,6 +25,7 @@ import pluggy
 
 from .hookspecs import PROJECT_NAME, MinigptHookSpecs
 from .errors import DuplicateComponentError, PluginLoadError, PluginLoadWarning
+from .reading import SPEC_LIMIT, read_bytes_bounded
 from .registry import ComponentEntry, ComponentRegistry, UnavailableComponent, make_entry
 
 __all__ = [
@@ -134,6 +135,54 @@ class PluginRegistrar:
         return self._registry.names(kind)
 
 
+class _CtrlC:
+    """Whether a KeyboardInterrupt out of plugin code came from a real Ctrl-C (SIGINT) or was raised by the
+    plugin itself: the first must stop the command, the second is the plugin failing like any other error.
+    While watching, SIGINT goes through a handler that notes it and raises KeyboardInterrupt as Python's
+    own does."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "_CtrlC":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if previous is signal.default_int_handler:  # anyone else's handler is left alone
+                self._previous = previous
+                signal.signal(signal.SIGINT, self._handler)
+            elif previous in (signal.SIG_IGN, signal.SIG_DFL, None) or not callable(previous):
+                self._previous = False  # Ctrl-C raises nothing now: any KeyboardInterrupt is the plugin's
+        return self
+
+    def _handler(self, signum, frame):
+        self.pressed = True
+        raise KeyboardInterrupt
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if self._previous:
+            import signal
+
+            signal.signal(signal.SIGINT, self._previous)
+        if self.pressed and exc_type is None:  # the plugin caught our KeyboardInterrupt: Ctrl-C still stops
+            raise KeyboardInterrupt
+
+    def real(self) -> bool:
+        """A KeyboardInterrupt just caught: a real Ctrl-C (or one we cannot tell from one)?"""
+        if self._previous is None:  # someone else's handler: it may raise KeyboardInterrupt itself
+            return True
+        return self.pressed
+
+
+def _plugin_raised(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return "KeyboardInterrupt (raised by the plugin's own code: no Ctrl-C was pressed)"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _requested_plugins(plugins: Iterable[str] | None) -> set[str] | None:
     if plugins is not None:
         return set(plugins)
@@ -165,8 +214,7 @@ def load_registry(
     infos: dict[str, PluginInfo] = {}
 
     def fail(info: PluginInfo, stage: str, exc: BaseException) -> None:
-        failure = PluginFailure(info.name, info.distribution, info.version, stage,
-                                f"{type(exc).__name__}: {exc}")
+        failure = PluginFailure(info.name, info.distribution, info.version, stage, _plugin_raised(exc))
         registry.failures.append(failure)
         warnings.warn(failure.message(), PluginLoadWarning, stacklevel=3)
 
@@ -181,12 +229,15 @@ def load_registry(
             if ep.name in seen:  # importlib.metadata can list one dist twice (e.g. two sys.path entries)
                 continue
             seen.add(ep.name)
-            try:
-                candidates.append((info, ep.load()))
-            except KeyboardInterrupt:
-                raise
-            except BaseException as exc:  # a broken plugin (even one calling sys.exit) must not break the tool
-                fail(info, "import", exc)
+            with _CtrlC() as ctrl_c:
+                try:
+                    candidates.append((info, ep.load()))
+                except KeyboardInterrupt as exc:
+                    if ctrl_c.real():
+                        raise
+                    fail(info, "import", exc)
+                except BaseException as exc:  # a broken plugin (even one calling sys.exit) must not break the tool
+                    fail(info, "import", exc)
         if wanted is not None:
             found = {i.name for i, _ in candidates} | {f.name for f in registry.failures}
             for missing in sorted(wanted - found - {n for n, _ in extra_plugins}):
@@ -210,12 +261,18 @@ def load_registry(
     for impl in pm.hook.minigpt_register.get_hookimpls():  # registration order
         info = infos[impl.plugin_name]
         registrar = PluginRegistrar(registry, info)
-        try:
-            impl.function(registry=registrar)
-        except KeyboardInterrupt:
-            raise
-        except BaseException as exc:  # SystemExit included
-            fail(info, "register", exc)
+        with _CtrlC() as ctrl_c:
+            try:
+                impl.function(registry=registrar)
+                failed = None
+            except KeyboardInterrupt as exc:
+                if ctrl_c.real():
+                    raise
+                failed = exc
+            except BaseException as exc:  # SystemExit included
+                failed = exc
+        if failed is not None:
+            fail(info, "register", failed)
             continue
         for entry in registrar.staged:
             registry._insert(entry)  # DuplicateComponentError is fatal by design: it names both
@@ -285,15 +342,13 @@ def _import_local(ref: str, where: str) -> tuple[Any, str | None]:
     """Import a plugin file or module: (module, the file's sha256 or None)."""
     if is_plugin_file(ref):
         path = Path(ref)
-        if not path.is_file():
-            raise PluginLoadError(
-                f"The plugin file {ref} (named by {where}) does not exist"
-                f"{' (it is a directory)' if path.is_dir() else ''}. Give the path of a .py file that "
-                f"defines `@hookimpl def minigpt_register(registry)`; relative paths in an experiment "
-                f"file are relative to that file."
-            )
+        hint = ("Give the path of a .py file that defines `@hookimpl def minigpt_register(registry)`; relative "
+                "paths in an experiment file are relative to that file.")
         try:
-            code = path.read_bytes()
+            code = read_bytes_bounded(path, "plugin file", SPEC_LIMIT, PluginLoadError,
+                                      hint=f"{where} must name a Python file: {hint[0].lower()}{hint[1:]}")
+        except FileNotFoundError:
+            raise PluginLoadError(f"The plugin file {ref} (named by {where}) does not exist. {hint}") from None
         except OSError as exc:
             raise PluginLoadError(f"Cannot read the plugin file {ref} (named by {where}): {exc.strerror}.") from None
         sha = hashlib.sha256(code).hexdigest()
@@ -305,24 +360,36 @@ def _import_local(ref: str, where: str) -> tuple[Any, str | None]:
         spec = importlib.util.spec_from_file_location(modname, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[modname] = module  # dataclasses, pickling by spawn workers etc. look modules up here
-        try:
-            spec.loader.exec_module(module)
-        except KeyboardInterrupt:
-            raise
-        except BaseException as exc:  # SyntaxError, ImportError, even sys.exit: report, never a traceback
+        with _CtrlC() as ctrl_c:
+            try:
+                spec.loader.exec_module(module)
+                failed = None
+            except KeyboardInterrupt as exc:
+                if ctrl_c.real():
+                    sys.modules.pop(modname, None)
+                    raise
+                failed = exc
+            except BaseException as exc:  # SyntaxError, ImportError, even sys.exit: report, never a traceback
+                failed = exc
+        if failed is not None:
             sys.modules.pop(modname, None)
-            line = f" (line {exc.lineno})" if isinstance(exc, SyntaxError) and exc.lineno else \
-                _error_line(exc, str(path))
+            line = f" (line {failed.lineno})" if isinstance(failed, SyntaxError) and failed.lineno else \
+                _error_line(failed, str(path))
             raise PluginLoadError(
                 f"The plugin file {ref} (named by {where}) failed to import{line}: "
-                f"{type(exc).__name__}: {exc}. Fix the file, or leave it out of {where}."
-            ) from None
+                f"{_plugin_raised(failed)}. Fix the file, or leave it out of {where}."
+            )
         _local_modules[ref] = (sha, module)
         return module, sha
+    ctrl_c = _CtrlC()
     try:
-        return importlib.import_module(ref), None
-    except KeyboardInterrupt:
-        raise
+        with ctrl_c:
+            return importlib.import_module(ref), None
+    except KeyboardInterrupt as exc:
+        if ctrl_c.real():
+            raise
+        raise PluginLoadError(f"The plugin module '{ref}' (named by {where}) failed to import: "
+                              f"{_plugin_raised(exc)}.") from None
     except ModuleNotFoundError as exc:
         if exc.name and (ref == exc.name or ref.startswith(exc.name + ".")):
             raise PluginLoadError(

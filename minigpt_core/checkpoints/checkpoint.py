@@ -24,6 +24,7 @@ import torch
 from ..base import toml as _toml
 from ..base.errors import CheckpointError, MinigptError
 from ..base.loader import get_registry, is_plugin_file
+from ..base.reading import SPEC_LIMIT, read_text_bounded
 from ..base.registry import ComponentRegistry
 from ..base.version import __version__
 from ..model.weights import load_model_state, model_state_for_saving
@@ -36,6 +37,7 @@ __all__ = [
     "atomic_write_bytes",
     "save_model",
     "read_meta",
+    "read_record",
     "file_sha256",
     "verify_files",
     "model_state_for_saving",
@@ -95,9 +97,9 @@ def check_plugin_files(directory: str | Path, data: dict[str, Any],
     if not isinstance(refs, list) or not refs:
         return data
     try:
-        meta = json.loads((Path(directory) / META_FILE).read_text(encoding="utf-8"))
+        meta = json.loads(read_record(Path(directory) / META_FILE))
         recorded = meta.get("local_plugins") or {}
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, CheckpointError):
         recorded = {}
     kept = []
     for ref in refs:
@@ -164,17 +166,70 @@ def save_model(model: torch.nn.Module, spec: ExperimentSpec, directory: str | Pa
     return directory
 
 
+def read_record(path: Path) -> str:
+    """A checkpoint's small text file (meta.json, spec.toml, trainer.json), bounded: a device or a huge
+    file in its place is a CheckpointError, never a read without end."""
+    return read_text_bounded(path, "checkpoint file", SPEC_LIMIT, CheckpointError,
+                             hint="Use another checkpoint of the run.")
+
+
+# meta.json's keys that minigpt reads, and the JSON type each must have when present (None is allowed).
+_META_TYPES: dict[str, tuple[type, ...]] = {
+    "sha256": (dict,), "plugins": (dict,), "local_plugins": (dict,), "tokenizer": (dict,),
+    "quantization": (dict,), "minigpt_version": (str,), "torch_version": (str,),
+}
+
+
+def _meta_problem(meta: Any) -> str | None:
+    if not isinstance(meta, dict):
+        return f"it holds a JSON {type(meta).__name__}, not an object"
+    for key, types in _META_TYPES.items():
+        value = meta.get(key)
+        if value is not None and not isinstance(value, types):
+            return f"its {key!r} is a {type(value).__name__}, not a {types[0].__name__}"
+    hashes = meta.get("sha256") or {}
+    bad = [k for k, v in hashes.items() if not isinstance(v, str)]
+    if bad:
+        return f"its sha256 record of {bad[0]} is not a string"
+    return None
+
+
 def read_meta(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / META_FILE
+    """meta.json as a mapping, checked before anything reads it: against trainer.json's sha256 when the
+    checkpoint has one (training checkpoints), and for its shape (a CheckpointError either way)."""
+    directory = Path(directory)
+    path = directory / META_FILE
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        text = read_record(path)
     except FileNotFoundError:
         raise CheckpointError(
             f"{directory} is not a complete minigpt checkpoint: {META_FILE} is missing (the write "
             f"was interrupted, or this is not a checkpoint directory)."
         ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise CheckpointError(f"Cannot read {path}: {exc.strerror or exc}.") from None
+    trainer = directory / "trainer.json"  # train.state.TRAINER_FILE (not imported: a cycle)
+    if trainer.is_file():
+        verify_files(directory, _trainer_hashes(trainer), (META_FILE,), trainer.name)
+    try:
+        meta = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{path} is corrupt ({exc}); use an earlier checkpoint.") from None
+    problem = _meta_problem(meta)
+    if problem:
+        raise CheckpointError(f"{path} is corrupt: {problem}. Use another checkpoint of the run (or re-create "
+                              f"this one).")
+    return meta
+
+
+def _trainer_hashes(trainer: Path) -> Any:
+    try:
+        return json.loads(read_record(trainer))["sha256"]
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise CheckpointError(f"{trainer} is truncated or corrupt ({type(exc).__name__}: {exc}); "
+                              f"use another checkpoint of the run.") from None
 
 
 def file_sha256(path: Path) -> str:
@@ -211,12 +266,7 @@ def _verify_model_files(directory: Path, meta: dict[str, Any]) -> None:
     carry no hashes and load unchecked."""
     trainer = directory / "trainer.json"  # train.state.TRAINER_FILE (not imported: a cycle)
     if trainer.is_file():
-        try:
-            hashes = json.loads(trainer.read_text(encoding="utf-8"))["sha256"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{trainer} is truncated or corrupt ({type(exc).__name__}: {exc}); "
-                                  f"use another checkpoint of the run.") from None
-        verify_files(directory, hashes, (META_FILE, SPEC_FILE, WEIGHTS_FILE), trainer.name)
+        verify_files(directory, _trainer_hashes(trainer), (META_FILE, SPEC_FILE, WEIGHTS_FILE), trainer.name)
     elif "sha256" in meta:
         verify_files(directory, meta["sha256"], (SPEC_FILE, WEIGHTS_FILE), META_FILE)
 
@@ -224,7 +274,7 @@ def _verify_model_files(directory: Path, meta: dict[str, Any]) -> None:
 def load_spec_from_checkpoint(directory: str | Path, registry: ComponentRegistry | None = None) -> ExperimentSpec:
     path = Path(directory) / SPEC_FILE
     try:
-        data = _toml.loads(path.read_text(encoding="utf-8"))
+        data = _toml.loads(read_record(path))
     except FileNotFoundError:
         raise CheckpointError(f"{directory} has no {SPEC_FILE}; it is not a minigpt checkpoint.") from None
     except (_toml.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -263,10 +313,10 @@ def load_checkpoint_weights(directory: Path) -> dict[str, torch.Tensor]:
     tensors put together from every process's hash-checked shard file (FSDP2 splits along dim 0)."""
     if not (directory / WEIGHTS_FILE).is_file():
         try:
-            trainer = json.loads((directory / "trainer.json").read_text(encoding="utf-8"))
+            trainer = json.loads(read_record(directory / "trainer.json"))
             record, hashes = trainer.get("sharded"), trainer["sha256"]
             names = [shard_file("model", r, int(record["world_size"])) for r in range(int(record["world_size"]))]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, CheckpointError):
             record = None
         if record:
             verify_files(directory, hashes, tuple(names), "trainer.json")

@@ -41,6 +41,8 @@ from .checkpoint import (
     atomic_write_bytes,
     file_sha256,
     load_weights_file,
+    read_meta,
+    read_record,
     save_model,
     shard_file,
     verify_files,
@@ -269,9 +271,9 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
 def _complete(directory: Path) -> bool:
     """trainer.json and every file it holds a hash for exist (the hashes are checked on load)."""
     try:
-        hashes = json.loads((directory / TRAINER_FILE).read_text(encoding="utf-8"))["sha256"]
+        hashes = json.loads(read_record(directory / TRAINER_FILE))["sha256"]
         return all((directory / name).is_file() for name in hashes)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, CheckpointError):
         return False
 
 
@@ -353,7 +355,7 @@ def verify_checkpoint(directory: Path, skip: Any = None) -> dict[str, Any]:
     """trainer.json, after checking every file against its recorded sha256 (but ``skip(name)``)."""
     path = directory / TRAINER_FILE
     try:
-        trainer = json.loads(path.read_text(encoding="utf-8"))
+        trainer = json.loads(read_record(path))
         hashes = trainer["sha256"]
     except FileNotFoundError:
         raise CheckpointError(f"{directory} is not a training checkpoint ({TRAINER_FILE} is missing).") from None
@@ -366,9 +368,9 @@ def verify_checkpoint(directory: Path, skip: Any = None) -> dict[str, Any]:
 
 def _sharded_world(directory: Path) -> int | None:
     try:
-        record = json.loads((directory / TRAINER_FILE).read_text(encoding="utf-8")).get("sharded")
+        record = json.loads(read_record(directory / TRAINER_FILE)).get("sharded")
         return int(record["world_size"]) if record else None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, CheckpointError):
         return None  # verify_checkpoint says what is wrong
 
 
@@ -391,7 +393,7 @@ def load_checkpoint(directory: str | Path, rank: int = 0, world_size: int = 1) -
     mine = {shard_file(k, rank, world) for k in ("model", "optimizer")} if world else set()
     try:
         trainer = verify_checkpoint(directory, skip=lambda n: bool(world) and "-shard-" in n and n not in mine)
-        meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+        meta = read_meta(directory)
         model_file, optim_file = (WEIGHTS_FILE, OPTIMIZER_FILE) if world is None else \
             (shard_file("model", rank, world), shard_file("optimizer", rank, world))
         model_state = load_weights_file(directory / model_file)

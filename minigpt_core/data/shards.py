@@ -27,6 +27,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from ..base.reading import SPEC_LIMIT, read_text_bounded
 from ..model.tokenizers import tokenizer_from_state
 from .sources import DataError
 
@@ -212,7 +213,7 @@ def open_shards(directory: str | Path) -> ShardSet:
     directory = Path(directory)
     meta_path = directory / SHARD_META
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = json.loads(read_text_bounded(meta_path, "shard index", SPEC_LIMIT, DataError))
         dtype = np.dtype(meta["dtype"])
         names, counts, _ = meta["shards"], meta["tokens"], meta["tokenizer"]["name"]
     except FileNotFoundError:

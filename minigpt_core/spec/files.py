@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from ..base import toml as _toml
 from ..base.errors import SpecError
 from ..base.loader import load_local_plugins, resolve_plugin_ref
+from ..base.reading import SPEC_LIMIT, read_text_bounded
 from ..base.registry import ComponentRegistry
 from .presets import PRESETS
 from .resolution import ResolvedComponent, resolve_components, validation_problems
@@ -108,11 +109,10 @@ def load_spec(path: str | Path, registry: ComponentRegistry | None = None,
     """Read, merge (preset, then ``--set key=value`` overrides) and fully validate a TOML spec."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text_bounded(path, "experiment file", SPEC_LIMIT, lambda msg: SpecError([("<file>", msg)]),
+                                 hint="Give the experiment's TOML file, e.g. experiments/tiny.toml.")
     except FileNotFoundError:
         raise SpecError([("<file>", f"no such experiment file: {path}")]) from None
-    except IsADirectoryError:
-        raise SpecError([("<file>", f"{path} is a directory; give the experiment's TOML file")]) from None
     except OSError as exc:
         raise SpecError([("<file>", f"cannot read {path}: {exc.strerror}")]) from None
     except UnicodeDecodeError as exc:

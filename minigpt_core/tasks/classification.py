@@ -9,6 +9,7 @@ default), as the book does for the SMS Spam Collection.
 from __future__ import annotations
 
 import csv
+import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..base.reading import DATA_LIMIT, read_text_bounded, require_regular_file
 from ..data.sources import DataError
 from ..model.trainable import mark_trainable
 from ..spec import ClassificationSpec, ExperimentSpec
@@ -62,6 +64,14 @@ def _column_index(column: str | int, header: list[str] | None, which: str, where
                     f"if the first row is data.")
 
 
+def _read_data(path: Path) -> str:
+    return read_text_bounded(path, "classification data file", DATA_LIMIT, DataError, hint=_DATA_HINT,
+                             newline="")
+
+
+_DATA_HINT = "Set classification.path to a CSV, TSV or JSONL file of labelled texts (docs/finetune.md)."
+
+
 def _read_table(cs: ClassificationSpec, path: Path, delimiter: str) -> list[tuple[str, str]]:
     # TSV as the book reads the SMS Spam Collection: one example per line, quotes are text.
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
@@ -70,7 +80,7 @@ def _read_table(cs: ClassificationSpec, path: Path, delimiter: str) -> list[tupl
     # limit is process-wide, so it is raised for this read only.
     previous = csv.field_size_limit(FIELD_LIMIT)
     try:
-        with path.open(encoding="utf-8", newline="") as f:
+        with io.StringIO(_read_data(path), newline="") as f:
             reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
             rows, start = [], 1  # start: the line the row being read begins on
             try:
@@ -104,7 +114,7 @@ def _read_table(cs: ClassificationSpec, path: Path, delimiter: str) -> list[tupl
 
 
 def _read_jsonl(cs: ClassificationSpec, path: Path) -> list[dict[str, Any]]:
-    records = json_records(path.read_text(encoding="utf-8"), path)
+    records = json_records(_read_data(path), path)
     if not all(isinstance(r, dict) for r in records):
         raise DataError(f"{path}: every record must be a JSON object with the text and label fields.")
     return records
@@ -159,7 +169,9 @@ def read_examples(cs: ClassificationSpec) -> list[tuple[str, str]]:
         where = f"the dataset {cs.hf_dataset!r}"
     else:
         path = Path(cs.path).expanduser()
-        if not path.is_file():
+        if path.exists():  # a device or FIFO is named as such, before its (missing) extension is
+            require_regular_file(path, "classification data file", DataError, _DATA_HINT)
+        else:
             raise DataError(f"classification.path {cs.path!r}: no such file (relative paths are resolved from "
                             f"{Path.cwd()}).")
         fmt = _file_format(cs, path)

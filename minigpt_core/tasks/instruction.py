@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..base.reading import DATA_LIMIT, read_text_bounded
 from ..data.sources import DataError
 from ..spec import ExperimentSpec, InstructionSpec
 from .base import FinalReport
@@ -38,11 +39,12 @@ IGNORE_INDEX = -100  # torch's cross_entropy default, the book's
 def read_instructions(path_str: str) -> list[dict[str, str]]:
     """The examples of an Alpaca JSON list or JSONL file as {instruction, input, output} (input "" if absent)."""
     path = Path(path_str).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"instruction.path {path_str!r}: no such file (relative paths are resolved from "
                         f"{Path.cwd()}).")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text_bounded(path, "instruction data file", DATA_LIMIT, DataError,
+                                 hint="Set instruction.path to a JSON or JSONL file of examples (docs/finetune.md).")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8.") from None
     records = json_records(text, path, list_hint=". An instruction file is a JSON list of objects (the Alpaca "

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import tiktoken
 from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenisation regex
 
-from minigpt_core.plugin import TokenizerError
+from minigpt_core.plugin import TOKENIZER_LIMIT, TokenizerError, read_bytes_bounded
 
 __all__ = [
     "ENDOFTEXT",
@@ -69,7 +69,9 @@ def _tiktoken_cache_file(url: str) -> Path | None:
 
 def _read_verified(path: Path, expected_sha256: str) -> bytes:
     try:
-        data = path.read_bytes()
+        data = read_bytes_bounded(path, "GPT-2 vocabulary file", TOKENIZER_LIMIT, TokenizerError,
+                                  hint="Point the gpt2 tokenizer's vocab_dir param at a directory holding "
+                                       "vocab.bpe and encoder.json.")
     except OSError as exc:
         raise TokenizerError(
             f"Cannot read GPT-2's {path.name} at {path}: {exc.strerror or exc}. Reinstall the "
@@ -138,7 +140,7 @@ def gpt2_encoding_from_files(directory: str | Path) -> tiktoken.Encoding:
 def _tiktoken_has_gpt2_cached() -> bool:
     for url, sha in GPT2_FILES.values():
         path = _tiktoken_cache_file(url)
-        if path is None or not path.is_file():
+        if path is None or not path.is_file() or path.stat().st_size > TOKENIZER_LIMIT:
             return False
         if hashlib.sha256(path.read_bytes()).hexdigest() != sha:
             return False  # tiktoken would delete it and download again: do not go there offline
@@ -205,7 +207,8 @@ class TiktokenTokenizer:
         if self.name != "gpt2":
             return None
         src = Path(self.params.get("vocab_dir") or packaged_gpt2_dir())
-        return {"vocab.json": (src / "encoder.json").read_bytes(), "merges.txt": (src / "vocab.bpe").read_bytes()}
+        return {out: read_bytes_bounded(src / name, "GPT-2 vocabulary file", TOKENIZER_LIMIT, TokenizerError)
+                for out, name in (("vocab.json", "encoder.json"), ("merges.txt", "vocab.bpe"))}
 
     def __repr__(self) -> str:
         return f"TiktokenTokenizer({self.name!r}, encoding={self.encoding.name!r}, n_vocab={self.n_vocab})"

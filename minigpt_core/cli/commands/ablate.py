@@ -10,6 +10,7 @@ from ...ablation.plan import MAX_CELLS, ablation_root, flatten_overrides, load_p
 from ...ablation.runner import EXECUTORS, cores, read_manifest, run_ablation
 from ...base import toml as _toml
 from ...base.errors import MinigptError
+from ...base.reading import SPEC_LIMIT, read_text_bounded
 from ..parser import arguments, command, _print_table
 
 __all__ = ["run_label_fields", "resolve_run"]
@@ -179,7 +180,8 @@ def run_label_fields(run_dirs: list[Path]) -> list[str]:
     flat = []
     for d in run_dirs:
         try:
-            flat.append(flatten_overrides(_toml.loads((d / "spec.toml").read_text(encoding="utf-8"))))
+            flat.append(flatten_overrides(_toml.loads(read_text_bounded(d / "spec.toml", "run spec", SPEC_LIMIT,
+                                                                        OSError))))
         except (OSError, _toml.TOMLDecodeError):
             flat.append({})
     keys = sorted({k for f in flat for k in f})
