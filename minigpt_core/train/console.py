@@ -92,6 +92,11 @@ class Console:
         self._keep(text)
 
     # -- the progress bar -----------------------------------------------------------------------------
+    @property
+    def shows_bar(self) -> bool:
+        """Whether this process draws progress bars (rank 0, unless --no-progress)."""
+        return self._show_bar
+
     def open_bar(self, total: int, initial: int) -> tqdm:
         self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
                          disable=not self._show_bar, file=sys.stderr, mininterval=1.0)
