@@ -130,7 +130,7 @@ class SupervisedTask(Task):
         mine = sum(len(rows[env.rank::env.world_size]) for _, rows in splits)
         with progress_bar(mine, desc="final evaluation", unit="example", enabled=progress and env.is_main) as bar:
             for split, rows in splits:
-                bar.set_description(f"final evaluation: {split}", refresh=False)
+                bar.set_description(f"final evaluation: {split}")  # three redraws in all
                 m, results[split] = self.split_result(model, split, rows, progress=bar.update, **options)
                 metrics.update(m)
         return self.final_report(metrics, results)
