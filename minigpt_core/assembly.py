@@ -53,8 +53,8 @@ from .spec import ExperimentSpec, ModelSpec, parse_spec
 from .tasks import build_task_model, check_init_from_task, get_task, require_lm
 from .tasks.classification import read_examples, resolve_classes
 
-__all__ = ["load_model", "load_init_from", "init_from_record", "INIT_FROM_KEY", "restore_finetuned", "count_trainable", "quantize_checkpoint",
-           "summarize_spec", "with_task_classes"]
+__all__ = ["load_model", "load_init_from", "init_from_record", "INIT_FROM_KEY", "restore_finetuned", "count_trainable",
+           "quantize_checkpoint", "summarize_spec", "with_task_classes"]
 
 def load_model(directory: str | Path, registry: ComponentRegistry | None = None,
                map_location: str | torch.device = "cpu", *,

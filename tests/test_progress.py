@@ -109,8 +109,9 @@ def test_the_final_evaluation_of_a_fine_tune_shows_a_bar_on_a_terminal_only(tmp_
     # Every split in turn (the training split is evaluated again at the end: minutes on a CPU).
     assert "final evaluation: train" in term and "example" in term, term
     assert "classification results" in out  # the report itself is unchanged, on stdout
+    assert "step/s" in term  # the training steps' own bar
     p = piped(MINIGPT, "train", path)
-    assert p.returncode == 0 and "final evaluation" not in p.stderr, p.stderr
+    assert p.returncode == 0 and "final evaluation" not in p.stderr and BAR not in p.stderr, p.stderr
 
 
 # -- attention and eval --per-token ----------------------------------------------------------------------
