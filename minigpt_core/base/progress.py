@@ -13,8 +13,12 @@ __all__ = ["progress_bar", "stderr_is_terminal"]
 
 
 def stderr_is_terminal() -> bool:
+    """stderr is a terminal, or a Jupyter kernel's stream (tqdm.auto draws a widget there)."""
+    stream = sys.stderr
+    if stream is not None and type(stream).__module__.startswith("ipykernel"):
+        return True
     try:
-        return sys.stderr is not None and sys.stderr.isatty()
+        return stream is not None and stream.isatty()
     except (AttributeError, ValueError):  # a replaced or closed stream
         return False
 
