@@ -209,7 +209,7 @@ class _Stream:
 @arguments(_sample_args)
 def _sample(args) -> int:
     import torch
-    from tqdm.auto import tqdm
+    from ...base.progress import progress_bar
 
     from ...model.generate import check_sampling, generate
 
@@ -256,8 +256,8 @@ def _sample(args) -> int:
         for w in held:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         return 0
-    bar = tqdm(total=args.num_samples * args.max_new_tokens, unit="token", file=sys.stderr, dynamic_ncols=True,
-               disable=args.no_progress, delay=1.0, mininterval=0.5)
+    bar = progress_bar(args.num_samples * args.max_new_tokens, unit="token", enabled=not args.no_progress,
+                       delay=1.0)
     done = 0
     try:
         while done < args.num_samples:
@@ -298,7 +298,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 @arguments(_eval_args)
 def _eval(args) -> int:
     import numpy as np
-    from tqdm.auto import tqdm
+    from ...base.progress import progress_bar
 
     from ...tasks.evaluate import eval_windows, evaluate
 
@@ -342,8 +342,8 @@ def _eval(args) -> int:
     if args.per_token or args.compare:  # one pass gives both the mean and each token's loss
 
         per_token = PerTokenEval(args, ckpt, spec, tokenizer, length)  # loads and checks --compare first
-    with tqdm(total=len(starts) * (2 if args.compare else 1), unit="window", file=sys.stderr, dynamic_ncols=True,
-              disable=args.no_progress, mininterval=0.5, desc="eval") as bar:
+    with progress_bar(len(starts) * (2 if args.compare else 1), desc="eval", unit="window",
+                      enabled=not args.no_progress) as bar:
         if per_token is not None:
             loss = per_token.run(model, corpus, np.asarray(starts), device, progress=bar.update)
         else:
