@@ -270,9 +270,11 @@ def test_eval_per_token_matches_cross_entropy_and_compare_gives_the_difference(r
     np.testing.assert_allclose([r["loss"] for r in both], direct.ravel(), atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose([r["other_loss"] for r in both], earlier, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose([r["delta"] for r in both], direct.ravel() - earlier, atol=2e-5)
-    assert "harder for tiny-test/step_00000004 than for tiny-test/step_00000002" in out and "easier for" in out
+    run = step4.resolve().parent.parent.name  # both sides are named by experiment, run and step
+    assert f"harder for tiny-test/{run}/step_00000004 than for tiny-test/{run}/step_00000002" in out
+    assert "easier for" in out
     data = _page_data((tmp_path / "two" / "per-token.html").read_text(encoding="utf-8"))
-    assert data["names"] == ["tiny-test/step_00000004", "tiny-test/step_00000002"]
+    assert data["names"] == [f"tiny-test/{run}/step_00000004", f"tiny-test/{run}/step_00000002"]
     np.testing.assert_array_equal(np.frombuffer(base64.b64decode(data["other"]), dtype="<f4"), earlier)
 
 

@@ -24,8 +24,14 @@ DEFAULT_MAX_TOKENS = 64  # readable tick labels in a per-head grid; --max-tokens
 
 
 def checkpoint_label(ckpt: Path, spec) -> str:
-    """'quickstart/step_00000800': the experiment and the checkpoint, for titles and legends."""
-    return f"{spec.name}/{ckpt.resolve().name}"
+    """'quickstart/20261202-054700/step_00000800': the experiment, the run and the checkpoint, for titles
+    and legends (two runs of one experiment share its name and their step numbers, so the run tells
+    the sides of a comparison apart); 'NAME/step_…' for a checkpoint outside any run."""
+    ckpt = ckpt.resolve()
+    run = ckpt.parent.parent
+    if ckpt.parent.name == CHECKPOINTS_DIR and is_run_dir(run):
+        return f"{spec.name}/{run.name}/{ckpt.name}"
+    return f"{spec.name}/{ckpt.name}"
 
 
 def output_dir(out: str | None, ckpt: Path, what: str) -> Path:
@@ -193,6 +199,8 @@ class PerTokenEval:
         self.out = output_dir(args.out, ckpt, "per-token")  # said before the evaluation, not after
         self.names = (checkpoint_label(ckpt, spec),
                       checkpoint_label(self.other_ckpt, self.other_spec) if self.other is not None else "other")
+        if self.names[0] == self.names[1]:  # same labels from different places (copies): the paths differ
+            self.names = (str(ckpt), str(self.other_ckpt))
 
     def run(self, model, corpus, starts: np.ndarray, device, progress=None) -> float:
         from ...inspection import window_token_losses
