@@ -27,6 +27,7 @@ from ..base.loader import get_registry, is_plugin_file
 from ..base.registry import ComponentRegistry
 from ..base.version import __version__
 from ..model.weights import load_model_state, model_state_for_saving
+from .layout import META_FILE, SPEC_FILE, WEIGHTS_FILE
 from ..spec import ExperimentSpec, dump_spec, parse_spec
 
 __all__ = [
@@ -45,9 +46,6 @@ __all__ = [
     "load_checkpoint_weights",
 ]
 
-WEIGHTS_FILE = "model.safetensors"
-SPEC_FILE = "spec.toml"
-META_FILE = "meta.json"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
