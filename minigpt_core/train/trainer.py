@@ -47,7 +47,7 @@ from .flops import PRECISION_DTYPES, measure_matmul_peak
 from .loggers import Logger, RunLog, open_run_log, wandb_mode
 from .metrics import Speedometer, train_metrics
 from .resume import RESUME_SAFE_FIELDS, resume_target, run_spec
-from .resume import flatten as _flatten  # noqa: F401  (runs.py reads it here)
+from .resume import flatten as _flatten  # noqa: F401  (importable here, as before)
 from .run_dir import BRANCH_FILE, experiment_dir, label_slug, place_run, remove_unstarted
 from .run_dir import new_run_dir as _new_run_dir  # noqa: F401  (tests read it here)
 from .samples import attention_maps, sample_text

@@ -73,6 +73,7 @@ def _train(args) -> int:
         spec = run_spec(args.resume, overrides=args.overrides)  # the run's own spec.toml
     else:
         spec = load_spec(args.file, overrides=args.overrides)
+    _busy_cpu_note(spec)
     result = train(spec, resume=args.resume, progress=not args.no_progress, label=args.label)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
@@ -86,6 +87,23 @@ def _train(args) -> int:
         return _report(spec, result, print)
     finally:
         append_console(result.run_dir, "\n".join(lines))
+
+
+def _busy_cpu_note(spec) -> None:
+    """One line on stderr when other processes already occupy the cores this run's threads need."""
+    import torch
+
+    from ...base.device import available_cores, busy_cpu_note, cpu_load
+
+    t = spec.train
+    on_cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available()
+                                   and not torch.backends.mps.is_available())
+    if not on_cpu or int(os.environ.get("RANK", "0")) != 0:
+        return
+    note = busy_cpu_note(cpu_load(), available_cores(), t.threads or torch.get_num_threads(),
+                         os.environ.get("OMP_WAIT_POLICY"))
+    if note:
+        print(note, file=sys.stderr, flush=True)
 
 
 def _report(spec, result, print) -> int:
