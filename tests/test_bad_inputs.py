@@ -120,6 +120,10 @@ BAD_INPUTS = [
     (["train", "{spec}", "--set", "data.source.name=shards", "--set", "data.source.params={{path='{shards}'}}"],
      "hold id 1000"),
     (["validate", "{spec}", "--set", "model.n_layer=3"], "did you mean 'model.n_layers'"),
+    # the bpe tokenizer: more ids than the model embeds; fewer than the 256 bytes and <|endoftext|>
+    (["train", "{spec}", "--set", "tokenizer.name=bpe"], "set model.vocab_size to at least 4096"),
+    (["validate", "{spec}", "--set", "tokenizer.name=bpe", "--set", "tokenizer.params.vocab_size=100"],
+     "greater than or equal to 258"),
     (["check", "--device", "nonsense"], "not a device"),
     (["train", "{spec}", "--set", "name=../escape"], "name"),
     (["train", "{spec}", "--set", "name=/tmp/abs"], "name"),

@@ -56,6 +56,58 @@ def test_python_docs_is_deterministic_prose_from_the_standard_library(registry):
     assert len(list(only_topics.documents())) == len(topics)
 
 
+# -- python-stdlib ---------------------------------------------------------------------------
+_BUILD_STDLIB = """
+import hashlib, sys
+from minigpt_data.python_stdlib import PythonStdlib
+h = hashlib.sha256()
+for doc in PythonStdlib().documents():
+    h.update(doc.encode("utf-8") + b"\\0")
+print(h.hexdigest())
+"""
+
+
+def test_python_stdlib_builds_to_the_same_bytes_twice(registry, tmp_path):
+    import hashlib
+    import os
+    import subprocess
+    import sys
+    import sysconfig
+    from pathlib import Path
+
+    from minigpt_core.data import DataContext
+    from minigpt_data.python_stdlib import stdlib_files
+
+    entry = registry.get("dataset", "python-stdlib")
+    a = entry.build(DataContext(cache_dir=None))
+    docs = list(a.documents())
+    here = hashlib.sha256(b"".join(d.encode("utf-8") + b"\0" for d in docs)).hexdigest()
+    # A second build in another process (another hash seed, so no set or dict order could hide).
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    there = subprocess.run([sys.executable, "-c", _BUILD_STDLIB], capture_output=True, text=True, check=True,
+                           env=env).stdout.strip()
+    assert here == there
+    b = entry.build(DataContext(cache_dir=None))
+    assert a.fingerprint() == b.fingerprint() and here in a.fingerprint() and sys.version in a.fingerprint()
+    assert sys.version.split()[0] in a.describe() and here[:12] in a.describe()
+    size = sum(len(d) for d in docs)
+    assert 8_000_000 < size < 14_000_000  # 10.4 M characters with Python 3.11.7
+    assert all("\r" not in d and not d.startswith("\ufeff") for d in docs)
+    from pydoc_data.topics import topics
+
+    assert docs[0] == topics[sorted(topics)[0]].strip()  # the language reference first, then the code
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [f.relative_to(root).as_posix() for f in stdlib_files(root)]
+    assert files == sorted(files) and "json/__init__.py" in files and "asyncio/base_events.py" in files
+    skipped = ("test/", "tests/", "idle_test/", "site-packages/", "encodings/", "pydoc_data/", "lib-dynload/")
+    assert not [f for f in files if any(s in f"/{f}" for s in ("/" + x for x in skipped))]
+    assert not [f for f in files if "_sysconfigdata" in f or f.startswith("config-")]
+    json_source = (root / "json" / "__init__.py").read_text(encoding="utf-8")
+    assert json_source in docs  # a file's text whole, docstrings and comments included
+    code_only = list(entry.build(DataContext(cache_dir=None), {"topics": False}).documents())
+    assert code_only == docs[len(topics):]
+
+
 # -- shards ----------------------------------------------------------------------------------
 def test_shards_round_trip_across_files_and_worker_processes(tmp_path, gpt2):
     docs = [corpus_text(30_000)[i:i + 3_000] for i in range(0, 30_000, 3_000)]

@@ -1,6 +1,7 @@
 """Tokenizers: GPT-2's BPE built offline must be tiktoken's gpt2 encoding, id for id."""
 
 import hashlib
+import os
 import json
 import shutil
 
@@ -181,3 +182,145 @@ def test_state_round_trip_and_bad_states(registry):
     with pytest.raises(TokenizerError, match="'chars'"):
         tokenizer_from_state({"name": "char"}, registry)
     assert isinstance(ExperimentSpec().tokenizer.name, str)
+
+
+# -- bpe: a byte-level BPE learnt from the training text ----------------------------------------
+def _stdlib_documents() -> list[str]:
+    from minigpt_data.python_stdlib import PythonStdlib
+
+    return list(PythonStdlib().documents())
+
+
+def test_bpe_round_trips_every_character_of_the_stdlib_corpus(registry):
+    docs = _stdlib_documents()
+    text = "\n\n".join(docs)
+    tok = build_tokenizer(_spec(registry, vocab_size=4096, name="bpe", params={"vocab_size": 4096}),
+                          training_text=text)
+    assert (tok.name, tok.n_vocab, tok.eot_id) == ("bpe", 4096, 0)
+    # Every distinct character of the corpus, in each line it occurs in (all but plain ASCII text),
+    # and a tenth of the documents whole: encoding all 10 M characters would take 15 s here.
+    lines = [line for line in text.splitlines(keepends=True)
+             if any(not (c.isascii() and c.isprintable()) and c not in "\n\t" for c in line)]
+    sample = lines + docs[::10]
+    assert set("".join(sample)) == set(text)
+    assert any(ord(c) > 127 for c in text)  # the corpus has non-ASCII characters to round-trip
+    encoded = [e.ids for e in tok.tokenizer.encode_batch(sample, add_special_tokens=False)]
+    assert encoded[-3:] == [tok.encode(d) for d in sample[-3:]]  # the batch encodes as encode() does
+    for piece, ids in zip(sample, encoded):
+        assert tok.decode(ids) == piece
+        assert max(ids, default=0) < tok.n_vocab
+    n_chars = sum(map(len, docs[::10]))
+    assert 2.5 < n_chars / sum(map(len, encoded[len(lines):])) < 5  # merges learnt: ~3.6 characters a token
+    # Text the corpus never had round-trips too (byte-level: no unknown token).
+    assert tok.decode(tok.encode(TEXT)) == TEXT
+    assert tok.encode(TEXT).count(tok.eot_id) == 1  # <|endoftext|> in a text is the end-of-text id
+    every_byte = bytes(range(256)).decode("latin-1") + "\U0010ffff\ud7ff"
+    assert tok.decode(tok.encode(every_byte)) == every_byte
+
+
+def test_bpe_training_is_deterministic_across_processes(tmp_path):
+    # Another process, other hash seeds and thread counts: the same text must give the same tokenizer.json.
+    from minigpt_tokenizers.trained_bpe import train_bpe_json
+
+    text = "\n\n".join(_stdlib_documents())[:1_000_000]
+    here = hashlib.sha256(train_bpe_json(text, 1024, 2).encode()).hexdigest()
+    (tmp_path / "corpus.txt").write_text(text, encoding="utf-8", newline="")
+    code = ("import hashlib, sys; from minigpt_tokenizers.trained_bpe import train_bpe_json; "
+            "text = open(sys.argv[1], encoding='utf-8', newline='').read(); "
+            "print(hashlib.sha256(train_bpe_json(text, 1024, 2).encode()).hexdigest())")
+    import subprocess
+    import sys
+
+    # One thread there (here as many as the trainer likes), another hash seed.
+    env = {**os.environ, "PYTHONHASHSEED": "1", "RAYON_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "corpus.txt")], capture_output=True,
+                         text=True, check=True, env=env).stdout.strip()
+    assert out == here
+    # A different text or vocabulary gives a different tokenizer (the hash above is not a constant).
+    assert hashlib.sha256(train_bpe_json(text, 1000, 2).encode()).hexdigest() != here
+
+
+def test_bpe_state_rebuilds_the_tokenizer_and_refuses_a_corrupt_one(registry):
+    spec = _spec(registry, vocab_size=300, name="bpe", params={"vocab_size": 300})
+    text = "def f(x):\n    return x ** 2\n" * 20 + "naïve café 🙂 日本語\n" * 5
+    tok = build_tokenizer(spec, training_text=text)
+    assert 257 < tok.n_vocab <= 300
+    state = json.loads(json.dumps(tok.state()))  # JSON-serialisable: it goes into meta.json
+    assert json.loads(state["tokenizer_json"])["model"]["type"] == "BPE"
+    again = tokenizer_from_state(state, registry)
+    assert again.encode(TEXT) == tok.encode(TEXT) and again.n_vocab == tok.n_vocab
+    assert tokenizer_from_state(state, registry).state() == state
+    with pytest.raises(TokenizerError, match="training text"):
+        build_tokenizer(spec)
+    bad = {**state, "tokenizer_json": state["tokenizer_json"].replace('"f"', '"g"', 1)}
+    with pytest.raises(TokenizerError, match="corrupt"):
+        tokenizer_from_state(bad, registry)
+    with pytest.raises(TokenizerError, match="tokenizer_json"):
+        tokenizer_from_state({"name": "bpe", "params": {}}, registry)
+    with pytest.raises(SpecError, match="at least 4096"):  # the model must have an embedding for each id
+        _spec(registry, vocab_size=1000, name="bpe")
+    with pytest.raises(SpecError, match="vocab_size"):  # fewer ids than the 256 bytes and <|endoftext|>
+        _spec(registry, vocab_size=1000, name="bpe", params={"vocab_size": 200})
+
+
+# Runs the minigpt CLI with the network cut: every connection or name lookup is recorded (in the
+# file $NETWORK_LOG) and refused, whatever library tries it; the hub is told it is offline too.
+_OFFLINE_CLI = """
+import os, sys
+def _no_network(event, args):
+    if event in ("socket.connect", "socket.getaddrinfo", "socket.gethostbyname", "urllib.Request"):
+        with open(os.environ["NETWORK_LOG"], "a") as f:
+            f.write(f"{event} {args!r:.200}\\n")
+        raise OSError(f"network access attempted: {event}")
+sys.addaudithook(_no_network)
+from minigpt import main
+sys.argv[0] = "minigpt"
+sys.exit(main())
+"""
+
+
+def test_bpe_is_saved_with_the_run_and_reloaded_offline_by_sample_and_eval(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from minigpt_core.checkpoints.checkpoint import read_meta
+    from training_utils import PATIENCE_S, ROOT, cli, runs_of, write_spec
+
+    spec = write_spec(tmp_path, model={"vocab_size": 512}, tokenizer={"name": "bpe", "params": {"vocab_size": 512}})
+    status, out, err = cli(capsys, "train", spec, "--no-progress")
+    assert status == 0, err
+    assert "tokenizer bpe (512 ids)" in out
+    run = runs_of(tmp_path / "runs")[-1]
+    ckpt = sorted((run / "checkpoints").glob("step_*"))[-1]
+    state = read_meta(ckpt)["tokenizer"]  # read_meta checks meta.json against the checkpoint's hashes
+    assert state["name"] == "bpe" and json.loads(state["tokenizer_json"])["model"]["type"] == "BPE"
+    trained = tokenizer_from_state(state)
+
+    log = tmp_path / "network.log"
+    env = {**os.environ, "NETWORK_LOG": str(log), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "OMP_NUM_THREADS": "1"}
+
+    def offline(*args):
+        done = subprocess.run([sys.executable, "-c", _OFFLINE_CLI, *map(str, args)], capture_output=True, text=True,
+                              env=env, cwd=ROOT, timeout=PATIENCE_S)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    # eval re-tokenizes the run's data: from scratch (no token cache), with the run's tokenizer.
+    import shutil
+
+    shutil.rmtree(tmp_path / "cache")
+    import re
+
+    n_val = re.search(r"training and ([\d,]+) validation windows of 32 tokens", out).group(1)
+    evaluated = offline("eval", run, "--no-progress")
+    assert f": {n_val} windows of 32 tokens: all of the split" in evaluated  # the same tokens as in training
+    assert re.search(r"^loss \d+\.\d+ nats/token", evaluated, re.M)
+    # sample needs nothing but the checkpoint: the corpus the tokenizer was learnt from is gone.
+    (tmp_path / "corpus.txt").unlink()
+    shutil.rmtree(tmp_path / "cache")
+    text = offline("sample", ckpt, "--prompt", "The naïve ", "--max-new-tokens", "20", "--seed", "1",
+                   "--no-progress")
+    assert "The naïve " in text
+    assert not log.exists(), log.read_text()
+    assert trained.n_vocab == 512

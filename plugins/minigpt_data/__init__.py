@@ -1,6 +1,6 @@
 """minigpt plugin: the first-party data sources of the ``dataset`` registry kind.
 
-``python-docs`` (built in, no download), ``text`` (local files and globs), ``shards``
+``python-docs`` and ``python-stdlib`` (built in, no download), ``text`` (local files and globs), ``shards``
 (pre-tokenized uint16/uint32 shards written by ``minigpt prepare``) and ``hf`` (Hugging Face
 ``datasets``, streaming; needs the ``hf`` extra).
 """
@@ -15,14 +15,20 @@ from minigpt_core.plugin import hookimpl
 
 from .files import Shards, TextFiles
 from .python_docs import PythonDocs
+from .python_stdlib import PythonStdlib
 
-__all__ = ["PythonDocs", "TextFiles", "Shards", "minigpt_register"]
+__all__ = ["PythonDocs", "PythonStdlib", "TextFiles", "Shards", "minigpt_register"]
 
 
 class PythonDocsParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     topics: bool = Field(True, description="include the language reference topics of pydoc_data")
     docstrings: bool = Field(True, description="include the standard library's public docstrings")
+
+
+class PythonStdlibParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    topics: bool = Field(True, description="begin with the language reference topics of pydoc_data (prose)")
 
 
 class TextParams(BaseModel):
@@ -67,6 +73,12 @@ def minigpt_register(registry):
         "dataset", "python-docs", lambda ctx, p: PythonDocs(p.topics, p.docstrings), params=PythonDocsParams,
         description="English prose shipped with Python: the language reference topics (pydoc_data) and the "
                     "standard library's docstrings, about 1.5 MB; no download, fixed for a Python version",
+    )
+    registry.add(
+        "dataset", "python-stdlib", lambda ctx, p: PythonStdlib(p.topics), params=PythonStdlibParams,
+        description="the standard library's source code with its docstrings (tests, site-packages and "
+                    "generated files left out) after the language reference topics, about 10.4 M "
+                    "characters; no download, fixed for a Python build (its sha256 is in the log)",
     )
     registry.add(
         "dataset", "text", lambda ctx, p: TextFiles(p.paths, p.encoding), params=TextParams,

