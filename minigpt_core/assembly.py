@@ -55,8 +55,8 @@ from .spec import ExperimentSpec, ModelSpec, parse_spec
 from .tasks import build_task_model, check_init_from_task, get_task, require_lm
 from .tasks.classification import read_examples, resolve_classes
 
-__all__ = ["load_model", "load_init_from", "restore_finetuned", "count_trainable", "quantize_checkpoint",
-           "summarize_spec", "with_task_classes"]
+__all__ = ["load_model", "load_init_from", "init_from_record", "INIT_FROM_KEY", "restore_finetuned", "count_trainable",
+           "quantize_checkpoint", "summarize_spec", "with_task_classes"]
 
 def load_model(directory: str | Path, registry: ComponentRegistry | None = None,
                map_location: str | torch.device = "cpu", *,
@@ -89,8 +89,25 @@ def load_model(directory: str | Path, registry: ComponentRegistry | None = None,
     return model.to(map_location), spec
 
 
+INIT_FROM_KEY = "init_from"  # meta.json: what a run's init_from resolved to (init_from_record)
+
+
+def init_from_record(given: str, ckpt: Path, which: str) -> dict[str, Any]:
+    """What ``init_from = given`` resolved to, for the run's banner and its checkpoints' meta.json:
+    ``{"given", "checkpoint" (absolute), "which"}``; ``which`` says how it was chosen, e.g. "best
+    checkpoint of the latest run in runs/quickstart" (a later run there changes what the same file
+    starts from)."""
+    given_path, run = Path(given).resolve(), ckpt.resolve().parent.parent
+    if which != "as given" and given_path != run and given_path != run / "checkpoints":
+        which = f"{which} checkpoint of the latest run in {given}, {run.name}"
+    elif which != "as given":
+        which = f"{which} checkpoint of the run"
+    return {"given": given, "checkpoint": str(ckpt.resolve()), "which": which}
+
+
 def load_init_from(spec: ExperimentSpec, *, cache_dir: str | Path | None = None,
-                   report: Callable[[str], None] | None = None) -> tuple[GPT, ExperimentSpec]:
+                   report: Callable[[str], None] | None = None,
+                   record: dict[str, Any] | None = None) -> tuple[GPT, ExperimentSpec]:
     """The model a run starts from, and the spec that describes it.
 
     ``init_from = "hf:PATH_OR_HUB_ID"`` loads Hugging Face GPT-2 weights; ``init_from = "DIR"`` a
@@ -98,13 +115,16 @@ def load_init_from(spec: ExperimentSpec, *, cache_dir: str | Path | None = None,
     latest; the files are hash-checked); ``None`` builds the spec's model with its init scheme. The
     model section comes from the weights; the file may still choose any GPT-2 compatible attention
     (``[model.attention]``) and the dropout rate, and all its other sections are kept. ``report``
-    receives a line naming the checkpoint used.
+    receives a line naming the checkpoint used; ``record`` (a dict) is filled with what init_from
+    resolved to (see :func:`init_from_record`).
     """
     source = spec.init_from
     if source is None:
         return build_model(spec), spec
     if source.startswith(HF_PREFIX):
         directory = resolve_hf_source(source[len(HF_PREFIX):], cache_dir)
+        if record is not None:
+            record.update(given=source, checkpoint=HF_PREFIX + str(Path(directory).resolve()), which="as given")
         config, hf_state = read_hf_checkpoint(directory)
         fmt = weights_format(spec.registry, model_type=config.get("model_type"))
         imported = ModelSpec.model_validate(fmt.model_section(config))
@@ -123,6 +143,8 @@ def load_init_from(spec: ExperimentSpec, *, cache_dir: str | Path | None = None,
         ckpt, which = pick_checkpoint(source)
         if report is not None:
             report(f"init_from checkpoint: {ckpt} ({which})")
+        if record is not None:
+            record.update(init_from_record(source, ckpt, which))
         loaded, loaded_spec = load_model(ckpt, spec.registry)
         check_init_from_task(loaded_spec, spec, ckpt)
         new_spec = _respec(spec, _merge_model_section(spec, loaded_spec.model, source))

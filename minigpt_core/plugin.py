@@ -63,7 +63,7 @@ Errors
 
 from __future__ import annotations
 
-from torch import Tensor  # noqa: F401  (importable from here at a7c99bc, though not in __all__)
+from typing import TYPE_CHECKING
 
 from .base.contracts import (
     CAPABILITIES,
@@ -96,14 +96,50 @@ from .base.errors import CheckpointError, MinigptError, PretrainedError
 from .base.hookspecs import hookimpl
 from .base.loader import PluginRegistrar as Registrar
 from .base.reading import DATA_LIMIT, TOKENIZER_LIMIT, read_bytes_bounded, read_text_bounded
-from .data.shards import ShardSet, open_shards
-from .data.sources import DataContext, DataError, TextSource, TokenSource
-from .model.gpt import BuildContext, KVCache, LayerKVCache, is_residual_projection, mark_residual_projection
-from .model.interop import CANONICAL_ATTENTION_KEYS, attention_canonical_state, load_attention_canonical_state
-from .model.layers import GELU, FeedForward, SDPAttention, TransformerBlock, attention_bias, causal_attention
 from .model.tokenizers import TokenizerContext, TokenizerError
-from .model.trainable import is_marked_trainable, mark_trainable, match_modules
-from .model.weights import model_weights
+
+# The names that need torch (or the data pipeline) are imported on first use, so that registering
+# a plugin whose modules do not need them yet, and `import minigpt_core`, stay light. Static tools
+# and import-linter read them here.
+if TYPE_CHECKING:
+    from torch import Tensor  # noqa: F401  (importable from here at a7c99bc, though not in __all__)
+
+    from .data.shards import ShardSet, open_shards
+    from .data.sources import DataContext, DataError, TextSource, TokenSource
+    from .model.gpt import BuildContext, KVCache, LayerKVCache, is_residual_projection, mark_residual_projection
+    from .model.interop import CANONICAL_ATTENTION_KEYS, attention_canonical_state, load_attention_canonical_state
+    from .model.layers import GELU, FeedForward, SDPAttention, TransformerBlock, attention_bias, causal_attention
+    from .model.trainable import is_marked_trainable, mark_trainable, match_modules
+    from .model.weights import model_weights
+
+_LAZY = {
+    **dict.fromkeys(["Tensor"], "torch"),
+    **dict.fromkeys(["ShardSet", "open_shards"], ".data.shards"),
+    **dict.fromkeys(["DataContext", "DataError", "TextSource", "TokenSource"], ".data.sources"),
+    **dict.fromkeys(["BuildContext", "KVCache", "LayerKVCache", "is_residual_projection",
+                     "mark_residual_projection"], ".model.gpt"),
+    **dict.fromkeys(["CANONICAL_ATTENTION_KEYS", "attention_canonical_state",
+                     "load_attention_canonical_state"], ".model.interop"),
+    **dict.fromkeys(["GELU", "FeedForward", "SDPAttention", "TransformerBlock", "attention_bias",
+                     "causal_attention"], ".model.layers"),
+    **dict.fromkeys(["is_marked_trainable", "mark_trainable", "match_modules"], ".model.trainable"),
+    **dict.fromkeys(["model_weights"], ".model.weights"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name], "minigpt_core"), name)
+    globals()[name] = value  # once: later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     # registering

@@ -77,9 +77,9 @@ def _require_torchao() -> None:
 def _dynamic_linear(linear: nn.Linear, qdata: torch.Tensor, scale: torch.Tensor) -> nn.Module:
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-    mod = DynamicLinear(linear.in_features, linear.out_features, bias_=linear.bias is not None,
-                        dtype=torch.qint8)
-    with _quiet_deprecation():
+    with _quiet_deprecation():  # the constructor makes a placeholder quantized weight: it warns first
+        mod = DynamicLinear(linear.in_features, linear.out_features, bias_=linear.bias is not None,
+                            dtype=torch.qint8)
         qweight = torch._make_per_channel_quantized_tensor(
             qdata, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
         bias = None if linear.bias is None else linear.bias.detach().float()
@@ -90,7 +90,8 @@ def _dynamic_linear(linear: nn.Linear, qdata: torch.Tensor, scale: torch.Tensor)
 @contextlib.contextmanager
 def _quiet_deprecation():
     # PyTorch marks its quantized tensors deprecated (docs/quantize.md says why we use them anyway);
-    # the warning would be printed on every sample/eval.
+    # the warning (with a path inside PyTorch's build, Quantizer.cpp) would be printed on every
+    # sample/eval of an int8 model. It is a C++ warn-once: silenced here, it does not come back later.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*quantiz.*deprecated", category=UserWarning)
         warnings.filterwarnings("ignore", message=".*deprecated.*quantiz", category=UserWarning)

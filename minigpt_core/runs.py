@@ -16,10 +16,10 @@ from typing import Any, Iterator
 from .base import toml as _toml
 from .base.errors import MinigptError
 from .base.reading import SPEC_LIMIT, read_text_bounded
-from .checkpoints.state import CHECKPOINTS_DIR, META_FILE, TRAINER_FILE, list_checkpoints
+from .base.toml import flatten as _flatten
+from .checkpoints.layout import CHECKPOINTS_DIR, META_FILE, TRAINER_FILE, list_checkpoints
 from .train.lock import LOCK_FILE, lock_holder
 from .train.loggers import METRICS_FILE
-from .train.trainer import _flatten
 from .viz.curves import metric_series
 
 __all__ = ["read_metrics", "metric_series", "RunSummary", "summarize_run", "iter_run_dirs", "STATUSES",

@@ -184,7 +184,25 @@ def test_figures_have_one_line_per_variant_with_results(main_ablation):
         data = (root / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     files = write_report(root, log_wandb=False, write=lambda s: None)
-    assert files.curves_figure_lines == {"ln": 1, "rms": 1}  # boom has no curve: it failed
+    assert files.curves_figure_lines == {"ln": 2, "rms": 2}  # boom has no curve: it failed
+
+
+@pytest.mark.slow  # the shared ablation: 6 cells, each a `minigpt train` process
+def test_curves_and_their_legend_count_only_done_cells(main_ablation):
+    from minigpt_core.ablation.report import write_report
+
+    tmp, path, root, proc = main_ablation
+    manifest = root / "manifest.json"
+    kept = manifest.read_bytes()
+    data = json.loads(kept)
+    next(c for c in data["cells"] if c["variant"] == "ln")["status"] = "running"  # its run has val records
+    try:
+        manifest.write_text(json.dumps(data))
+        files = write_report(root, log_wandb=False, write=lambda s: None)
+        assert files.curves_figure_lines == {"ln": 1, "rms": 2}
+    finally:
+        manifest.write_bytes(kept)
+        write_report(root, log_wandb=False, write=lambda s: None)
 
 
 @pytest.mark.slow  # the shared ablation: 6 cells, each a `minigpt train` process

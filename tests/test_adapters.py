@@ -260,3 +260,29 @@ def test_a_checkpoint_whose_base_changed_is_refused(tmp_path, base):
     save_file({k: v + 1 for k, v in state.items()}, str(copy / "model.safetensors"))
     with pytest.raises(CheckpointError, match="whose weights changed since"):
         load_model(result.checkpoint)
+
+
+# What importing peft logged on a CPU machine: torchao's GPU-only extensions and torch's _pytree lines.
+PEFT_IMPORT_NOISE = ("Failed to load", "_C_mxfp8", "_pytree", "is an Enum subclass")
+
+
+def test_a_peft_lora_fine_tune_prints_none_of_the_import_noise_and_other_warnings_still_show(tmp_path, base):
+    import subprocess
+    import sys
+
+    from training_utils import run_minigpt
+
+    pytest.importorskip("peft")
+    spec = write_spec(tmp_path, name="peft-ft", init_from=str(base),
+                      finetune={"adapter": {"name": "peft.lora", "params": LORA}},
+                      train={"max_steps": 1, "save_every": 0, "eval_every": 0})
+    p = run_minigpt("train", spec, "--no-progress")
+    assert p.returncode == 0, p.stderr
+    assert "adapter peft.lora" in p.stdout and not any(n in p.stderr + p.stdout for n in PEFT_IMPORT_NOISE), p.stderr
+    # Only during the import: those loggers' later warnings (and everyone else's) still show.
+    probe = ("import logging; from minigpt_adapters.peft_lora import _import_peft; _import_peft(); "
+             "logging.getLogger('torchao').warning('torchao: a later warning'); "
+             "logging.getLogger('torch.utils._pytree').warning('pytree: a later warning')")
+    p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert p.returncode == 0 and "Failed to load" not in p.stderr, p.stderr
+    assert "torchao: a later warning" in p.stderr and "pytree: a later warning" in p.stderr, p.stderr

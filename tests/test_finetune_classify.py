@@ -264,6 +264,37 @@ def test_bad_classification_data_after_init_from_leaves_no_run_directory(tmp_pat
         assert not out_dir.exists()
 
 
+def test_init_from_an_experiment_directory_names_the_run_it_followed_in_the_banner_and_every_checkpoint(
+        tmp_path, capsys):
+    """init_from = "runs/quickstart" follows that experiment's latest run: a later run there changes the base
+    of the same file. The run says which checkpoint it started from (banner, start event, meta.json of each
+    checkpoint, a full fine-tune included), and a resume keeps the record even after a newer base run."""
+    lm = _lm_run(tmp_path, capsys)
+    given = str(lm.parent)  # the experiment directory, as the shipped fine-tuning examples give it
+    spec = _spec(tmp_path, _easy_set(tmp_path / "data.csv", n=60), init_from=given)
+    spec["train"] = {**spec["train"], "max_steps": 2, "eval_every": 0, "save_every": 1}
+    status, out, err = cli(capsys, "train", _write(tmp_path, spec), "--no-progress")
+    _ok(status, err)
+    base = (lm / "checkpoints" / "step_00000004").resolve()
+    line = f"init_from: {given} -> {base} (best checkpoint of the latest run in {given}, {lm.name})"
+    assert out.splitlines()[1] == line, out  # right under the run's own line
+    (run,) = runs_of(tmp_path / "runs", "cls-test")
+    record = {"given": given, "checkpoint": str(base),
+              "which": f"best checkpoint of the latest run in {given}, {lm.name}"}
+    assert read_metrics(run)[0]["event"] == "start" and read_metrics(run)[0]["init_from"] == record
+    assert read_meta(run / "checkpoints" / "step_00000002")["init_from"] == record
+    assert load_spec(run / "spec.toml").init_from == given  # the file's value: a resume compares it
+
+    _ok(*cli(capsys, "train", _write(tmp_path, tiny_spec_data(tmp_path, train={
+        **tiny_spec_data(tmp_path)["train"], "max_steps": 1, "eval_every": 0, "save_every": 0}), "lm2.toml"),
+        "--no-progress")[::2])
+    assert len(runs_of(tmp_path / "runs")) == 2  # the experiment directory now has a later run
+    status, out, err = cli(capsys, "train", "--resume", run, "--set", "train.max_steps=3", "--no-progress")
+    _ok(status, err)
+    assert line in out.splitlines()  # still the base it started from
+    assert read_meta(run / "checkpoints" / "step_00000003")["init_from"] == record
+
+
 # -- init_from a classifier: go on fine-tuning it -------------------------------------------------------
 @pytest.fixture
 def classifier(tmp_path, capsys) -> Path:

@@ -190,6 +190,33 @@ def test_attention_command_selects_layer_head_and_window(run, tmp_path, capsys):
         assert status == 2 and message in err and "Traceback" not in err, (args, err)
 
 
+def test_attention_and_per_token_write_into_the_run_by_default_and_say_where(run, tmp_path, capsys, monkeypatch):
+    """Not ./attention and ./per-token (untracked folders in a checkout): RUN/attention/, RUN/per-token/;
+    a checkpoint outside any run: its own directory. --out still wins (the other tests)."""
+    from minigpt_core.assembly import load_model
+    from minigpt_core.checkpoints.checkpoint import read_meta, save_model
+
+    run_dir, (_, step4), _ = run
+    monkeypatch.chdir(tmp_path)
+    status, out, err = cli(capsys, "attention", run_dir, "--text", "The object is")
+    assert status == 0, err
+    assert f"writing to {run_dir / 'attention'}/ (in the checkpoint's run" in out, out
+    assert sorted(p.name for p in (run_dir / "attention").iterdir()) == ["attention.html", "layer-0.png",
+                                                                         "layer-1.png"]
+    status, out, err = cli(capsys, "eval", step4, "--per-token", "--max-windows", "2", "--no-progress")
+    assert status == 0, err
+    assert f"writing to {run_dir / 'per-token'}/ (in the checkpoint's run" in out, out
+    assert sorted(p.name for p in (run_dir / "per-token").iterdir()) == ["per-token.html", "per-token.jsonl",
+                                                                         "per-token.png"]
+    model, spec = load_model(step4)
+    alone = save_model(model, spec, tmp_path / "elsewhere" / "ckpt", meta={"tokenizer": read_meta(step4)["tokenizer"]})
+    status, out, err = cli(capsys, "attention", alone, "--text", "The object is")
+    assert status == 0, err
+    assert f"writing to {alone / 'attention'}/ (in the checkpoint's directory" in out
+    assert (alone / "attention" / "layer-0.png").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere"]  # nothing in the current directory
+
+
 def _direct_losses(ckpt: Path, stream: list[int], n_windows: int, per: int) -> np.ndarray:
     from minigpt_core.assembly import load_model
 
@@ -243,9 +270,11 @@ def test_eval_per_token_matches_cross_entropy_and_compare_gives_the_difference(r
     np.testing.assert_allclose([r["loss"] for r in both], direct.ravel(), atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose([r["other_loss"] for r in both], earlier, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose([r["delta"] for r in both], direct.ravel() - earlier, atol=2e-5)
-    assert "harder for tiny-test/step_00000004 than for tiny-test/step_00000002" in out and "easier for" in out
+    run = step4.resolve().parent.parent.name  # both sides are named by experiment, run and step
+    assert f"harder for tiny-test/{run}/step_00000004 than for tiny-test/{run}/step_00000002" in out
+    assert "easier for" in out
     data = _page_data((tmp_path / "two" / "per-token.html").read_text(encoding="utf-8"))
-    assert data["names"] == ["tiny-test/step_00000004", "tiny-test/step_00000002"]
+    assert data["names"] == [f"tiny-test/{run}/step_00000004", f"tiny-test/{run}/step_00000002"]
     np.testing.assert_array_equal(np.frombuffer(base64.b64decode(data["other"]), dtype="<f4"), earlier)
 
 

@@ -231,3 +231,20 @@ def test_lora_finetuned_checkpoint_quantizes(trained, tmp_path, capsys):
     out, _ = quantize_checkpoint(ft, tmp_path / "q", "int8-weight")
     loaded, _ = load_model(out, quantized=True)
     assert torch.equal(_logits(loaded), _logits(quantize_model(load_model(ft)[0], "int8-weight")))
+
+
+# PyTorch's deprecation of its quantized tensors, printed with a path inside PyTorch's build.
+TORCH_QUANT_NOISE = ("Quantizer.cpp", "quantized tensor creation functions", "deprecated")
+
+
+def test_int8_sample_and_eval_print_no_pytorch_deprecation_but_our_own_warnings(int8):
+    from training_utils import run_minigpt
+
+    # 40 new tokens pass the tiny model's 32-token context: our own warning about the sliding window.
+    sample = run_minigpt("sample", int8, "--prompt", "The", "--max-new-tokens", "40", "--seed", "1")
+    assert sample.returncode == 0, sample.stderr
+    assert "warning: the text passed the model's context length (32 tokens)" in sample.stderr, sample.stderr
+    evaluated = run_minigpt("eval", int8, "--max-windows", "2", "--no-progress")
+    assert evaluated.returncode == 0, evaluated.stderr
+    for p in (sample, evaluated):
+        assert not any(noise in p.stderr for noise in TORCH_QUANT_NOISE), p.stderr

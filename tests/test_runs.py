@@ -325,6 +325,15 @@ def test_metric_series_takes_tokens_as_x_and_the_last_value_of_a_repeated_step()
     assert metric_series(records, "train/loss", x="step") == ([1.0], [3.0])
 
 
+def test_metric_series_places_a_record_without_tokens_by_the_tokens_per_step_of_its_neighbours():
+    # a validation line logged without a token count was drawn at its step number: near 0 on a token axis
+    records = [{"step": 30, "val/loss": 3.1},
+               {"step": 40, "train/tokens": 40 * 4096, "train/loss": 3.0},
+               {"step": 60, "val/loss": 2.9}]
+    assert metric_series(records, "val/loss") == ([30 * 4096.0, 60 * 4096.0], [3.1, 2.9])
+    assert metric_series([{"step": 5, "val/loss": 2.0}], "val/loss") == ([5.0], [2.0])  # no token axis at all
+
+
 def test_summarize_run_status_of_the_last_session(tmp_path):
     start = {"step": 0, "time": 100.0, "event": "start", "total_steps": 4, "label": "x"}
     metrics = [{"step": s, "time": 100.0 + s, "train/loss": 3.0 - s / 10, "train/tokens": 64 * s,

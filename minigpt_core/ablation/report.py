@@ -55,7 +55,7 @@ class ReportFiles:
     curves: Path
     throughput: Path
     rows: list[dict[str, Any]]
-    curves_figure_lines: dict[str, int]  # variant -> lines drawn (one mean line each)
+    curves_figure_lines: dict[str, int]  # variant -> the done cells its mean line and band are drawn from
     comparisons: Comparisons | None = None  # the variants against the baseline (final validation loss)
 
 
@@ -274,7 +274,8 @@ def write_report(root: str | Path, *, log_wandb: bool = True,
     def series(key: str) -> dict[str, list]:
         out: dict[str, list] = {v: [] for v in variants}
         for r in rows:
-            if r["run_dir"] and r["run_dir"] in records:
+            # done cells only: a band and its legend's n=... then count the seeds a row of the table counts
+            if r["status"] == "done" and r["run_dir"] and r["run_dir"] in records:
                 xs, ys = metric_series(records[r["run_dir"]], key)
                 if xs:
                     out[r["variant"]].append((xs, ys))
@@ -282,7 +283,8 @@ def write_report(root: str | Path, *, log_wandb: bool = True,
 
     val = series("val/loss")
     fig = band_figure(val, ylabel="validation loss (nats/token)", title=f"{manifest['ablation']}: validation loss")
-    lines = {line.get_label().rsplit(" (n=", 1)[0]: 1 for line in fig.axes[0].get_lines()}
+    lines = {name: int(n.rstrip(")")) for name, n in
+             (line.get_label().rsplit(" (n=", 1) for line in fig.axes[0].get_lines())}
     curves = save_figure(fig, root / "curves.png")
     fig = band_figure(series("train/tokens_per_s"), ylabel="training tokens/s",
                       title=f"{manifest['ablation']}: throughput")

@@ -10,11 +10,12 @@ takes its kinds and capabilities from here. Imports nothing of minigpt_core but 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Sequence, TypeVar, runtime_checkable
 
-import torch
 from pydantic import BaseModel, ConfigDict
-from torch import nn
+
+if TYPE_CHECKING:  # annotations only: the registry, the loader and `minigpt --help` must not import torch
+    from torch import Tensor, nn
 
 __all__ = [
     "Params", "Factory", "Tokenizer",
@@ -25,7 +26,6 @@ __all__ = [
     "CanonicalStateProtocol", "CanonicalStateSource", "AuxLossProtocol", "HFFilesProtocol", "ActivationCheckpointingProtocol",
 ]
 
-Tensor = torch.Tensor
 _C = TypeVar("_C", covariant=True)
 
 

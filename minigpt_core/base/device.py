@@ -9,7 +9,11 @@ import torch
 
 from .errors import MinigptError
 
-__all__ = ["DeviceError", "select_device", "autocast", "make_grad_scaler", "set_deterministic"]
+__all__ = ["DeviceError", "select_device", "autocast", "make_grad_scaler", "set_deterministic", "available_cores",
+           "busy_cpu_note", "cpu_load", "LOADAVG_ENV_VAR"]
+
+# Test hook: a 1-minute load average to use instead of the machine's (tests/test_busy_machine.py).
+LOADAVG_ENV_VAR = "MINIGPT_TEST_LOADAVG"
 
 
 class DeviceError(MinigptError):
@@ -71,3 +75,41 @@ def set_deterministic(enabled: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(enabled)
     torch.backends.cudnn.benchmark = False
+
+
+# -- a busy CPU ------------------------------------------------------------------------------------
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask, e.g. under taskset or a container)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def cpu_load() -> float | None:
+    """The 1-minute load average (MINIGPT_TEST_LOADAVG instead, for tests); None where there is none."""
+    if os.environ.get(LOADAVG_ENV_VAR):
+        return float(os.environ[LOADAVG_ENV_VAR])
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # Windows
+        return None
+
+
+def busy_cpu_note(load: float | None, cores: int, threads: int, wait_policy: str | None) -> str | None:
+    """One line for a run about to start ``threads`` torch threads on a CPU that is already busy.
+
+    Busy: the 1-minute load average is at least the number of cores available, so other processes
+    already keep every core occupied. torch's OpenMP threads then spin while they wait for each
+    other and for the cores, and a step can take 5-10x as long as on an idle machine. One thread
+    neither spins nor waits, so it gets no note.
+    """
+    if load is None or threads <= 1 or load < cores:
+        return None
+    if (wait_policy or "").strip().upper() == "PASSIVE":
+        fix = "fewer threads, e.g. --set train.threads=1"
+    else:
+        fix = ("OMP_WAIT_POLICY=PASSIVE minigpt train ... (threads that sleep instead of spinning), "
+               "or fewer threads, e.g. --set train.threads=1")
+    return (f"note: this machine is busy (load average {load:.1f} on {cores} cores) and training runs "
+            f"{threads} threads, which can make it several times slower; try {fix} (docs/training.md)")

@@ -13,12 +13,23 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-__all__ = ["loads", "dumps", "TOMLDecodeError"]
+__all__ = ["loads", "dumps", "TOMLDecodeError", "flatten"]
 
 TOMLDecodeError = tomllib.TOMLDecodeError
 loads = tomllib.loads
 
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections as dotted keys: {"train": {"lr": 1}} -> {"train.lr": 1}."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _key(k: str) -> str:

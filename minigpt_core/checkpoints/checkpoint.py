@@ -24,10 +24,10 @@ import torch
 from ..base import toml as _toml
 from ..base.errors import CheckpointError, MinigptError
 from ..base.loader import get_registry, is_plugin_file
-from ..base.reading import SPEC_LIMIT, read_text_bounded
 from ..base.registry import ComponentRegistry
 from ..base.version import __version__
 from ..model.weights import load_model_state, model_state_for_saving
+from .layout import META_FILE, SPEC_FILE, WEIGHTS_FILE, read_record
 from ..spec import ExperimentSpec, dump_spec, parse_spec
 
 __all__ = [
@@ -47,9 +47,6 @@ __all__ = [
     "load_checkpoint_weights",
 ]
 
-WEIGHTS_FILE = "model.safetensors"
-SPEC_FILE = "spec.toml"
-META_FILE = "meta.json"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -164,13 +161,6 @@ def save_model(model: torch.nn.Module, spec: ExperimentSpec, directory: str | Pa
     atomic_write_bytes(directory / SPEC_FILE, spec_bytes)
     atomic_write_bytes(directory / META_FILE, json.dumps(full_meta, indent=2).encode("utf-8"))
     return directory
-
-
-def read_record(path: Path) -> str:
-    """A checkpoint's small text file (meta.json, spec.toml, trainer.json), bounded: a device or a huge
-    file in its place is a CheckpointError, never a read without end."""
-    return read_text_bounded(path, "checkpoint file", SPEC_LIMIT, CheckpointError,
-                             hint="Use another checkpoint of the run.")
 
 
 # meta.json's keys that minigpt reads, and the JSON type each must have when present (None is allowed).

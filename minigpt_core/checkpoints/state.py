@@ -47,6 +47,7 @@ from .checkpoint import (
     shard_file,
     verify_files,
 )
+from .layout import _OLD_DIR, _STEP_DIR, CHECKPOINTS_DIR, TRAINER_FILE, _complete, list_checkpoints
 from ..base.disk import NO_SPACE as _NO_SPACE
 from ..base.disk import disk_full_error
 from ..base.errors import CheckpointError
@@ -70,13 +71,9 @@ __all__ = [
     "write_shard",
 ]
 
-CHECKPOINTS_DIR = "checkpoints"
-TRAINER_FILE = "trainer.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 _HASHED = (WEIGHTS_FILE, SPEC_FILE, META_FILE, OPTIMIZER_FILE, RNG_FILE)
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-_OLD_DIR = re.compile(r"^\.(step_\d+)\.old$")  # a step saved again, while the new copy moves in
 
 
 def _step_name(step: int) -> str:
@@ -254,29 +251,6 @@ def _prune(root: Path, keep_last: int, best_step: int | None) -> None:
 
 
 # -- finding -------------------------------------------------------------------------------
-def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """(step, directory) of the complete checkpoints under ``root``, oldest first."""
-    if not root.is_dir():
-        return []
-    found = {}
-    for child in root.iterdir():
-        m = _STEP_DIR.match(child.name) or _OLD_DIR.match(child.name)
-        if m and not child.is_symlink() and _complete(child):
-            step = int(m.group(1).removeprefix("step_") if m.re is _OLD_DIR else m.group(1))
-            if step not in found or child.name.startswith("step_"):
-                found[step] = child
-    return sorted(found.items())
-
-
-def _complete(directory: Path) -> bool:
-    """trainer.json and every file it holds a hash for exist (the hashes are checked on load)."""
-    try:
-        hashes = json.loads(read_record(directory / TRAINER_FILE))["sha256"]
-        return all((directory / name).is_file() for name in hashes)
-    except (OSError, ValueError, KeyError, TypeError, CheckpointError):
-        return False
-
-
 def _runs(experiment_dir: Path) -> list[Path]:
     return sorted(p for p in experiment_dir.iterdir() if p.is_dir() and list_checkpoints(p / CHECKPOINTS_DIR)) \
         if experiment_dir.is_dir() else []

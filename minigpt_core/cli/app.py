@@ -10,13 +10,11 @@ import textwrap
 import warnings
 from typing import Callable
 
-from ..ablation import AblationFile
 from ..base.errors import MinigptError, CheckpointError
 from ..base.hookspecs import PROJECT_NAME
 from ..base.loader import ENTRY_POINT_GROUP, PLUGINS_ENV_VAR, get_registry, load_local_plugins
-from ..checkpoints.checkpoint import SPEC_FILE
 from ..spec import ExperimentSpec, describe_components, load_spec, spec_warnings
-from .parser import COMMANDS, _print_table, arguments, command
+from .parser import COMMAND_MODULES, COMMANDS, _print_table, arguments, command
 
 __all__ = ["main", "COMMANDS"]
 
@@ -168,6 +166,7 @@ def _summary(args) -> int:
     from pathlib import Path
 
     from ..assembly import summarize_spec
+    from ..checkpoints.checkpoint import SPEC_FILE
 
     path = Path(args.file)
     if path.is_dir():  # a checkpoint directory: its resolved spec describes the model
@@ -193,14 +192,18 @@ def _schema_args(p):
 @arguments(_schema_args)
 def _schema(args) -> int:
     if getattr(args, "ablation", False):
+        from ..ablation import AblationFile
+
         print(json.dumps(AblationFile.model_json_schema(), indent=2))
         return 0
     print(json.dumps(ExperimentSpec.model_json_schema(), indent=2))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    _load_command_modules()
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; with ``argv``, only the module of the command it names is
+    imported, and the other commands are listed (name and help) without their options."""
+    _load_command_modules(argv)
     parser = argparse.ArgumentParser(
         prog="minigpt",
         description="Assemble GPT-style language models from plugin components, train and inspect them.",
@@ -210,10 +213,27 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     _plugin_option(common, "plugins_after")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (help_, add_args, _) in COMMANDS.items():
+    for name in [*(n for n in COMMANDS if n not in COMMAND_MODULES), *COMMAND_MODULES]:
+        if name in COMMANDS:
+            help_, add_args, _ = COMMANDS[name]
+        else:  # not loaded: argv names another command
+            help_, add_args = COMMAND_MODULES[name][0], None
         p = sub.add_parser(name, help=help_, description=help_, parents=[common])
-        add_args(p)
+        if add_args is not None:
+            add_args(p)
     return parser
+
+
+def _command_named(argv: list[str]) -> str | None:
+    """The command argv names: its first word that is neither an option nor --plugin's value
+    ("" when that word is not a command, e.g. an abbreviated --plugin took the next word as value)."""
+    words = iter(argv)
+    for word in words:
+        if word == "--plugin":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word if word in COMMANDS or word in COMMAND_MODULES else ""
+    return None
 
 
 def _plugin_option(parser: argparse.ArgumentParser, dest: str) -> None:
@@ -244,16 +264,22 @@ def _load_requested_plugins(args: argparse.Namespace) -> None:
         load_local_plugins(refs, where="--plugin")
 
 
-def _load_command_modules() -> None:
-    """Import modules that register further commands (kept lazy: torch-heavy imports)."""
+def _load_command_modules(argv: list[str] | None) -> None:
+    """Import the module of the command argv names: none for app's own commands and for no command
+    (`minigpt --help`), every module for a word that is not a command, or when there is no argv.
+
+    Imported by name (importlib), so that a command pays only for what its own module imports."""
     import importlib
 
-    for mod in ("minigpt_core.cli.commands",):  # the package imports its command modules
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
+    name = "" if argv is None else _command_named(argv)
+    if name is None or name in COMMANDS:
+        modules = []
+    elif name in COMMAND_MODULES:
+        modules = [COMMAND_MODULES[name][1]]
+    else:
+        modules = list(dict.fromkeys(m for _, m in COMMAND_MODULES.values()))
+    for module in modules:
+        importlib.import_module(f"{__package__}.commands.{module}")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -283,7 +309,8 @@ def _broken_pipe() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        parser = build_parser()
+        argv = sys.argv[1:] if argv is None else list(argv)
+        parser = build_parser(argv)
         args = _parse_args(parser, argv)
         if not args.command:
             parser.print_help()

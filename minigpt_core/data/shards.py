@@ -197,10 +197,10 @@ def write_shards(documents: Iterable[str], tokenizer, out_dir: str | Path, *, sh
 
 
 def _progress(enabled: bool, source: str):
-    from tqdm.auto import tqdm
+    from ..base.progress import progress_bar
 
-    return tqdm(desc=f"tokenizing {source}".strip(), unit=" tok", unit_scale=True, disable=not enabled,
-                mininterval=0.5, file=sys.stderr)
+    return progress_bar(desc=f"tokenizing {source}".strip(), unit=" tok", unit_scale=True, enabled=enabled,
+                        leave=True, dynamic_ncols=False)
 
 
 # -- reading -------------------------------------------------------------------------------

@@ -97,6 +97,7 @@ class Task:
         return None
 
     def finish(self, model: nn.Module, *, micro_batch: int, device: torch.device, precision: str = "fp32",
-               env=None) -> FinalReport | None:
-        """At the end of a completed run (on every process): final metrics on every split."""
+               env=None, progress: bool = False) -> FinalReport | None:
+        """At the end of a completed run (on every process): final metrics on every split
+        (``progress``: show a progress bar, where stderr is a terminal)."""
         return None

@@ -400,7 +400,7 @@ class ClassificationTask(SupervisedTask):
         return float(-(p * np.log(p)).sum())
 
     def predict(self, model: nn.Module, rows: np.ndarray, *, micro_batch: int, device: torch.device,
-                precision: str = "fp32", env=None) -> tuple[float, np.ndarray]:
+                precision: str = "fp32", env=None, progress=None) -> tuple[float, np.ndarray]:
         """(summed loss, confusion matrix) over ``rows``, split evenly over processes (summed back)."""
         k = len(self.data.split.classes) if self.data else len(self.cs.classes)
         total = torch.zeros((), dtype=torch.float64, device=device)
@@ -413,7 +413,7 @@ class ClassificationTask(SupervisedTask):
             cm += torch.bincount(batch[:, -1] * k + pooled.argmax(-1), minlength=k * k).double()
 
         env = over_rows(model, rows, self.inputs, consume, micro_batch=micro_batch, device=device,
-                        precision=precision, env=env)
+                        precision=precision, env=env, progress=progress)
         return float(env.sum(total)), env.sum(cm).cpu().numpy().reshape(k, k).astype(np.int64)
 
     def evaluate(self, model: nn.Module, split: str, **options: Any) -> tuple[float, dict[str, float]]:

@@ -246,7 +246,7 @@ class InstructionTask(SupervisedTask):
         return self.data.split.eot_id
 
     def response_loss(self, model: nn.Module, rows: np.ndarray, *, micro_batch: int, device: torch.device,
-                      precision: str = "fp32", env=None) -> tuple[float, int]:
+                      precision: str = "fp32", env=None, progress=None) -> tuple[float, int]:
         """(summed loss, token count) over the responses of ``rows``, split evenly over processes."""
         total = torch.zeros((), dtype=torch.float64, device=device)
         count = torch.zeros((), dtype=torch.float64, device=device)
@@ -258,7 +258,7 @@ class InstructionTask(SupervisedTask):
             count += c.double()
 
         env = over_rows(model, rows, self.inputs, consume, micro_batch=micro_batch, device=device,
-                        precision=precision, env=env)
+                        precision=precision, env=env, progress=progress)
         return float(env.sum(total)), int(env.sum(count))
 
     def evaluate(self, model: nn.Module, split: str, **options: Any) -> tuple[float, dict[str, float]]:

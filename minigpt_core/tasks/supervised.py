@@ -19,6 +19,7 @@ from ..data.sources import DataError
 from ..spec import ExperimentSpec
 from ..model.tokenizers import TokenizerError, build_tokenizer, tokenizer_from_state
 from ..base.device import autocast
+from ..base.progress import progress_bar
 from ..base.distributed import DistEnv
 from ..checkpoints.state import pick_checkpoint
 from .base import FinalReport, Task
@@ -82,9 +83,11 @@ def base_tokenizer(spec: ExperimentSpec, state: dict[str, Any] | None, texts: li
 @torch.no_grad()
 def over_rows(model: nn.Module, rows: np.ndarray, inputs: Callable[[torch.Tensor], torch.Tensor],
               consume: Callable[[torch.Tensor, torch.Tensor], None], *, micro_batch: int, device: torch.device,
-              precision: str = "fp32", env: DistEnv | None = None) -> DistEnv:
+              precision: str = "fp32", env: DistEnv | None = None,
+              progress: Callable[[int], None] | None = None) -> DistEnv:
     """Run the model over ``rows`` in eval mode, split evenly over processes, calling ``consume(logits,
-    batch)`` for each micro-batch; returns the processes' DistEnv (to sum the results over)."""
+    batch)`` for each micro-batch; returns the processes' DistEnv (to sum the results over).
+    ``progress`` is called with the number of this process's rows each forward pass covered."""
     env = env or DistEnv()
     mine = rows[env.rank::env.world_size]
     # Every process runs the same number of forward passes (FSDP needs all of them in each).
@@ -100,6 +103,8 @@ def over_rows(model: nn.Module, rows: np.ndarray, inputs: Callable[[torch.Tensor
                 logits = model(inputs(batch))
             if real:
                 consume(logits, batch)
+                if progress is not None:
+                    progress(real)
     finally:
         model.train(was_training)
     return env
@@ -116,12 +121,16 @@ class SupervisedTask(Task):
     def final_report(self, metrics: dict[str, float], results: dict[str, dict[str, Any]]) -> FinalReport:
         raise NotImplementedError
 
-    def finish(self, model: nn.Module, **options: Any) -> FinalReport:
+    def finish(self, model: nn.Module, *, progress: bool = False, **options: Any) -> FinalReport:
         metrics: dict[str, float] = {}
         results: dict[str, dict[str, Any]] = {}
-        for split in SPLITS:
-            rows = self.data.split.rows(split)
-            if len(rows):
-                m, results[split] = self.split_result(model, split, rows, **options)
+        env = options.get("env") or DistEnv()
+        splits = [(s, self.data.split.rows(s)) for s in SPLITS if len(self.data.split.rows(s))]
+        # Every split again, the training split included: minutes on a CPU, so a bar says how far it is.
+        mine = sum(len(rows[env.rank::env.world_size]) for _, rows in splits)
+        with progress_bar(mine, desc="final evaluation", unit="example", enabled=progress and env.is_main) as bar:
+            for split, rows in splits:
+                bar.set_description(f"final evaluation: {split}")  # three redraws in all
+                m, results[split] = self.split_result(model, split, rows, progress=bar.update, **options)
                 metrics.update(m)
         return self.final_report(metrics, results)

@@ -77,10 +77,22 @@ def _validate_check_names(names: Iterable[str] | None) -> list[str] | None:
 
 def check_component(entry: ComponentEntry, *, registry: ComponentRegistry | None = None,
                     params: Mapping[str, Any] | None = None, checks: Iterable[str] | None = None,
-                    device: str | torch.device = "cpu") -> list[CheckResult]:
-    """Run every check that applies to one entry (with ``params`` instead of its defaults)."""
+                    device: str | torch.device = "cpu",
+                    on_check: Callable[[ComponentEntry, str, CheckResult | None], None] | None = None
+                    ) -> list[CheckResult]:
+    """Run every check that applies to one entry (with ``params`` instead of its defaults).
+
+    ``on_check(entry, check, None)`` is called before each check and ``on_check(entry, check, result)``
+    after it (a progress bar)."""
     subject = Subject(entry, registry or get_registry(), dict(params or {}), torch.device(device))
-    return [_run(check, subject) for check in applicable_checks(entry, _validate_check_names(checks))]
+    results = []
+    for check in applicable_checks(entry, _validate_check_names(checks)):
+        if on_check is not None:
+            on_check(entry, check.name, None)
+        results.append(_run(check, subject))
+        if on_check is not None:
+            on_check(entry, check.name, results[-1])
+    return results
 
 
 def select_entries(registry: ComponentRegistry, pattern: str = "*",
@@ -92,17 +104,19 @@ def select_entries(registry: ComponentRegistry, pattern: str = "*",
 def run_checks(registry: ComponentRegistry | None = None, pattern: str = "*", *,
                kinds: Iterable[str] | None = None, checks: Iterable[str] | None = None,
                device: str | torch.device = "cpu", params: Mapping[str, Any] | None = None,
-               on_component: Callable[[ComponentEntry, list[CheckResult]], None] | None = None) -> list[CheckResult]:
+               on_component: Callable[[ComponentEntry, list[CheckResult]], None] | None = None,
+               on_check: Callable[[ComponentEntry, str, CheckResult | None], None] | None = None) -> list[CheckResult]:
     """Check every registered component whose name matches ``pattern``; return all results.
 
     ``params`` replace the defaults of every matched component (so match one component, or
     components sharing those params); ``on_component`` is called after each component (the
-    CLI prints its row there).
+    CLI prints its row there), ``on_check`` before and after each check (see check_component).
     """
     registry = registry or get_registry()
     results: list[CheckResult] = []
     for entry in select_entries(registry, pattern, kinds):
-        found = check_component(entry, registry=registry, params=params, checks=checks, device=device)
+        found = check_component(entry, registry=registry, params=params, checks=checks, device=device,
+                                on_check=on_check)
         results += found
         if on_component is not None:
             on_component(entry, found)

@@ -15,7 +15,7 @@ from ..base.errors import CheckpointError, MinigptError
 from ..finetune import apply_finetune, base_record, finetune_active
 from ..assembly import restore_finetuned
 from ..model.memory import check_model_fits
-from ..assembly import load_init_from
+from ..assembly import INIT_FROM_KEY, load_init_from
 from ..spec import ExperimentSpec
 from ..model.summary import summarize
 from ..tasks import Task, build_task_model
@@ -62,10 +62,14 @@ def build_run(spec: ExperimentSpec, task: Task, loaded: LoadedState | None, env:
     if (spec.init_from is None or loaded is not None) and not meta:  # refuse what cannot fit
         check_model_fits(spec.model, training=True, device=device)
     finetune = recorder = None
+    # What init_from resolved to when the run began ("runs/quickstart" follows that experiment's latest
+    # run): in the banner, the start event and every checkpoint's meta.json, kept across resumes.
+    init_from: dict[str, Any] | None = loaded.meta.get(INIT_FROM_KEY) if loaded is not None else None
     if meta:
         model, recorder = build_meta_model(spec)
     elif loaded is None:
-        model, spec = load_init_from(spec, report=write if env.is_main else None)
+        init_from = {}
+        model, spec = load_init_from(spec, record=init_from)
         if task.reads_data_first:  # the data decides the head (its classes), so it comes first
             task.load_data(spec, tokenizer_state=None, write=write)
             model = task.attach_head(model)
@@ -103,7 +107,8 @@ def build_run(spec: ExperimentSpec, task: Task, loaded: LoadedState | None, env:
     engine = Engine(model, wrapped, forward, build_optimizer(model, t, device), make_grad_scaler(device, t.precision),
                     BatchSampler(len(split.train), t.batch_size, seed=spec.seed, shuffle=spec.data.shuffle,
                                  rank=env.rank, world_size=env.world_size),
-                    fsdp=fsdp, sharded=fsdp and t.sharded_checkpoint, n_params=n_params, finetune=finetune)
+                    fsdp=fsdp, sharded=fsdp and t.sharded_checkpoint, n_params=n_params, finetune=finetune,
+                    init_from=init_from or None)
     return spec, engine, batching, flops_per_token
 
 

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..assembly import INIT_FROM_KEY
 from ..base.disk import NO_SPACE, disk_full_error
 from ..base.distributed import DistEnv
 from ..base.errors import CheckpointError
@@ -105,6 +106,8 @@ def save_run(run_dir: Path, spec: ExperimentSpec, engine: Engine, progress: RunP
                          "kind": t.schedule, "warmup_steps": t.warmup_steps},
         }
         meta = {"tokenizer": tokenizer.state(), "step": p.step, "val_loss": p.last_val}
+        if engine.init_from:
+            meta[INIT_FROM_KEY] = engine.init_from
         f = engine.finetune
         if f is not None:
             meta[META_KEY] = {"base": f.base if f.partial else None, "total": f.total, "trainable": f.trainable,

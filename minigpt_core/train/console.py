@@ -15,6 +15,7 @@ from typing import IO, Callable
 from tqdm.auto import tqdm
 
 from ..base.disk import DiskFullError
+from ..base.progress import stderr_is_terminal
 from ..base.errors import MinigptError
 
 __all__ = ["CONSOLE_FILE", "Console", "append_console", "failure_message"]
@@ -92,9 +93,15 @@ class Console:
         self._keep(text)
 
     # -- the progress bar -----------------------------------------------------------------------------
+    @property
+    def shows_bar(self) -> bool:
+        """Whether this process draws progress bars (rank 0, unless --no-progress)."""
+        return self._show_bar
+
     def open_bar(self, total: int, initial: int) -> tqdm:
+        # Only on a terminal: in a log file or a pipe it is a wall of carriage returns (the lines say it all).
         self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-                         disable=not self._show_bar, file=sys.stderr, mininterval=1.0)
+                         disable=not (self._show_bar and stderr_is_terminal()), file=sys.stderr, mininterval=1.0)
         return self._bar
 
     def postfix(self, **values: str) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..base import toml as _toml
+from ..base.toml import flatten  # noqa: F401  (in base, so that `minigpt runs` reads specs without torch)
 from ..checkpoints.checkpoint import SPEC_FILE, check_plugin_files
 from ..base.errors import MinigptError
 from ..base.registry import ComponentRegistry
@@ -31,17 +32,6 @@ _UNSET = object()
 
 def _safe_on_resume(key: str) -> bool:
     return key in RESUME_SAFE_FIELDS or key.split(".")[0] + ".*" in RESUME_SAFE_FIELDS
-
-
-def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested sections as dotted keys: {"train": {"lr": 1}} -> {"train.lr": 1}."""
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def spec_differences(spec: ExperimentSpec, saved: ExperimentSpec) -> dict[str, tuple[Any, Any]]:

@@ -62,6 +62,7 @@ class Engine:
     sharded: bool  # FSDP2 with train.sharded_checkpoint: each rank saves its own shard
     n_params: int
     finetune: Any = None  # what [finetune] froze and adapted (minigpt_core.finetune), or None
+    init_from: dict[str, Any] | None = None  # what init_from resolved to (assembly.init_from_record), or None
 
     @property
     def eval_model(self) -> nn.Module:

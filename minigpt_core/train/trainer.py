@@ -47,7 +47,7 @@ from .flops import PRECISION_DTYPES, measure_matmul_peak
 from .loggers import Logger, RunLog, open_run_log, wandb_mode
 from .metrics import Speedometer, train_metrics
 from .resume import RESUME_SAFE_FIELDS, resume_target, run_spec
-from .resume import flatten as _flatten  # noqa: F401  (runs.py reads it here)
+from .resume import flatten as _flatten  # noqa: F401  (importable here, as before)
 from .run_dir import BRANCH_FILE, experiment_dir, label_slug, place_run, remove_unstarted
 from .run_dir import new_run_dir as _new_run_dir  # noqa: F401  (tests read it here)
 from .samples import attention_maps, sample_text
@@ -222,7 +222,8 @@ class Trainer:
         self.console.open(self.run_dir)
         self.place.write_branch(self.step)
         self.write(self.describe())
-        extra = {"total_steps": self.batching.total_steps, **({"label": self.place.label} if self.place.label else {})}
+        extra = {"total_steps": self.batching.total_steps, **({"label": self.place.label} if self.place.label else {}),
+                 **({"init_from": self.engine.init_from} if self.engine.init_from else {})}
         if self.place.parent is not None:
             self.log.event(self.step, event="branch", run_dir=str(self.run_dir), parent=str(self.place.parent),
                            **extra)
@@ -324,7 +325,8 @@ class Trainer:
     def _end(self, interrupted: bool, last_saved: int | None) -> None:
         """The task's final report, a checkpoint of an interrupted run, and the run's last event."""
         if not interrupted:
-            report = self.task.finish(self.engine.eval_model, **self._eval_options())  # on every split
+            report = self.task.finish(self.engine.eval_model, progress=self.console.shows_bar,
+                                      **self._eval_options())  # on every split
             if report is not None and self.env.is_main:
                 self.log.log(report.metrics, step=self.step)
                 self.log.event(self.step, event=self.task.name, **report.fields)
@@ -378,6 +380,9 @@ class Trainer:
         ]
         if self.engine.finetune is not None:
             lines.insert(2, f"fine-tuning: {self.engine.finetune.describe()}")
+        if self.engine.init_from:  # a directory of runs follows its latest: say which weights these are
+            r = self.engine.init_from
+            lines.insert(1, f"init_from: {r['given']} -> {r['checkpoint']} ({r['which']})")
         warns = spec_warnings(self.spec, total_steps=b.total_steps)
         warns.append(training_memory_warning(m, n_params, b.micro_batch, b.seq_len, self.device))
         lines += [f"warning: {w}" for w in warns if w]

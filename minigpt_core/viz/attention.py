@@ -9,7 +9,7 @@ from __future__ import annotations
 import html
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -85,13 +85,16 @@ def attention_figure(weights: np.ndarray, labels: Sequence[str], *, heads: Seque
 def write_attention_pngs(weights: Sequence[np.ndarray], labels: Sequence[str], out_dir: str | Path, *,
                          layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,
                          average: bool = False, title: str = "", causal: bool = True,
-                         dpi: int = 100) -> list[Path]:
-    """``out_dir/layer-<i>.png`` for each selected layer of ``weights`` (one (H, T, T) array per layer)."""
+                         dpi: int = 100, progress: Callable[[int], None] | None = None) -> list[Path]:
+    """``out_dir/layer-<i>.png`` for each selected layer of ``weights`` (one (H, T, T) array per layer);
+    ``progress(1)`` after each."""
     out = []
     for i in (range(len(weights)) if layers is None else layers):
         fig = attention_figure(np.asarray(weights[i]), labels, heads=heads, average=average, causal=causal,
                                title=f"{title}  layer {i}".strip())
         out.append(save_figure(fig, Path(out_dir) / f"layer-{i}.png", dpi=dpi))
+        if progress is not None:
+            progress(1)
     return out
 
 

@@ -55,21 +55,36 @@ def band_figure(groups: Mapping[str, Sequence[tuple[Sequence[float], Sequence[fl
 
 
 def metric_series(records: list[dict[str, Any]], key: str, x: str = "train/tokens") -> tuple[list[float], list[float]]:
-    """(xs, ys) of every record with a finite ``key``, x taken from ``x`` (falling back to the step).
+    """(xs, ys) of every record with a finite ``key``, x taken from ``x``.
 
     Validation records carry the training tokens seen so far, so curves of runs with different
-    batch sizes line up on the same axis. A resumed run's records after a rewind replace the
-    ones they repeat (the last value for a step wins).
+    batch sizes line up on the same axis. A record without ``x`` (an older run's validation line) is
+    placed by the tokens per step of the nearest record that has both, not at its step number, which
+    on a token axis would draw it near 0; with no such record anywhere the whole series is by step.
+    A resumed run's records after a rewind replace the ones they repeat (the last value for a step wins).
     """
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    known = sorted({int(r["step"]): float(r[x]) for r in records
+                    if number(r.get(x)) and number(r.get("step")) and r["step"] > 0}.items())
+
+    def place(r: dict[str, Any]) -> float | None:
+        if number(r.get(x)):
+            return float(r[x])
+        step = int(r.get("step", 0)) if number(r.get("step")) else 0
+        if not known:
+            return float(step)  # nothing on the x axis at all: the step is the only scale there is
+        ref_step, ref_x = min(known, key=lambda kv: abs(kv[0] - step))
+        return ref_x * step / ref_step
+
     by_step: dict[int, tuple[float, float]] = {}
-    last_x: float | None = None
     for r in records:
-        if x in r and isinstance(r[x], (int, float)):
-            last_x = float(r[x])
         v = r.get(key)
-        if isinstance(v, (int, float)) and math.isfinite(v):
-            by_step[int(r.get("step", 0))] = (float(r[x]) if isinstance(r.get(x), (int, float))
-                                              else (last_x if last_x is not None else float(r.get("step", 0))), float(v))
+        if number(v):
+            xv = place(r)
+            if xv is not None:
+                by_step[int(r.get("step", 0))] = (xv, float(v))
     pts = [by_step[s] for s in sorted(by_step)]
     return [p[0] for p in pts], [p[1] for p in pts]
 

@@ -16,6 +16,27 @@ from .lora import lora_targets
 
 ADAPTER_NAME = "default"
 
+# What importing peft logs on a CPU machine, through other libraries' loggers: torchao (which peft
+# imports) "Failed to load .../_C_mxfp8...so" for each GPU-only extension, and torch two _pytree
+# lines on torchao's enums. Known noise, printed on every peft.lora run: only these loggers, only
+# during the import, drop below errors.
+_NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+def _import_peft():
+    import logging
+
+    logs = [logging.getLogger(n) for n in _NOISY_LOGGERS]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
+    try:
+        import peft
+    finally:
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
+    return peft
+
 
 class PeftLora:
     def __init__(self, params, dora: bool = False):
@@ -31,7 +52,8 @@ class PeftLora:
                    for m in map(model.get_submodule, self._targets(model)))
 
     def apply(self, model: nn.Module) -> list[str]:
-        from peft import LoraConfig, inject_adapter_in_model
+        peft = _import_peft()
+        LoraConfig, inject_adapter_in_model = peft.LoraConfig, peft.inject_adapter_in_model
 
         names = self._targets(model)
         p = self.params
@@ -46,6 +68,7 @@ class PeftLora:
 
     @staticmethod
     def _layers(model: nn.Module):
+        _import_peft()
         from peft.tuners.lora import LoraLayer
 
         return [m for m in model.modules() if isinstance(m, LoraLayer)]

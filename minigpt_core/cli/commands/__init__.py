@@ -1,10 +1,5 @@
-"""CLI commands beyond the core ones, one module each; importing a module registers its command(s)."""
-from . import hf
-from . import check
-from . import train
-from . import new_plugin
-from . import ablate
-from . import inspection
-from . import runs
-from . import classify
-from . import quantize
+"""CLI commands beyond the core ones, one module each; importing a module registers its command(s).
+
+cli.parser's COMMAND_MODULES names each command's module; cli.app imports only the module of the
+command that runs (all of them for an unknown one), so a command pays only for what it imports.
+"""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import sys
 import textwrap
 
 from ...base.device import DeviceError, select_device
@@ -48,7 +49,8 @@ def format_row(kind: str, name: str, results, name_width: int) -> str:
 def _check(args) -> int:
     from pydantic import ValidationError
 
-    from ...testing import CHECKS, ConformanceError, run_checks, select_entries
+    from ...base.progress import progress_bar
+    from ...testing import CHECKS, ConformanceError, applicable_checks, run_checks, select_entries
 
     if args.list:
         for check in CHECKS.values():
@@ -82,9 +84,22 @@ def _check(args) -> int:
     width = max(len(e.name) for e in entries)
     print("  ".join([_COLUMNS[0].ljust(_WIDTHS[0]), _COLUMNS[1].ljust(width), " pass", "fail", "xfail",
                      "skip", "result"]))
-    results = run_checks(registry, args.pattern, kinds=args.kind, checks=args.checks, device=device,
-                         params=params,
-                         on_component=lambda e, rs: print(format_row(e.kind, e.name, rs, width), flush=True))
+    total = sum(len(applicable_checks(e, args.checks)) for e in entries)
+    # A component's checks take seconds (tens on a busy machine): the bar names the one running.
+    with progress_bar(total, desc="checks", unit="check") as bar:
+
+        def on_check(entry, name: str, result) -> None:
+            if result is None:
+                bar.set_description(f"{entry.name}: {name}", refresh=False)
+            else:
+                bar.update(1)
+
+        def on_component(entry, rs) -> None:  # the row above the bar (tqdm clears it, writes, redraws)
+            bar.write(format_row(entry.kind, entry.name, rs, width), file=sys.stdout)
+            sys.stdout.flush()
+
+        results = run_checks(registry, args.pattern, kinds=args.kind, checks=args.checks, device=device,
+                             params=params, on_component=on_component, on_check=on_check)
 
     def section(title: str, statuses: tuple[str, ...]) -> None:
         chosen = [r for r in results if r.status in statuses]

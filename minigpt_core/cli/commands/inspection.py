@@ -11,18 +11,40 @@ from pathlib import Path
 import numpy as np
 
 from ...base.errors import MinigptError
+from ...base.progress import progress_bar
 from ...checkpoints.checkpoint import read_meta
+from ...checkpoints.state import CHECKPOINTS_DIR
+from ...runs import is_run_dir
 from ..inference import _load_for_inference
 from ..parser import arguments, command
 
-__all__ = ["add_per_token_args", "PerTokenEval", "checkpoint_label"]
+__all__ = ["add_per_token_args", "PerTokenEval", "checkpoint_label", "output_dir"]
 
 DEFAULT_MAX_TOKENS = 64  # readable tick labels in a per-head grid; --max-tokens up to the context length
 
 
 def checkpoint_label(ckpt: Path, spec) -> str:
-    """'quickstart/step_00000800': the experiment and the checkpoint, for titles and legends."""
-    return f"{spec.name}/{ckpt.resolve().name}"
+    """'quickstart/20261202-054700/step_00000800': the experiment, the run and the checkpoint, for titles
+    and legends (two runs of one experiment share its name and their step numbers, so the run tells
+    the sides of a comparison apart); 'NAME/step_…' for a checkpoint outside any run."""
+    ckpt = ckpt.resolve()
+    run = ckpt.parent.parent
+    if ckpt.parent.name == CHECKPOINTS_DIR and is_run_dir(run):
+        return f"{spec.name}/{run.name}/{ckpt.name}"
+    return f"{spec.name}/{ckpt.name}"
+
+
+def output_dir(out: str | None, ckpt: Path, what: str) -> Path:
+    """Where a command writes its files: ``--out``, else RUN/<what>/ of the checkpoint's run (beside its
+    checkpoints, so a checkout or the current directory gains no stray folders), else (a checkpoint
+    outside any run) the checkpoint's own directory. A default place is printed."""
+    if out is not None:
+        return Path(out)
+    run = ckpt.parent.parent
+    place = run / what if ckpt.parent.name == CHECKPOINTS_DIR and is_run_dir(run) else ckpt / what
+    print(f"writing to {place}/ (in the checkpoint's {'run' if place.parent == run else 'directory'}; --out DIR "
+          f"chooses another place)")
+    return place
 
 
 def _pick(values: list[int] | None, n: int, what: str) -> list[int]:
@@ -65,8 +87,9 @@ def _attention_args(p: argparse.ArgumentParser) -> None:
                    help=f"tokens in the window (default {DEFAULT_MAX_TOKENS} or the context length if shorter; at "
                         f"most the context length); "
                         f"the model sees only the window")
-    p.add_argument("--out", default="attention", metavar="DIR",
-                   help="output directory: layer-<i>.png and attention.html (default ./attention)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output directory: layer-<i>.png and attention.html (default RUN/attention/ of the "
+                        "checkpoint's run)")
     p.add_argument("--device", default="auto")
 
 
@@ -108,9 +131,12 @@ def _attention(args) -> int:
     attention = spec.model.attention.name
     causal = spec.components["attention"].entry.has("causal")
     label = checkpoint_label(ckpt, spec)
-    out = Path(args.out)
-    pngs = write_attention_pngs(arrays, tokens, out, layers=layers, heads=None if args.head is None else heads,
-                                average=args.average_heads, title=f"{label} ({attention})", causal=causal)
+    out = output_dir(args.out, ckpt, "attention")
+    # Drawing is the slow part (a grid of every head per layer): seconds per layer for a 12-layer model.
+    with progress_bar(len(layers), desc="drawing attention maps", unit="layer") as bar:
+        pngs = write_attention_pngs(arrays, tokens, out, layers=layers, heads=None if args.head is None else heads,
+                                    average=args.average_heads, title=f"{label} ({attention})", causal=causal,
+                                    progress=bar.update)
     cells = len(layers) * n_heads * len(window) ** 2
     if cells > MAX_PAGE_CELLS:
         print(f"note: no HTML page: {len(layers)} layers x {n_heads} heads x {len(window)}^2 tokens is too much for "
@@ -138,8 +164,9 @@ def add_per_token_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", default=None, metavar="OTHER_CHECKPOINT",
                    help="with --per-token (implied): also evaluate this checkpoint on the same tokens and colour "
                         "by the difference (CHECKPOINT's loss minus OTHER's: red is harder for CHECKPOINT)")
-    p.add_argument("--out", default="per-token", metavar="DIR",
-                   help="where --per-token writes per-token.jsonl and per-token.html (default ./per-token)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="where --per-token writes per-token.jsonl, .html and .png (default RUN/per-token/ of the "
+                        "checkpoint's run)")
 
 
 def _show(s: str) -> str:
@@ -169,8 +196,11 @@ class PerTokenEval:
                     f"{self.other_ckpt} attends over {self.other_spec.model.context_length} tokens, fewer than "
                     f"the {length - 1} of each window of {ckpt}; put the checkpoint with the smaller context "
                     f"first (its windows are used for both).")
+        self.out = output_dir(args.out, ckpt, "per-token")  # said before the evaluation, not after
         self.names = (checkpoint_label(ckpt, spec),
                       checkpoint_label(self.other_ckpt, self.other_spec) if self.other is not None else "other")
+        if self.names[0] == self.names[1]:  # same labels from different places (copies): the paths differ
+            self.names = (str(ckpt), str(self.other_ckpt))
 
     def run(self, model, corpus, starts: np.ndarray, device, progress=None) -> float:
         from ...inspection import window_token_losses
@@ -186,17 +216,24 @@ class PerTokenEval:
         return float(self.losses.astype(np.float64).mean()) if self.losses.size else float("nan")
 
     def report(self) -> None:
+        vocab = {int(i): self.tokenizer.decode([int(i)]) for i in np.unique(self.ids)}
+        tokens = [vocab[int(i)] for i in self.ids.ravel()]
+        flat = self.losses.ravel()
+        other = None if self.other_losses is None else self.other_losses.ravel()
+        out = self.out
+        out.mkdir(parents=True, exist_ok=True)
+        # Three files, one a line per token and a figure of up to 1,500 tokens: seconds for a long eval.
+        with progress_bar(3, desc="writing per-token files", unit="file") as bar:
+            jsonl, picture, page = self._write(out, tokens, flat, other, bar)
+        self._tables(tokens, flat, other)
+        print(f"wrote {jsonl}, {picture} and {page} (open it in a browser; works offline)")
+
+    def _write(self, out: Path, tokens: list[str], flat: np.ndarray, other: np.ndarray | None, bar):
         from ...viz.html import write_page
         from ...viz._mpl import save_figure
         from ...viz.tokens import MAX_PAGE_TOKENS, loss_figure, loss_page
 
         per, starts, names = self.length - 1, self.starts, self.names
-        vocab = {int(i): self.tokenizer.decode([int(i)]) for i in np.unique(self.ids)}
-        tokens = [vocab[int(i)] for i in self.ids.ravel()]
-        flat = self.losses.ravel()
-        other = None if self.other_losses is None else self.other_losses.ravel()
-        out = Path(self.args.out)
-        out.mkdir(parents=True, exist_ok=True)
         jsonl = out / "per-token.jsonl"
         tmp = jsonl.with_name(f".{jsonl.name}.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
@@ -209,6 +246,7 @@ class PerTokenEval:
                     rec["delta"] = float(flat[k] - other[k])
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         os.replace(tmp, jsonl)
+        bar.update(1)
 
         shown = min(len(starts), max(1, MAX_PAGE_TOKENS // per))
         meta = f"{self.ckpt} · {len(starts):,} windows of {per} tokens · mean loss {flat.mean():.4f} nats"
@@ -220,11 +258,17 @@ class PerTokenEval:
             tokens[:shown * per], flat[:shown * per], other=None if other is None else other[:shown * per],
             names=names, window_starts=[w * per for w in range(shown)], meta=meta,
             title=f"Per-token loss: {names[0]}" + (f" vs {names[1]}" if other is not None else "")))
+        bar.update(1)
         picture = save_figure(loss_figure(
             tokens, flat, other=other, names=names, window_starts=[w * per for w in range(len(starts))],
             title=f"{names[0]}" + (f" vs {names[1]}" if other is not None else "") + f": the first {min(len(tokens), 1500)} "
                   f"tokens evaluated, coloured by " + ("loss difference" if other is not None else "loss")),
             out / "per-token.png")
+        bar.update(1)
+        return jsonl, picture, page
+
+    def _tables(self, tokens: list[str], flat: np.ndarray, other: np.ndarray | None) -> None:
+        per, starts, names = self.length - 1, self.starts, self.names
 
         def table(order, heading: str, values: np.ndarray) -> None:
             print(heading)
@@ -243,4 +287,3 @@ class PerTokenEval:
             table(np.argsort(-delta, kind="stable")[:top],
                   f"harder for {names[0]} than for {names[1]} (loss difference, nats):", delta)
             table(np.argsort(delta, kind="stable")[:top], f"easier for {names[0]} than for {names[1]}:", delta)
-        print(f"wrote {jsonl}, {picture} and {page} (open it in a browser; works offline)")

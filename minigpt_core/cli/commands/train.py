@@ -73,6 +73,7 @@ def _train(args) -> int:
         spec = run_spec(args.resume, overrides=args.overrides)  # the run's own spec.toml
     else:
         spec = load_spec(args.file, overrides=args.overrides)
+    _busy_cpu_note(spec)
     result = train(spec, resume=args.resume, progress=not args.no_progress, label=args.label)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
@@ -86,6 +87,23 @@ def _train(args) -> int:
         return _report(spec, result, print)
     finally:
         append_console(result.run_dir, "\n".join(lines))
+
+
+def _busy_cpu_note(spec) -> None:
+    """One line on stderr when other processes already occupy the cores this run's threads need."""
+    import torch
+
+    from ...base.device import available_cores, busy_cpu_note, cpu_load
+
+    t = spec.train
+    on_cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available()
+                                   and not torch.backends.mps.is_available())
+    if not on_cpu or int(os.environ.get("RANK", "0")) != 0:
+        return
+    note = busy_cpu_note(cpu_load(), available_cores(), t.threads or torch.get_num_threads(),
+                         os.environ.get("OMP_WAIT_POLICY"))
+    if note:
+        print(note, file=sys.stderr, flush=True)
 
 
 def _report(spec, result, print) -> int:
@@ -209,7 +227,7 @@ class _Stream:
 @arguments(_sample_args)
 def _sample(args) -> int:
     import torch
-    from tqdm.auto import tqdm
+    from ...base.progress import progress_bar
 
     from ...model.generate import check_sampling, generate
 
@@ -256,8 +274,8 @@ def _sample(args) -> int:
         for w in held:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         return 0
-    bar = tqdm(total=args.num_samples * args.max_new_tokens, unit="token", file=sys.stderr, dynamic_ncols=True,
-               disable=args.no_progress, delay=1.0, mininterval=0.5)
+    bar = progress_bar(args.num_samples * args.max_new_tokens, unit="token", enabled=not args.no_progress,
+                       delay=1.0)
     done = 0
     try:
         while done < args.num_samples:
@@ -298,7 +316,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 @arguments(_eval_args)
 def _eval(args) -> int:
     import numpy as np
-    from tqdm.auto import tqdm
+    from ...base.progress import progress_bar
 
     from ...tasks.evaluate import eval_windows, evaluate
 
@@ -342,8 +360,8 @@ def _eval(args) -> int:
     if args.per_token or args.compare:  # one pass gives both the mean and each token's loss
 
         per_token = PerTokenEval(args, ckpt, spec, tokenizer, length)  # loads and checks --compare first
-    with tqdm(total=len(starts) * (2 if args.compare else 1), unit="window", file=sys.stderr, dynamic_ncols=True,
-              disable=args.no_progress, mininterval=0.5, desc="eval") as bar:
+    with progress_bar(len(starts) * (2 if args.compare else 1), desc="eval", unit="window",
+                      enabled=not args.no_progress) as bar:
         if per_token is not None:
             loss = per_token.run(model, corpus, np.asarray(starts), device, progress=bar.update)
         else:
