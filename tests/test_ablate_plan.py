@@ -281,9 +281,11 @@ seeds = [1]
     assert status == 0, err
     text = (plan.root / "report.md").read_text()
     assert "<img" not in text and "<script" not in text and "onerror=alert(1)" in text
-    rows = _table_rows(text)
+    rows = _table_rows(text.split("## Statistics")[0])
     assert len(rows) == 4  # header, rule, two variants
-    assert {len(r) for r in rows} == {10}
+    assert {len(r) for r in rows} == {8}
+    stats_rows = _table_rows(text.split("## Statistics")[1])  # header, rule, the variant compared
+    assert len(stats_rows) == 3 and {len(r) for r in stats_rows} == {10}  # its header's |Δ| is escaped
     odd = next(r for r in rows if "odd" in r[0])
     assert "tick" in odd[1] and "`tick`" not in odd[1]  # a backtick would open a code span
     # the failed cell's note is one line, with the error escaped
@@ -294,6 +296,6 @@ seeds = [1]
     # the only images are the report's own figures; our code spans stay
     assert re.findall(r'<img src="([^"]*)"', html) == ["curves.png", "throughput.png"]
     assert "<img src=x" not in html and "<script" not in html and "<code>" in html
-    body = html.split("<tbody>")[1].split("</tbody>")[0]
-    assert [row.count("<td") for row in body.split("<tr>")[1:]] == [10, 10]
+    bodies = [b.split("</tbody>")[0] for b in html.split("<tbody>")[1:]]
+    assert [[row.count("<td") for row in b.split("<tr>")[1:]] for b in bodies] == [[8, 8], [10]]
     assert "&lt;img src=x onerror=alert(1)&gt;" in html and "a | b" in html  # shown as the text it is

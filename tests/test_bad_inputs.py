@@ -97,6 +97,8 @@ def inputs(tmp_path, monkeypatch, request, _fifo, _bounded_memory):
                                         f'"train.lr" = [{lrs}]\n')
     (tmp_path / "two.toml").write_text(f'base = "{spec.name}"\nseeds = [1, 2]\n[variants.a]\n[variants.b]\n'
                                        f'"train.lr" = 0.002\n')
+    (tmp_path / "badstats.toml").write_text(f'base = "{spec.name}"\n[variants.a]\n[report]\n'
+                                            f'correction = "sidak"\nalpha = 1.5\n')
     big = tmp_path / "big.toml"
     subprocess.run(["truncate", "-s", "20M", str(big)], check=True)  # sparse: no disk used
     ablation = tmp_path / "zero_base.toml"
@@ -143,6 +145,8 @@ BAD_INPUTS = [
     (["ablate", "two.toml", "--variants", "a,c"], "the variants of two.toml are: a, b"),
     (["ablate", "two.toml", "--seeds", "3"], "its seeds are: 1, 2"),
     (["ablate", "two.toml", "--max-cells", "0"], "--max-cells"),
+    (["ablate", "badstats.toml", "--dry-run"], "report.correction: Input should be 'holm', 'bonferroni' or 'none'; "
+     "report.alpha"),
     # Files read whole: a device, a FIFO or an over-size file is named for what it is, never read (issue 22.4)
     (["validate", "/dev/zero"], "experiment file /dev/zero is a character device"),
     (["validate", "{fifo}"], "is a FIFO"),

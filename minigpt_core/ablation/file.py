@@ -21,7 +21,7 @@ from ..base.loader import resolve_plugin_ref
 from ..base.reading import SPEC_LIMIT, read_text_bounded
 from ..spec import apply_overrides, validation_problems
 
-__all__ = ["AblationError", "AblationFile", "BUDGETS", "flatten_overrides", "read_ablation_file", "ablation_root"]
+__all__ = ["AblationError", "AblationFile", "ReportOptions", "BUDGETS", "flatten_overrides", "read_ablation_file", "ablation_root"]
 
 
 BUDGETS = ("tokens", "flops", "time")
@@ -34,6 +34,18 @@ _RESERVED = {"name": "the cell's run name is seed-<s>", "seed": "seeds come from
 
 class AblationError(MinigptError):
     """An ablation file or its cells failed validation, or an ablation cannot (re)start as asked."""
+
+
+class ReportOptions(BaseModel):
+    """The statistics of the report (the [report] table)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    correction: Literal["holm", "bonferroni", "none"] = Field(
+        "holm", description="how the p-values of the variants' comparisons with the baseline are adjusted for "
+        "their number: holm (default), bonferroni, or none")
+    alpha: float = Field(0.05, gt=0, lt=1, description="family-wise significance level of the verdicts (an "
+                         "adjusted p-value below it, and |difference| above the noise floor)")
 
 
 class AblationFile(BaseModel):
@@ -65,6 +77,8 @@ class AblationFile(BaseModel):
     nproc_per_node: int = Field(1, ge=1, description="processes per cell (torchrun --standalone inside the job)")
     executor: dict[str, Any] = Field(default_factory=dict, description="submitit parameters for --executor slurm, "
                                      "e.g. timeout_min = 60, slurm_partition = \"gpu\", gpus_per_node = 1")
+    report: ReportOptions = Field(default_factory=ReportOptions, description="the report's statistics: "
+                                  "correction = \"holm\" | \"bonferroni\" | \"none\", alpha")
 
     @field_validator("name")
     @classmethod

@@ -84,7 +84,7 @@ class Plan:
         return {"file": str(self.file), "seeds": list(c.seeds), "baseline": self.baseline, "budget": c.budget,
                 "time_budget_s": c.time_budget_s, "combine": c.combine, "set": list(self.sets),
                 "nproc_per_node": c.nproc_per_node, "budget_summary": self.budget_summary,
-                "description": self.description,
+                "description": self.description, "report": c.report.model_dump(),
                 "wandb": self.cells[0].spec.wandb.model_dump(include={"mode", "project", "entity"}) if self.cells
                 else {}}
 

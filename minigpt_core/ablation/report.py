@@ -1,8 +1,9 @@
 """An ablation's report, rebuilt at any time from its manifest and its runs' metrics.jsonl.
 
-``results.csv`` (one row per cell), ``report.md`` (one row per variant, with mean ± std over seeds
-and paired differences from the baseline), ``curves.png`` and ``throughput.png``. Works on a
-partial ablation: cells without results are listed as failed or missing.
+``results.csv`` (one row per cell), ``report.md`` (one row per variant, with mean ± std over seeds,
+then the statistics of each variant against the baseline: the noise floor, paired differences,
+raw and corrected p-values, the minimum detectable effect and a verdict), ``curves.png`` and
+``throughput.png``. Works on a partial ablation: cells without results are listed as failed or missing.
 """
 
 from __future__ import annotations
@@ -21,15 +22,30 @@ from ..spec import WandbSpec
 from ..train.loggers import wandb_mode
 from ..viz._mpl import save_figure
 from ..viz.curves import band_figure
+from .file import ReportOptions
 from .plan import AblationError
 from .runner import MANIFEST_FILE, read_manifest
-from .stats import paired_difference, spread
+from .stats import POWER, Comparisons, compare_to_baseline, spread
 
-__all__ = ["RESULT_COLUMNS", "collect", "write_report", "ReportFiles"]
+__all__ = ["RESULT_COLUMNS", "COMPARISON_COLUMNS", "collect", "comparison_rows", "write_report", "ReportFiles"]
 
 RESULT_COLUMNS = ("ablation", "variant", "overrides", "seed", "status", "final_val_loss", "best_val_loss",
                   "train_tokens", "steps", "parameters", "flops_per_token", "tokens_per_s", "peak_memory_mb",
                   "wall_time_s", "run_dir", "wandb_run_id", "error")
+
+# The statistics table as W&B gets it (report.md shows the same, formatted).
+COMPARISON_COLUMNS = ("variant", "pairs", "delta", "ci_low", "ci_high", "p_value", "p_adjusted", "sd_delta",
+                      "delta_over_noise_floor", "mde", "seeds_for_noise_floor", "verdict")
+
+
+def comparison_rows(c: Comparisons) -> list[list[Any]]:
+    out = []
+    for v, row in c.rows.items():
+        d = row.diff
+        out.append([v, d.n if d else 0, d.mean if d else None, d.ci_low if d else None, d.ci_high if d else None,
+                    d.p_value if d else None, row.p_adjusted, d.std if d else None, row.floor_ratio, row.mde,
+                    row.seeds_for_floor, row.verdict])
+    return out
 
 
 @dataclass
@@ -40,6 +56,7 @@ class ReportFiles:
     throughput: Path
     rows: list[dict[str, Any]]
     curves_figure_lines: dict[str, int]  # variant -> the done cells its mean line and band are drawn from
+    comparisons: Comparisons | None = None  # the variants against the baseline (final validation loss)
 
 
 def _wandb_run_id(run_dir: Path) -> str:
@@ -107,13 +124,83 @@ def _overrides_text(overrides: dict[str, Any]) -> str:
     return ", ".join(_code(f"{k}={json.dumps(v)}") for k, v in overrides.items()) or "(base)"
 
 
-def _markdown(manifest: dict[str, Any], rows: list[dict[str, Any]], files: dict[str, str]) -> str:
+def _final_losses(variants: list[str], rows: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
+    """variant -> seed -> final validation loss, of the cells that finished."""
+    return {v: {r["seed"]: r["final_val_loss"] for r in rows if r["variant"] == v and r["status"] == "done"
+                and r["final_val_loss"] is not None} for v in variants}
+
+
+def _comparisons(manifest: dict[str, Any], variants: list[str], rows: list[dict[str, Any]]) -> Comparisons:
+    settings = manifest.get("settings", {})
+    try:
+        options = ReportOptions(**settings.get("report", {}))
+    except Exception:  # noqa: BLE001 - a hand-edited manifest: the defaults
+        options = ReportOptions()
+    return compare_to_baseline(_final_losses(variants, rows), settings.get("baseline"),
+                               correction=options.correction, alpha=options.alpha)
+
+
+_METHOD = {"holm": "Holm", "bonferroni": "Bonferroni", "none": "none"}
+
+
+def _p(v: float | None) -> str:
+    return "—" if v is None else f"{v:.3g}"
+
+
+def _statistics(c: Comparisons) -> list[str]:
+    """The variants against the baseline: noise floor, corrected p-values, verdicts, detectable effects."""
+    floor = (f"{c.noise_floor:.4f} nats/token, the seed-to-seed standard deviation of the baseline's final "
+             f"validation loss (n = {c.baseline_seeds} seeds)" if c.noise_floor is not None else
+             f"— (the baseline has {c.baseline_seeds} finished seed(s); a standard deviation needs 2)")
+    method = _METHOD[c.correction]
+    if c.correction == "none":
+        adjust = (f"**Multiple comparisons:** none: the p-values are not adjusted for the {c.m} comparison(s) with "
+                  f"the baseline (`correction = \"none\"`), so with many variants some will look significant "
+                  f"by chance.")
+    else:
+        adjust = (f"**Multiple comparisons:** {method} over m = {c.m} comparison(s) with the baseline (the variants "
+                  f"with ≥2 paired seeds), family-wise α = {c.alpha:g}.")
+    step = (" (for Holm, its most stringent step)" if c.correction == "holm" else "")
+    alpha_text = f"α/m = {c.test_alpha:.3g}{step}" if c.correction != "none" else f"α = {c.test_alpha:.3g}"
+    lines = ["", "## Statistics", "",
+             f"- **Noise floor:** {floor}.",
+             f"- {adjust}",
+             f"- **Verdict:** `better` / `worse` when the adjusted p-value is below {c.alpha:g} **and** |Δ| is "
+             f"larger than the noise floor (lower loss is better), otherwise `no detectable difference`; a verdict "
+             f"needs ≥3 paired seeds.",
+             f"- **Δ** = variant − baseline over paired seeds, with its 95% Student-t interval and the paired "
+             f"t-test's p (`scipy.stats.ttest_rel`). **MDE**: the smallest |Δ| (nats/token) the paired t-test "
+             f"detects with {POWER:.0%} power at {alpha_text}, two-sided, from the standard deviation of the "
+             f"paired differences (sd Δ) and the number of pairs. **Seeds for floor**: the paired seeds the same "
+             f"test needs to detect an effect as small as the noise floor. A verdict also needs |Δ| above the "
+             f"noise floor, so the smallest effect this design can call is the larger of the MDE and the floor.",
+             "",
+             f"| variant | pairs | Δ vs baseline [95% CI] | p | p adj. ({method}) | sd Δ | \\|Δ\\| / floor "
+             f"| MDE ({POWER:.0%} power) | seeds for floor | verdict |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    for v, row in c.rows.items():
+        d = row.diff
+        if d is None:
+            delta = "—"
+        elif d.ci_low is None:
+            delta = f"{d.mean:+.4f} (no interval)"
+        else:
+            delta = f"{d.mean:+.4f} [{d.ci_low:+.4f}, {d.ci_high:+.4f}]"
+        ratio = "—" if row.floor_ratio is None else f"{row.floor_ratio:.2f}"
+        seeds = "—" if row.seeds_for_floor is None else f"{row.seeds_for_floor:,}"
+        lines.append(f"| {_code(v)} | {d.n if d else 0} | {delta} | {_p(d.p_value if d else None)} "
+                     f"| {_p(row.p_adjusted)} | {_fmt(d.std if d else None)} | {ratio} | {_fmt(row.mde)} | {seeds} "
+                     f"| {row.verdict} |")
+    return lines
+
+
+def _markdown(manifest: dict[str, Any], rows: list[dict[str, Any]], files: dict[str, str],
+              comparisons: Comparisons) -> str:
     settings = manifest.get("settings", {})
     baseline = settings.get("baseline")
     variants = list(manifest.get("variants", {})) or list(dict.fromkeys(r["variant"] for r in rows))
     by_var = {v: [r for r in rows if r["variant"] == v] for v in variants}
-    final = {v: {r["seed"]: r["final_val_loss"] for r in rs if r["status"] == "done" and r["final_val_loss"] is not None}
-             for v, rs in by_var.items()}
+    final = _final_losses(variants, rows)
     base_rows = by_var.get(baseline, [])
     base_speed = spread([r["tokens_per_s"] for r in base_rows if r["tokens_per_s"]]).mean
     base_mem = spread([r["peak_memory_mb"] for r in base_rows if r["peak_memory_mb"]]).mean
@@ -124,30 +211,19 @@ def _markdown(manifest: dict[str, Any], rows: list[dict[str, Any]], files: dict[
     lines += [
         f"- **Budget matched:** {settings.get('budget', 'tokens')}: {settings.get('budget_summary', '')}.",
         f"- **Seeds:** {', '.join(map(str, seeds))} (paired: seed s of every variant sees the same data order).",
-        f"- **Baseline:** {_code(baseline)}. **Metric:** final validation loss (nats/token, lower is better); "
-        f"Δ = variant − baseline over paired seeds, with a 95% Student-t interval and the paired t-test's p.",
+        f"- **Baseline:** {_code(baseline)}. **Metric:** final validation loss (nats/token, lower is better).",
     ]
     if settings.get("set"):
         lines.append(f"- **--set:** {', '.join(_code(s) for s in settings['set'])}")
-    lines += ["", "| variant | overrides | params | steps | val loss mean ± std (n) | Δ vs baseline [95% CI] | p "
+    lines += ["", "| variant | overrides | params | steps | val loss mean ± std (n) "
               "| tokens/s (vs baseline) | peak memory MB (vs baseline) | cells |",
-              "|---|---|---:|---:|---|---|---:|---:|---:|---|"]
+              "|---|---|---:|---:|---|---:|---:|---|"]
     notes = []
     for v in variants:
         rs = by_var[v]
         sp = spread(list(final[v].values()))
         loss = f"{_fmt(sp.mean)} ± {_fmt(sp.std)} ({sp.n})" if sp.n > 1 else (
             f"{_fmt(sp.mean)} (1)" if sp.n == 1 else "— (0)")
-        if v == baseline:
-            delta, p = "baseline", ""
-        else:
-            d = paired_difference(final[v], final.get(baseline, {}))
-            if d is None:
-                delta, p = "—", ""
-            elif d.ci_low is None:
-                delta, p = f"{d.mean:+.4f} (n=1, no interval)", ""
-            else:
-                delta, p = f"{d.mean:+.4f} [{d.ci_low:+.4f}, {d.ci_high:+.4f}] (n={d.n})", f"{d.p_value:.3g}"
         speed = spread([r["tokens_per_s"] for r in rs if r["tokens_per_s"]]).mean
         mem = spread([r["peak_memory_mb"] for r in rs if r["peak_memory_mb"]]).mean
         counts = {s: sum(r["status"] == s for r in rs) for s in ("done", "failed", "running", "missing")}
@@ -156,10 +232,10 @@ def _markdown(manifest: dict[str, Any], rows: list[dict[str, Any]], files: dict[
         params = rs[0]["parameters"] if rs else None
         steps = rs[0]["steps"] if rs else None
         overrides = json.loads(rs[0]["overrides"]) if rs else {}
-        lines.append(f"| {_code(v)} | {_overrides_text(overrides)} | {params:,} | {steps} | {loss} | {delta} | {p} | "
+        lines.append(f"| {_code(v)} | {_overrides_text(overrides)} | {params:,} | {steps} | {loss} | "
                      f"{_rel(speed, base_speed)} | {_rel(mem, base_mem)} | {cells} |"
-                     if params is not None else f"| {_code(v)} | {_overrides_text(overrides)} | — | — | {loss} | {delta} "
-                     f"| {p} | — | — | {cells} |")
+                     if params is not None else f"| {_code(v)} | {_overrides_text(overrides)} | — | — | {loss} "
+                     f"| — | — | {cells} |")
     n_min = min((len(f) for f in final.values()), default=0)
     if n_min < 3:
         notes.append(f"Some variants have fewer than 3 finished seeds (n = {n_min}): with n = 2 the 95% interval "
@@ -173,6 +249,7 @@ def _markdown(manifest: dict[str, Any], rows: list[dict[str, Any]], files: dict[
                          + (f": {_md(r['error'])}" if r["error"] else ""))
     if notes:
         lines += ["", *notes]
+    lines += _statistics(comparisons)
     lines += ["", "Mean over seeds with a min-max band across seeds:", ""]
     for title, name in files.items():
         lines.append(f"![{title}]({name})")
@@ -212,9 +289,10 @@ def write_report(root: str | Path, *, log_wandb: bool = True,
     fig = band_figure(series("train/tokens_per_s"), ylabel="training tokens/s",
                       title=f"{manifest['ablation']}: throughput")
     throughput = save_figure(fig, root / "throughput.png")
-    text = _markdown(manifest, rows, {"validation loss": "curves.png", "throughput": "throughput.png"})
+    comparisons = _comparisons(manifest, variants, rows)
+    text = _markdown(manifest, rows, {"validation loss": "curves.png", "throughput": "throughput.png"}, comparisons)
     atomic_write_bytes(root / "report.md", text.encode("utf-8"))
-    files = ReportFiles(root / "results.csv", root / "report.md", curves, throughput, rows, lines)
+    files = ReportFiles(root / "results.csv", root / "report.md", curves, throughput, rows, lines, comparisons)
     if log_wandb:
         _log_to_wandb(manifest, rows, files, write)
     return files
@@ -238,8 +316,14 @@ def _log_to_wandb(manifest: dict[str, Any], rows: list[dict[str, Any]], files: R
                          config={"ablation": manifest["ablation"], **manifest.get("settings", {})},
                          settings=wandb.Settings(console="off", silent=True, save_code=False))
         table = wandb.Table(columns=list(RESULT_COLUMNS), data=[[r[k] for k in RESULT_COLUMNS] for r in rows])
-        run.log({"results": table, "curves": wandb.Image(str(files.curves)),
-                 "throughput": wandb.Image(str(files.throughput))})
+        payload = {"results": table, "curves": wandb.Image(str(files.curves)),
+                   "throughput": wandb.Image(str(files.throughput))}
+        c = files.comparisons
+        if c is not None:
+            payload["comparisons"] = wandb.Table(columns=list(COMPARISON_COLUMNS), data=comparison_rows(c))
+            run.summary.update({"noise_floor": c.noise_floor, "correction": c.correction, "comparisons": c.m,
+                                "alpha": c.alpha})
+        run.log(payload)
         run.finish()
         write(f"W&B {mode} report run: {Path(run.dir).parent}")
     except Exception as exc:  # noqa: BLE001 - the files are written; W&B is a copy
