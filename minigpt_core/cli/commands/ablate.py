@@ -50,7 +50,7 @@ def _ablate(args) -> int:
     if read_ablation_file(args.file).budget == "time":
         prior = read_manifest(ablation_root(args.file, args.overrides))
         if prior is not None:
-            time_steps = {c["variant"]: c["steps"] for c in prior["cells"]}
+            time_steps = {c["variant"]: c["steps"] for c in prior["cells"] if c.get("steps") is not None}
     plan = load_plan(args.file, args.overrides, time_steps=time_steps, probe=not args.dry_run, threads=threads)
     if args.dry_run:
         _print_plan(plan)
