@@ -216,6 +216,25 @@ def test_report_command_rebuilds_the_files_and_refuses_a_plain_directory(main_ab
     assert status == 2 and "not an ablation directory" in err
 
 
+@pytest.mark.slow  # the shared ablation: 6 cells, each a `minigpt train` process
+def test_report_of_a_moved_ablation_reads_the_runs_where_they_are_now(main_ablation, capsys, tmp_path):
+    # The manifest's run_dirs name the old place; the check that keeps each cell's run inside its own
+    # directory must follow the ablation's directory, not refuse it or read the old runs.
+    import shutil
+
+    tmp, path, root, proc = main_ablation
+    moved = tmp_path / "elsewhere" / "main"
+    shutil.copytree(root, moved, symlinks=True)
+    status, out, err = cli(capsys, "report", moved, "--no-wandb")
+    assert status == 0, err
+    rows = {(r["variant"], r["seed"]): r for r in csv.DictReader((moved / "results.csv").open())}
+    for cell in manifest_of(root)["cells"]:
+        row = rows[(cell["variant"], str(cell["seed"]))]
+        if cell["status"] == "done":
+            assert Path(row["run_dir"]).parent == moved / cell["variant"] / f"seed-{cell['seed']}"
+            assert float(row["final_val_loss"]) == pytest.approx(final_val(cell["run_dir"]))
+
+
 def test_band_figure_draws_mean_and_min_max_of_seeds():
     from minigpt_core.viz.curves import band_figure
 

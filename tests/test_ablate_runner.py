@@ -134,3 +134,76 @@ def test_slurm_without_submitit_says_how_to_install_it(tmp_path, capsys, monkeyp
     status, out, err = cli(capsys, "ablate", path, "--executor", "slurm")
     assert status == 2 and "pip install 'minigpt[cluster]'" in err
     assert not (tmp_path / "runs").exists()
+
+
+# -- which run is a cell's ---------------------------------------------------------------------------
+@pytest.mark.slow  # `minigpt ablate`, its cell and a `minigpt train` by hand: three real processes
+def test_a_manual_run_beside_a_running_cell_is_never_credited_to_the_cell(tmp_path):
+    # A `minigpt train` started by hand on the cell's own spec (same name, same out_dir) makes its run
+    # directory beside the cell's while the cell runs. The manifest and the report must name the cell's
+    # own run, which its process reports, not whichever new directory shows up. The ablation is stopped
+    # (SIGSTOP) from the moment it starts the cell until both runs exist, so it sees both at once: the
+    # order in which they appear cannot decide the answer.
+    import json
+    import os
+    import signal
+    import subprocess
+
+    from training_utils import MINIGPT, PATIENCE_S, wait_for
+
+    path = write_ablation(tmp_path, '''
+name = "crowd"
+base = "base.toml"
+seeds = [1]
+[variants.only]
+''', max_steps=4, eval_every=4, save_every=0)
+    root = tmp_path / "runs" / "crowd"
+    exp_dir = root / "only" / "seed-1"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def cell_status():
+        try:
+            return cells_by_id(root)["only/seed-1"]["status"]
+        except (OSError, ValueError, KeyError):  # no manifest yet (it is written whole, by a rename)
+            return None
+
+    def runs_here():
+        return sorted(p for p in exp_dir.iterdir() if p.is_dir()) if exp_dir.is_dir() else []
+
+    with open(tmp_path / "ablate.out", "wb") as log:
+        ablate = subprocess.Popen([str(MINIGPT), "ablate", str(path)], stdout=log, stderr=subprocess.STDOUT,
+                                  env=env, cwd=tmp_path)
+    manual = None
+    try:
+        wait_for("the ablation to start its cell", lambda: cell_status() == "running")
+        ablate.send_signal(signal.SIGSTOP)  # its cell goes on
+        own = wait_for("the cell's run directory", runs_here)
+        assert len(own) == 1
+        own = own[0]
+        with open(tmp_path / "manual.out", "wb") as log:  # by hand: 3x the cell's steps, on its very spec
+            manual = subprocess.Popen([str(MINIGPT), "train", str(exp_dir / "cell.toml"), "--no-progress",
+                                       "--set", "train.max_steps=12"], stdout=log, stderr=subprocess.STDOUT,
+                                      env=env, cwd=tmp_path)
+        theirs = wait_for("the manual run's directory", lambda: [p for p in runs_here() if p != own])[0]
+        ablate.send_signal(signal.SIGCONT)
+        assert ablate.wait(timeout=PATIENCE_S) == 0, (tmp_path / "ablate.out").read_text()
+        assert manual.wait(timeout=PATIENCE_S) == 0, (tmp_path / "manual.out").read_text()
+    finally:
+        for proc in (ablate, manual):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+                proc.wait()
+
+    cell = cells_by_id(root)["only/seed-1"]
+    assert Path(cell["run_dir"]).resolve() == own.resolve() != theirs.resolve()
+    records = [json.loads(line) for line in (own / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in records if "train/loss" in r) == cell["steps"] == 4
+    assert max(r["train/tokens"] for r in records if "train/tokens" in r) == cell["tokens"]
+    ours, manual_val = final_val(own), final_val(theirs)
+    assert ours != manual_val
+    report = (root / "report.md").read_text()
+    assert f"{ours:.4f}" in report and f"{manual_val:.4f}" not in report
+    rows = (root / "results.csv").read_text()
+    assert str(own) in rows and str(theirs) not in rows
+    assert not list(exp_dir.glob("ablate.run-dir*"))  # the per-attempt answer files are cleaned up

@@ -370,3 +370,89 @@ def test_default_124m_shape_at_a_huge_micro_batch_warns_about_activations():
     tiny = parse_spec({"tokenizer": {"name": "char"}, "model": {"vocab_size": 128, "context_length": 32,
                                                                  "emb_dim": 32, "n_heads": 2, "n_layers": 2}}).model
     assert training_memory_warning(tiny, 30_000, 8, 32, "cpu") is None
+
+
+# -- an ablation's manifest.json: checked, not trusted ---------------------------------------------
+def _other_run(tmp: Path) -> str:
+    """A run directory of another ablation, which a hand-edited manifest must never make us resume."""
+    run = tmp / "runs" / "other" / "only" / "seed-1" / "20260101-000000"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1, "train/loss": 3.0}\n')
+    return str(run)
+
+
+def _symlinked_run(tmp: Path) -> str:
+    link = tmp / "runs" / "abl" / "only" / "seed-1" / "20260101-000000"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(_other_run(tmp), target_is_directory=True)
+    return str(link)
+
+
+def _set(path: str, value):
+    """A change to the manifest (in place): ``path`` like "cells.0.status"; ``value`` a function of
+    tmp_path, or _DROP to delete the field."""
+    def change(manifest: dict, tmp: Path) -> None:
+        *parents, last = [int(p) if p.isdigit() else p for p in path.split(".")]
+        node = manifest
+        for p in parents:
+            node = node[p]
+        if value is _DROP:
+            del node[last]
+        else:
+            node[last] = value(tmp) if callable(value) else value
+    return change
+
+
+_DROP = object()
+
+# (id, a change to a valid manifest (or what replaces it), a phrase the message must contain)
+BAD_MANIFESTS = [
+    ("cells not a list", _set("cells", {"only/seed-1": {}}), "cells: must be a list"),
+    ("cells of numbers", _set("cells", [1, 2]), "cells[0]: must be an object"),
+    ("cell without status", _set("cells.0.status", _DROP), "cells[0].status: missing"),
+    ("unknown status", _set("cells.0.status", "exploded"), "cells[0].status: must be one of"),
+    ("no ablation", _set("ablation", _DROP), "ablation: missing"),
+    ("variants a string", _set("variants", "only"), "variants: must be a table"),
+    ("seed a string", _set("cells.0.seed", "1"), "cells[0].seed"),
+    ("run_dir a number", _set("cells.0.run_dir", 7), "cells[0].run_dir"),
+    ("id of another cell", _set("cells.0.id", "other/seed-1"), "cells[0]: id 'other/seed-1'"),
+    ("variant a path", _set("cells.0.variant", ".."), "cells[0].variant"),
+    ("description a number", _set("settings.description", 3), "settings.description"),
+    ("steps a float", _set("cells.0.steps", 2.5), "cells[0].steps"),
+    ("manifest a list", lambda m, tmp: [], "is not an ablation manifest"),
+    ("run_dir in another ablation", _set("cells.0.run_dir", _other_run), "not inside the cell's own directory"),
+    ("run_dir with ..", _set("cells.0.run_dir",
+                             lambda tmp: str(tmp / "runs" / "abl" / "only" / "seed-1" / ".." / ".." / ".." / "other"
+                                             / "only" / "seed-1" / Path(_other_run(tmp)).name)),
+     "not inside the cell's own directory"),
+    ("run_dir a symlink out", _set("cells.0.run_dir", _symlinked_run), "not inside the cell's own directory"),
+]
+
+
+@pytest.mark.parametrize("command", ["ablate", "report"])
+@pytest.mark.parametrize("change,phrase", [c[1:] for c in BAD_MANIFESTS], ids=[c[0] for c in BAD_MANIFESTS])
+def test_bad_manifest_is_one_error_paragraph_exit_2_and_writes_nothing(tmp_path, capsys, monkeypatch, command,
+                                                                       change, phrase):
+    import json
+
+    from ablation_utils import write_ablation
+    from minigpt_core.ablation import load_plan
+    from minigpt_core.ablation.runner import reconcile, write_manifest
+
+    monkeypatch.chdir(tmp_path)
+    path = write_ablation(tmp_path, 'name = "abl"\nbase = "base.toml"\nseeds = [1]\n[variants.only]\n', max_steps=2)
+    plan = load_plan(path, probe=False)
+    manifest = reconcile(plan, None, force=False)
+    manifest["cells"][0].update(status="running", attempts=1)  # a cell the next ablate would resume
+    replaced = change(manifest, tmp_path)
+    write_manifest(plan.root, manifest if replaced is None else replaced)
+    before = _files(tmp_path)
+    stamp = {p: p.stat().st_mtime_ns for p in before if p.is_file()}
+    status, out, err = cli(capsys, *(["ablate", path] if command == "ablate" else ["report", plan.root, "--no-wandb"]))
+    assert status == 2, (out, err)
+    assert "Traceback" not in err + out
+    assert err.startswith("error: ") and err.count("error:") == 1 and "\n\n" not in err.strip(), err
+    assert phrase in err and "manifest.json" in err, err
+    assert _files(tmp_path) == before  # no lock, report, cell files or runs
+    assert {p: p.stat().st_mtime_ns for p in before if p.is_file()} == stamp  # the other run is not appended to
+    assert json.loads((plan.root / "manifest.json").read_text()) is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -17,7 +18,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from ..base import toml as _toml
 from ..base.reading import SPEC_LIMIT, read_text_bounded
@@ -32,6 +35,7 @@ __all__ = ["MANIFEST_FILE", "CELL_FILE", "CELL_LOG", "read_manifest", "run_ablat
 MANIFEST_FILE = "manifest.json"
 CELL_FILE = "cell.toml"  # the cell's resolved spec, in train.out_dir/<variant>/seed-<s>/
 CELL_LOG = "ablate.log"  # the cell process's output, beside it
+RUN_DIR_FILE = "ablate.run-dir"  # + a suffix per attempt: where the cell's trainer writes its run directory
 EXECUTORS = ("local", "slurm", "submitit-local")
 STATUSES = ("pending", "running", "done", "failed")
 _INTERRUPTED = 130  # what `minigpt train` returns when stopped by a signal (it saved a checkpoint)
@@ -44,17 +48,153 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+class _Strict(BaseModel):
+    # strict JSON: a number where a name goes (or "1" where a count goes) is wrong, not converted
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class _CellRecord(_Strict):
+    id: str
+    variant: str
+    seed: int
+    status: Literal["pending", "running", "done", "failed"]
+    run_dir: Optional[str] = None
+    error: Optional[str] = None
+    overrides: dict[str, Any] = {}
+    spec_sha256: Optional[str] = None
+    steps: Optional[int] = None
+    tokens: Optional[int] = None
+    tokens_per_step: Optional[int] = None
+    flops_per_token: Optional[int] = None
+    params: Optional[int] = None
+    attempts: int = 0
+    started: Optional[float] = None
+    finished: Optional[float] = None
+    wall_time_s: Optional[float] = None
+    previous_runs: list[str] = []
+
+    @field_validator("variant")
+    @classmethod
+    def _one_directory(cls, v: str) -> str:
+        if not v or v in (".", "..") or "/" in v or "\\" in v:
+            raise ValueError("must be a variant name (one directory name under the ablation's directory)")
+        return v
+
+    @model_validator(mode="after")
+    def _id_matches(self) -> "_CellRecord":
+        if self.id != f"{self.variant}/seed-{self.seed}":
+            raise ValueError(f"id {self.id!r} is not its variant and seed ({self.variant}/seed-{self.seed})")
+        return self
+
+
+class _Settings(_Strict):
+    baseline: Optional[str] = None
+    description: Optional[str] = None
+    seeds: list[int] = []
+    set: list[str] = []
+    budget: Optional[str] = None
+    budget_summary: Optional[str] = None
+    wandb: dict[str, Any] = {}
+
+
+class _Manifest(_Strict):
+    ablation: str
+    root: Optional[str] = None
+    settings: _Settings = _Settings()
+    variants: Union[dict[str, dict[str, Any]], list[str]] = {}
+    cells: list[_CellRecord]
+    retired: list[dict[str, Any]] = []
+
+
+def _where(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif "[" in str(part) or str(part) in ("dict", "list"):  # a union member's tag, not a field
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "the whole file"
+
+
+def _shape_problem(exc: ValidationError) -> str:
+    problems = []
+    for e in exc.errors(include_url=False):
+        where, kind = _where(e["loc"]), e["type"]
+        if where.startswith("variants"):
+            problems.append("variants: must be a table of variant names to their overrides (or a list of names)")
+        elif kind == "missing":
+            problems.append(f"{where}: missing")
+        elif kind in ("model_type", "dict_type", "model_attributes_type"):
+            problems.append(f"{where}: must be an object ({{...}}), not {json.dumps(e['input'])[:60]}")
+        elif kind == "list_type":
+            problems.append(f"{where}: must be a list ([...]), not {json.dumps(e['input'])[:60]}")
+        elif kind == "literal_error":
+            problems.append(f"{where}: must be one of {', '.join(STATUSES)}, not {json.dumps(e['input'])[:60]}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            problems.append(f"{where}: {msg}" + ("" if kind == "value_error" else
+                                                   f", not {json.dumps(e['input'], default=str)[:60]}"))
+    problems = list(dict.fromkeys(problems))
+    shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+    return shown
+
+
+def _anchored_run_dir(root: Path, recorded_root: str | None, run_dir: str) -> Path:
+    """Where a recorded run directory is now: recorded under the manifest's own root, it moves with the
+    ablation's directory (`minigpt report` from elsewhere, a moved ablation); otherwise as recorded."""
+    given = Path(run_dir)
+    if recorded_root:
+        try:
+            return root / given.relative_to(recorded_root)  # lexical: '..' stays in, resolve() judges it
+        except ValueError:
+            pass
+    return given
+
+
+_JSON_KIND = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "true or false"}
+
+
 def read_manifest(root: str | Path) -> dict[str, Any] | None:
-    path = Path(root) / MANIFEST_FILE
+    """The ablation's manifest, checked: its shape, and every cell's run inside that cell's directory
+    (a hand-edited run_dir must never make an ablation resume or append to another run)."""
+    root = Path(root)
+    path = root / MANIFEST_FILE
     try:
-        data = json.loads(read_text_bounded(path, "ablation manifest", SPEC_LIMIT, AblationError))
+        text = read_text_bounded(path, "ablation manifest", SPEC_LIMIT, AblationError)
+        data = json.loads(text)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
         raise AblationError(f"{path} cannot be read ({exc}); it is the record of the ablation's cells. Restore it, "
                             f"or move the ablation directory away to start the ablation afresh.") from None
-    if not isinstance(data, dict) or not isinstance(data.get("cells"), list):
-        raise AblationError(f"{path} is not an ablation manifest (no list of cells).")
+    if not isinstance(data, dict):
+        raise AblationError(f"{path} is not an ablation manifest (a JSON object with the ablation's name and its "
+                            f"cells), it holds {_JSON_KIND.get(type(data), 'null')}. Restore it, or "
+                            f"move the ablation directory away to start the ablation afresh.")
+    try:
+        _Manifest.model_validate_json(text)
+    except ValidationError as exc:
+        raise AblationError(f"{path} is not a valid ablation manifest: {_shape_problem(exc)}. It is the record of "
+                            f"the ablation's cells, written by `minigpt ablate`; restore it, or move the ablation "
+                            f"directory away to start the ablation afresh.") from None
+    real_root = root.resolve()
+    for i, cell in enumerate(data["cells"]):
+        if not cell.get("run_dir"):
+            continue
+        run = _anchored_run_dir(root, data.get("root"), cell["run_dir"])
+        cell_dir = real_root / cell["variant"] / f"seed-{cell['seed']}"
+        real = run.resolve()
+        if cell_dir not in real.parents:
+            raise AblationError(
+                f"{path}: cells[{i}].run_dir {cell['run_dir']!r} is not inside the cell's own directory "
+                f"{root / cell['variant'] / ('seed-' + str(cell['seed']))}/ (it resolves to {real}). An ablation "
+                f"resumes and reports only its own cells' runs, so nothing was run or written. Restore the "
+                f"run_dir `minigpt ablate` recorded, or set it to null to run the cell {cell['id']} afresh.")
+        cell["run_dir"] = str(run)
+    if not data.get("root"):
+        data["root"] = str(root)
     return data
 
 
@@ -119,12 +259,15 @@ def reconcile(plan: Plan, old: dict[str, Any] | None, *, force: bool) -> dict[st
 
 
 # -- one cell -------------------------------------------------------------------------------------------
-def cell_command(cell_file: Path, *, threads: int, resume: str | None, nproc: int = 1) -> list[str]:
+def cell_command(cell_file: Path, *, threads: int, resume: str | None, nproc: int = 1,
+                 run_dir_file: Path | None = None) -> list[str]:
     launcher = [sys.executable, "-m", "minigpt_core"]
     if nproc > 1:  # several processes per cell: torchrun inside the job
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                     "-m", "minigpt_core"]
     cmd = [*launcher, "train", str(cell_file), "--no-progress", "--set", f"train.threads={threads}"]
+    if run_dir_file is not None:  # the trainer writes its run directory there: how we know which run is the cell's
+        cmd += ["--run-dir-file", str(run_dir_file)]
     return cmd + (["--resume", resume] if resume else [])
 
 
@@ -162,7 +305,7 @@ class _Active:
     rec: dict[str, Any]
     handle: Any  # subprocess.Popen or a submitit Job
     log: Path
-    known_runs: set[str]
+    report: Path  # where the cell's trainer writes its run directory (train --run-dir-file)
     t0: float
 
     def poll(self) -> int | None:
@@ -178,8 +321,17 @@ class _Active:
             return 1
 
 
-def _runs_in(exp_dir: Path) -> set[str]:
-    return {str(p) for p in exp_dir.iterdir() if p.is_dir()} if exp_dir.is_dir() else set()
+def _reported_run(report: Path, exp_dir: Path) -> str | None:
+    """The run directory the cell's own trainer reported, as a path under the cell's directory; None
+    until it has (the file is written whole, by a rename). Never a directory that merely appeared
+    there: a `minigpt train` started by hand with the same spec makes its runs beside the cell's."""
+    try:
+        reported = Path(report.read_text(encoding="utf-8").strip())
+    except OSError:
+        return None
+    if not reported.is_absolute() or reported.parent != exp_dir.resolve():
+        return None  # not written by the trainer we started
+    return str(exp_dir / reported.name)
 
 
 def _has_checkpoint(run_dir: str | None) -> bool:
@@ -228,6 +380,7 @@ def run_ablation(plan: Plan, *, jobs: int = 1, retry_failed: bool = False, force
     from ..train.lock import RunLock, RunLockedError
 
     root = plan.root
+    read_manifest(root)  # a manifest that fails its checks is refused before anything is written
     root.mkdir(parents=True, exist_ok=True)
     try:
         lock = RunLock(root).acquire()
@@ -282,12 +435,12 @@ def _run_cells(plan: Plan, manifest: dict[str, Any], cells: dict[str, Cell], tod
         if not resume and rec["run_dir"]:  # killed before its first checkpoint: that run holds nothing to keep
             rec["previous_runs"] = [*rec.get("previous_runs", []), rec["run_dir"]]
             rec["run_dir"] = None
-        cmd = cell_command(cell_file, threads=threads, resume=resume, nproc=nproc)
+        report = exp_dir / f"{RUN_DIR_FILE}.{secrets.token_hex(4)}"  # this attempt's own: no stale answer
+        cmd = cell_command(cell_file, threads=threads, resume=resume, nproc=nproc, run_dir_file=report)
         log = exp_dir / CELL_LOG
         with open(log, "a", encoding="utf-8") as f:
             f.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {'resume' if resume else 'start'}: "
                     f"{' '.join(cmd)}\n")
-        known = _runs_in(exp_dir)
         if sub is None:
             kwargs: dict[str, Any] = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
             with open(log, "ab") as out:
@@ -300,7 +453,7 @@ def _run_cells(plan: Plan, manifest: dict[str, Any], cells: dict[str, Cell], tod
                    job_id=str(getattr(handle, "job_id", getattr(handle, "pid", ""))))
         write(f"[{rec['id']}] {'resuming ' + str(resume) if resume else 'starting'} ({cell.steps} steps, "
               f"{cell.tokens:,} tokens{'; ' + cell.budget_note if cell.budget_note else ''}); log: {log}")
-        return _Active(rec, handle, log, known, time.time())
+        return _Active(rec, handle, log, report, time.time())
 
     def finish(a: _Active, rc: int) -> None:
         rec = a.rec
@@ -334,15 +487,12 @@ def _run_cells(plan: Plan, manifest: dict[str, Any], cells: dict[str, Cell], tod
                 write_manifest(root, manifest)
             changed = False
             for a in list(active):
-                if a.rec["run_dir"] is None:  # the run directory the trainer made for this cell
-                    new = sorted(_runs_in(cells[a.rec["id"]].exp_dir) - a.known_runs)
-                    if new:
-                        a.rec["run_dir"], changed = new[-1], True
-                rc = a.poll()
+                rc = a.poll()  # before the report is read: a process that has ended has written all it will
+                run = _reported_run(a.report, cells[a.rec["id"]].exp_dir)
+                if run is not None and run != a.rec["run_dir"]:
+                    a.rec["run_dir"], changed = run, True
                 if rc is not None:
-                    if a.rec["run_dir"] is None:
-                        new = sorted(_runs_in(cells[a.rec["id"]].exp_dir) - a.known_runs)
-                        a.rec["run_dir"] = new[-1] if new else None
+                    a.report.unlink(missing_ok=True)
                     active.remove(a)
                     finish(a, rc)
                     changed = True
@@ -360,6 +510,8 @@ def _run_cells(plan: Plan, manifest: dict[str, Any], cells: dict[str, Cell], tod
                 a.handle.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 a.handle.kill()
+            a.rec["run_dir"] = _reported_run(a.report, cells[a.rec["id"]].exp_dir) or a.rec["run_dir"]
+            a.report.unlink(missing_ok=True)
             a.rec.update(status="pending", error="interrupted; the next run of the ablation resumes it")
         write_manifest(root, manifest)
         raise

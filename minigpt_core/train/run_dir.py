@@ -22,7 +22,7 @@ from .lock import RunLock
 from ..checkpoints.state import list_checkpoints, verify_checkpoint
 
 __all__ = ["BRANCH_FILE", "RunPlace", "experiment_dir", "label_slug", "new_run_dir", "later_checkpoints",
-           "place_run", "remove_unstarted"]
+           "place_run", "remove_unstarted", "report_run_dir"]
 
 BRANCH_FILE = "branch.json"  # in a run that resumed from an earlier checkpoint of another run
 
@@ -160,6 +160,17 @@ def place_run(spec: ExperimentSpec, ckpt: Path | None, label: str | None, env: D
         run, parent, label, note = where
         place = RunPlace(Path(run), Path(parent) if parent else None, label, note)
     return place
+
+
+def report_run_dir(place: RunPlace, path: str | Path) -> None:
+    """Rank 0: write the run directory's absolute path to ``path`` (train --run-dir-file). The caller that
+    started this process learns from it which run is its own, whatever else appears beside it."""
+    try:
+        with reporting_full_disk(Path(path)):
+            atomic_write_bytes(Path(path), (str(place.run_dir.resolve()) + "\n").encode("utf-8"))
+    except OSError as exc:
+        raise MinigptError(f"--run-dir-file {path} cannot be written ({exc.strerror or exc}); give a file in an "
+                           f"existing, writable directory.") from None
 
 
 def remove_unstarted(place: RunPlace, created: bool, made: list[Path], env: DistEnv) -> None:

@@ -48,7 +48,7 @@ from .loggers import Logger, RunLog, open_run_log, wandb_mode
 from .metrics import Speedometer, train_metrics
 from .resume import RESUME_SAFE_FIELDS, resume_target, run_spec
 from .resume import flatten as _flatten  # noqa: F401  (importable here, as before)
-from .run_dir import BRANCH_FILE, experiment_dir, label_slug, place_run, remove_unstarted
+from .run_dir import BRANCH_FILE, experiment_dir, label_slug, place_run, remove_unstarted, report_run_dir
 from .run_dir import new_run_dir as _new_run_dir  # noqa: F401  (tests read it here)
 from .samples import attention_maps, sample_text
 from .signals import StopRequest
@@ -79,7 +79,8 @@ class Trainer:
 
     def __init__(self, spec: ExperimentSpec | None, *, resume: str | Path | bool | None = None,
                  progress: bool = True, write: Callable[[str], None] | None = None,
-                 loggers: list[Logger] | None = None, label: str | None = None):
+                 loggers: list[Logger] | None = None, label: str | None = None,
+                 run_dir_file: str | Path | None = None):
         if label is not None:
             label_slug(label)  # a bad --label fails before anything else
         notes: list[str] = []
@@ -100,6 +101,8 @@ class Trainer:
         self.place = place_run(spec, ckpt, label, self.env)
         created = ckpt is None or self.place.parent is not None
         try:
+            if run_dir_file is not None and self.env.is_main:
+                report_run_dir(self.place, run_dir_file)
             if self.place.note:
                 self.write(self.place.note)
             loaded = None if ckpt is None else load_checkpoint(ckpt, rank=self.env.rank,
@@ -403,19 +406,21 @@ class Trainer:
 
 
 def train(spec: ExperimentSpec | None, *, resume: str | Path | bool | None = None, progress: bool = True,
-          write: Callable[[str], None] | None = None, label: str | None = None) -> TrainResult:
+          write: Callable[[str], None] | None = None, label: str | None = None,
+          run_dir_file: str | Path | None = None) -> TrainResult:
     """Train the spec's model; ``resume=True`` continues the experiment's latest run, a path that run or checkpoint.
 
     The model, data and checkpoints come from the components ``spec`` was resolved to (in the
     registry it was parsed with). On resume, ``spec`` may be None (the run's own spec) or may differ
     from it only in RESUME_SAFE_FIELDS;
     resuming from a checkpoint other than its run's latest starts a branch in a new run directory.
-    ``label`` names a new run directory <start time>-<label> (see label_slug).
+    ``label`` names a new run directory <start time>-<label> (see label_slug). ``run_dir_file``: a file
+    that receives the run directory's path as soon as it is chosen (how `minigpt ablate` learns its cell's run).
     """
     trainer = None
     finished = False
     try:
-        trainer = Trainer(spec, resume=resume, progress=progress, write=write, label=label)
+        trainer = Trainer(spec, resume=resume, progress=progress, write=write, label=label, run_dir_file=run_dir_file)
         result = trainer.run()
         finished = True
         return result

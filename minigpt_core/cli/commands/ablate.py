@@ -61,7 +61,7 @@ def _ablate(args) -> int:
     if read_ablation_file(args.file).budget == "time":
         prior = read_manifest(ablation_root(args.file, args.overrides))
         if prior is not None:
-            time_steps = {c["variant"]: c["steps"] for c in prior["cells"]}
+            time_steps = {c["variant"]: c["steps"] for c in prior["cells"] if c.get("steps") is not None}
 
     def count(name: str, variants: int, seeds: int) -> None:  # before the cells are built: a big grid takes time
         print(f"ablation {name}: {variants * seeds} cells ({variants} variants x {seeds} seeds); checking them",

@@ -56,6 +56,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label", default=None, metavar="TEXT",
                    help="a readable name for the run: its directory becomes <start time>-<label> (letters, digits, "
                         "'.', '_', '-'; spaces become '-'); `minigpt runs` shows it")
+    p.add_argument("--run-dir-file", default=None, metavar="FILE",
+                   help="write the run directory's path to FILE as soon as it is chosen (how `minigpt ablate` "
+                        "learns which run is its cell's)")
 
 
 @command("train", "train the experiment's model, with checkpoints and W&B / JSONL logging (torchrun for several processes)")
@@ -74,7 +77,8 @@ def _train(args) -> int:
     else:
         spec = load_spec(args.file, overrides=args.overrides)
     _busy_cpu_note(spec)
-    result = train(spec, resume=args.resume, progress=not args.no_progress, label=args.label)
+    result = train(spec, resume=args.resume, progress=not args.no_progress, label=args.label,
+                   run_dir_file=args.run_dir_file)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     lines: list[str] = []  # the closing lines also go to the run's console.log
