@@ -12,6 +12,7 @@ from minigpt_core.data import (
     BatchSampler,
     DataError,
     TokenCorpus,
+    document_split,
     document_tokens,
     load_training_data,
     open_shards,
@@ -286,3 +287,134 @@ def test_window_starts_are_stride_apart_within_each_segment(tmp_path):
                     assert set(np.diff(got).tolist()) <= {stride}, (stride, s, e)
                     expected.extend(base + got)
             assert len(expected) == len(starts) and len(starts) > 10
+
+
+# -- split = "documents": whole documents held out before tokenizing --------------------------------
+def write_documents(directory, docs: list[str]) -> list[str]:
+    """One file per document (the text source's documents, in file-name order); their paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, doc in enumerate(docs):
+        path = directory / f"doc_{i:03d}.txt"
+        path.write_text(doc, encoding="utf-8")
+        paths.append(str(path))
+    return paths
+
+
+def plain_documents(n: int = 20, chars: int = 4_000) -> list[str]:
+    text = corpus_text(n * chars)
+    return [text[i * chars:(i + 1) * chars] for i in range(n)]
+
+
+def with_marker_in_validation(docs: list[str], marker: str, fraction: float = 0.1, seed: int = 0):
+    """docs with ``marker`` appended to the first document that then falls in validation, and its index."""
+    for k in range(len(docs)):
+        changed = docs[:k] + [docs[k] + marker] + docs[k + 1:]
+        if document_split(changed, fraction, seed)[k]:
+            return changed, k
+    raise AssertionError("no document could carry the marker into validation")
+
+
+def docsplit_spec(tmp_path, docs, **data):
+    paths = write_documents(tmp_path / "docs", docs)
+    return tiny_spec_data(tmp_path, data={"source": {"name": "text", "params": {"paths": paths}},
+                                          "split": "documents", **data})
+
+
+def test_document_split_is_deterministic_disjoint_and_keeps_copies_together():
+    docs = [f"document {i}: " + "x" * (i % 7) for i in range(200)]
+    is_val = document_split(docs, 0.1, 0)
+    assert is_val == document_split(list(docs), 0.1, 0)  # deterministic
+    assert len(is_val) == 200 and sum(is_val) == 20  # every document on exactly one side, the exact fraction
+    assert document_split(docs, 0.1, 1) != is_val  # another seed, another validation set
+    assert document_split(docs, 0.1, 0) == [document_split(docs[::-1], 0.1, 0)[199 - i] for i in range(200)]
+    # by content, not position: a copy of a validation document is validation too (never trained on)
+    val_doc = docs[is_val.index(True)]
+    copied = document_split(docs + [val_doc], 0.1, 0)
+    assert copied[-1] and copied[is_val.index(True)]
+    assert sum(document_split(["a", "b"], 0.1, 0)) == 1  # at least one of each
+    with pytest.raises(DataError, match="at least 2"):
+        document_split(["only one"], 0.1, 0)
+    with pytest.raises(DataError, match="identical"):
+        document_split(["same"] * 5, 0.1, 0)
+
+
+def test_documents_split_tokenizes_each_side_from_its_own_documents(tmp_path):
+    docs = plain_documents()
+    spec = parse_spec(docsplit_spec(tmp_path, docs))
+    data = load_training_data(spec, progress=False)
+    is_val = document_split(docs, 0.1, 0)
+    tok = data.tokenizer
+    train_docs = [d for d, v in zip(docs, is_val) if not v]
+    val_docs = [d for d, v in zip(docs, is_val) if v]
+    # the char vocabulary is exactly the training documents' characters (blank-line joiner included)
+    assert tok.chars == "".join(sorted(set("\n\n".join(train_docs))))
+    assert data.shards.tokens().tolist() == document_tokens(tok, train_docs).tolist()
+    assert data.val_shards.tokens().tolist() == document_tokens(tok, val_docs).tolist()
+    n_train = data.shards.n_tokens
+    split = data.split
+    assert split.corpus.n_tokens == n_train + data.val_shards.n_tokens
+    assert len(split.train) and len(split.val)
+    assert (split.train + split.length <= n_train).all() and (split.val >= n_train).all()
+    assert "validation: 2 of 20 whole documents" in data.source
+    # the cache key names the split: the blocks split of the same source is another cache entry
+    blocks = load_training_data(spec.model_copy(update={"data": spec.data.model_copy(update={"split": "blocks"})}),
+                                progress=False)
+    assert len(list((tmp_path / "cache" / "tokens").iterdir())) == 3
+    assert blocks.val_shards is None and blocks.tokenizer.chars == "".join(sorted(set("\n\n".join(docs))))
+    # read back from the cache: the same windows; another split_seed holds out other documents
+    again = load_training_data(spec, progress=False)
+    np.testing.assert_array_equal(again.split.val, split.val)
+    other = load_training_data(spec.model_copy(update={"data": spec.data.model_copy(update={"split_seed": 5})}),
+                               progress=False)
+    assert other.val_shards.tokens().tolist() != data.val_shards.tokens().tolist()
+
+
+def test_blocks_split_cache_key_is_unchanged(tmp_path):
+    # Existing caches (and results) stay valid: the default key hashes what it always hashed.
+    import hashlib
+    import json
+
+    from minigpt_core.data.pipeline import FORMAT_VERSION, _cache_key
+
+    tok = tokenizer_from_state({"name": "char", "params": {}, "chars": "abc"})
+    blob = json.dumps({"source": "fp", "tokenizer": tok.state(), "format": FORMAT_VERSION}, sort_keys=True)
+    assert _cache_key("fp", tok) == hashlib.sha256(blob.encode()).hexdigest()[:24]
+    assert _cache_key("fp", tok, {"mode": "documents"}) != _cache_key("fp", tok)
+
+
+def test_char_tokenizer_never_learns_a_character_only_validation_holds(tmp_path):
+    docs, k = with_marker_in_validation(plain_documents(), " \u2603 ")
+    spec = parse_spec(docsplit_spec(tmp_path, docs))
+    # the snowman is not in the vocabulary, so the validation documents cannot be encoded: refused clearly
+    with pytest.raises(DataError, match="(?s)validation documents.*'\u2603'.*data.split = \"blocks\""):
+        load_training_data(spec, progress=False)
+    # the blocks split learns it from all the text, validation included (the leak this split removes)
+    blocks = parse_spec(docsplit_spec(tmp_path, docs, split="blocks"))
+    assert "\u2603" in load_training_data(blocks, progress=False).tokenizer.chars
+
+
+def test_bpe_merges_come_from_the_training_documents_only(tmp_path):
+    word = " zqxjvorpal"
+    docs, k = with_marker_in_validation(plain_documents(), word * 200)
+
+    def tokenizer(split):
+        raw = docsplit_spec(tmp_path / split, docs, split=split)
+        raw["tokenizer"] = {"name": "bpe", "params": {"vocab_size": 1024}}
+        raw["model"]["vocab_size"] = 1024
+        return load_training_data(parse_spec(raw), progress=False).tokenizer
+
+    leaky, clean = tokenizer("blocks"), tokenizer("documents")
+    assert len(leaky.encode(word)) <= 2  # learnt from the validation document: the word is a merge
+    assert len(clean.encode(word)) >= 5  # never seen: spelt out in short pieces
+    assert not any("zqxj" in t for t in clean.tokenizer.get_vocab())
+    assert clean.decode(clean.encode(word)) == word  # byte-level: still encodes (no unknown token)
+
+
+def test_documents_split_refuses_a_pretokenized_source(tmp_path, gpt2):
+    write_shards([corpus_text(20_000)], gpt2, tmp_path / "s", progress=False)
+    raw = tiny_spec_data(tmp_path, tokenizer={"name": "gpt2"}, model={"vocab_size": 50257},
+                         data={"source": {"name": "shards", "params": {"path": str(tmp_path / "s")}},
+                               "split": "documents"})
+    with pytest.raises(DataError, match="already tokenized"):
+        load_training_data(parse_spec(raw), progress=False)

@@ -111,3 +111,36 @@ def test_compiled_and_plain_models_share_checkpoints(tmp_path):
     state = model_state_for_saving(compiled)
     assert not any(k.startswith("_orig_mod") for k in state)
     load_model_state(compiled, state, "test")
+
+
+def test_documents_split_trains_and_resumes_exactly_from_a_fresh_cache(tmp_path):
+    import shutil
+
+    text = tiny_spec_data(tmp_path)["data"]["source"]["params"]["paths"][0]
+    body = open(text, encoding="utf-8").read()
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    paths = []
+    for i in range(10):  # ten documents: one held out (val_fraction 0.1)
+        paths.append(str(docs / f"doc_{i}.txt"))
+        open(paths[-1], "w", encoding="utf-8").write(body[i * 4_000:(i + 1) * 4_000])
+    data = {"source": {"name": "text", "params": {"paths": paths}}, "split": "documents"}
+    train_section = {"max_steps": 8, "save_every": 4, "eval_every": 4, "deterministic": True}
+
+    def spec(out, steps):
+        return parse_spec(tiny_spec_data(tmp_path, data=data, tokenizer={"name": "bpe", "params": {"vocab_size": 300}},
+                                         model={"vocab_size": 300},
+                                         train={**train_section, "out_dir": str(tmp_path / out), "max_steps": steps}))
+
+    reference = train(spec("a", 8), **quiet)
+    first = train(spec("b", 8), **quiet)
+    shutil.rmtree(tmp_path / "cache")  # the resume splits and tokenizes again, with the checkpoint's tokenizer
+    resumed = Trainer(spec("b", 8), resume=first.run_dir / "checkpoints" / "step_00000004", **quiet)
+    assert resumed.step == 4
+    branch = resumed.run().run_dir  # from a checkpoint before the run's last: a branch in a new run directory
+    assert branch != first.run_dir and (tmp_path / "cache").is_dir()
+    after = {k: v for k, v in losses(branch).items() if k > 4}
+    assert list(after) == [5, 6, 7, 8]
+    assert after == {k: v for k, v in losses(reference.run_dir).items() if k > 4}  # bitwise, step by step
+    assert losses(first.run_dir) == losses(reference.run_dir)
+    assert losses(branch, "val/loss")[8] == losses(reference.run_dir, "val/loss")[8]

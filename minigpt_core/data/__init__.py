@@ -5,8 +5,8 @@ The data layer. May import model, spec and base.
 
 from __future__ import annotations
 
-from .corpus import Split, TokenCorpus, split_corpus, split_segments, window_starts
-from .pipeline import TrainingData, build_source, load_tokens, load_training_data, sample_length
+from .corpus import Split, TokenCorpus, split_corpus, split_parts, split_segments, window_starts
+from .pipeline import TrainingData, build_source, document_split, load_tokens, load_training_data, sample_length
 from .sampler import BatchSampler
 from .shards import SHARD_META, ShardSet, document_tokens, is_shard_dir, open_shards, token_dtype, write_shards
 from .sources import DataContext, DataError, TextSource, TokenSource, default_cache_dir
@@ -29,9 +29,11 @@ __all__ = [
     "split_segments",
     "window_starts",
     "split_corpus",
+    "split_parts",
     "BatchSampler",
     "TrainingData",
     "build_source",
+    "document_split",
     "load_tokens",
     "load_training_data",
     "sample_length",

@@ -7,6 +7,10 @@ count, so it is the same on every machine and every run. Runs of adjacent blocks
 and samples are the book's sliding windows over each segment: ``max_length + 1`` tokens (inputs
 and the targets shifted by one) starting every ``stride`` tokens; a window never crosses a
 segment, so validation tokens are never trained on.
+
+With ``data.split = "documents"`` the split is made before tokenizing instead (see
+``pipeline.document_split``): the training and validation documents are tokenized into separate
+arrays, and :func:`split_parts` takes the windows of each side from its own arrays.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import numpy as np
 
 from .sources import DataError
 
-__all__ = ["TokenCorpus", "Split", "split_segments", "window_starts", "split_corpus"]
+__all__ = ["TokenCorpus", "Split", "split_segments", "window_starts", "split_corpus", "split_parts"]
 
 
 class TokenCorpus:
@@ -100,5 +104,23 @@ def split_corpus(corpus: TokenCorpus, max_length: int, stride: int, split_block:
             f"{max_length} tokens with data.split_block={split_block} and data.val_fraction={val_fraction}. "
             f"Use more text, or lower data.split_block (at least {length}), data.max_length or "
             f"model.context_length."
+        )
+    return split
+
+
+def split_parts(train_parts: Sequence[np.ndarray], val_parts: Sequence[np.ndarray], max_length: int,
+                stride: int) -> Split:
+    """Training windows from ``train_parts`` and validation windows from ``val_parts`` (one corpus)."""
+    corpus = TokenCorpus(list(train_parts) + list(val_parts))
+    length = max_length + 1
+    segments = [(int(corpus.offsets[i]), int(corpus.offsets[i + 1])) for i in range(len(corpus.parts))]
+    split = Split(corpus, window_starts(segments[:len(train_parts)], length, stride),
+                  window_starts(segments[len(train_parts):], length, stride), length)
+    if len(split.val) == 0 or len(split.train) == 0:
+        which, parts = ("validation", val_parts) if len(split.val) == 0 else ("training", train_parts)
+        raise DataError(
+            f"The {which} documents ({sum(len(p) for p in parts):,} tokens) are too few for one {which} sample of {max_length} tokens (data.split = \"documents\"). "
+            f"Use more text, raise data.val_fraction or change data.split_seed, lower data.max_length or "
+            f"model.context_length, or set data.split = \"blocks\"."
         )
     return split

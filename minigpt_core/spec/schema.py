@@ -69,9 +69,15 @@ class DataSpec(_Strict):
 
     source: ComponentSlot = slot_field("python-docs", "registered dataset that provides the text or tokens",
                                        kind="dataset")
-    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of the token stream held out for validation")
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of the token stream (split = \"documents\": of the documents) held out for validation")
     split_block: int = Field(4096, gt=0, description="tokens per block of the train/validation split; "
                              "blocks are assigned to validation evenly spaced, so the split is deterministic")
+    split: Literal["blocks", "documents"] = Field(
+        "blocks", description="how validation is held out: \"blocks\" (evenly spaced split_block-token blocks of "
+        "the token stream) or \"documents\" (whole documents, chosen by a hash of their text and split_seed "
+        "before tokenizing, so a tokenizer learnt from the text (char, bpe) never sees validation text)")
+    split_seed: int = Field(0, ge=0, lt=2**32, description="split = \"documents\": seed of the hash that "
+                            "chooses the validation documents (another seed, another validation set)")
     max_length: int | None = Field(None, gt=0, description="tokens per training sample (default model.context_length)")
     stride: int | None = Field(None, gt=0, description="tokens between the starts of consecutive samples, as in "
                                "the book's sliding window (default max_length: no overlap)")
