@@ -99,6 +99,13 @@ def inputs(tmp_path, monkeypatch, request, _fifo, _bounded_memory):
                                        f'"train.lr" = 0.002\n')
     (tmp_path / "badstats.toml").write_text(f'base = "{spec.name}"\n[variants.a]\n[report]\n'
                                             f'correction = "sidak"\nalpha = 1.5\n')
+    # [scale]: a bad table (problems listed together); sizes that clash with a variant or break the spec
+    (tmp_path / "badscale.toml").write_text(f'base = "{spec.name}"\n[variants.a]\n[scale]\nbudget = "fixed"\n'
+                                            f'tokens_per_param = 5\npresets = ["tiny", "huge"]\n'
+                                            f'sizes = [{{name = "s", "model.emb_dim" = 16}}]\n')
+    (tmp_path / "clashscale.toml").write_text(f'base = "{spec.name}"\n[variants.a]\n[variants.b]\n'
+                                              f'"model.emb_dim" = 48\n[scale]\nsizes = [{{name = "s", '
+                                              f'"model.emb_dim" = 16}}, {{name = "m", "model.emb_dim" = 31}}]\n')
     big = tmp_path / "big.toml"
     subprocess.run(["truncate", "-s", "20M", str(big)], check=True)  # sparse: no disk used
     ablation = tmp_path / "zero_base.toml"
@@ -147,6 +154,9 @@ BAD_INPUTS = [
     (["ablate", "two.toml", "--max-cells", "0"], "--max-cells"),
     (["ablate", "badstats.toml", "--dry-run"], "report.correction: Input should be 'holm', 'bonferroni' or 'none'; "
      "report.alpha"),
+    (["ablate", "badscale.toml", "--dry-run"], "give either sizes"),
+    (["ablate", "clashscale.toml", "--dry-run"], "model.emb_dim: is set by [scale] sizes"),
+    (["ablate", "clashscale.toml", "--dry-run"], "variant 'm/a'"),  # and, in the same message, a size's spec
     # Files read whole: a device, a FIFO or an over-size file is named for what it is, never read (issue 22.4)
     (["validate", "/dev/zero"], "experiment file /dev/zero is a character device"),
     (["validate", "{fifo}"], "is a FIFO"),

@@ -21,7 +21,8 @@ from ..base.loader import resolve_plugin_ref
 from ..base.reading import SPEC_LIMIT, read_text_bounded
 from ..spec import apply_overrides, validation_problems
 
-__all__ = ["AblationError", "AblationFile", "ReportOptions", "BUDGETS", "flatten_overrides", "read_ablation_file", "ablation_root"]
+__all__ = ["AblationError", "AblationFile", "ReportOptions", "ScaleOptions", "SCALE_PRESET_FIELDS", "scale_sizes",
+           "BUDGETS", "flatten_overrides", "read_ablation_file", "ablation_root"]
 
 
 BUDGETS = ("tokens", "flops", "time")
@@ -46,6 +47,72 @@ class ReportOptions(BaseModel):
         "their number: holm (default), bonferroni, or none")
     alpha: float = Field(0.05, gt=0, lt=1, description="family-wise significance level of the verdicts (an "
                          "adjusted p-value below it, and |difference| above the noise floor)")
+
+
+# What a size taken from a preset sets: its shape. The rest of the model (vocabulary, context, components)
+# stays the base's, so the sizes differ only in width and depth.
+SCALE_PRESET_FIELDS = ("emb_dim", "n_heads", "n_layers")
+
+
+class ScaleOptions(BaseModel):
+    """The same ablation at several model sizes (the [scale] table)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sizes: list[dict[str, Any]] = Field(default_factory=list, description="sizes as tables: {name = \"s\", "
+                                        "\"model.emb_dim\" = 64, \"model.n_layers\" = 2, ...}, smallest first")
+    presets: list[str] = Field(default_factory=list, description="sizes as preset names: each takes the preset's "
+                               "model.emb_dim, model.n_heads and model.n_layers (instead of `sizes`)")
+    budget: Literal["tokens_per_param", "fixed"] = Field(
+        "fixed", description="training length at each size: tokens_per_param (steps = ceil(tokens_per_param x the "
+        "baseline's parameters / tokens per step), Chinchilla-style) or fixed (the file's own steps at every size)")
+    tokens_per_param: float | None = Field(None, gt=0, description="with budget = \"tokens_per_param\": training "
+                                           "tokens per parameter (default 20)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScaleOptions":
+        from ..spec.presets import PRESETS
+
+        problems = []
+        if bool(self.sizes) == bool(self.presets):
+            problems.append("give either sizes = [{name = ..., \"model.emb_dim\" = ...}, ...] or presets = [...], "
+                            "not both and not neither")
+        names = []
+        for i, size in enumerate(self.sizes):
+            name = size.get("name")
+            if not isinstance(name, str) or not _NAME.fullmatch(name):
+                problems.append(f"sizes[{i}]: name = {name!r}: give each size a name of letters, digits, '.', '_' "
+                                f"or '-' (it names a directory)")
+            elif len(flatten_overrides({k: v for k, v in size.items() if k != "name"})) == 0:
+                problems.append(f"sizes[{i}] ({name}): no overrides; a size sets e.g. \"model.emb_dim\" and "
+                                f"\"model.n_layers\"")
+            names.append(name)
+        for p in self.presets:
+            if p not in PRESETS:
+                problems.append(f"presets: unknown preset {p!r}; presets are: {', '.join(PRESETS)}")
+            names.append(p)
+        dup = sorted({str(n) for n in names if names.count(n) > 1})
+        if dup:
+            problems.append(f"size names must be distinct: {', '.join(dup)} appear(s) twice")
+        if len(names) < 2:
+            problems.append(f"a scale study needs at least 2 sizes (got {len(names)})")
+        if self.budget == "fixed" and self.tokens_per_param is not None:
+            problems.append("tokens_per_param is set but budget = \"fixed\"; set budget = \"tokens_per_param\" "
+                            "or drop it")
+        if problems:
+            raise ValueError("; ".join(problems))
+        if self.budget == "tokens_per_param" and self.tokens_per_param is None:
+            self.tokens_per_param = 20.0
+        return self
+
+
+def scale_sizes(scale: ScaleOptions) -> dict[str, dict[str, Any]]:
+    """size name -> its dotted overrides, in the file's order."""
+    from ..spec.presets import PRESETS
+
+    if scale.presets:
+        return {p: {f"model.{k}": PRESETS[p][k] for k in SCALE_PRESET_FIELDS} for p in scale.presets}
+    return {s["name"]: flatten_overrides({k: v for k, v in s.items() if k != "name"}) for s in scale.sizes}
 
 
 class AblationFile(BaseModel):
@@ -79,6 +146,8 @@ class AblationFile(BaseModel):
                                      "e.g. timeout_min = 60, slurm_partition = \"gpu\", gpus_per_node = 1")
     report: ReportOptions = Field(default_factory=ReportOptions, description="the report's statistics: "
                                   "correction = \"holm\" | \"bonferroni\" | \"none\", alpha")
+    scale: ScaleOptions | None = Field(None, description="the same ablation at several model sizes: sizes or "
+                                       "presets, and budget = \"tokens_per_param\" | \"fixed\"")
 
     @field_validator("name")
     @classmethod
@@ -110,6 +179,10 @@ class AblationFile(BaseModel):
                              f"for every combination")
         if not self.variants and not self.axes:
             raise ValueError("no variants: add [variants.NAME] tables of overrides and/or an [axes] table")
+        if self.scale is not None and self.budget == "time":
+            # a time budget is timed per variant; with sizes its steps would have to be timed per size too
+            raise ValueError("budget = \"time\" cannot be combined with [scale]: use budget = \"tokens\" or "
+                             "\"flops\" (each size's baseline sets that size's budget)")
         return self
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from .file import (
     _set_dotted,
     _variants,
     ablation_root,
+    scale_sizes,
     flatten_overrides,
     read_ablation_file,
 )
@@ -51,10 +53,11 @@ class Cell:
     flops_per_token: int
     params: int
     budget_note: str = ""
+    size: str = ""  # with [scale]: the size's name ("" without)
 
     @property
     def id(self) -> str:
-        return f"{self.variant}/seed-{self.seed}"
+        return f"{self.size}/{self.variant}/seed-{self.seed}" if self.size else f"{self.variant}/seed-{self.seed}"
 
     @property
     def exp_dir(self) -> Path:  # train.out_dir/name: the runs of this cell go below it
@@ -78,6 +81,8 @@ class Plan:
     step_seconds: dict[str, float] = field(default_factory=dict)
     time_budget_s: float | None = None
     same_spec: list[list[str]] = field(default_factory=list)  # variants that resolve to the same spec
+    # with [scale]: size -> {"overrides", "params" (the baseline's), "steps", "tokens"}, in the file's order
+    sizes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def settings(self) -> dict[str, Any]:
         c = self.config
@@ -85,6 +90,8 @@ class Plan:
                 "time_budget_s": c.time_budget_s, "combine": c.combine, "set": list(self.sets),
                 "nproc_per_node": c.nproc_per_node, "budget_summary": self.budget_summary,
                 "description": self.description, "report": c.report.model_dump(),
+                **({"scale": {"budget": c.scale.budget, "tokens_per_param": c.scale.tokens_per_param,
+                              "sizes": self.sizes}} if c.scale is not None else {}),
                 "wandb": self.cells[0].spec.wandb.model_dump(include={"mode", "project", "entity"}) if self.cells
                 else {}}
 
@@ -96,7 +103,8 @@ def count_cells(cfg: AblationFile) -> tuple[int, int]:
     """(variants, seeds) of the file, counted from its tables without expanding or validating anything."""
     axes = list(cfg.axes.values())
     n_axes = 0 if not axes else (math.prod(len(v) for v in axes) if cfg.combine == "grid" else len(axes[0]))
-    return len(cfg.variants) + n_axes, len(cfg.seeds)
+    n_sizes = len(scale_sizes(cfg.scale)) if cfg.scale is not None else 1
+    return (len(cfg.variants) + n_axes) * n_sizes, len(cfg.seeds)
 
 
 def load_plan(path: str | Path, sets: list[str] | None = None, *, time_steps: Mapping[str, int] | None = None,
@@ -136,16 +144,29 @@ def load_plan(path: str | Path, sets: list[str] | None = None, *, time_steps: Ma
                             f"{', '.join(variants)}.")
 
     problems: list[tuple[str, list[tuple[str, str]]]] = []  # (variant, [(path, reason)]): all its seeds
-    specs: dict[tuple[str, int], ExperimentSpec] = {}
-    for variant, overrides in variants.items():
-        bad = [(k, f"cannot be set by a variant: {why}") for k, why in _RESERVED.items() if k in overrides]
+    sizes = scale_sizes(cfg.scale) if cfg.scale is not None else {"": {}}
+    size_keys = {k for ov in sizes.values() for k in ov}
+    for size, ov in sizes.items():
+        bad = [(k, f"cannot be set by a size: {why}") for k, why in _RESERVED.items() if k in ov]
         if bad:
-            problems.append((variant, bad))
+            problems.append((f"size {size}", bad))
+    specs_by_size: dict[str, dict[tuple[str, int], ExperimentSpec]] = {size: {} for size in sizes}
+    for (size, size_ov), (variant, overrides) in itertools.product(sizes.items(), variants.items()):
+        label = f"{size}/{variant}" if size else variant
+        bad = [(k, f"cannot be set by a variant: {why}") for k, why in _RESERVED.items() if k in overrides]
+        # the variant would win over the size, and its sizes would all be one model
+        bad += [(k, "is set by [scale] sizes; a variant may not set it too") for k in overrides if k in size_keys]
+        if bad:
+            if (variant, bad) not in problems:
+                problems.append((variant, bad))
             continue
         # The seeds of a variant differ only in seed, name and wandb.config: the variant's spec is
         # validated once (plugins loaded, components resolved) and each seed's cell is a copy of it.
         raw = copy.deepcopy(base)
+        out_dir = root / size / variant if size else root / variant
         try:
+            for key, value in size_ov.items():
+                _set_dotted(raw, key, value)
             for key, value in overrides.items():
                 if key == "plugins" and isinstance(value, list):  # relative to the ablation file
                     value = [resolve_plugin_ref(r, file.parent) if isinstance(r, str) else r for r in value]
@@ -153,43 +174,78 @@ def load_plan(path: str | Path, sets: list[str] | None = None, *, time_steps: Ma
             for key, value in set_values.items():  # --set wins: it is the command line's last word
                 _set_dotted(raw, key, value)
             raw["name"], raw["seed"] = f"seed-{cfg.seeds[0]}", cfg.seeds[0]
-            _set_dotted(raw, "train.out_dir", str(root / variant))
+            _set_dotted(raw, "train.out_dir", str(out_dir))
             _set_dotted(raw, "wandb.group", name)
             _set_dotted(raw, "wandb.job_type", variant)
-            _set_dotted(raw, "wandb.config", _wandb_config(name, variant, cfg.seeds[0], overrides))
+            _set_dotted(raw, "wandb.config", _wandb_config(name, variant, cfg.seeds[0], overrides, size))
             first = parse_spec(raw)
         except SpecError as exc:
-            problems.append((variant, exc.problems))
+            problems.append((label, exc.problems))
             continue
         except MinigptError as exc:  # e.g. a plugin file that does not load
-            problems.append((variant, [("plugins", str(exc))]))
+            problems.append((label, [("plugins", str(exc))]))
             continue
         for seed in cfg.seeds:
             spec = first if seed == cfg.seeds[0] else first.model_copy(deep=True)
             if seed != cfg.seeds[0]:  # validated on assignment
                 spec.name, spec.seed = f"seed-{seed}", seed
-                spec.wandb.config = _wandb_config(name, variant, seed, overrides)
-            specs[(variant, seed)] = spec
+                spec.wandb.config = _wandb_config(name, variant, seed, overrides, size)
+            specs_by_size[size][(variant, seed)] = spec
     if problems:
         raise AblationError(_problem_message(file, base_shown, problems, cfg.seeds))
 
     plan = Plan(file=file.resolve(), name=name, description=cfg.description, root=root, config=cfg, sets=sets,
                 baseline=baseline, variants=variants)
-    _apply_budgets(plan, specs, time_steps or {}, probe, threads)
+    summaries = []
+    for size, specs in specs_by_size.items():
+        if cfg.scale is not None and cfg.scale.budget == "tokens_per_param" and not (
+                {"train.max_steps", "train.max_tokens"} & set(set_values)):  # --set has the last word
+            scale_steps(specs, baseline, variants, cfg.scale.tokens_per_param)
+        _apply_budgets(plan, specs, time_steps or {}, probe, threads, size)
+        if size:
+            base_cell = next(c for c in plan.cells if c.size == size and c.variant == baseline)
+            plan.sizes[size] = {"overrides": sizes[size], "params": base_cell.params, "steps": base_cell.steps,
+                                "tokens": base_cell.tokens}
+            summaries.append(f"{size}: {plan.budget_summary}")
+    if summaries:
+        per = (f"{cfg.scale.tokens_per_param:g} tokens per baseline parameter at each size"
+               if cfg.scale.budget == "tokens_per_param" else "the file's own steps at every size")
+        plan.budget_summary = f"[scale] {per}; " + "; ".join(summaries)
     plan.same_spec = _same_specs(plan)
     return plan
 
 
-def _wandb_config(name: str, variant: str, seed: int, overrides: Mapping[str, Any]) -> dict[str, Any]:
-    return {"ablation": name, "variant": variant, "seed": seed, "overrides": dict(overrides)}
+def scale_steps(specs: Mapping[tuple[str, int], ExperimentSpec], baseline: str,
+                variants: Mapping[str, Mapping[str, Any]], tokens_per_param: float) -> int:
+    """Set every cell of one size (but a variant with its own budget) to ceil(tokens_per_param x the baseline's
+    parameters / tokens per step) steps; the file's budget then matches the other variants to the baseline."""
+    base_spec = next(s for (v, _), s in specs.items() if v == baseline)
+    params = _count_params(base_spec)
+    steps = max(1, math.ceil(tokens_per_param * params / tokens_per_step(base_spec)))
+    for (v, _), spec in specs.items():
+        if not {"train.max_steps", "train.max_tokens"} & set(variants[v]):
+            spec.train.max_steps = steps
+            spec.train.max_tokens = None
+    return steps
+
+
+def _count_params(spec: ExperimentSpec) -> int:
+    from ..assembly import summarize_spec  # lazy, as budgets._summary
+
+    return summarize_spec(spec).total
+
+
+def _wandb_config(name: str, variant: str, seed: int, overrides: Mapping[str, Any], size: str = "") -> dict[str, Any]:
+    return {"ablation": name, "variant": variant, "seed": seed, "overrides": dict(overrides),
+            **({"size": size} if size else {})}
 
 
 def _same_specs(plan: Plan) -> list[list[str]]:
     """Groups of variants whose cells would train the same thing (their specs differ only in where they live)."""
-    seed = plan.config.seeds[0]
+    seed, size = plan.config.seeds[0], plan.cells[0].size if plan.cells else ""
     groups: dict[str, list[str]] = {}
     for c in plan.cells:
-        if c.seed != seed:
+        if c.seed != seed or c.size != size:
             continue
         data = c.spec.model_dump(mode="json")
         del data["train"]["out_dir"], data["wandb"]["job_type"], data["wandb"]["config"]
@@ -210,7 +266,7 @@ def _problem_message(file: Path, base_shown: str, problems: list[tuple[str, list
 
 
 def _apply_budgets(plan: Plan, specs: dict[tuple[str, int], ExperimentSpec], time_steps: Mapping[str, int],
-                   probe: bool, threads: int | None) -> None:
+                   probe: bool, threads: int | None, size: str = "") -> None:
     b = fix_budgets(plan.config, plan.baseline, plan.variants, specs, time_steps, probe, threads)
     plan.budget_summary = b.summary
     plan.step_seconds, plan.time_budget_s = b.step_seconds, b.seconds
@@ -224,4 +280,4 @@ def _apply_budgets(plan: Plan, specs: dict[tuple[str, int], ExperimentSpec], tim
         steps = planned_steps(spec)
         digest = hashlib.sha256(dump_spec(spec).encode("utf-8")).hexdigest()
         plan.cells.append(Cell(v, seed, plan.variants[v], spec, digest, steps, steps * tps, tps, summaries[v][1],
-                               summaries[v][0], notes.get(v, "")))
+                               summaries[v][0], notes.get(v, ""), size))

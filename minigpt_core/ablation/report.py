@@ -25,13 +25,13 @@ from ..viz.curves import band_figure
 from .file import ReportOptions
 from .plan import AblationError
 from .runner import MANIFEST_FILE, read_manifest
-from .stats import POWER, Comparisons, compare_to_baseline, spread
+from .stats import POWER, Comparisons, PowerLawFit, compare_to_baseline, effect_trend, fit_power_law, spread
 
 __all__ = ["RESULT_COLUMNS", "COMPARISON_COLUMNS", "collect", "comparison_rows", "write_report", "ReportFiles"]
 
 RESULT_COLUMNS = ("ablation", "variant", "overrides", "seed", "status", "final_val_loss", "best_val_loss",
                   "train_tokens", "steps", "parameters", "flops_per_token", "tokens_per_s", "peak_memory_mb",
-                  "wall_time_s", "run_dir", "wandb_run_id", "error")
+                  "wall_time_s", "run_dir", "wandb_run_id", "error", "size")
 
 # The statistics table as W&B gets it (report.md shows the same, formatted).
 COMPARISON_COLUMNS = ("variant", "pairs", "delta", "ci_low", "ci_high", "p_value", "p_adjusted", "sd_delta",
@@ -57,6 +57,12 @@ class ReportFiles:
     rows: list[dict[str, Any]]
     curves_figure_lines: dict[str, int]  # variant -> the done cells its mean line and band are drawn from
     comparisons: Comparisons | None = None  # the variants against the baseline (final validation loss)
+    # with [scale]: per size, the variants against that size's baseline; the scaling figures and fits
+    by_size: dict[str, Comparisons] | None = None
+    scaling: Path | None = None
+    scaling_flops: Path | None = None
+    fits: dict[str, PowerLawFit | None] | None = None
+    trends: dict[str, str] | None = None
 
 
 def _wandb_run_id(run_dir: Path) -> str:
@@ -81,7 +87,9 @@ def collect(root: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]], dic
         row.update(ablation=manifest["ablation"], variant=rec["variant"], seed=rec["seed"], status=status,
                    overrides=json.dumps(rec.get("overrides", {}), sort_keys=True), parameters=rec.get("params"),
                    flops_per_token=rec.get("flops_per_token"), error=rec.get("error") or "",
-                   run_dir=str(run_dir) if run_dir else "", steps=rec.get("steps"))
+                   run_dir=str(run_dir) if run_dir else "", steps=rec.get("steps"),
+                   # a [scale] cell's id is <size>/<variant>/seed-<s> (names hold no '/')
+                   size=rec.get("size") or (rec["id"].split("/")[0] if rec["id"].count("/") == 2 else ""))
         if run_dir is not None and run_dir.is_dir():
             recs = read_metrics(run_dir)
             records[str(run_dir)] = recs
@@ -147,7 +155,7 @@ def _p(v: float | None) -> str:
     return "—" if v is None else f"{v:.3g}"
 
 
-def _statistics(c: Comparisons) -> list[str]:
+def _statistics(c: Comparisons, heading: str = "## Statistics") -> list[str]:
     """The variants against the baseline: noise floor, corrected p-values, verdicts, detectable effects."""
     floor = (f"{c.noise_floor:.4f} nats/token, the seed-to-seed standard deviation of the baseline's final "
              f"validation loss (n = {c.baseline_seeds} seeds)" if c.noise_floor is not None else
@@ -162,7 +170,7 @@ def _statistics(c: Comparisons) -> list[str]:
                   f"with ≥2 paired seeds), family-wise α = {c.alpha:g}.")
     step = (" (for Holm, its most stringent step)" if c.correction == "holm" else "")
     alpha_text = f"α/m = {c.test_alpha:.3g}{step}" if c.correction != "none" else f"α = {c.test_alpha:.3g}"
-    lines = ["", "## Statistics", "",
+    lines = ["", heading, "",
              f"- **Noise floor:** {floor}.",
              f"- {adjust}",
              f"- **Verdict:** `better` / `worse` when the adjusted p-value is below {c.alpha:g} **and** |Δ| is "
@@ -195,15 +203,10 @@ def _statistics(c: Comparisons) -> list[str]:
 
 
 def _markdown(manifest: dict[str, Any], rows: list[dict[str, Any]], files: dict[str, str],
-              comparisons: Comparisons) -> str:
+              comparisons: Comparisons | dict[str, Comparisons], scaling: list[str] | None = None) -> str:
     settings = manifest.get("settings", {})
     baseline = settings.get("baseline")
     variants = list(manifest.get("variants", {})) or list(dict.fromkeys(r["variant"] for r in rows))
-    by_var = {v: [r for r in rows if r["variant"] == v] for v in variants}
-    final = _final_losses(variants, rows)
-    base_rows = by_var.get(baseline, [])
-    base_speed = spread([r["tokens_per_s"] for r in base_rows if r["tokens_per_s"]]).mean
-    base_mem = spread([r["peak_memory_mb"] for r in base_rows if r["peak_memory_mb"]]).mean
     lines = [f"# Ablation {_code(manifest['ablation'])}", ""]
     if settings.get("description"):
         lines += [_md(settings["description"], newlines=True), ""]
@@ -215,7 +218,34 @@ def _markdown(manifest: dict[str, Any], rows: list[dict[str, Any]], files: dict[
     ]
     if settings.get("set"):
         lines.append(f"- **--set:** {', '.join(_code(s) for s in settings['set'])}")
-    lines += ["", "| variant | overrides | params | steps | val loss mean ± std (n) "
+    if isinstance(comparisons, dict):  # [scale]: a table and statistics per size, then the scaling section
+        for size, c in comparisons.items():
+            info = settings.get("scale", {}).get("sizes", {}).get(size, {})
+            lines += ["", f"## Size {_code(size)}: {info.get('params', 0):,} parameters (baseline), "
+                      f"{info.get('steps')} steps, {info.get('tokens', 0):,} tokens; "
+                      f"{_overrides_text(info.get('overrides', {}))}"]
+            lines += _variant_table(variants, [r for r in rows if r["size"] == size], baseline)
+            lines += _statistics(c, f"### Statistics at size {_code(size)}")
+        lines += scaling or []
+    else:
+        lines += _variant_table(variants, rows, baseline)
+        lines += _statistics(comparisons)
+    lines += ["", "Mean over seeds with a min-max band across seeds:", ""]
+    for title, name in files.items():
+        lines.append(f"![{title}]({name})")
+    lines += ["", "Per-cell numbers: [results.csv](results.csv). Rebuild this report at any time with "
+              f"`minigpt report {manifest['root']}`.", ""]
+    return "\n".join(lines)
+
+
+def _variant_table(variants: list[str], rows: list[dict[str, Any]], baseline: str | None) -> list[str]:
+    """One row per variant (mean ± std over seeds, speed and memory against the baseline), then notes."""
+    by_var = {v: [r for r in rows if r["variant"] == v] for v in variants}
+    final = _final_losses(variants, rows)
+    base_rows = by_var.get(baseline, [])
+    base_speed = spread([r["tokens_per_s"] for r in base_rows if r["tokens_per_s"]]).mean
+    base_mem = spread([r["peak_memory_mb"] for r in base_rows if r["peak_memory_mb"]]).mean
+    lines = ["", "| variant | overrides | params | steps | val loss mean ± std (n) "
               "| tokens/s (vs baseline) | peak memory MB (vs baseline) | cells |",
               "|---|---|---:|---:|---|---:|---:|---|"]
     notes = []
@@ -249,13 +279,7 @@ def _markdown(manifest: dict[str, Any], rows: list[dict[str, Any]], files: dict[
                          + (f": {_md(r['error'])}" if r["error"] else ""))
     if notes:
         lines += ["", *notes]
-    lines += _statistics(comparisons)
-    lines += ["", "Mean over seeds with a min-max band across seeds:", ""]
-    for title, name in files.items():
-        lines.append(f"![{title}]({name})")
-    lines += ["", "Per-cell numbers: [results.csv](results.csv). Rebuild this report at any time with "
-              f"`minigpt report {manifest['root']}`.", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def write_report(root: str | Path, *, log_wandb: bool = True,
@@ -270,15 +294,19 @@ def write_report(root: str | Path, *, log_wandb: bool = True,
     atomic_write_bytes(root / "results.csv", buf.getvalue().encode("utf-8"))
 
     variants = list(manifest.get("variants", {})) or list(dict.fromkeys(r["variant"] for r in rows))
+    sizes = list(manifest.get("settings", {}).get("scale", {}).get("sizes", {}))
+
+    def line_of(r: dict[str, Any]) -> str:
+        return f"{r['size']}/{r['variant']}" if sizes else r["variant"]
 
     def series(key: str) -> dict[str, list]:
-        out: dict[str, list] = {v: [] for v in variants}
+        out: dict[str, list] = {f"{s}/{v}" if s else v: [] for s in (sizes or [""]) for v in variants}
         for r in rows:
             # done cells only: a band and its legend's n=... then count the seeds a row of the table counts
             if r["status"] == "done" and r["run_dir"] and r["run_dir"] in records:
                 xs, ys = metric_series(records[r["run_dir"]], key)
-                if xs:
-                    out[r["variant"]].append((xs, ys))
+                if xs and line_of(r) in out:
+                    out[line_of(r)].append((xs, ys))
         return out
 
     val = series("val/loss")
@@ -289,13 +317,111 @@ def write_report(root: str | Path, *, log_wandb: bool = True,
     fig = band_figure(series("train/tokens_per_s"), ylabel="training tokens/s",
                       title=f"{manifest['ablation']}: throughput")
     throughput = save_figure(fig, root / "throughput.png")
-    comparisons = _comparisons(manifest, variants, rows)
-    text = _markdown(manifest, rows, {"validation loss": "curves.png", "throughput": "throughput.png"}, comparisons)
+    figures = {"validation loss": "curves.png", "throughput": "throughput.png"}
+    if sizes:
+        by_size = {s: _comparisons(manifest, variants, [r for r in rows if r["size"] == s]) for s in sizes}
+        scale = _scaling(manifest, variants, sizes, rows, by_size, root)
+        text = _markdown(manifest, rows, figures, by_size, scale.lines)
+        comparisons = None
+    else:
+        comparisons = _comparisons(manifest, variants, rows)
+        text = _markdown(manifest, rows, figures, comparisons)
     atomic_write_bytes(root / "report.md", text.encode("utf-8"))
     files = ReportFiles(root / "results.csv", root / "report.md", curves, throughput, rows, lines, comparisons)
+    if sizes:
+        files.by_size, files.scaling, files.scaling_flops = by_size, scale.scaling, scale.scaling_flops
+        files.fits, files.trends = scale.fits, scale.trends
     if log_wandb:
         _log_to_wandb(manifest, rows, files, write)
     return files
+
+
+@dataclass
+class _Scaling:
+    lines: list[str]
+    scaling: Path
+    scaling_flops: Path
+    fits: dict[str, PowerLawFit | None]
+    trends: dict[str, str]
+
+
+def _scaling(manifest: dict[str, Any], variants: list[str], sizes: list[str], rows: list[dict[str, Any]],
+             by_size: dict[str, Comparisons], root: Path) -> _Scaling:
+    """The [scale] section: loss against parameters and training FLOPs, a power law per variant, and how each
+    variant's effect changes with size."""
+    from ..viz._mpl import pyplot
+
+    baseline = manifest.get("settings", {}).get("baseline")
+    # variant -> [(params, training FLOPs, mean final loss, std, n)] over the sizes with a finished cell
+    points: dict[str, list[tuple[float, float, float, float | None, int]]] = {v: [] for v in variants}
+    for v in variants:
+        for s in sizes:
+            done = [r for r in rows if r["size"] == s and r["variant"] == v and r["status"] == "done"
+                    and r["final_val_loss"] is not None]
+            if not done or not done[0]["parameters"]:
+                continue
+            sp = spread([r["final_val_loss"] for r in done])
+            tokens = done[0]["train_tokens"] or 0
+            flops = float(done[0]["flops_per_token"] or 0) * float(tokens)
+            points[v].append((float(done[0]["parameters"]), flops, sp.mean, sp.std, sp.n))
+    plt = pyplot()
+    paths = []
+    for idx, (name, xlabel) in enumerate((("scaling.png", "parameters"),
+                                          ("scaling_flops.png", "training FLOPs (FLOPs/token x tokens)"))):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for v, pts in points.items():
+            pts = [p for p in pts if p[idx] > 0]
+            if pts:
+                ax.errorbar([p[idx] for p in pts], [p[2] for p in pts], yerr=[p[3] or 0 for p in pts],
+                            marker="o", capsize=3, label=v)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("final validation loss (nats/token)")
+        ax.set_title(f"{manifest['ablation']}: loss against {xlabel.split(' (')[0]} (mean ± std over seeds)")
+        if ax.get_lines():
+            ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        paths.append(save_figure(fig, root / name))
+    fits = {v: fit_power_law([p[0] for p in pts], [p[2] for p in pts]) if len(pts) >= 3 else None
+            for v, pts in points.items()}
+    lines = ["", "## Across sizes", "",
+             "![loss against parameters](scaling.png) ![loss against training FLOPs](scaling_flops.png)", "",
+             "**Power law** L(N) = a·N^(−α) + c of each variant's mean final validation loss against its parameters "
+             "N (`scipy.optimize.curve_fit`), with ≥3 sizes. The 95% interval of α is approximate: it comes from "
+             "the fit's covariance (a linearisation), with t(0.975, sizes − 3); 3 sizes fit the curve exactly "
+             "and leave no interval.", "",
+             "| variant | sizes | α [95% CI, approx.] | a | c |", "|---|---:|---|---:|---:|"]
+    for v, pts in points.items():
+        f = fits[v]
+        if f is None:
+            why = "needs ≥3 sizes" if len(pts) < 3 else "the fit did not converge"
+            lines.append(f"| {_code(v)} | {len(pts)} | — ({why}) | — | — |")
+            continue
+        ci = f"[{f.alpha_low:.3f}, {f.alpha_high:.3f}]" if f.alpha_low is not None else "(no interval: 3 sizes)"
+        lines.append(f"| {_code(v)} | {len(pts)} | {f.alpha:.3f} {ci} | {f.a:.4g} | {f.c:.4f} |")
+    lines += ["", f"**Effect across sizes** (Δ = variant − baseline {_code(baseline)} at each size, mean over "
+              f"paired seeds, with that size's verdict; sizes smallest first). The trend compares |Δ| at the "
+              f"largest size with the smallest, `reverses` when Δ changes sign; it reads the means, so check each "
+              f"size's verdict before trusting it.", "",
+              "| variant | " + " | ".join(_code(s) for s in sizes) + " | trend |",
+              "|---|" + "---|" * len(sizes) + "---|"]
+    trends = {}
+    for v in variants:
+        if v == baseline:
+            continue
+        deltas, cells = [], []
+        for s in sizes:
+            row = by_size[s].rows.get(v)
+            d = row.diff if row is not None else None
+            deltas.append(d.mean if d is not None else None)
+            cells.append("—" if d is None else f"{'+' if d.mean > 0 else '−' if d.mean < 0 else '0'} "
+                         f"({d.mean:+.4f}, {row.verdict})")
+        trends[v] = effect_trend(deltas)
+        lines.append(f"| {_code(v)} | " + " | ".join(cells) + f" | {trends[v]} |")
+    lines.append("")
+    lines.append("Sign: − lower loss than the baseline (better), + higher (worse).")
+    return _Scaling(lines, paths[0], paths[1], fits, trends)
 
 
 def _log_to_wandb(manifest: dict[str, Any], rows: list[dict[str, Any]], files: ReportFiles,
@@ -318,6 +444,9 @@ def _log_to_wandb(manifest: dict[str, Any], rows: list[dict[str, Any]], files: R
         table = wandb.Table(columns=list(RESULT_COLUMNS), data=[[r[k] for k in RESULT_COLUMNS] for r in rows])
         payload = {"results": table, "curves": wandb.Image(str(files.curves)),
                    "throughput": wandb.Image(str(files.throughput))}
+        if files.scaling is not None:
+            payload["scaling"] = wandb.Image(str(files.scaling))
+            payload["scaling_flops"] = wandb.Image(str(files.scaling_flops))
         c = files.comparisons
         if c is not None:
             payload["comparisons"] = wandb.Table(columns=list(COMPARISON_COLUMNS), data=comparison_rows(c))

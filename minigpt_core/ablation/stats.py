@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 
 __all__ = ["Spread", "PairedDifference", "spread", "paired_difference", "CORRECTIONS", "Comparison", "Comparisons",
            "adjust_p_values", "power_of_paired_test", "minimum_detectable_effect",
-           "seeds_needed", "verdict", "compare_to_baseline"]
+           "seeds_needed", "verdict", "compare_to_baseline", "PowerLawFit", "fit_power_law", "effect_trend"]
 
 
 @dataclass(frozen=True)
@@ -201,3 +201,78 @@ def compare_to_baseline(values: Mapping[str, Mapping[int, float]], baseline: str
             seeds_for_floor=seeds_needed(floor, sd, test_alpha, power) if floor else None,
             verdict=verdict(d, p_adj, floor, alpha))
     return Comparisons(baseline, floor, spread(list(base.values())).n, correction, alpha, m, test_alpha, rows)
+
+
+# -- across model sizes ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PowerLawFit:
+    """L(N) = a * N^(-alpha) + c, least squares (``scipy.optimize.curve_fit``)."""
+
+    a: float
+    alpha: float
+    c: float
+    points: int
+    # 95% interval of alpha: alpha -/+ t(0.975, points - 3) * its standard error from the fit's covariance
+    # (a linearisation, so approximate); None with 3 points (no degrees of freedom left) or a singular fit
+    alpha_low: float | None
+    alpha_high: float | None
+
+    def __call__(self, n: float) -> float:
+        return self.a * n ** -self.alpha + self.c
+
+
+def fit_power_law(params: Sequence[float], losses: Sequence[float]) -> PowerLawFit | None:
+    """Fit L(N) = a N^-alpha + c to (parameters, loss) points; None below 3 distinct sizes or when it fails.
+
+    N is divided by its geometric mean before fitting (a is rescaled back), so the fit is well conditioned
+    whether N is 1e3 or 1e9."""
+    import warnings
+
+    import numpy as np
+    from scipy import stats
+    from scipy.optimize import OptimizeWarning, curve_fit
+
+    pts = sorted((float(n), float(y)) for n, y in zip(params, losses)
+                 if n and y is not None and math.isfinite(n) and math.isfinite(y) and n > 0)
+    if len({n for n, _ in pts}) < 3:
+        return None
+    n = np.array([p[0] for p in pts])
+    y = np.array([p[1] for p in pts])
+    scale = float(np.exp(np.mean(np.log(n))))
+    x = n / scale
+
+    def law(x, a, alpha, c):
+        return a * np.power(x, -alpha) + c
+
+    span = float(y.max() - y.min()) or 1.0
+    p0 = (span, 0.3, max(float(y.min()) - span, 0.0))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", OptimizeWarning)  # 3 points: no covariance, said by the None interval
+            popt, pcov = curve_fit(law, x, y, p0=p0, bounds=([0.0, 0.0, 0.0], [np.inf, 10.0, np.inf]),
+                                   maxfev=20000)
+    except (RuntimeError, ValueError):
+        return None
+    a, alpha, c = (float(v) for v in popt)
+    low = high = None
+    dof = len(pts) - 3
+    var = float(pcov[1][1]) if pcov is not None else math.inf
+    if dof > 0 and math.isfinite(var) and var >= 0:
+        half = float(stats.t.ppf(0.975, dof)) * math.sqrt(var)
+        low, high = alpha - half, alpha + half
+    return PowerLawFit(a * scale ** alpha, alpha, c, len(pts), low, high)
+
+
+def effect_trend(deltas: Sequence[float | None]) -> str:
+    """How a variant's effect (mean difference from the baseline, sizes smallest first) changes with size:
+    ``reverses`` (its sign changes), ``grows`` / ``shrinks`` (|effect| at the largest size against the smallest),
+    ``unchanged``, or ``—`` below 2 sizes with a value."""
+    vals = [d for d in deltas if d is not None and math.isfinite(d)]
+    if len(vals) < 2:
+        return "—"
+    if {(d > 0) - (d < 0) for d in vals if d != 0} == {1, -1}:
+        return "reverses"
+    first, last = abs(vals[0]), abs(vals[-1])
+    if last > first:
+        return "grows"
+    return "shrinks" if last < first else "unchanged"

@@ -58,13 +58,15 @@ def _ablate(args) -> int:
     # Time budgets timed earlier stay as they were: the cells' specs (and hashes) must not drift.
 
     time_steps = None
-    if read_ablation_file(args.file).budget == "time":
+    cfg = read_ablation_file(args.file)
+    if cfg.budget == "time":
         prior = read_manifest(ablation_root(args.file, args.overrides))
         if prior is not None:
             time_steps = {c["variant"]: c["steps"] for c in prior["cells"] if c.get("steps") is not None}
 
     def count(name: str, variants: int, seeds: int) -> None:  # before the cells are built: a big grid takes time
-        print(f"ablation {name}: {variants * seeds} cells ({variants} variants x {seeds} seeds); checking them",
+        what = "variant-size pairs" if cfg.scale is not None else "variants"
+        print(f"ablation {name}: {variants * seeds} cells ({variants} {what} x {seeds} seeds); checking them",
               flush=True)
 
     plan = load_plan(args.file, args.overrides, time_steps=time_steps, probe=not args.dry_run, threads=threads,
@@ -81,7 +83,8 @@ def _ablate(args) -> int:
                             executor=args.executor, write=lambda s: print(s, flush=True), only=only)
     if not args.no_report:
         files = write_report(plan.root, write=print)
-        print(f"report: {files.report} (table), {files.results}, {files.curves}, {files.throughput}")
+        print(f"report: {files.report} (table), {files.results}, {files.curves}, {files.throughput}"
+              + (f", {files.scaling}, {files.scaling_flops}" if files.scaling else ""))
     cells = [c for c in manifest["cells"] if only is None or c["id"] in only]
     failed = [c for c in cells if c["status"] == "failed"]
     left = [c for c in cells if c["status"] != "done"]
@@ -126,6 +129,11 @@ def _print_plan(plan, only: set[str] | None = None) -> None:
     print(f"ablation {plan.name}: {len(plan.cells)} cells ({len(plan.variants)} variants x "
           f"{len(plan.config.seeds)} seeds), baseline {plan.baseline}, under {plan.root}")
     print(f"budget: {plan.config.budget}: {plan.budget_summary}")
+    if plan.sizes:  # [scale]: sizes x variants x seeds
+        print(f"scale: {len(plan.sizes)} sizes x {len(plan.variants)} variants x {len(plan.config.seeds)} seeds")
+        _print_table([[s, ", ".join(f"{k}={v}" for k, v in info["overrides"].items()), f"{info['params']:,}",
+                       str(info["steps"]), f"{info['tokens']:,}"] for s, info in plan.sizes.items()],
+                     ["size", "overrides", "params (baseline)", "steps", "tokens"])
     rows = []
     for c in plan.cells:
         if only is not None and c.id not in only:
