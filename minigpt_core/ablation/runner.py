@@ -82,8 +82,10 @@ class _CellRecord(_Strict):
 
     @model_validator(mode="after")
     def _id_matches(self) -> "_CellRecord":
-        if self.id != f"{self.variant}/seed-{self.seed}":
-            raise ValueError(f"id {self.id!r} is not its variant and seed ({self.variant}/seed-{self.seed})")
+        own = f"{self.variant}/seed-{self.seed}"
+        size = self.id[:-len(own) - 1] if self.id.endswith("/" + own) else None  # [scale]: <size>/<variant>/seed-<s>
+        if self.id != own and not (size and size not in (".", "..") and "/" not in size and "\\" not in size):
+            raise ValueError(f"id {self.id!r} is not its variant and seed ({own}, or <size>/{own} with [scale])")
         return self
 
 
@@ -184,12 +186,12 @@ def read_manifest(root: str | Path) -> dict[str, Any] | None:
         if not cell.get("run_dir"):
             continue
         run = _anchored_run_dir(root, data.get("root"), cell["run_dir"])
-        cell_dir = real_root / cell["variant"] / f"seed-{cell['seed']}"
+        cell_dir = real_root / cell["id"]  # <variant>/seed-<s>, or <size>/<variant>/seed-<s> (checked above)
         real = run.resolve()
         if cell_dir not in real.parents:
             raise AblationError(
                 f"{path}: cells[{i}].run_dir {cell['run_dir']!r} is not inside the cell's own directory "
-                f"{root / cell['variant'] / ('seed-' + str(cell['seed']))}/ (it resolves to {real}). An ablation "
+                f"{root / cell['id']}/ (it resolves to {real}). An ablation "
                 f"resumes and reports only its own cells' runs, so nothing was run or written. Restore the "
                 f"run_dir `minigpt ablate` recorded, or set it to null to run the cell {cell['id']} afresh.")
         cell["run_dir"] = str(run)
