@@ -96,3 +96,75 @@ def test_sigkill_mid_cell_then_rerun_resumes_and_matches_an_uninterrupted_run(tm
                     for x in (Path(after[cid]["run_dir"]) / "metrics.jsonl").read_text().splitlines()
                     if "val/loss" in x}
         assert got_vals == ref_vals and len(ref_vals) == 4
+
+
+# -- stopping an ablation -----------------------------------------------------------------------------
+def _ablate_then_stop(tmp_path: Path, how: str, sig: signal.Signals):
+    """`minigpt ablate` on two endless cells (its own process group), stopped by ``sig`` sent to ``how``
+    ("group": a terminal's Ctrl-C, "ablate": that process alone, "cell": the running cell alone) once the
+    first cell is training. Returns (process, stdout, stderr, ablation root)."""
+    path = write_ablation(tmp_path, SLOW.replace("plugins = []\n", ""), max_steps=100_000, save_every=0,
+                          eval_every=0)
+    root = tmp_path / "runs" / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out, err = open(tmp_path / "out.txt", "w+"), open(tmp_path / "err.txt", "w+")
+    from minigpt_core.ablation.runner import _die_with_parent
+
+    def own_group_dying_with_us():  # a process group of its own, and no orphan if pytest itself is killed
+        os.setsid()
+        _die_with_parent()
+
+    proc = subprocess.Popen([str(MINIGPT), "ablate", str(path), "--set", "train.log_every=1"], stdout=out,
+                            stderr=err, env=env, cwd=tmp_path, preexec_fn=own_group_dying_with_us)
+
+    def first_cell_training():
+        # its run (which its trainer reports at once) with a logged step: the training loop, and its
+        # Ctrl-C handler, are running
+        try:
+            cell = cells_by_id(root)["first/seed-1"]
+            lines = (Path(cell["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        whole = [json.loads(line) for line in lines[:-1]]  # the last line may be half written
+        return cell if any("train/loss" in r for r in whole) else None
+
+    try:
+        cell = wait_for("the first cell to train", first_cell_training)
+        if how == "group":
+            os.killpg(proc.pid, sig)
+        elif how == "ablate":
+            proc.send_signal(sig)
+        else:
+            os.kill(int(cell["job_id"]), sig)
+        proc.wait(timeout=PATIENCE_S)  # the cells would train for hours if nothing stopped them
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    out.seek(0), err.seek(0)
+    return proc, out.read(), err.read(), root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how,sig", [("group", signal.SIGINT), ("ablate", signal.SIGINT),
+                                     ("ablate", signal.SIGTERM), ("cell", signal.SIGINT)],
+                         ids=["ctrl-c-to-group", "sigint-to-ablate", "sigterm-to-ablate", "sigint-to-cell"])
+def test_ctrl_c_or_sigterm_stops_the_ablation_with_the_cell_saved_and_no_next_cell(tmp_path, how, sig):
+    proc, out, err, root = _ablate_then_stop(tmp_path, how, sig)
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted (") and "continue with: minigpt ablate " in last and \
+        "--set=train.log_every=1" in last, err
+    assert err.count("interrupted (") == 1, err
+    cells = cells_by_id(root)
+    first, second = cells["first/seed-1"], cells["second/seed-1"]
+    # the stopped cell: resumable (not "running"), from the checkpoint it saved on the way out
+    assert first["status"] == "pending" and "interrupted" in first["error"], first
+    saved = [s for s, _ in list_checkpoints(Path(first["run_dir"]) / "checkpoints")]
+    assert saved and 0 < saved[-1] < 100_000
+    assert lock_holder(first["run_dir"]) is None  # its process is gone
+    # no next cell was started
+    assert second["status"] == "pending" and second["attempts"] == 0 and second["run_dir"] is None
+    assert not (root / "second").exists()
+    assert "[second/seed-1]" not in out

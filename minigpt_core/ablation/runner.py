@@ -8,6 +8,7 @@ Only this process writes it; cells report through their exit status and their lo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -30,7 +31,7 @@ from ..spec import dump_spec
 from .plan import AblationError, Cell, Plan, flatten_overrides
 
 __all__ = ["MANIFEST_FILE", "CELL_FILE", "CELL_LOG", "read_manifest", "run_ablation", "cell_command",
-           "execute_cell", "EXECUTORS", "cores"]
+           "execute_cell", "EXECUTORS", "cores", "AblationInterrupted"]
 
 MANIFEST_FILE = "manifest.json"
 CELL_FILE = "cell.toml"  # the cell's resolved spec, in train.out_dir/<variant>/seed-<s>/
@@ -39,6 +40,41 @@ RUN_DIR_FILE = "ablate.run-dir"  # + a suffix per attempt: where the cell's trai
 EXECUTORS = ("local", "slurm", "submitit-local")
 STATUSES = ("pending", "running", "done", "failed")
 _INTERRUPTED = 130  # what `minigpt train` returns when stopped by a signal (it saved a checkpoint)
+
+
+class AblationInterrupted(Exception):
+    """Ctrl-C or SIGTERM stopped the ablation: its running cells saved a checkpoint, none was started after."""
+
+
+class _Stop:
+    """SIGINT / SIGTERM to `minigpt ablate` (alone, or with its cells as a terminal's Ctrl-C does): noted here
+    and acted on by the loop, which starts no more cells and asks the running ones to save and stop."""
+
+    def __init__(self) -> None:
+        self.presses = 0
+        self.why = ""
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.presses > 0
+
+    def _handle(self, signum, frame) -> None:
+        self.presses += 1
+        self.why = self.why or ("Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name)
+
+    def install(self) -> "_Stop":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 def cores() -> int:
@@ -309,6 +345,7 @@ class _Active:
     log: Path
     report: Path  # where the cell's trainer writes its run directory (train --run-dir-file)
     t0: float
+    told: int = 0  # stop requests passed on to the cell's process
 
     def poll(self) -> int | None:
         if isinstance(self.handle, subprocess.Popen):
@@ -422,6 +459,7 @@ def _run_cells(plan: Plan, manifest: dict[str, Any], cells: dict[str, Cell], tod
     limit = jobs if executor != "slurm" else len(todo)  # slurm queues them all; the scheduler decides
     queue, active = list(todo), []
     finished = [0]
+    interrupted: list[str] = []
     session_t0 = time.time()
 
     def start(rec: dict[str, Any]) -> _Active:
@@ -463,8 +501,10 @@ def _run_cells(plan: Plan, manifest: dict[str, Any], cells: dict[str, Cell], tod
         rec["wall_time_s"] = (rec.get("wall_time_s") or 0.0) + elapsed
         if rc == 0:
             rec.update(status="done", error=None, finished=time.time())
-        elif rc == _INTERRUPTED or rc == -signal.SIGINT:
+        elif rc == _INTERRUPTED or rc == -signal.SIGINT or (stop.requested and rc == -signal.SIGTERM):
+            # SIGTERM: our stop request reached it in its start-up, before the trainer's handler (nothing lost)
             rec.update(status="pending", error="interrupted; the next run of the ablation resumes it")
+            interrupted.append(rec["id"])
         elif rc < 0:  # killed from outside (out of memory, kill -9): its log ends mid-run
             name = signal.Signals(-rc).name if -rc in signal.valid_signals() else str(-rc)
             rec.update(status="failed", error=f"the cell's process was killed by {name} (out of memory? killed by "
@@ -475,18 +515,21 @@ def _run_cells(plan: Plan, manifest: dict[str, Any], cells: dict[str, Cell], tod
         remaining = counts["pending"] + counts["running"]
         finished[0] += 1
         eta = ""
-        if remaining:  # session time per finished cell (parallel jobs included) x cells left
+        if remaining and not stop.requested:  # session time per finished cell (parallel jobs included) x cells left
             eta = f", about {_duration((time.time() - session_t0) / finished[0] * remaining)} left"
         mark = {"done": "done", "failed": "FAILED", "pending": "interrupted"}[rec["status"]]
         write(f"[{rec['id']}] {mark} in {_duration(elapsed)}"
               + (f": {rec['error']}" if rec["status"] == "failed" else "")
               + f" | cells: {counts['done']} done, {counts['failed']} failed, {remaining} remaining{eta}")
 
+    stop = _Stop().install()
     try:
-        while queue or active:
-            while queue and len(active) < limit:
+        while (queue and not stop.requested) or active:
+            while queue and len(active) < limit and not stop.requested:
                 active.append(start(queue.pop(0)))
                 write_manifest(root, manifest)
+            for a in active if stop.requested else ():
+                _pass_on_stop(a, stop.presses)
             changed = False
             for a in list(active):
                 rc = a.poll()  # before the report is read: a process that has ended has written all it will
@@ -496,11 +539,16 @@ def _run_cells(plan: Plan, manifest: dict[str, Any], cells: dict[str, Cell], tod
                 if rc is not None:
                     a.report.unlink(missing_ok=True)
                     active.remove(a)
+                    if isinstance(a.handle, subprocess.Popen) and rc in (_INTERRUPTED, -signal.SIGINT) \
+                            and not stop.requested:  # someone stopped this cell by hand: stop the ablation
+                        stop.presses, stop.why = 1, f"cell {a.rec['id']} was interrupted"
                     finish(a, rc)
                     changed = True
             if changed:
                 manifest["updated"] = time.time()
                 write_manifest(root, manifest)
+            if stop.requested:  # a Slurm job goes on (its run locked until it ends): not waited for here
+                active = [a for a in active if isinstance(a.handle, subprocess.Popen)]
             if active:
                 time.sleep(0.1)
     except BaseException:
@@ -517,6 +565,25 @@ def _run_cells(plan: Plan, manifest: dict[str, Any], cells: dict[str, Cell], tod
             a.rec.update(status="pending", error="interrupted; the next run of the ablation resumes it")
         write_manifest(root, manifest)
         raise
+    finally:
+        stop.uninstall()
+    if stop.requested:
+        left = sum(r["status"] in ("pending", "running") for r in manifest["cells"])
+        raise AblationInterrupted(f"{stop.why}: {len(interrupted)} running cell(s) stopped"
+                                  + (f" ({', '.join(interrupted)}; a checkpoint saved where it had started "
+                                     f"training)" if interrupted else "")
+                                  + f", no other cell started; {left} cell(s) left to run")
+
+
+def _pass_on_stop(a: _Active, presses: int) -> None:
+    """Ask a local cell to stop: SIGTERM first (the trainer saves a checkpoint and exits 130; a second
+    one changes nothing, so a Ctrl-C that reached the cell too is harmless), SIGINT on a second press
+    (the trainer's "stop now")."""
+    if not isinstance(a.handle, subprocess.Popen) or a.told >= min(presses, 2):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        a.handle.send_signal(signal.SIGTERM if a.told == 0 else signal.SIGINT)
+    a.told += 1
 
 
 def _duration(seconds: float) -> str:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
 from ...ablation.plan import MAX_CELLS, ablation_root, flatten_overrides, load_plan, read_ablation_file
-from ...ablation.runner import EXECUTORS, cores, read_manifest, run_ablation
+from ...ablation.runner import EXECUTORS, AblationInterrupted, cores, read_manifest, run_ablation
 from ...base import toml as _toml
 from ...base.errors import MinigptError
 from ...base.reading import SPEC_LIMIT, read_text_bounded
@@ -79,8 +80,18 @@ def _ablate(args) -> int:
     if args.dry_run:
         _print_plan(plan, only)
         return 0
-    manifest = run_ablation(plan, jobs=args.jobs, retry_failed=args.retry_failed, force=args.force,
-                            executor=args.executor, write=lambda s: print(s, flush=True), only=only)
+    try:
+        manifest = run_ablation(plan, jobs=args.jobs, retry_failed=args.retry_failed, force=args.force,
+                                executor=args.executor, write=lambda s: print(s, flush=True), only=only)
+    except AblationInterrupted as exc:
+        again = ["minigpt", "ablate", args.file, *[f"--set={s}" for s in args.overrides],
+                 *(["--jobs", str(args.jobs)] if args.jobs != 1 else []),
+                 *(["--executor", args.executor] if args.executor != "local" else []),
+                 *(["--variants", args.variants] if args.variants else []),
+                 *(["--seeds", args.seeds] if args.seeds else []),
+                 *(["--max-cells", str(args.max_cells)] if args.max_cells != MAX_CELLS else [])]
+        print(f"interrupted ({exc}); continue with: {shlex.join(again)}", file=sys.stderr, flush=True)
+        return 130
     if not args.no_report:
         files = write_report(plan.root, write=print)
         print(f"report: {files.report} (table), {files.results}, {files.curves}, {files.throughput}"
