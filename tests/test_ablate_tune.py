@@ -88,10 +88,10 @@ def test_search_finds_the_grids_best_lr_and_the_cells_use_it(uninterrupted):
         # the evaluation cell trained with it, and its overrides (so the report) show it
         cell = cells[f"{variant}/seed-1"]
         assert cell["status"] == "done" and cell["overrides"]["train.lr"] == pytest.approx(best)
-        assert f"lr = {best}" in (Path(cell["run_dir"]) / "spec.toml").read_text().replace("e-", "e-")
+        assert f"lr = {best}" in (Path(cell["run_dir"]) / "spec.toml").read_text()
         assert chosen["at_edge"] == (best in (GRID[0], GRID[-1]))
     table = _tuned_table(root)
-    assert len(table) == 4 and all(f"`{v}` | {summary['variants'][v]['best']:g} |" in "".join(table)
+    assert len(table) == 3 and all(f"`{v}` | {summary['variants'][v]['best']:g} |" in "".join(table)
                                    for v in ("base", "rms"))
     assert (root / "lr.png").stat().st_size > 1000 and "![validation loss against learning rate](lr.png)" in \
         (root / "report.md").read_text()

@@ -225,11 +225,13 @@ def _search(plan: Plan, variant: str, jobs: int, write: Callable[[str], None]) -
     tune = plan.config.tune
     assert tune is not None
     study = _study(plan, variant, create=True)
-    # We hold the tuning lock: a RUNNING trial is one whose ablation was killed. Its value is asked again.
+    # We hold the tuning lock: a RUNNING trial is one whose ablation was killed; it is marked FAIL and its
+    # value asked again (the grid: the values without a COMPLETE trial; TPE: enqueued)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study.tell(t.number, state=TrialState.FAIL)
         if tune.param in t.params:
-            study.enqueue_trial({tune.param: t.params[tune.param]})
+            if tune.sampler == "tpe":
+                study.enqueue_trial({tune.param: t.params[tune.param]})
             write(f"[tune {variant}] trial {t.number} ({tune.param} = {t.params[tune.param]:g}) was interrupted; "
                   f"it runs again")
     while True:
@@ -238,12 +240,9 @@ def _search(plan: Plan, variant: str, jobs: int, write: Callable[[str], None]) -
             remaining = [v for v in tune.values() if not any(_same(v, d) for d, _ in done)]
             if not remaining:
                 return done
-            trials = study.get_trials(deepcopy=False)
-            waiting = [t for t in trials if t.state == TrialState.WAITING]
-            seen = [t.params.get(tune.param) for t in trials if t.state != TrialState.WAITING]
-            # GridSampler counts a FAIL as visited: a value whose only trials failed is asked explicitly
-            if not waiting and all(any(s is not None and _same(v, s) for s in seen) for v in remaining):
-                study.enqueue_trial({tune.param: remaining[0]})
+            # A GridSampler over the values still to run: it counts a FAIL as visited, and this one
+            # sees earlier trials (another search space) as none of its own
+            study.sampler = _optuna().samplers.GridSampler({tune.param: remaining}, seed=0)
         elif len(done) >= tune.n_trials():
             return done
         # one trial through optimize(): the GridSampler stops the study from inside it when the grid is done
