@@ -106,6 +106,14 @@ def inputs(tmp_path, monkeypatch, request, _fifo, _bounded_memory):
     (tmp_path / "clashscale.toml").write_text(f'base = "{spec.name}"\n[variants.a]\n[variants.b]\n'
                                               f'"model.emb_dim" = 48\n[scale]\nsizes = [{{name = "s", '
                                               f'"model.emb_dim" = 16}}, {{name = "m", "model.emb_dim" = 31}}]\n')
+    # [tune]: tuning seeds that are also evaluation seeds; an empty range; a param the search may not set
+    for name, tune in (("tune_overlap", 'seeds = [2, 5]\ngrid = [1e-3, 3e-3]'),
+                       ("tune_range", 'seeds = [9]\nlow = 1e-2\nhigh = 1e-3\ntrials = 3'),
+                       ("tune_both", 'seeds = [9]\ngrid = [1e-3]\nlow = 1e-4\nhigh = 1e-2\ntrials = 3'),
+                       ("tune_tpe_grid", 'seeds = [9]\nsampler = "tpe"\ngrid = [1e-3, 3e-3]'),
+                       ("tune_field", 'seeds = [9]\nparam = "train.lrate"\ngrid = [1e-3, 3e-3]')):
+        (tmp_path / f"{name}.toml").write_text(f'base = "{spec.name}"\nseeds = [1, 2]\n[variants.a]\n'
+                                               f'[tune]\n{tune}\n')
     big = tmp_path / "big.toml"
     subprocess.run(["truncate", "-s", "20M", str(big)], check=True)  # sparse: no disk used
     ablation = tmp_path / "zero_base.toml"
@@ -157,6 +165,11 @@ BAD_INPUTS = [
     (["ablate", "badscale.toml", "--dry-run"], "give either sizes"),
     (["ablate", "clashscale.toml", "--dry-run"], "model.emb_dim: is set by [scale] sizes"),
     (["ablate", "clashscale.toml", "--dry-run"], "variant 'm/a'"),  # and, in the same message, a size's spec
+    (["ablate", "tune_overlap.toml"], "[tune] seeds [2] are also evaluation seeds"),
+    (["ablate", "tune_range.toml", "--dry-run"], "needs 0 < low < high, got low = 0.01, high = 0.001"),
+    (["ablate", "tune_both.toml", "--dry-run"], "either grid = [...] or low, high and trials"),
+    (["ablate", "tune_tpe_grid.toml", "--dry-run"], "sampler = \"tpe\" searches a range"),
+    (["ablate", "tune_field.toml"], "tuning runs of variant 'a' (train.lrate = 0.001)"),
     # Files read whole: a device, a FIFO or an over-size file is named for what it is, never read (issue 22.4)
     (["validate", "/dev/zero"], "experiment file /dev/zero is a character device"),
     (["validate", "{fifo}"], "is a FIFO"),

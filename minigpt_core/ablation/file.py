@@ -9,6 +9,7 @@ import copy
 import hashlib
 import itertools
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -21,8 +22,8 @@ from ..base.loader import resolve_plugin_ref
 from ..base.reading import SPEC_LIMIT, read_text_bounded
 from ..spec import apply_overrides, validation_problems
 
-__all__ = ["AblationError", "AblationFile", "ReportOptions", "ScaleOptions", "SCALE_PRESET_FIELDS", "scale_sizes",
-           "BUDGETS", "flatten_overrides", "read_ablation_file", "ablation_root"]
+__all__ = ["AblationError", "AblationFile", "ReportOptions", "ScaleOptions", "TuneOptions", "SCALE_PRESET_FIELDS",
+           "scale_sizes", "BUDGETS", "flatten_overrides", "read_ablation_file", "ablation_root"]
 
 
 BUDGETS = ("tokens", "flops", "time")
@@ -115,6 +116,73 @@ def scale_sizes(scale: ScaleOptions) -> dict[str, dict[str, Any]]:
     return {s["name"]: flatten_overrides({k: v for k, v in s.items() if k != "name"}) for s in scale.sizes}
 
 
+class TuneOptions(BaseModel):
+    """A search of one field (the learning rate) per variant, on seeds of its own (the [tune] table)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    param: str = Field("train.lr", description="the dotted field searched (log scale), e.g. train.lr")
+    seeds: list[int] = Field(min_length=1, description="the tuning seeds: every trial is the mean final validation "
+                             "loss over them; they must differ from the evaluation seeds")
+    grid: list[float] | None = Field(None, min_length=1, description="the values to try (instead of low/high)")
+    low: float | None = Field(None, gt=0, description="the lower end of the searched range (log scale)")
+    high: float | None = Field(None, gt=0, description="the upper end of the searched range (log scale)")
+    trials: int | None = Field(None, ge=1, le=1000, description="with low/high: the grid's points (log-spaced, "
+                               "ends included) or TPE's trial budget")
+    sampler: Literal["grid", "tpe"] = Field("grid", description="grid: every value of the grid; tpe: Optuna's "
+                                            "TPE sampler for `trials` trials (needs low/high)")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="overrides for the trial runs only, "
+                                      "e.g. a shorter train.max_steps")
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v) or any(s < 0 or s >= 2**63 for s in v):
+            raise ValueError(f"tune.seeds must be distinct, >= 0 and < 2**63, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _range(self) -> "TuneOptions":
+        ranged = self.low is not None or self.high is not None or self.trials is not None
+        if self.grid is not None:
+            if ranged:
+                raise ValueError("[tune] gives both grid and low/high/trials: give either grid = [...] or "
+                                 "low, high and trials")
+            if self.sampler != "grid":
+                raise ValueError("[tune] sampler = \"tpe\" searches a range: give low, high and trials instead "
+                                 "of grid")
+            if any(not (v > 0 and math.isfinite(v)) for v in self.grid) or len(set(self.grid)) != len(self.grid):
+                raise ValueError(f"[tune] grid values must be distinct, finite and > 0 (a log scale), got "
+                                 f"{self.grid}")
+        else:
+            if self.low is None or self.high is None or self.trials is None:
+                raise ValueError("[tune] needs grid = [...], or low, high and trials")
+            if not (math.isfinite(self.low) and math.isfinite(self.high) and self.low < self.high):
+                raise ValueError(f"[tune] needs 0 < low < high, got low = {self.low}, high = {self.high}")
+            if self.sampler == "grid" and self.trials < 2:
+                raise ValueError("[tune] a grid over [low, high] needs trials >= 2 (both ends)")
+        if self.param in _RESERVED or self.param == "seed":
+            raise ValueError(f"[tune] param = {self.param!r} is set by the ablation itself; search e.g. train.lr")
+        bad = [k for k in flatten_overrides(self.overrides) if k in _RESERVED or k == self.param]
+        if bad:
+            raise ValueError(f"[tune] overrides cannot set {', '.join(bad)} (set by the ablation or the search)")
+        return self
+
+    def values(self) -> list[float]:
+        """The grid searched (sorted), or for TPE the range's two ends."""
+        if self.grid is not None:
+            return sorted(self.grid)
+        assert self.low is not None and self.high is not None and self.trials is not None
+        if self.sampler == "tpe":
+            return [self.low, self.high]
+        lo, hi, n = math.log(self.low), math.log(self.high), self.trials
+        # rounded to 6 significant digits: the values name directories and are shown in tables
+        return [float(f"{math.exp(lo + (hi - lo) * i / (n - 1)):.6g}") for i in range(n)]
+
+    def n_trials(self) -> int:
+        return len(self.values()) if self.sampler == "grid" else int(self.trials or 0)
+
+
 class AblationFile(BaseModel):
     """An ablation file (TOML): a base experiment, seeds, and variants as named overrides and/or axes."""
 
@@ -148,6 +216,8 @@ class AblationFile(BaseModel):
                                   "correction = \"holm\" | \"bonferroni\" | \"none\", alpha")
     scale: ScaleOptions | None = Field(None, description="the same ablation at several model sizes: sizes or "
                                        "presets, and budget = \"tokens_per_param\" | \"fixed\"")
+    tune: TuneOptions | None = Field(None, description="optional: a learning-rate search per variant on tuning "
+                                     "seeds; the best value is then used for the variant's evaluation cells")
 
     @field_validator("name")
     @classmethod
@@ -183,6 +253,15 @@ class AblationFile(BaseModel):
             # a time budget is timed per variant; with sizes its steps would have to be timed per size too
             raise ValueError("budget = \"time\" cannot be combined with [scale]: use budget = \"tokens\" or "
                              "\"flops\" (each size's baseline sets that size's budget)")
+        if self.tune is not None:
+            shared = sorted(set(self.tune.seeds) & set(self.seeds))
+            if shared:
+                raise ValueError(f"[tune] seeds {shared} are also evaluation seeds: a learning rate tuned on the "
+                                 f"seeds it is judged on flatters it; give tune.seeds values not in seeds")
+        if self.tune is not None and self.scale is not None:
+            # the search runs per variant at the base size; per size it would need a study per (size, variant)
+            raise ValueError("[tune] and [scale] cannot be combined yet: tune the learning rate at one size, or "
+                             "run the sizes with the learning rates set per variant")
         return self
 
 

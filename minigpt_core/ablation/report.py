@@ -230,6 +230,7 @@ def _markdown(manifest: dict[str, Any], rows: list[dict[str, Any]], files: dict[
     else:
         lines += _variant_table(variants, rows, baseline)
         lines += _statistics(comparisons)
+    lines += _tuning(manifest, files)
     lines += ["", "Mean over seeds with a min-max band across seeds:", ""]
     for title, name in files.items():
         lines.append(f"![{title}]({name})")
@@ -282,6 +283,58 @@ def _variant_table(variants: list[str], rows: list[dict[str, Any]], baseline: st
     return lines
 
 
+def _tuning_warnings(summary: dict[str, Any]) -> list[str]:
+    return [f"variant {v}'s best {summary['param']} = {r['best']:g} is at the edge of the searched range "
+            f"[{summary['low']:g}, {summary['high']:g}]: its best value may lie outside it; widen the range"
+            for v, r in summary["variants"].items() if r.get("at_edge")]
+
+
+def _tuning(manifest: dict[str, Any], files: dict[str, str]) -> list[str]:
+    """The [tune] section: each variant's chosen value, from tune/summary.json (none without [tune])."""
+    from .tune import read_summary
+
+    summary = read_summary(manifest.get("root", ""))
+    if summary is None:
+        return []
+    param = summary["param"]
+    how = (f"a grid of {summary['trials']} values" if summary["sampler"] == "grid"
+           else f"Optuna TPE, {summary['trials']} trials")
+    lines = ["", f"## Tuned {_code(param)}", "",
+             f"Each variant's {_code(param)} was searched over [{summary['low']:g}, {summary['high']:g}] ({how}) on "
+             f"tuning seeds {', '.join(map(str, summary['seeds']))}, kept apart from the evaluation seeds; its best "
+             f"value (lowest mean final validation loss) is used for its evaluation cells.", "",
+             f"| variant | chosen {_md(param)} | tuning val loss | trials |", "|---|---:|---:|---:|"]
+    for v, r in summary["variants"].items():
+        lines.append(f"| {_code(v)} | {r['best']:g} | {_fmt(r['loss'])} | {len(r['trials'])} |")
+    for w in _tuning_warnings(summary):
+        lines += ["", f"**Warning:** {_md(w)}."]
+    lines += ["", "![validation loss against learning rate](lr.png)"]
+    return lines
+
+
+def _lr_figure(root: Path) -> Path | None:
+    from .tune import read_summary
+
+    summary = read_summary(root)
+    if summary is None:
+        return None
+    from ..viz._mpl import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for v, r in summary["variants"].items():
+        xs = [t[0] for t in r["trials"]]
+        ys = [t[1] if t[1] is not None and math.isfinite(t[1]) else float("nan") for t in r["trials"]]
+        (line,) = ax.plot(xs, ys, marker="o", label=v)
+        ax.plot([r["best"]], [r["loss"]], marker="*", markersize=14, color=line.get_color())
+    ax.set_xscale("log")
+    ax.set_xlabel(summary["param"])
+    ax.set_ylabel("final validation loss (tuning seeds)")
+    ax.set_title("validation loss against " + summary["param"] + " (★ chosen)")
+    ax.legend()
+    return save_figure(fig, root / "lr.png")
+
+
 def write_report(root: str | Path, *, log_wandb: bool = True,
                  write: Callable[[str], None] = print) -> ReportFiles:
     root = Path(root)
@@ -317,6 +370,7 @@ def write_report(root: str | Path, *, log_wandb: bool = True,
     fig = band_figure(series("train/tokens_per_s"), ylabel="training tokens/s",
                       title=f"{manifest['ablation']}: throughput")
     throughput = save_figure(fig, root / "throughput.png")
+    _lr_figure(root)
     figures = {"validation loss": "curves.png", "throughput": "throughput.png"}
     if sizes:
         by_size = {s: _comparisons(manifest, variants, [r for r in rows if r["size"] == s]) for s in sizes}

@@ -77,10 +77,27 @@ def _ablate(args) -> int:
         print(f"warning: variants {', '.join(group)} resolve to the same spec: they would train the same model "
               f"the same way, and differ only in name. Give each its own overrides (e.g. name the component the "
               f"base already uses explicitly, so that a change of the base cannot merge them).", file=sys.stderr)
+    from ...ablation.tune import apply_tuned, check_tuning, run_tuning, tuning_runs
+
+    check_tuning(plan)
+    tune = plan.config.tune
+    if tune is not None:  # the cost, before anything runs
+        n_tune = tuning_runs(plan)
+        print(f"cost: {len(plan.cells)} cells + {len(plan.variants)} variants x {tune.n_trials()} trials x "
+              f"{len(tune.seeds)} tuning seeds = {len(plan.cells) + n_tune} runs ({n_tune} for tuning "
+              f"{tune.param})", flush=True)
     if args.dry_run:
         _print_plan(plan, only)
         return 0
-    try:
+    try:  # the search (with [tune]), then the cells
+        if tune is not None:
+            selected = None if only is None else sorted({c.variant for c in plan.cells if c.id in only})
+            chosen = run_tuning(plan, jobs=args.jobs, variants=selected, write=lambda s: print(s, flush=True))
+            for v, r in chosen.items():
+                if r["at_edge"]:
+                    print(f"warning: variant {v}'s best {tune.param} = {r['best']:g} is at the edge of the searched "
+                          f"range: its best value may lie outside it; widen the range", file=sys.stderr, flush=True)
+            apply_tuned(plan, chosen)
         manifest = run_ablation(plan, jobs=args.jobs, retry_failed=args.retry_failed, force=args.force,
                                 executor=args.executor, write=lambda s: print(s, flush=True), only=only)
     except AblationInterrupted as exc:
@@ -154,6 +171,13 @@ def _print_plan(plan, only: set[str] | None = None) -> None:
                      c.budget_note or "", c.spec_sha256[:12]])
 
     _print_table(rows, ["cell", "overrides", "params", "FLOPs/token", "steps", "tokens", "note", "spec sha256"])
+    tune = plan.config.tune
+    if tune is not None:
+        from ...ablation.tune import tuning_rows
+
+        print(f"tuning trials ({tune.param}, sampler {tune.sampler}; the evaluation cells above get each variant's "
+              f"best value):")
+        _print_table(tuning_rows(plan), ["trial", "value", "tuning seeds", "steps", "trial overrides"])
     if only is not None:
         print(f"{len(only)} of {len(plan.cells)} cells selected (--variants/--seeds)")
     print("all cells are valid; nothing was run (--dry-run)")

@@ -1,0 +1,340 @@
+"""The [tune] search: each variant's learning rate (or another log-scale field) chosen on tuning seeds.
+
+One Optuna study per variant in ``<root>/tune/<variant>.db`` (SQLite, study name = the variant),
+so a killed ablation resumes its searches: COMPLETE trials are kept, a trial left RUNNING by a
+killed process is marked FAIL and its value asked again. Each trial runs the variant's cell spec
+with the value (and the [tune] overrides) on every tuning seed, as ordinary cell processes
+(``cell_command``) under ``<root>/tune/<variant>/<param>-<value>/seed-<s>``; its objective is the
+mean final validation loss. The best value becomes an override of the variant's evaluation cells.
+``summary.json`` beside the studies records every trial for the report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..base import toml as _toml
+from ..base.errors import MinigptError, SpecError
+from ..checkpoints.checkpoint import atomic_write_bytes
+from ..spec import ExperimentSpec, dump_spec, parse_spec
+from .file import TuneOptions, _set_dotted
+from .plan import AblationError, Plan
+from .runner import CELL_FILE, CELL_LOG, _die_with_parent, cell_command, cores, last_error
+
+__all__ = ["TUNE_DIR", "SUMMARY_FILE", "check_tuning", "tuning_rows", "tuning_runs", "run_tuning", "apply_tuned",
+           "at_edge", "read_summary"]
+
+TUNE_DIR = "tune"
+SUMMARY_FILE = "summary.json"
+_EDGE = 0.05  # TPE: a best value within 5% of the log range of an end counts as at the edge
+
+
+def _label(param: str, value: float) -> str:
+    return f"{param.split('.')[-1]}-{value:.6g}"
+
+
+def trial_spec(plan: Plan, variant: str, value: float, seed: int) -> ExperimentSpec:
+    """The spec of one tuning run: the variant's evaluation cell with the value, the [tune] overrides and the seed."""
+    tune = plan.config.tune
+    assert tune is not None
+    cell = next(c for c in plan.cells if c.variant == variant)
+    raw = _toml.loads(dump_spec(cell.spec))
+    for key, v in _flat(tune.overrides).items():
+        _set_dotted(raw, key, v)
+    _set_dotted(raw, tune.param, value)
+    raw["name"], raw["seed"] = f"seed-{seed}", seed
+    _set_dotted(raw, "train.out_dir", str(plan.root / TUNE_DIR / variant / _label(tune.param, value)))
+    _set_dotted(raw, "wandb.job_type", "tune")  # the ablation's group; the evaluation cells have the variant's
+    _set_dotted(raw, "wandb.config", {"ablation": plan.name, "variant": variant, "seed": seed, "tune": True,
+                                      tune.param: value, "overrides": {**cell.overrides, tune.param: value}})
+    return parse_spec(raw)
+
+
+def _flat(d: dict[str, Any]) -> dict[str, Any]:
+    from .file import flatten_overrides
+
+    return flatten_overrides(d)
+
+
+def check_tuning(plan: Plan) -> None:
+    """Every variant's tuning runs are valid specs (at the range's ends), or one error listing every problem."""
+    tune = plan.config.tune
+    if tune is None:
+        return
+    problems = []
+    values = tune.values()
+    for variant in plan.variants:
+        for value in (values[0], values[-1]):
+            try:
+                trial_spec(plan, variant, value, tune.seeds[0])
+            except SpecError as exc:
+                problems += [f"tuning runs of variant {variant!r} ({tune.param} = {value:g}): {p}: {r}"
+                             for p, r in exc.problems]
+            except MinigptError as exc:
+                problems.append(f"tuning runs of variant {variant!r}: {exc}")
+    if problems:
+        problems = list(dict.fromkeys(problems))
+        raise AblationError(f"Invalid [tune] in {plan.file}; nothing was run. {len(problems)} problem(s): "
+                            + "; ".join(problems) + ". Fix [tune] (param, overrides or the range), then run again.")
+
+
+def tuning_runs(plan: Plan) -> int:
+    tune = plan.config.tune
+    return 0 if tune is None else len(plan.variants) * tune.n_trials() * len(tune.seeds)
+
+
+def tuning_rows(plan: Plan) -> list[list[str]]:
+    """The --dry-run listing of the tuning trials: one row per variant and value (TPE: per trial)."""
+    tune = plan.config.tune
+    if tune is None:
+        return []
+    seeds = ", ".join(map(str, tune.seeds))
+    over = ", ".join(f"{k}={v}" for k, v in _flat(tune.overrides).items()) or "-"
+    rows = []
+    for variant in plan.variants:
+        steps = trial_spec(plan, variant, tune.values()[0], tune.seeds[0]).train.max_steps
+        if tune.sampler == "grid":
+            rows += [[f"{variant}/{_label(tune.param, v)}", f"{tune.param}={v:g}", seeds, str(steps), over]
+                     for v in tune.values()]
+        else:
+            rows += [[f"{variant}/trial-{i}", f"{tune.param} by TPE in [{tune.low:g}, {tune.high:g}]", seeds,
+                      str(steps), over] for i in range(tune.n_trials())]
+    return rows
+
+
+# -- the search ---------------------------------------------------------------------------------------------
+@dataclass
+class _Proc:
+    proc: subprocess.Popen
+    log: Path
+    exp_dir: Path
+    known: set[str]
+
+
+def _runs_in(d: Path) -> set[str]:
+    return {str(p) for p in d.iterdir() if p.is_dir()} if d.is_dir() else set()
+
+
+def _final_val(run_dir: str) -> float | None:
+    from ..runs import metric_series, read_metrics
+
+    _, ys = metric_series(read_metrics(Path(run_dir)), "val/loss")
+    return float(ys[-1]) if ys else None
+
+
+def _run_trial(plan: Plan, variant: str, value: float, jobs: int, write: Callable[[str], None]) -> float:
+    """Mean final validation loss of the value over the tuning seeds (their runs as cell processes)."""
+    tune = plan.config.tune
+    assert tune is not None
+    nproc = plan.config.nproc_per_node
+    threads = max(1, cores() // (jobs * nproc))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    queue, active, losses = list(tune.seeds), [], []
+
+    def start(seed: int) -> _Proc:
+        spec = trial_spec(plan, variant, value, seed)
+        exp_dir = Path(spec.train.out_dir) / spec.name
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        cell_file = exp_dir / CELL_FILE
+        atomic_write_bytes(cell_file, dump_spec(spec).encode("utf-8"))
+        cmd = cell_command(cell_file, threads=threads, resume=None, nproc=nproc)
+        log = exp_dir / CELL_LOG
+        known = _runs_in(exp_dir)
+        kwargs: dict[str, Any] = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
+        with open(log, "ab") as out:
+            out.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} tune: {' '.join(cmd)}\n".encode())
+            out.flush()
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(), **kwargs)
+        return _Proc(proc, log, exp_dir, known)
+
+    try:
+        while queue or active:
+            while queue and len(active) < jobs:
+                active.append(start(queue.pop(0)))
+            for a in list(active):
+                rc = a.proc.poll()
+                if rc is None:
+                    continue
+                active.remove(a)
+                new = sorted(_runs_in(a.exp_dir) - a.known)
+                loss = _final_val(new[-1]) if rc == 0 and new else None
+                if rc != 0 or loss is None:
+                    why = last_error(a.log) if rc != 0 else "it logged no validation loss"
+                    raise AblationError(f"A tuning run of variant {variant!r} ({tune.param} = {value:g}) failed: "
+                                        f"{why} (exit status {rc}; log: {a.log}). Fix it and run the ablation "
+                                        f"again: the search resumes where it stopped.")
+                losses.append(loss)
+            if active:
+                time.sleep(0.1)
+    except BaseException:
+        for a in active:  # Ctrl-C reaches them too; an error here stops them
+            if a.proc.poll() is None:
+                a.proc.terminate()
+            try:
+                a.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                a.proc.kill()
+        raise
+    mean = sum(losses) / len(losses)
+    return mean if math.isfinite(mean) else float("inf")  # a diverged value: the worst, not a failed trial
+
+
+def _optuna():
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def _study(plan: Plan, variant: str, *, create: bool):
+    optuna = _optuna()
+    tune = plan.config.tune
+    assert tune is not None
+    db = plan.root / TUNE_DIR / f"{variant}.db"
+    if not create and not db.is_file():
+        return None
+    db.parent.mkdir(parents=True, exist_ok=True)
+    sampler = (optuna.samplers.GridSampler({tune.param: tune.values()}, seed=0) if tune.sampler == "grid"
+               else optuna.samplers.TPESampler(seed=0, n_startup_trials=min(5, tune.n_trials())))
+    return optuna.create_study(storage=f"sqlite:///{db}", study_name=variant, sampler=sampler,
+                               direction="minimize", load_if_exists=True)
+
+
+def _same(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9)
+
+
+def _completed(study, param: str) -> list[tuple[float, float]]:
+    from optuna.trial import TrialState
+
+    return [(t.params[param], t.value) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if param in t.params]
+
+
+def _search(plan: Plan, variant: str, jobs: int, write: Callable[[str], None]) -> list[tuple[float, float]]:
+    from optuna.trial import TrialState
+
+    tune = plan.config.tune
+    assert tune is not None
+    study = _study(plan, variant, create=True)
+    # We hold the tuning lock: a RUNNING trial is one whose ablation was killed; it is marked FAIL and its
+    # value asked again (the grid: the values without a COMPLETE trial; TPE: enqueued)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(t.number, state=TrialState.FAIL)
+        if tune.param in t.params:
+            if tune.sampler == "tpe":
+                study.enqueue_trial({tune.param: t.params[tune.param]})
+            write(f"[tune {variant}] trial {t.number} ({tune.param} = {t.params[tune.param]:g}) was interrupted; "
+                  f"it runs again")
+    while True:
+        done = _completed(study, tune.param)
+        if tune.sampler == "grid":
+            remaining = [v for v in tune.values() if not any(_same(v, d) for d, _ in done)]
+            if not remaining:
+                return done
+            # A GridSampler over the values still to run: it counts a FAIL as visited, and this one
+            # sees earlier trials (another search space) as none of its own
+            study.sampler = _optuna().samplers.GridSampler({tune.param: remaining}, seed=0)
+        elif len(done) >= tune.n_trials():
+            return done
+        # one trial through optimize(): the GridSampler stops the study from inside it when the grid is done
+        study.optimize(lambda trial: _objective(plan, variant, trial, jobs, write), n_trials=1, catch=())
+
+
+def _objective(plan: Plan, variant: str, trial, jobs: int, write: Callable[[str], None]) -> float:
+    tune = plan.config.tune
+    assert tune is not None
+    value = trial.suggest_float(tune.param, tune.values()[0], tune.values()[-1], log=True)
+    write(f"[tune {variant}] trial {trial.number}: {tune.param} = {value:g} on seeds "
+          f"{', '.join(map(str, tune.seeds))}")
+    loss = _run_trial(plan, variant, value, jobs, write)
+    write(f"[tune {variant}] trial {trial.number}: {tune.param} = {value:g}: validation loss {loss:.4f}")
+    return loss
+
+
+def at_edge(best: float, lo: float, hi: float, sampler: str) -> bool:
+    if sampler == "grid":
+        return _same(best, lo) or _same(best, hi)
+    span = math.log(hi) - math.log(lo)
+    return min(math.log(best) - math.log(lo), math.log(hi) - math.log(best)) <= _EDGE * span
+
+
+def _result(tune: TuneOptions, done: list[tuple[float, float]]) -> dict[str, Any]:
+    lo, hi = tune.values()[0], tune.values()[-1]
+    trials = sorted(done)
+    best_value, best_loss = min(trials, key=lambda t: (t[1], t[0]))
+    return {"best": best_value, "loss": best_loss, "trials": [list(t) for t in trials],
+            "at_edge": at_edge(best_value, lo, hi, tune.sampler)}
+
+
+def run_tuning(plan: Plan, *, jobs: int = 1, variants: list[str] | None = None,
+               write: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
+    """Run (or resume) the search of every variant in ``variants`` (default all); returns and records in
+    summary.json each variant's {best, loss, trials, at_edge}. Variants not searched keep a finished search."""
+    tune = plan.config.tune
+    if tune is None:
+        return {}
+    from ..train.lock import RunLock, RunLockedError
+
+    tdir = plan.root / TUNE_DIR
+    tdir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = RunLock(tdir).acquire()
+    except RunLockedError:
+        raise AblationError(f"Another `minigpt ablate` is tuning this ablation ({tdir}); wait for it to end, or "
+                            f"stop it and run again.") from None
+    try:
+        chosen: dict[str, dict[str, Any]] = {}
+        for variant in plan.variants:
+            if variants is None or variant in variants:
+                done = _search(plan, variant, jobs, write)
+            else:
+                study = _study(plan, variant, create=False)
+                done = _completed(study, tune.param) if study is not None else []
+                if len(done) < tune.n_trials():
+                    continue
+            chosen[variant] = _result(tune, done)
+            write(f"[tune {variant}] best {tune.param} = {chosen[variant]['best']:g} (validation loss "
+                  f"{chosen[variant]['loss']:.4f} over {len(done)} trials)")
+        lo, hi = tune.values()[0], tune.values()[-1]
+        summary = {"param": tune.param, "sampler": tune.sampler, "low": lo, "high": hi, "seeds": list(tune.seeds),
+                   "trials": tune.n_trials(), "variants": chosen}
+        atomic_write_bytes(tdir / SUMMARY_FILE, (json.dumps(summary, indent=1) + "\n").encode("utf-8"))
+        return chosen
+    finally:
+        lock.release()
+
+
+def apply_tuned(plan: Plan, chosen: dict[str, dict[str, Any]]) -> None:
+    """The best value becomes an override of the variant's evaluation cells (in their spec and its hash)."""
+    import hashlib
+
+    tune = plan.config.tune
+    if tune is None:
+        return
+    for cell in plan.cells:
+        if cell.variant not in chosen:
+            continue
+        best = chosen[cell.variant]["best"]
+        raw = _toml.loads(dump_spec(cell.spec))
+        _set_dotted(raw, tune.param, best)
+        cell.overrides = {**cell.overrides, tune.param: best}
+        raw["wandb"]["config"] = {**raw["wandb"].get("config", {}), "overrides": dict(cell.overrides)}
+        cell.spec = parse_spec(raw)
+        cell.spec_sha256 = hashlib.sha256(dump_spec(cell.spec).encode("utf-8")).hexdigest()
+
+
+def read_summary(root: str | Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((Path(root) / TUNE_DIR / SUMMARY_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("variants"), dict) else None

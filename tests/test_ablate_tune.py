@@ -1,0 +1,153 @@
+"""The [tune] search of `minigpt ablate`: each variant's learning rate chosen on tuning seeds with Optuna
+(SQLite studies under the ablation), then used for its evaluation cells; a SIGKILL mid-search resumes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ablation_utils import ablate_in_process, cells_by_id, final_val, write_ablation
+from training_utils import MINIGPT, PATIENCE_S, cli, wait_for
+
+GRID = [1e-3, 3e-3, 3e-2]
+TUNED = '''
+name = "tuned"
+base = "base.toml"
+seeds = [1]
+[variants.base]
+[variants.rms]
+"model.norm.name" = "modern.rmsnorm"
+[tune]
+seeds = [11]
+grid = [1e-3, 3e-3, 3e-2]
+overrides = { "train.max_steps" = 6 }
+'''
+
+
+@pytest.fixture(autouse=True)
+def _clean_plugin_state(isolated_plugins):
+    yield
+
+
+def _write(tmp: Path) -> Path:
+    return write_ablation(tmp, TUNED, max_steps=12, eval_every=6, save_every=6)
+
+
+def _complete(root: Path, variant: str) -> list:
+    import optuna
+    from optuna.trial import TrialState
+
+    study = optuna.load_study(study_name=variant, storage=f"sqlite:///{root / 'tune' / f'{variant}.db'}")
+    return study.get_trials(states=(TrialState.COMPLETE,))
+
+
+def _results(root: Path) -> list[tuple]:
+    with open(root / "results.csv", encoding="utf-8") as f:
+        return [(r["variant"], r["seed"], r["overrides"], r["status"], r["final_val_loss"]) for r in csv.DictReader(f)]
+
+
+def _tuned_table(root: Path) -> list[str]:
+    text = (root / "report.md").read_text(encoding="utf-8")
+    return [ln for ln in text.splitlines()[text.splitlines().index("## Tuned `train.lr`"):] if ln.startswith("| ")]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tune")
+    path = _write(tmp)
+    status, out, err = ablate_in_process(path, cwd=tmp, env={"OMP_NUM_THREADS": "1"})
+    assert status == 0, out + err
+    return tmp / "runs" / "tuned", out, err
+
+
+@pytest.mark.slow
+def test_search_finds_the_grids_best_lr_and_the_cells_use_it(uninterrupted):
+    root, out, _ = uninterrupted
+    assert "cost: 2 cells + 2 variants x 3 trials x 1 tuning seeds = 8 runs" in out
+    summary = json.loads((root / "tune" / "summary.json").read_text())
+    cells = cells_by_id(root)
+    for variant in ("base", "rms"):
+        # the loss of every grid value, read from its trial run's own metrics
+        losses = {}
+        for lr in GRID:
+            (run,) = [p for p in (root / "tune" / variant / f"lr-{lr:g}" / "seed-11").iterdir() if p.is_dir()]
+            losses[lr] = final_val(run)
+            spec = (run / "spec.toml").read_text()
+            assert "max_steps = 6" in spec and 'job_type = "tune"' in spec
+        best = min(losses, key=losses.get)
+        chosen = summary["variants"][variant]
+        assert chosen["best"] == pytest.approx(best) and chosen["loss"] == pytest.approx(losses[best])
+        assert sorted(t.params["train.lr"] for t in _complete(root, variant)) == pytest.approx(GRID)
+        # the evaluation cell trained with it, and its overrides (so the report) show it
+        cell = cells[f"{variant}/seed-1"]
+        assert cell["status"] == "done" and cell["overrides"]["train.lr"] == pytest.approx(best)
+        assert f"lr = {best}" in (Path(cell["run_dir"]) / "spec.toml").read_text()
+        assert chosen["at_edge"] == (best in (GRID[0], GRID[-1]))
+    table = _tuned_table(root)
+    assert len(table) == 3 and all(f"`{v}` | {summary['variants'][v]['best']:g} |" in "".join(table)
+                                   for v in ("base", "rms"))
+    assert (root / "lr.png").stat().st_size > 1000 and "![validation loss against learning rate](lr.png)" in \
+        (root / "report.md").read_text()
+
+
+def test_dry_run_lists_the_trials_and_the_cost(tmp_path, capsys, monkeypatch):
+    path = _write(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    status, out, err = cli(capsys, "ablate", path, "--dry-run")
+    assert status == 0, err
+    assert "cost: 2 cells + 2 variants x 3 trials x 1 tuning seeds = 8 runs (6 for tuning train.lr)" in out
+    for variant in ("base", "rms"):
+        for lr in GRID:
+            assert f"{variant}/lr-{lr:g}" in out
+    assert not (tmp_path / "runs" / "tuned" / "tune").exists()
+
+
+@pytest.mark.slow
+def test_sigkill_mid_search_then_rerun_repeats_no_trial_and_matches(uninterrupted, tmp_path, capsys, monkeypatch):
+    ref_root = uninterrupted[0]
+    path = _write(tmp_path)
+    root = tmp_path / "runs" / "tuned"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([str(MINIGPT), "ablate", str(path)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env, cwd=tmp_path)
+
+    def one_done_one_running():
+        import optuna
+        from optuna.trial import TrialState
+
+        if not (root / "tune" / "base.db").is_file():
+            return None
+        try:
+            study = optuna.load_study(study_name="base", storage=f"sqlite:///{root / 'tune' / 'base.db'}")
+            states = [t.state for t in study.get_trials(deepcopy=False)]
+        except Exception:  # noqa: BLE001 - the study is still being created
+            return None
+        return states.count(TrialState.COMPLETE) >= 1 and TrialState.RUNNING in states or None
+
+    try:
+        wait_for("the search to complete a trial and start the next", one_done_one_running, interval=0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=PATIENCE_S)
+    done_before = {t.params["train.lr"] for t in _complete(root, "base")}
+    monkeypatch.chdir(tmp_path)
+    status, out, err = cli(capsys, "ablate", path)
+    assert status == 0, out + err
+    assert "was interrupted; it runs again" in out
+    for variant in ("base", "rms"):
+        lrs = sorted(t.params["train.lr"] for t in _complete(root, variant))
+        assert lrs == pytest.approx(GRID)  # each grid value once among the COMPLETE trials
+    for lr in done_before:  # a finished trial's run was not run again
+        assert len([p for p in (root / "tune" / "base" / f"lr-{lr:g}" / "seed-11").iterdir() if p.is_dir()]) == 1
+    got = json.loads((root / "tune" / "summary.json").read_text())["variants"]
+    ref = json.loads((ref_root / "tune" / "summary.json").read_text())["variants"]
+    assert {v: r["best"] for v, r in got.items()} == {v: r["best"] for v, r in ref.items()}
+    assert _results(root) == _results(ref_root)
+    assert _tuned_table(root) == _tuned_table(ref_root)
