@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ from ..checkpoints.checkpoint import atomic_write_bytes
 from ..spec import ExperimentSpec, dump_spec, parse_spec
 from .file import TuneOptions, _set_dotted
 from .plan import AblationError, Plan
-from .runner import CELL_FILE, CELL_LOG, _die_with_parent, cell_command, cores, last_error
+from .runner import CELL_FILE, CELL_LOG, RUN_DIR_FILE, _die_with_parent, _reported_run, cell_command, cores, last_error
 
 __all__ = ["TUNE_DIR", "SUMMARY_FILE", "check_tuning", "tuning_rows", "tuning_runs", "run_tuning", "apply_tuned",
            "at_edge", "read_summary"]
@@ -116,11 +117,7 @@ class _Proc:
     proc: subprocess.Popen
     log: Path
     exp_dir: Path
-    known: set[str]
-
-
-def _runs_in(d: Path) -> set[str]:
-    return {str(p) for p in d.iterdir() if p.is_dir()} if d.is_dir() else set()
+    report: Path  # where the trial's own trainer writes its run directory (never a directory beside it)
 
 
 def _final_val(run_dir: str) -> float | None:
@@ -145,15 +142,15 @@ def _run_trial(plan: Plan, variant: str, value: float, jobs: int, write: Callabl
         exp_dir.mkdir(parents=True, exist_ok=True)
         cell_file = exp_dir / CELL_FILE
         atomic_write_bytes(cell_file, dump_spec(spec).encode("utf-8"))
-        cmd = cell_command(cell_file, threads=threads, resume=None, nproc=nproc)
+        report = exp_dir / f"{RUN_DIR_FILE}.{secrets.token_hex(4)}"
+        cmd = cell_command(cell_file, threads=threads, resume=None, nproc=nproc, run_dir_file=report)
         log = exp_dir / CELL_LOG
-        known = _runs_in(exp_dir)
         kwargs: dict[str, Any] = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
         with open(log, "ab") as out:
             out.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} tune: {' '.join(cmd)}\n".encode())
             out.flush()
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(), **kwargs)
-        return _Proc(proc, log, exp_dir, known)
+        return _Proc(proc, log, exp_dir, report)
 
     try:
         while queue or active:
@@ -164,8 +161,9 @@ def _run_trial(plan: Plan, variant: str, value: float, jobs: int, write: Callabl
                 if rc is None:
                     continue
                 active.remove(a)
-                new = sorted(_runs_in(a.exp_dir) - a.known)
-                loss = _final_val(new[-1]) if rc == 0 and new else None
+                run = _reported_run(a.report, a.exp_dir)
+                a.report.unlink(missing_ok=True)
+                loss = _final_val(run) if rc == 0 and run else None
                 if rc != 0 or loss is None:
                     why = last_error(a.log) if rc != 0 else "it logged no validation loss"
                     raise AblationError(f"A tuning run of variant {variant!r} ({tune.param} = {value:g}) failed: "
