@@ -18,7 +18,10 @@ def main() -> int:
     _signal_ready()
     try:
         try:
+            from minigpt_core.cli.app import load_command_module
             from minigpt_core.cli.app import main as cli_main
+
+            load_command_module(sys.argv[1:])  # the heavy imports, still under the noting handler
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, signal.SIG_IGN if pressed else previous)

@@ -46,6 +46,19 @@ def _environment_independent_of_the_caller():
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 
+
+@pytest.fixture(autouse=True)
+def _python_handles_ctrl_c():
+    """Each test starts with Python's own SIGINT handler. The CLI run in-process ignores Ctrl-C once it
+    has reported one (as the console script does while it exits), and every process a later test
+    started would inherit that: a `minigpt train` it meant to interrupt then ran to the end."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @pytest.fixture
 def registry():
     """A registry freshly loaded from the installed entry points (no shared state between tests)."""

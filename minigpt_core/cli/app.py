@@ -16,7 +16,7 @@ from ..base.loader import ENTRY_POINT_GROUP, PLUGINS_ENV_VAR, get_registry, load
 from ..spec import ExperimentSpec, describe_components, load_spec, spec_warnings
 from .parser import COMMAND_MODULES, COMMANDS, _print_table, arguments, command
 
-__all__ = ["main", "COMMANDS"]
+__all__ = ["main", "COMMANDS", "load_command_module"]
 
 def _plugins_args(p):
     p.add_argument("--trace", action="store_true",
@@ -262,6 +262,13 @@ def _load_requested_plugins(args: argparse.Namespace) -> None:
     refs = [*getattr(args, "plugins_before", []), *getattr(args, "plugins_after", [])]
     if refs:
         load_local_plugins(refs, where="--plugin")
+
+
+def load_command_module(argv: list[str]) -> None:
+    """Import the module of the command ``argv`` names (torch with most of them), ahead of ``main``: the
+    console script does it while it only notes Ctrl-C, since a KeyboardInterrupt raised inside a C
+    extension's import can be swallowed by the library it interrupts (the run then went on, exit 0)."""
+    _load_command_modules(argv)
 
 
 def _load_command_modules(argv: list[str] | None) -> None:
