@@ -119,17 +119,23 @@ def test_sigkill_mid_search_then_rerun_repeats_no_trial_and_matches(uninterrupte
                             stderr=subprocess.DEVNULL, env=env, cwd=tmp_path)
 
     def one_done_one_running():
-        import optuna
-        from optuna.trial import TrialState
+        # Read-only SQL on the study's file: opening it through Optuna's storage would create its tables,
+        # racing the search that is creating them (the search then died on the clash).
+        import sqlite3
 
-        if not (root / "tune" / "base.db").is_file():
+        if proc.poll() is not None:
+            raise AssertionError(f"minigpt ablate ended (exit status {proc.returncode}) before the state was seen")
+        db = root / "tune" / "base.db"
+        if not db.is_file():
             return None
         try:
-            study = optuna.load_study(study_name="base", storage=f"sqlite:///{root / 'tune' / 'base.db'}")
-            states = [t.state for t in study.get_trials(deepcopy=False)]
-        except Exception:  # noqa: BLE001 - the study is still being created
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+                states = [row[0] for row in con.execute(
+                    "SELECT t.state FROM trials t JOIN studies s ON t.study_id = s.study_id "
+                    "WHERE s.study_name = 'base'")]
+        except sqlite3.Error:  # the tables are still being created
             return None
-        return states.count(TrialState.COMPLETE) >= 1 and TrialState.RUNNING in states or None
+        return states.count("COMPLETE") >= 1 and "RUNNING" in states or None
 
     try:
         wait_for("the search to complete a trial and start the next", one_done_one_running, interval=0.05)
