@@ -42,7 +42,6 @@ from .spec import (
 from typing import TYPE_CHECKING
 
 from . import plugin  # the public plugin API, as `minigpt_core.plugin`
-from .base.lazy import lazy_exports as _lazy_exports
 from .base.version import __version__
 
 __all__ = [
@@ -104,4 +103,15 @@ _LAZY = {
 }
 
 
-__getattr__, __dir__ = _lazy_exports(globals(), _LAZY, __name__)
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value  # once: later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -94,7 +94,6 @@ from .base.contracts import (
 )
 from .base.errors import CheckpointError, MinigptError, PretrainedError
 from .base.hookspecs import hookimpl
-from .base.lazy import lazy_exports as _lazy_exports
 from .base.loader import PluginRegistrar as Registrar
 from .base.reading import DATA_LIMIT, TOKENIZER_LIMIT, read_bytes_bounded, read_text_bounded
 from .model.tokenizers import TokenizerContext, TokenizerError
@@ -128,7 +127,18 @@ _LAZY = {
 }
 
 
-__getattr__, __dir__ = _lazy_exports(globals(), _LAZY, "minigpt_core")
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name], "minigpt_core"), name)
+    globals()[name] = value  # once: later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = [

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..base.lazy import lazy_exports as _lazy_exports
-
 # Imported on first use (PEP 562 __getattr__ below): `minigpt runs` reads train.lock and
 # train.loggers, and importing the package must not import the trainer and torch for them.
 # Static tools and import-linter read the imports here.
@@ -36,7 +34,18 @@ _LAZY = {
 }
 
 
-__getattr__, __dir__ = _lazy_exports(globals(), _LAZY, __name__)
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value  # once: later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = [
