@@ -28,7 +28,6 @@ from ..base.reading import SPEC_LIMIT, read_text_bounded
 from ..checkpoints.checkpoint import atomic_write_bytes
 from ..checkpoints.state import list_checkpoints
 from ..spec import dump_spec
-from ..train.signals import CaughtSignals
 from .plan import AblationError, Cell, Plan, flatten_overrides
 
 __all__ = ["MANIFEST_FILE", "CELL_FILE", "CELL_LOG", "read_manifest", "run_ablation", "cell_command",
@@ -47,14 +46,14 @@ class AblationInterrupted(Exception):
     """Ctrl-C or SIGTERM stopped the ablation: its running cells saved a checkpoint, none was started after."""
 
 
-class _Stop(CaughtSignals):
+class _Stop:
     """SIGINT / SIGTERM to `minigpt ablate` (alone, or with its cells as a terminal's Ctrl-C does): noted here
     and acted on by the loop, which starts no more cells and asks the running ones to save and stop."""
 
     def __init__(self) -> None:
-        super().__init__()
         self.presses = 0
         self.why = ""
+        self._previous: dict[int, Any] = {}
 
     @property
     def requested(self) -> bool:
@@ -63,6 +62,19 @@ class _Stop(CaughtSignals):
     def _handle(self, signum, frame) -> None:
         self.presses += 1
         self.why = self.why or ("Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name)
+
+    def install(self) -> "_Stop":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 def cores() -> int:

@@ -6,20 +6,20 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-__all__ = ["CaughtSignals", "StopRequest"]
+__all__ = ["StopRequest"]
 
 
-class CaughtSignals:
-    """SIGINT and SIGTERM go to ``self._handle`` between ``install()`` and ``uninstall()`` (which puts the
-    previous handlers back); subclasses say what a signal means."""
-
+class StopRequest:
     def __init__(self) -> None:
+        self.requested = False
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum, frame) -> None:
-        raise NotImplementedError
+        if self.requested and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
 
-    def install(self):
+    def install(self) -> "StopRequest":
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -31,14 +31,3 @@ class CaughtSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
-
-
-class StopRequest(CaughtSignals):
-    def __init__(self) -> None:
-        super().__init__()
-        self.requested = False
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.requested = True
