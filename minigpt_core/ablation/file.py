@@ -216,8 +216,9 @@ class AblationFile(BaseModel):
                                   "correction = \"holm\" | \"bonferroni\" | \"none\", alpha")
     scale: ScaleOptions | None = Field(None, description="the same ablation at several model sizes: sizes or "
                                        "presets, and budget = \"tokens_per_param\" | \"fixed\"")
-    tune: TuneOptions | None = Field(None, description="optional: a learning-rate search per variant on tuning "
-                                     "seeds; the best value is then used for the variant's evaluation cells")
+    tune: TuneOptions | None = Field(None, description="optional: a learning-rate search per variant (with "
+                                     "[scale]: per size and variant) on tuning seeds; the best value is then used "
+                                     "for the variant's evaluation cells")
 
     @field_validator("name")
     @classmethod
@@ -258,10 +259,6 @@ class AblationFile(BaseModel):
             if shared:
                 raise ValueError(f"[tune] seeds {shared} are also evaluation seeds: a learning rate tuned on the "
                                  f"seeds it is judged on flatters it; give tune.seeds values not in seeds")
-        if self.tune is not None and self.scale is not None:
-            # the search runs per variant at the base size; per size it would need a study per (size, variant)
-            raise ValueError("[tune] and [scale] cannot be combined yet: tune the learning rate at one size, or "
-                             "run the sizes with the learning rates set per variant")
         return self
 
 

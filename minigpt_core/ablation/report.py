@@ -284,28 +284,33 @@ def _variant_table(variants: list[str], rows: list[dict[str, Any]], baseline: st
 
 
 def _tuning_warnings(summary: dict[str, Any]) -> list[str]:
-    return [f"variant {v}'s best {summary['param']} = {r['best']:g} is at the edge of the searched range "
-            f"[{summary['low']:g}, {summary['high']:g}]: its best value may lie outside it; widen the range"
-            for v, r in summary["variants"].items() if r.get("at_edge")]
+    return [f"{'' if r.get('size') else 'variant '}{v}'s best {summary['param']} = {r['best']:g} is at the edge of "
+            f"the searched range [{summary['low']:g}, {summary['high']:g}]: its best value may lie outside it; widen "
+            f"the range" for v, r in summary["variants"].items() if r.get("at_edge")]
 
 
 def _tuning(manifest: dict[str, Any], files: dict[str, str]) -> list[str]:
-    """The [tune] section: each variant's chosen value, from tune/summary.json (none without [tune])."""
+    """The [tune] section: each variant's (with [scale]: each size's) chosen value, from tune/summary.json."""
     from .tune import read_summary
 
     summary = read_summary(manifest.get("root", ""))
     if summary is None:
         return []
     param = summary["param"]
+    sized = bool(summary.get("sizes"))
     how = (f"a grid of {summary['trials']} values" if summary["sampler"] == "grid"
            else f"Optuna TPE, {summary['trials']} trials")
     lines = ["", f"## Tuned {_code(param)}", "",
-             f"Each variant's {_code(param)} was searched over [{summary['low']:g}, {summary['high']:g}] ({how}) on "
-             f"tuning seeds {', '.join(map(str, summary['seeds']))}, kept apart from the evaluation seeds; its best "
-             f"value (lowest mean final validation loss) is used for its evaluation cells.", "",
-             f"| variant | chosen {_md(param)} | tuning val loss | trials |", "|---|---:|---:|---:|"]
+             f"Each variant's {_code(param)} was searched{' at every size' if sized else ''} over "
+             f"[{summary['low']:g}, {summary['high']:g}] ({how}) on tuning seeds "
+             f"{', '.join(map(str, summary['seeds']))}, kept apart from the evaluation seeds; its best value (lowest "
+             f"mean final validation loss) is used for its evaluation cells{' of that size' if sized else ''}.", "",
+             f"| {'size | ' if sized else ''}variant | chosen {_md(param)} | tuning val loss | trials |",
+             f"|{'---|' if sized else ''}---|---:|---:|---:|"]
     for v, r in summary["variants"].items():
-        lines.append(f"| {_code(v)} | {r['best']:g} | {_fmt(r['loss'])} | {len(r['trials'])} |")
+        size = f"{_code(r.get('size', ''))} | " if sized else ""
+        lines.append(f"| {size}{_code(r.get('variant', v))} | {r['best']:g} | {_fmt(r['loss'])} | "
+                     f"{len(r['trials'])} |")
     for w in _tuning_warnings(summary):
         lines += ["", f"**Warning:** {_md(w)}."]
     lines += ["", "![validation loss against learning rate](lr.png)"]
@@ -313,6 +318,7 @@ def _tuning(manifest: dict[str, Any], files: dict[str, str]) -> list[str]:
 
 
 def _lr_figure(root: Path) -> Path | None:
+    """Validation loss against the searched value, one line per variant (with [scale]: one panel per size)."""
     from .tune import read_summary
 
     summary = read_summary(root)
@@ -321,17 +327,31 @@ def _lr_figure(root: Path) -> Path | None:
     from ..viz._mpl import pyplot
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for v, r in summary["variants"].items():
-        xs = [t[0] for t in r["trials"]]
-        ys = [t[1] if t[1] is not None and math.isfinite(t[1]) else float("nan") for t in r["trials"]]
-        (line,) = ax.plot(xs, ys, marker="o", label=v)
-        ax.plot([r["best"]], [r["loss"]], marker="*", markersize=14, color=line.get_color())
-    ax.set_xscale("log")
-    ax.set_xlabel(summary["param"])
-    ax.set_ylabel("final validation loss (tuning seeds)")
-    ax.set_title("validation loss against " + summary["param"] + " (★ chosen)")
-    ax.legend()
+    sizes = list(summary.get("sizes") or [""])
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6.4 if len(sizes) == 1 else 4.2 * len(sizes), 4.2),
+                             squeeze=False, sharey=len(sizes) > 1)
+    colors: dict[str, Any] = {}  # a variant keeps its colour across the panels
+    for ax, size in zip(axes[0], sizes):
+        for key, r in summary["variants"].items():
+            if r.get("size", "") != size:
+                continue
+            variant = r.get("variant", key)
+            xs = [t[0] for t in r["trials"]]
+            ys = [t[1] if t[1] is not None and math.isfinite(t[1]) else float("nan") for t in r["trials"]]
+            (line,) = ax.plot(xs, ys, marker="o", label=variant, color=colors.get(variant))
+            colors.setdefault(variant, line.get_color())
+            ax.plot([r["best"]], [r["loss"]], marker="*", markersize=14, color=line.get_color())
+        ax.set_xscale("log")
+        ax.set_xlabel(summary["param"])
+        if size:
+            ax.set_title(f"size {size}")
+        ax.legend()
+    axes[0][0].set_ylabel("final validation loss (tuning seeds)")
+    title = "validation loss against " + summary["param"] + " (★ chosen)"
+    if len(sizes) > 1:
+        fig.suptitle(title)
+    else:
+        axes[0][0].set_title(title)
     return save_figure(fig, root / "lr.png")
 
 

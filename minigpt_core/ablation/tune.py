@@ -1,12 +1,14 @@
 """The [tune] search: each variant's learning rate (or another log-scale field) chosen on tuning seeds.
 
 One Optuna study per variant in ``<root>/tune/<variant>.db`` (SQLite, study name = the variant),
-so a killed ablation resumes its searches: COMPLETE trials are kept, a trial left RUNNING by a
-killed process is marked FAIL and its value asked again. Each trial runs the variant's cell spec
-with the value (and the [tune] overrides) on every tuning seed, as ordinary cell processes
-(``cell_command``) under ``<root>/tune/<variant>/<param>-<value>/seed-<s>``; its objective is the
-mean final validation loss. The best value becomes an override of the variant's evaluation cells.
-``summary.json`` beside the studies records every trial for the report.
+with [scale] one per size and variant in ``<root>/tune/<size>/<variant>.db`` (the best learning
+rate moves with the model's size), so a killed ablation resumes its searches: COMPLETE trials are
+kept, a trial left RUNNING by a killed process is marked FAIL and its value asked again. Each
+trial runs the variant's cell spec with the value (and the [tune] overrides) on every tuning seed,
+as ordinary cell processes (``cell_command``) under ``<root>/tune/[<size>/]<variant>/<param>-<value>/seed-<s>``;
+its objective is the mean final validation loss. The best value becomes an override of the
+variant's evaluation cells (of that size). ``summary.json`` beside the studies records every trial
+for the report, keyed by ``variant`` or ``size/variant``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from .plan import AblationError, Plan
 from .runner import CELL_FILE, CELL_LOG, RUN_DIR_FILE, _die_with_parent, _reported_run, cell_command, cores, last_error
 
 __all__ = ["TUNE_DIR", "SUMMARY_FILE", "check_tuning", "tuning_rows", "tuning_runs", "run_tuning", "apply_tuned",
-           "at_edge", "read_summary"]
+           "at_edge", "read_summary", "searches", "search_key"]
 
 TUNE_DIR = "tune"
 SUMMARY_FILE = "summary.json"
@@ -42,20 +44,31 @@ def _label(param: str, value: float) -> str:
     return f"{param.split('.')[-1]}-{value:.6g}"
 
 
-def trial_spec(plan: Plan, variant: str, value: float, seed: int) -> ExperimentSpec:
+def searches(plan: Plan) -> list[tuple[str, str]]:
+    """(size, variant) of every search: one per variant, or with [scale] one per size and variant ("" no size)."""
+    return [(size, variant) for size in (plan.sizes or {"": None}) for variant in plan.variants]
+
+
+def search_key(size: str, variant: str) -> str:
+    """How a search is named in the output, summary.json and the report: the variant, or size/variant."""
+    return f"{size}/{variant}" if size else variant
+
+
+def trial_spec(plan: Plan, variant: str, value: float, seed: int, size: str = "") -> ExperimentSpec:
     """The spec of one tuning run: the variant's evaluation cell with the value, the [tune] overrides and the seed."""
     tune = plan.config.tune
     assert tune is not None
-    cell = next(c for c in plan.cells if c.variant == variant)
+    cell = next(c for c in plan.cells if c.variant == variant and c.size == size)
     raw = _toml.loads(dump_spec(cell.spec))
     for key, v in _flat(tune.overrides).items():
         _set_dotted(raw, key, v)
     _set_dotted(raw, tune.param, value)
     raw["name"], raw["seed"] = f"seed-{seed}", seed
-    _set_dotted(raw, "train.out_dir", str(plan.root / TUNE_DIR / variant / _label(tune.param, value)))
+    _set_dotted(raw, "train.out_dir", str(plan.root / TUNE_DIR / size / variant / _label(tune.param, value)))
     _set_dotted(raw, "wandb.job_type", "tune")  # the ablation's group; the evaluation cells have the variant's
     _set_dotted(raw, "wandb.config", {"ablation": plan.name, "variant": variant, "seed": seed, "tune": True,
-                                      tune.param: value, "overrides": {**cell.overrides, tune.param: value}})
+                                      tune.param: value, "overrides": {**cell.overrides, tune.param: value},
+                                      **({"size": size} if size else {})})
     return parse_spec(raw)
 
 
@@ -72,15 +85,16 @@ def check_tuning(plan: Plan) -> None:
         return
     problems = []
     values = tune.values()
-    for variant in plan.variants:
+    for size, variant in searches(plan):
+        key = search_key(size, variant)
         for value in (values[0], values[-1]):
             try:
-                trial_spec(plan, variant, value, tune.seeds[0])
+                trial_spec(plan, variant, value, tune.seeds[0], size)
             except SpecError as exc:
-                problems += [f"tuning runs of variant {variant!r} ({tune.param} = {value:g}): {p}: {r}"
+                problems += [f"tuning runs of {key!r} ({tune.param} = {value:g}): {p}: {r}"
                              for p, r in exc.problems]
             except MinigptError as exc:
-                problems.append(f"tuning runs of variant {variant!r}: {exc}")
+                problems.append(f"tuning runs of {key!r}: {exc}")
     if problems:
         problems = list(dict.fromkeys(problems))
         raise AblationError(f"Invalid [tune] in {plan.file}; nothing was run. {len(problems)} problem(s): "
@@ -89,7 +103,7 @@ def check_tuning(plan: Plan) -> None:
 
 def tuning_runs(plan: Plan) -> int:
     tune = plan.config.tune
-    return 0 if tune is None else len(plan.variants) * tune.n_trials() * len(tune.seeds)
+    return 0 if tune is None else len(searches(plan)) * tune.n_trials() * len(tune.seeds)
 
 
 def tuning_rows(plan: Plan) -> list[list[str]]:
@@ -100,13 +114,14 @@ def tuning_rows(plan: Plan) -> list[list[str]]:
     seeds = ", ".join(map(str, tune.seeds))
     over = ", ".join(f"{k}={v}" for k, v in _flat(tune.overrides).items()) or "-"
     rows = []
-    for variant in plan.variants:
-        steps = trial_spec(plan, variant, tune.values()[0], tune.seeds[0]).train.max_steps
+    for size, variant in searches(plan):
+        key = search_key(size, variant)
+        steps = trial_spec(plan, variant, tune.values()[0], tune.seeds[0], size).train.max_steps
         if tune.sampler == "grid":
-            rows += [[f"{variant}/{_label(tune.param, v)}", f"{tune.param}={v:g}", seeds, str(steps), over]
+            rows += [[f"{key}/{_label(tune.param, v)}", f"{tune.param}={v:g}", seeds, str(steps), over]
                      for v in tune.values()]
         else:
-            rows += [[f"{variant}/trial-{i}", f"{tune.param} by TPE in [{tune.low:g}, {tune.high:g}]", seeds,
+            rows += [[f"{key}/trial-{i}", f"{tune.param} by TPE in [{tune.low:g}, {tune.high:g}]", seeds,
                       str(steps), over] for i in range(tune.n_trials())]
     return rows
 
@@ -127,17 +142,17 @@ def _final_val(run_dir: str) -> float | None:
     return float(ys[-1]) if ys else None
 
 
-def _run_trial(plan: Plan, variant: str, value: float, jobs: int, write: Callable[[str], None]) -> float:
+def _run_trial(plan: Plan, size: str, variant: str, value: float, jobs: int) -> float:
     """Mean final validation loss of the value over the tuning seeds (their runs as cell processes)."""
     tune = plan.config.tune
     assert tune is not None
     nproc = plan.config.nproc_per_node
-    threads = max(1, cores() // (jobs * nproc))
+    threads = max(1, cores() // (min(jobs, len(tune.seeds)) * nproc))  # the trial's seeds share the cores
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     queue, active, losses = list(tune.seeds), [], []
 
     def start(seed: int) -> _Proc:
-        spec = trial_spec(plan, variant, value, seed)
+        spec = trial_spec(plan, variant, value, seed, size)
         exp_dir = Path(spec.train.out_dir) / spec.name
         exp_dir.mkdir(parents=True, exist_ok=True)
         cell_file = exp_dir / CELL_FILE
@@ -166,7 +181,8 @@ def _run_trial(plan: Plan, variant: str, value: float, jobs: int, write: Callabl
                 loss = _final_val(run) if rc == 0 and run else None
                 if rc != 0 or loss is None:
                     why = last_error(a.log) if rc != 0 else "it logged no validation loss"
-                    raise AblationError(f"A tuning run of variant {variant!r} ({tune.param} = {value:g}) failed: "
+                    raise AblationError(f"A tuning run of {search_key(size, variant)!r} ({tune.param} = {value:g}) "
+                                        f"failed: "
                                         f"{why} (exit status {rc}; log: {a.log}). Fix it and run the ablation "
                                         f"again: the search resumes where it stopped.")
                 losses.append(loss)
@@ -192,17 +208,17 @@ def _optuna():
     return optuna
 
 
-def _study(plan: Plan, variant: str, *, create: bool):
+def _study(plan: Plan, size: str, variant: str, *, create: bool):
     optuna = _optuna()
     tune = plan.config.tune
     assert tune is not None
-    db = plan.root / TUNE_DIR / f"{variant}.db"
+    db = plan.root / TUNE_DIR / size / f"{variant}.db"
     if not create and not db.is_file():
         return None
     db.parent.mkdir(parents=True, exist_ok=True)
     sampler = (optuna.samplers.GridSampler({tune.param: tune.values()}, seed=0) if tune.sampler == "grid"
                else optuna.samplers.TPESampler(seed=0, n_startup_trials=min(5, tune.n_trials())))
-    return optuna.create_study(storage=f"sqlite:///{db}", study_name=variant, sampler=sampler,
+    return optuna.create_study(storage=f"sqlite:///{db}", study_name=search_key(size, variant), sampler=sampler,
                                direction="minimize", load_if_exists=True)
 
 
@@ -217,12 +233,14 @@ def _completed(study, param: str) -> list[tuple[float, float]]:
             if param in t.params]
 
 
-def _search(plan: Plan, variant: str, jobs: int, write: Callable[[str], None]) -> list[tuple[float, float]]:
+def _search(plan: Plan, size: str, variant: str, jobs: int,
+            write: Callable[[str], None]) -> list[tuple[float, float]]:
     from optuna.trial import TrialState
 
     tune = plan.config.tune
     assert tune is not None
-    study = _study(plan, variant, create=True)
+    key = search_key(size, variant)
+    study = _study(plan, size, variant, create=True)
     # We hold the tuning lock: a RUNNING trial is one whose ablation was killed; it is marked FAIL and its
     # value asked again (the grid: the values without a COMPLETE trial; TPE: enqueued)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -230,7 +248,7 @@ def _search(plan: Plan, variant: str, jobs: int, write: Callable[[str], None]) -
         if tune.param in t.params:
             if tune.sampler == "tpe":
                 study.enqueue_trial({tune.param: t.params[tune.param]})
-            write(f"[tune {variant}] trial {t.number} ({tune.param} = {t.params[tune.param]:g}) was interrupted; "
+            write(f"[tune {key}] trial {t.number} ({tune.param} = {t.params[tune.param]:g}) was interrupted; "
                   f"it runs again")
     while True:
         done = _completed(study, tune.param)
@@ -244,17 +262,18 @@ def _search(plan: Plan, variant: str, jobs: int, write: Callable[[str], None]) -
         elif len(done) >= tune.n_trials():
             return done
         # one trial through optimize(): the GridSampler stops the study from inside it when the grid is done
-        study.optimize(lambda trial: _objective(plan, variant, trial, jobs, write), n_trials=1, catch=())
+        study.optimize(lambda trial: _objective(plan, size, variant, trial, jobs, write), n_trials=1, catch=())
 
 
-def _objective(plan: Plan, variant: str, trial, jobs: int, write: Callable[[str], None]) -> float:
+def _objective(plan: Plan, size: str, variant: str, trial, jobs: int, write: Callable[[str], None]) -> float:
     tune = plan.config.tune
     assert tune is not None
+    key = search_key(size, variant)
     value = trial.suggest_float(tune.param, tune.values()[0], tune.values()[-1], log=True)
-    write(f"[tune {variant}] trial {trial.number}: {tune.param} = {value:g} on seeds "
+    write(f"[tune {key}] trial {trial.number}: {tune.param} = {value:g} on seeds "
           f"{', '.join(map(str, tune.seeds))}")
-    loss = _run_trial(plan, variant, value, jobs, write)
-    write(f"[tune {variant}] trial {trial.number}: {tune.param} = {value:g}: validation loss {loss:.4f}")
+    loss = _run_trial(plan, size, variant, value, jobs)
+    write(f"[tune {key}] trial {trial.number}: {tune.param} = {value:g}: validation loss {loss:.4f}")
     return loss
 
 
@@ -265,18 +284,19 @@ def at_edge(best: float, lo: float, hi: float, sampler: str) -> bool:
     return min(math.log(best) - math.log(lo), math.log(hi) - math.log(best)) <= _EDGE * span
 
 
-def _result(tune: TuneOptions, done: list[tuple[float, float]]) -> dict[str, Any]:
+def _result(tune: TuneOptions, done: list[tuple[float, float]], size: str, variant: str) -> dict[str, Any]:
     lo, hi = tune.values()[0], tune.values()[-1]
     trials = sorted(done)
     best_value, best_loss = min(trials, key=lambda t: (t[1], t[0]))
     return {"best": best_value, "loss": best_loss, "trials": [list(t) for t in trials],
-            "at_edge": at_edge(best_value, lo, hi, tune.sampler)}
+            "at_edge": at_edge(best_value, lo, hi, tune.sampler), "variant": variant, "size": size}
 
 
 def run_tuning(plan: Plan, *, jobs: int = 1, variants: list[str] | None = None,
                write: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
-    """Run (or resume) the search of every variant in ``variants`` (default all); returns and records in
-    summary.json each variant's {best, loss, trials, at_edge}. Variants not searched keep a finished search."""
+    """Run (or resume) the search of every variant in ``variants`` (default all; with [scale] at every size);
+    returns and records in summary.json, keyed by ``search_key``, each search's {best, loss, trials, at_edge,
+    variant, size}. Variants not searched keep a finished search."""
     tune = plan.config.tune
     if tune is None:
         return {}
@@ -291,20 +311,21 @@ def run_tuning(plan: Plan, *, jobs: int = 1, variants: list[str] | None = None,
                             f"stop it and run again.") from None
     try:
         chosen: dict[str, dict[str, Any]] = {}
-        for variant in plan.variants:
+        for size, variant in searches(plan):
+            key = search_key(size, variant)
             if variants is None or variant in variants:
-                done = _search(plan, variant, jobs, write)
+                done = _search(plan, size, variant, jobs, write)
             else:
-                study = _study(plan, variant, create=False)
+                study = _study(plan, size, variant, create=False)
                 done = _completed(study, tune.param) if study is not None else []
                 if len(done) < tune.n_trials():
                     continue
-            chosen[variant] = _result(tune, done)
-            write(f"[tune {variant}] best {tune.param} = {chosen[variant]['best']:g} (validation loss "
-                  f"{chosen[variant]['loss']:.4f} over {len(done)} trials)")
+            chosen[key] = _result(tune, done, size, variant)
+            write(f"[tune {key}] best {tune.param} = {chosen[key]['best']:g} (validation loss "
+                  f"{chosen[key]['loss']:.4f} over {len(done)} trials)")
         lo, hi = tune.values()[0], tune.values()[-1]
         summary = {"param": tune.param, "sampler": tune.sampler, "low": lo, "high": hi, "seeds": list(tune.seeds),
-                   "trials": tune.n_trials(), "variants": chosen}
+                   "trials": tune.n_trials(), "sizes": [s for s in plan.sizes], "variants": chosen}
         atomic_write_bytes(tdir / SUMMARY_FILE, (json.dumps(summary, indent=1) + "\n").encode("utf-8"))
         return chosen
     finally:
@@ -319,9 +340,10 @@ def apply_tuned(plan: Plan, chosen: dict[str, dict[str, Any]]) -> None:
     if tune is None:
         return
     for cell in plan.cells:
-        if cell.variant not in chosen:
+        key = search_key(cell.size, cell.variant)
+        if key not in chosen:
             continue
-        best = chosen[cell.variant]["best"]
+        best = chosen[key]["best"]
         raw = _toml.loads(dump_spec(cell.spec))
         _set_dotted(raw, tune.param, best)
         cell.overrides = {**cell.overrides, tune.param: best}

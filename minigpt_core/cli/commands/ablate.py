@@ -83,7 +83,9 @@ def _ablate(args) -> int:
     tune = plan.config.tune
     if tune is not None:  # the cost, before anything runs
         n_tune = tuning_runs(plan)
-        print(f"cost: {len(plan.cells)} cells + {len(plan.variants)} variants x {tune.n_trials()} trials x "
+        searched = (f"{len(plan.sizes)} sizes x {len(plan.variants)} variants" if plan.sizes
+                    else f"{len(plan.variants)} variants")
+        print(f"cost: {len(plan.cells)} cells + {searched} x {tune.n_trials()} trials x "
               f"{len(tune.seeds)} tuning seeds = {len(plan.cells) + n_tune} runs ({n_tune} for tuning "
               f"{tune.param})", flush=True)
     if args.dry_run:
@@ -95,7 +97,7 @@ def _ablate(args) -> int:
             chosen = run_tuning(plan, jobs=args.jobs, variants=selected, write=lambda s: print(s, flush=True))
             for v, r in chosen.items():
                 if r["at_edge"]:
-                    print(f"warning: variant {v}'s best {tune.param} = {r['best']:g} is at the edge of the searched "
+                    print(f"warning: {v}'s best {tune.param} = {r['best']:g} is at the edge of the searched "
                           f"range: its best value may lie outside it; widen the range", file=sys.stderr, flush=True)
             apply_tuned(plan, chosen)
         manifest = run_ablation(plan, jobs=args.jobs, retry_failed=args.retry_failed, force=args.force,
