@@ -13,7 +13,7 @@ from minigpt_core.base import toml as _toml
 from training_utils import tiny_spec_data
 
 # An attention that raises in forward while MINIGPT_TEST_BOOM=1 (a run-time failure of one variant),
-# and one that sleeps in forward (so a test can kill the ablation in the middle of a cell).
+# and one that sleeps in forward, 10 ms or MINIGPT_TEST_SLOW_S (so a test can stop the ablation mid-cell).
 PLUGIN = '''
 import os, time
 from minigpt_core.plugin import Params, hookimpl
@@ -29,7 +29,7 @@ class Boom(SDPAttention):
 
 class Slow(SDPAttention):
     def forward(self, x):
-        time.sleep(0.01)
+        time.sleep(float(os.environ.get("MINIGPT_TEST_SLOW_S", "0.01")))
         return super().forward(x)
 
 
@@ -38,7 +38,7 @@ def minigpt_register(registry):
     registry.add("attention", "test.boom", lambda ctx, p: Boom(ctx.emb_dim, ctx.n_heads, ctx.drop_rate, ctx.qkv_bias),
                  params=Params, description="raises in forward while MINIGPT_TEST_BOOM=1", capabilities={"causal"})
     registry.add("attention", "test.slow", lambda ctx, p: Slow(ctx.emb_dim, ctx.n_heads, ctx.drop_rate, ctx.qkv_bias),
-                 params=Params, description="sleeps 10 ms per call", capabilities={"causal"})
+                 params=Params, description="sleeps 10 ms (MINIGPT_TEST_SLOW_S) per call", capabilities={"causal"})
 '''
 
 

@@ -224,3 +224,79 @@ def test_with_scale_each_size_gets_its_own_search_and_its_cells_its_best_lr(tmp_
     assert any(row.startswith("| `s` | `base` | ") for row in table)
     assert any(row.startswith("| `m` | `base` | ") for row in table)
     assert (root / "lr.png").stat().st_size > 1000
+
+
+# -- Ctrl-C during a search ------------------------------------------------------------------------------------
+STOPPED = '''
+name = "tstop"
+base = "base.toml"
+seeds = [1]
+[variants.base]
+plugins = ["plugins/testattn.py"]
+"model.attention.name" = "test.slow"
+[tune]
+seeds = [11]
+grid = [1e-3, 3e-2]
+overrides = { "train.max_steps" = 6, "train.log_every" = 1 }
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_mid_search_stops_with_the_continue_line_and_the_trial_runs_again(
+        tmp_path, capsys, monkeypatch, sig):
+    from minigpt_core.ablation.runner import _die_with_parent
+
+    path = write_ablation(tmp_path, STOPPED, max_steps=6, eval_every=6, save_every=6)
+    root = tmp_path / "runs" / "tstop"
+    # each step sleeps 0.3 s per attention call: the trial is still training when the signal comes
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MINIGPT_TEST_SLOW_S": "0.3"}
+    out, err = open(tmp_path / "out.txt", "w+"), open(tmp_path / "err.txt", "w+")
+
+    def own_group_dying_with_us():  # a terminal's Ctrl-C reaches the whole group; no orphan if pytest dies
+        os.setsid()
+        _die_with_parent()
+
+    proc = subprocess.Popen([str(MINIGPT), "ablate", str(path)], stdout=out, stderr=err, env=env, cwd=tmp_path,
+                            preexec_fn=own_group_dying_with_us)
+
+    def first_trial_training():
+        if proc.poll() is not None:
+            raise AssertionError(f"minigpt ablate ended (exit status {proc.returncode}) before a trial trained")
+        for metrics in (root / "tune" / "base").glob("lr-*/seed-11/*/metrics.jsonl"):
+            lines = metrics.read_text().splitlines()[:-1]  # the last line may be half written
+            if any("train/loss" in json.loads(line) for line in lines):
+                return metrics.parent
+        return None
+
+    try:
+        run = wait_for("a tuning run to train", first_trial_training)
+        os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
+        proc.wait(timeout=PATIENCE_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    out.seek(0), err.seek(0)
+    stdout, stderr = out.read(), err.read()
+    assert proc.returncode == 130, (stdout, stderr)
+    assert "Traceback" not in stderr, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted (") and "the search of base stopped" in last and \
+        f"continue with: minigpt ablate {path}" in last, stderr
+    # the trial that was training: FAIL in the study (never COMPLETE, never left RUNNING), no cell started
+    import optuna
+    from optuna.trial import TrialState
+
+    study = optuna.load_study(study_name="base", storage=f"sqlite:///{root / 'tune' / 'base.db'}")
+    states = [t.state for t in study.get_trials()]
+    assert states[-1] == TrialState.FAIL and TrialState.RUNNING not in states, states
+    lr = float(run.parent.parent.name.removeprefix("lr-"))
+    assert not (root / "base").exists()  # no evaluation cell
+    # the next run (no sleeps now) runs that value again and finishes the search and the cell
+    monkeypatch.chdir(tmp_path)
+    status, out2, err2 = cli(capsys, "ablate", path)
+    assert status == 0, out2 + err2
+    assert f"train.lr = {lr:g} on seeds 11" in out2
+    assert sorted(t.params["train.lr"] for t in _complete(root, "base")) == pytest.approx([1e-3, 3e-2])
+    assert cells_by_id(root)["base/seed-1"]["status"] == "done"

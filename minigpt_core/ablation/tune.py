@@ -13,14 +13,15 @@ for the report, keyed by ``variant`` or ``size/variant``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,7 +31,23 @@ from ..checkpoints.checkpoint import atomic_write_bytes
 from ..spec import ExperimentSpec, dump_spec, parse_spec
 from .file import TuneOptions, _set_dotted
 from .plan import AblationError, Plan
-from .runner import CELL_FILE, CELL_LOG, RUN_DIR_FILE, _die_with_parent, _reported_run, cell_command, cores, last_error
+from .runner import (
+    _INTERRUPTED,
+    CELL_FILE,
+    CELL_LOG,
+    RUN_DIR_FILE,
+    AblationInterrupted,
+    _Active,
+    _die_with_parent,
+    _pass_on_stop,
+    _reported_run,
+    _Stop,
+    _submitit_executor,
+    cell_command,
+    cores,
+    execute_cell,
+    last_error,
+)
 
 __all__ = ["TUNE_DIR", "SUMMARY_FILE", "check_tuning", "tuning_rows", "tuning_runs", "run_tuning", "apply_tuned",
            "at_edge", "read_summary", "searches", "search_key"]
@@ -127,14 +144,6 @@ def tuning_rows(plan: Plan) -> list[list[str]]:
 
 
 # -- the search ---------------------------------------------------------------------------------------------
-@dataclass
-class _Proc:
-    proc: subprocess.Popen
-    log: Path
-    exp_dir: Path
-    report: Path  # where the trial's own trainer writes its run directory (never a directory beside it)
-
-
 def _final_val(run_dir: str) -> float | None:
     from ..runs import metric_series, read_metrics
 
@@ -142,16 +151,22 @@ def _final_val(run_dir: str) -> float | None:
     return float(ys[-1]) if ys else None
 
 
-def _run_trial(plan: Plan, size: str, variant: str, value: float, jobs: int) -> float:
-    """Mean final validation loss of the value over the tuning seeds (their runs as cell processes)."""
+def _run_trial(plan: Plan, size: str, variant: str, value: float, jobs: int, executor: str, stop: _Stop) -> float:
+    """Mean final validation loss of the value over the tuning seeds (their runs as cell processes, or jobs
+    of the --executor). A stop request (Ctrl-C, SIGTERM) is passed on to the runs, as to cells, and raises
+    AblationInterrupted once they have ended; the trial then counts as not run."""
     tune = plan.config.tune
     assert tune is not None
     nproc = plan.config.nproc_per_node
-    threads = max(1, cores() // (min(jobs, len(tune.seeds)) * nproc))  # the trial's seeds share the cores
+    local = executor == "local"
+    threads = max(1, cores() // ((min(jobs, len(tune.seeds)) if local else 1) * nproc))  # the seeds share the cores
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    sub = None if local else _submitit_executor(executor, plan.root, dict(plan.config.executor))
+    limit = jobs if executor != "slurm" else len(tune.seeds)  # slurm queues them all, as cells
+    key = search_key(size, variant)
     queue, active, losses = list(tune.seeds), [], []
 
-    def start(seed: int) -> _Proc:
+    def start(seed: int) -> tuple[_Active, Path]:
         spec = trial_spec(plan, variant, value, seed, size)
         exp_dir = Path(spec.train.out_dir) / spec.name
         exp_dir.mkdir(parents=True, exist_ok=True)
@@ -160,43 +175,66 @@ def _run_trial(plan: Plan, size: str, variant: str, value: float, jobs: int) -> 
         report = exp_dir / f"{RUN_DIR_FILE}.{secrets.token_hex(4)}"
         cmd = cell_command(cell_file, threads=threads, resume=None, nproc=nproc, run_dir_file=report)
         log = exp_dir / CELL_LOG
-        kwargs: dict[str, Any] = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
         with open(log, "ab") as out:
             out.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} tune: {' '.join(cmd)}\n".encode())
-            out.flush()
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(), **kwargs)
-        return _Proc(proc, log, exp_dir, report)
+        if sub is None:
+            kwargs: dict[str, Any] = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
+            with open(log, "ab") as out:
+                handle = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
+                                          **kwargs)
+        else:
+            handle = sub.submit(execute_cell, cmd, str(log), env, os.getcwd())
+        return _Active({"id": f"{key}/{_label(tune.param, value)}/seed-{seed}"}, handle, log, report,
+                       time.time()), exp_dir
+
+    def end_all() -> None:  # Ctrl-C reaches local runs too; an error here stops them; a queued job is cancelled
+        for a, _ in active:
+            if not isinstance(a.handle, subprocess.Popen):
+                with contextlib.suppress(Exception):
+                    a.handle.cancel(check=False)
+            elif a.handle.poll() is None:
+                a.handle.terminate()
+                try:
+                    a.handle.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    a.handle.kill()
 
     try:
-        while queue or active:
-            while queue and len(active) < jobs:
+        while (queue and not stop.requested) or active:
+            while queue and len(active) < limit and not stop.requested:
                 active.append(start(queue.pop(0)))
-            for a in list(active):
-                rc = a.proc.poll()
+            if stop.requested:
+                for a, _ in active:
+                    _pass_on_stop(a, stop.presses)
+                if not all(isinstance(a.handle, subprocess.Popen) for a, _ in active):
+                    end_all()
+                    active = [(a, d) for a, d in active if isinstance(a.handle, subprocess.Popen)]
+            for a, exp_dir in list(active):
+                rc = a.poll()
                 if rc is None:
                     continue
-                active.remove(a)
-                run = _reported_run(a.report, a.exp_dir)
+                active.remove((a, exp_dir))
+                run = _reported_run(a.report, exp_dir)
                 a.report.unlink(missing_ok=True)
+                if stop.requested or rc in (_INTERRUPTED, -signal.SIGINT):
+                    stop.presses = max(stop.presses, 1)  # a run stopped by hand stops the ablation, as a cell
+                    stop.why = stop.why or f"tuning run {a.rec['id']} was interrupted"
+                    continue
                 loss = _final_val(run) if rc == 0 and run else None
                 if rc != 0 or loss is None:
                     why = last_error(a.log) if rc != 0 else "it logged no validation loss"
-                    raise AblationError(f"A tuning run of {search_key(size, variant)!r} ({tune.param} = {value:g}) "
-                                        f"failed: "
-                                        f"{why} (exit status {rc}; log: {a.log}). Fix it and run the ablation "
-                                        f"again: the search resumes where it stopped.")
+                    raise AblationError(f"A tuning run of {key!r} ({tune.param} = {value:g}) failed: {why} "
+                                        f"(exit status {rc}; log: {a.log}). Fix it and run the ablation again: the "
+                                        f"search resumes where it stopped.")
                 losses.append(loss)
             if active:
                 time.sleep(0.1)
     except BaseException:
-        for a in active:  # Ctrl-C reaches them too; an error here stops them
-            if a.proc.poll() is None:
-                a.proc.terminate()
-            try:
-                a.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                a.proc.kill()
+        end_all()
         raise
+    if stop.requested:
+        raise AblationInterrupted(f"{stop.why}: the search of {key} stopped in its trial of {tune.param} = "
+                                  f"{value:g}, which runs again next time")
     mean = sum(losses) / len(losses)
     return mean if math.isfinite(mean) else float("inf")  # a diverged value: the worst, not a failed trial
 
@@ -204,7 +242,9 @@ def _run_trial(plan: Plan, size: str, variant: str, value: float, jobs: int) -> 
 def _optuna():
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # ERROR: a trial that raises (a failed or interrupted run) is logged at WARNING with its traceback, and
+    # our own message says it already
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     return optuna
 
 
@@ -233,7 +273,10 @@ def _completed(study, param: str) -> list[tuple[float, float]]:
             if param in t.params]
 
 
-def _search(plan: Plan, size: str, variant: str, jobs: int,
+_Trial = Callable[[str, str, float], float]  # (size, variant, value) -> the trial's mean final validation loss
+
+
+def _search(plan: Plan, size: str, variant: str, run_trial: _Trial, stop: _Stop,
             write: Callable[[str], None]) -> list[tuple[float, float]]:
     from optuna.trial import TrialState
 
@@ -261,18 +304,27 @@ def _search(plan: Plan, size: str, variant: str, jobs: int,
             study.sampler = _optuna().samplers.GridSampler({tune.param: remaining}, seed=0)
         elif len(done) >= tune.n_trials():
             return done
+        if stop.requested:
+            raise AblationInterrupted(f"{stop.why}: the search of {key} stopped between trials")
         # one trial through optimize(): the GridSampler stops the study from inside it when the grid is done
-        study.optimize(lambda trial: _objective(plan, size, variant, trial, jobs, write), n_trials=1, catch=())
+        try:
+            study.optimize(lambda trial: _objective(plan, size, variant, trial, run_trial, write), n_trials=1,
+                           catch=())
+        except AblationInterrupted:  # Optuna marked the trial FAIL: the grid asks its value again, TPE is told to
+            last = study.get_trials(deepcopy=False)[-1]
+            if tune.sampler == "tpe" and tune.param in last.params:
+                study.enqueue_trial({tune.param: last.params[tune.param]})
+            raise
 
 
-def _objective(plan: Plan, size: str, variant: str, trial, jobs: int, write: Callable[[str], None]) -> float:
+def _objective(plan: Plan, size: str, variant: str, trial, run_trial: _Trial, write: Callable[[str], None]) -> float:
     tune = plan.config.tune
     assert tune is not None
     key = search_key(size, variant)
     value = trial.suggest_float(tune.param, tune.values()[0], tune.values()[-1], log=True)
     write(f"[tune {key}] trial {trial.number}: {tune.param} = {value:g} on seeds "
           f"{', '.join(map(str, tune.seeds))}")
-    loss = _run_trial(plan, size, variant, value, jobs)
+    loss = run_trial(size, variant, value)
     write(f"[tune {key}] trial {trial.number}: {tune.param} = {value:g}: validation loss {loss:.4f}")
     return loss
 
@@ -292,11 +344,12 @@ def _result(tune: TuneOptions, done: list[tuple[float, float]], size: str, varia
             "at_edge": at_edge(best_value, lo, hi, tune.sampler), "variant": variant, "size": size}
 
 
-def run_tuning(plan: Plan, *, jobs: int = 1, variants: list[str] | None = None,
+def run_tuning(plan: Plan, *, jobs: int = 1, executor: str = "local", variants: list[str] | None = None,
                write: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
     """Run (or resume) the search of every variant in ``variants`` (default all; with [scale] at every size);
     returns and records in summary.json, keyed by ``search_key``, each search's {best, loss, trials, at_edge,
-    variant, size}. Variants not searched keep a finished search."""
+    variant, size}. Variants not searched keep a finished search. Ctrl-C or SIGTERM stops the running trial
+    (it runs again next time) and raises AblationInterrupted, as the cells do."""
     tune = plan.config.tune
     if tune is None:
         return {}
@@ -309,12 +362,17 @@ def run_tuning(plan: Plan, *, jobs: int = 1, variants: list[str] | None = None,
     except RunLockedError:
         raise AblationError(f"Another `minigpt ablate` is tuning this ablation ({tdir}); wait for it to end, or "
                             f"stop it and run again.") from None
+    stop = _Stop().install()
+
+    def run_trial(size: str, variant: str, value: float) -> float:
+        return _run_trial(plan, size, variant, value, jobs, executor, stop)
+
     try:
         chosen: dict[str, dict[str, Any]] = {}
         for size, variant in searches(plan):
             key = search_key(size, variant)
             if variants is None or variant in variants:
-                done = _search(plan, size, variant, jobs, write)
+                done = _search(plan, size, variant, run_trial, stop, write)
             else:
                 study = _study(plan, size, variant, create=False)
                 done = _completed(study, tune.param) if study is not None else []
@@ -329,6 +387,7 @@ def run_tuning(plan: Plan, *, jobs: int = 1, variants: list[str] | None = None,
         atomic_write_bytes(tdir / SUMMARY_FILE, (json.dumps(summary, indent=1) + "\n").encode("utf-8"))
         return chosen
     finally:
+        stop.uninstall()
         lock.release()
 
 

@@ -94,7 +94,8 @@ def _ablate(args) -> int:
     try:  # the search (with [tune]), then the cells
         if tune is not None:
             selected = None if only is None else sorted({c.variant for c in plan.cells if c.id in only})
-            chosen = run_tuning(plan, jobs=args.jobs, variants=selected, write=lambda s: print(s, flush=True))
+            chosen = run_tuning(plan, jobs=args.jobs, executor=args.executor, variants=selected,
+                                write=lambda s: print(s, flush=True))
             for v, r in chosen.items():
                 if r["at_edge"]:
                     print(f"warning: {v}'s best {tune.param} = {r['best']:g} is at the edge of the searched "
