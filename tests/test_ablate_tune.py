@@ -21,8 +21,12 @@ TUNED = '''
 name = "tuned"
 base = "base.toml"
 seeds = [1]
-[variants.base]
+[variants.base]                # test.slow: torch.sdpa's maths, with a sleep the SIGKILL test lengthens
+plugins = ["plugins/testattn.py"]
+"model.attention.name" = "test.slow"
 [variants.rms]
+plugins = ["plugins/testattn.py"]
+"model.attention.name" = "test.slow"
 "model.norm.name" = "modern.rmsnorm"
 [tune]
 seeds = [11]
@@ -114,7 +118,9 @@ def test_sigkill_mid_search_then_rerun_repeats_no_trial_and_matches(uninterrupte
     ref_root = uninterrupted[0]
     path = _write(tmp_path)
     root = tmp_path / "runs" / "tuned"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # one thread: bit-for-bit the uninterrupted run's numbers; 0.15 s per attention call: the second trial
+    # is still running when the test sees it start, so the kill lands mid-trial, not between trials
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MINIGPT_TEST_SLOW_S": "0.15"}
     proc = subprocess.Popen([str(MINIGPT), "ablate", str(path)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=env, cwd=tmp_path)
 
@@ -144,6 +150,7 @@ def test_sigkill_mid_search_then_rerun_repeats_no_trial_and_matches(uninterrupte
         proc.wait(timeout=PATIENCE_S)
     done_before = {t.params["train.lr"] for t in _complete(root, "base")}
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as the uninterrupted run's cells
     status, out, err = cli(capsys, "ablate", path)
     assert status == 0, out + err
     assert "was interrupted; it runs again" in out

@@ -78,10 +78,14 @@ class _Stop:
 
 
 def cores() -> int:
+    """The cores the cells share: this process's CPUs, capped by an OMP_NUM_THREADS given to `ablate` (a user's
+    or a test's wish for fewer threads per run; one thread also makes a CPU run bit-for-bit repeatable)."""
     try:
-        return len(os.sched_getaffinity(0))
+        n = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+        n = os.cpu_count() or 1
+    cap = os.environ.get("OMP_NUM_THREADS", "")
+    return min(n, int(cap)) if cap.isdigit() and int(cap) > 0 else n
 
 
 class _Strict(BaseModel):
