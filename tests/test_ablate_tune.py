@@ -310,3 +310,34 @@ def test_ctrl_c_or_sigterm_mid_search_stops_with_the_continue_line_and_the_trial
     assert f"train.lr = {lr:g} on seeds 11" in out2
     assert sorted(t.params["train.lr"] for t in _complete(root, "base")) == pytest.approx([1e-3, 3e-2])
     assert cells_by_id(root)["base/seed-1"]["status"] == "done"
+
+
+# -- trials as jobs of the executor --------------------------------------------------------------------------
+@pytest.mark.slow
+def test_trials_run_as_submitit_jobs_with_the_executor(tmp_path):
+    pytest.importorskip("submitit")
+    path = write_ablation(tmp_path, '''
+name = "tsub"
+base = "base.toml"
+seeds = [1]
+[variants.base]
+[tune]
+seeds = [11, 12]
+grid = [1e-3, 3e-2]
+overrides = { "train.max_steps" = 4 }
+''', max_steps=4, eval_every=2, save_every=0)
+    status, out, err = ablate_in_process(path, "--executor", "submitit-local", "--jobs", "2", cwd=tmp_path,
+                                         env={"OMP_NUM_THREADS": "1"})
+    assert status == 0, out + err
+    root = tmp_path / "runs" / "tsub"
+    # every trial run was a submitit job: its pickled call and its result in submitit's folder, one per run
+    results = list((root / "submitit").glob("*_result.pkl"))
+    assert len(results) == 2 * 2 + 1, sorted(p.name for p in (root / "submitit").iterdir())
+    summary = json.loads((root / "tune" / "summary.json").read_text())["variants"]["base"]
+    losses = {}
+    for lr in (1e-3, 3e-2):  # the objective: the mean over both tuning seeds' runs
+        runs = [next(p for p in (root / "tune" / "base" / f"lr-{lr:g}" / f"seed-{s}").iterdir() if p.is_dir())
+                for s in (11, 12)]
+        losses[lr] = sum(final_val(r) for r in runs) / 2
+    assert summary["trials"] == [[lr, pytest.approx(loss)] for lr, loss in sorted(losses.items())]
+    assert cells_by_id(root)["base/seed-1"]["overrides"]["train.lr"] == pytest.approx(min(losses, key=losses.get))
