@@ -303,8 +303,12 @@ def test_ctrl_c_or_sigterm_mid_search_stops_with_the_continue_line_and_the_trial
     assert states[-1] == TrialState.FAIL and TrialState.RUNNING not in states, states
     lr = float(run.parent.parent.name.removeprefix("lr-"))
     assert not (root / "base").exists()  # no evaluation cell
-    # the next run (no sleeps now) runs that value again and finishes the search and the cell
+    # a study stopped while searching is already an ablation directory: `report` shows its cells as missing
     monkeypatch.chdir(tmp_path)
+    status, out1, err1 = cli(capsys, "report", str(root), "--no-wandb")
+    assert status == 0, out1 + err1
+    assert "| `base` |" in out1 and "1 missing" in out1
+    # the next run (no sleeps now) runs that value again and finishes the search and the cell
     status, out2, err2 = cli(capsys, "ablate", path)
     assert status == 0, out2 + err2
     assert f"train.lr = {lr:g} on seeds 11" in out2

@@ -31,7 +31,7 @@ from ..spec import dump_spec
 from .plan import AblationError, Cell, Plan, flatten_overrides
 
 __all__ = ["MANIFEST_FILE", "CELL_FILE", "CELL_LOG", "read_manifest", "run_ablation", "cell_command",
-           "execute_cell", "EXECUTORS", "cores", "AblationInterrupted"]
+           "execute_cell", "EXECUTORS", "cores", "AblationInterrupted", "start_manifest"]
 
 MANIFEST_FILE = "manifest.json"
 CELL_FILE = "cell.toml"  # the cell's resolved spec, in train.out_dir/<variant>/seed-<s>/
@@ -403,6 +403,27 @@ def _submitit_executor(kind: str, root: Path, params: dict[str, Any], check_only
                             f"submitit's parameters, e.g. timeout_min = 60, slurm_partition = \"gpu\", "
                             f"gpus_per_node = 1, cpus_per_task = 8, mem_gb = 32.") from None
     return ex
+
+
+def start_manifest(plan: Plan) -> None:
+    """Write a first manifest (every cell pending) if the ablation has none yet, so that `minigpt report` works
+    on a study that is still searching its learning rates. The cells' specs in it are the untuned ones; the
+    run after the search records the tuned ones (a pending cell's spec may change freely)."""
+    from ..train.lock import RunLock, RunLockedError
+
+    if read_manifest(plan.root) is not None:
+        return
+    plan.root.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = RunLock(plan.root).acquire()
+    except RunLockedError:
+        raise AblationError(f"Another `minigpt ablate` is running this ablation ({plan.root}); wait for it to end, "
+                            f"or stop it and run again.") from None
+    try:
+        if read_manifest(plan.root) is None:
+            write_manifest(plan.root, reconcile(plan, None, force=False))
+    finally:
+        lock.release()
 
 
 def run_ablation(plan: Plan, *, jobs: int = 1, retry_failed: bool = False, force: bool = False,

@@ -367,6 +367,13 @@ def run_tuning(plan: Plan, *, jobs: int = 1, executor: str = "local", variants: 
     def run_trial(size: str, variant: str, value: float) -> float:
         return _run_trial(plan, size, variant, value, jobs, executor, stop)
 
+    lo, hi = tune.values()[0], tune.values()[-1]
+
+    def record() -> None:  # after every search: `minigpt report` on a study still searching shows the finished ones
+        summary = {"param": tune.param, "sampler": tune.sampler, "low": lo, "high": hi, "seeds": list(tune.seeds),
+                   "trials": tune.n_trials(), "sizes": [s for s in plan.sizes], "variants": chosen}
+        atomic_write_bytes(tdir / SUMMARY_FILE, (json.dumps(summary, indent=1) + "\n").encode("utf-8"))
+
     try:
         chosen: dict[str, dict[str, Any]] = {}
         for size, variant in searches(plan):
@@ -381,10 +388,8 @@ def run_tuning(plan: Plan, *, jobs: int = 1, executor: str = "local", variants: 
             chosen[key] = _result(tune, done, size, variant)
             write(f"[tune {key}] best {tune.param} = {chosen[key]['best']:g} (validation loss "
                   f"{chosen[key]['loss']:.4f} over {len(done)} trials)")
-        lo, hi = tune.values()[0], tune.values()[-1]
-        summary = {"param": tune.param, "sampler": tune.sampler, "low": lo, "high": hi, "seeds": list(tune.seeds),
-                   "trials": tune.n_trials(), "sizes": [s for s in plan.sizes], "variants": chosen}
-        atomic_write_bytes(tdir / SUMMARY_FILE, (json.dumps(summary, indent=1) + "\n").encode("utf-8"))
+            record()
+        record()
         return chosen
     finally:
         stop.uninstall()

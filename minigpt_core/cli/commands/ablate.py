@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ...ablation.plan import MAX_CELLS, ablation_root, flatten_overrides, load_plan, read_ablation_file
-from ...ablation.runner import EXECUTORS, AblationInterrupted, cores, read_manifest, run_ablation
+from ...ablation.runner import EXECUTORS, AblationInterrupted, cores, read_manifest, run_ablation, start_manifest
 from ...base import toml as _toml
 from ...base.errors import MinigptError
 from ...base.reading import SPEC_LIMIT, read_text_bounded
@@ -93,6 +93,7 @@ def _ablate(args) -> int:
         return 0
     try:  # the search (with [tune]), then the cells
         if tune is not None:
+            start_manifest(plan)
             selected = None if only is None else sorted({c.variant for c in plan.cells if c.id in only})
             chosen = run_tuning(plan, jobs=args.jobs, executor=args.executor, variants=selected,
                                 write=lambda s: print(s, flush=True))
