@@ -20,7 +20,6 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -38,15 +37,14 @@ from .runner import (
     RUN_DIR_FILE,
     AblationInterrupted,
     _Active,
-    _die_with_parent,
     _pass_on_stop,
     _reported_run,
     _Stop,
     _submitit_executor,
     cell_command,
     cores,
-    execute_cell,
     last_error,
+    launch,
 )
 
 __all__ = ["TUNE_DIR", "SUMMARY_FILE", "check_tuning", "tuning_rows", "tuning_runs", "run_tuning", "apply_tuned",
@@ -177,13 +175,7 @@ def _run_trial(plan: Plan, size: str, variant: str, value: float, jobs: int, exe
         log = exp_dir / CELL_LOG
         with open(log, "ab") as out:
             out.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} tune: {' '.join(cmd)}\n".encode())
-        if sub is None:
-            kwargs: dict[str, Any] = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
-            with open(log, "ab") as out:
-                handle = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
-                                          **kwargs)
-        else:
-            handle = sub.submit(execute_cell, cmd, str(log), env, os.getcwd())
+        handle = launch(cmd, log, env, sub)
         return _Active({"id": f"{key}/{_label(tune.param, value)}/seed-{seed}"}, handle, log, report,
                        time.time()), exp_dir
 
