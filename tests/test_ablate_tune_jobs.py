@@ -128,3 +128,43 @@ overrides = { "train.max_steps" = 4 }
         losses[lr] = sum(final_val(r) for r in runs) / 2
     assert summary["trials"] == [[lr, pytest.approx(loss)] for lr, loss in sorted(losses.items())]
     assert cells_by_id(root)["base/seed-1"]["overrides"]["train.lr"] == pytest.approx(min(losses, key=losses.get))
+
+
+# -- --jobs with fewer tuning seeds than jobs: searches side by side ---------------------------------------------
+@pytest.mark.slow
+def test_jobs_2_with_one_tuning_seed_runs_two_searches_at_once(tmp_path):
+    path = write_ablation(tmp_path, '''
+name = "tpar"
+base = "base.toml"
+seeds = [1]
+[variants.a]
+plugins = ["plugins/testattn.py"]
+"model.attention.name" = "test.slow"
+[variants.b]
+plugins = ["plugins/testattn.py"]
+"model.attention.name" = "test.slow"
+"model.norm.name" = "modern.rmsnorm"
+[tune]
+seeds = [11]
+grid = [1e-3, 3e-2]
+overrides = { "train.max_steps" = 4 }
+''', max_steps=4, eval_every=2, save_every=0)
+    # 0.05 s per attention call: each trial run trains for a few seconds after its start-up
+    status, out, err = ablate_in_process(path, "--jobs", "2", cwd=tmp_path,
+                                         env={"OMP_NUM_THREADS": "1", "MINIGPT_TEST_SLOW_S": "0.05"})
+    assert status == 0, out + err
+    root = tmp_path / "runs" / "tpar"
+
+    def span(variant: str, lr: float) -> tuple[float, float]:  # from the run's first file to its last write
+        (run,) = [p for p in (root / "tune" / variant / f"lr-{lr:g}" / "seed-11").iterdir() if p.is_dir()]
+        return (run / "spec.toml").stat().st_mtime, (run / "metrics.jsonl").stat().st_mtime
+
+    # both searches start with the grid's first value at the same moment: their runs overlap in time
+    first = next(line for line in out.splitlines() if line.startswith("[tune a] trial 0: "))
+    lr = float(first.split("train.lr = ")[1].split()[0])
+    (a0, a1), (b0, b1) = span("a", lr), span("b", lr)
+    assert a0 < b1 and b0 < a1, ((a0, a1), (b0, b1))
+    summary = json.loads((root / "tune" / "summary.json").read_text())["variants"]
+    assert list(summary) == ["a", "b"] and all(len(r["trials"]) == 2 for r in summary.values())
+    for v in ("a", "b"):
+        assert cells_by_id(root)[f"{v}/seed-1"]["overrides"]["train.lr"] == pytest.approx(summary[v]["best"])
