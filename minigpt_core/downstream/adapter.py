@@ -113,7 +113,10 @@ class MinigptLM(TemplateLM):
         if not Path(str(checkpoint)).exists():
             raise AdapterError(f"No checkpoint at {checkpoint}: give a checkpoint directory, or a run or experiment "
                                f"directory (its best checkpoint, else its latest).")
-        ckpt, model, spec, tokenizer, dev = load_for_inference(str(checkpoint), device or "auto", quantize=quantize,
+        if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            # lm_eval's command line passes cuda:0 unless told otherwise; like its hf model, fall back.
+            device = "auto"
+        ckpt, model, spec, tokenizer, dev = load_for_inference(str(checkpoint), device, quantize=quantize,
                                                                what="lm_eval")
         self._setup(model, tokenizer, dev, batch_size=batch_size, max_gen_toks=max_gen_toks, progress=progress)
         self.checkpoint = ckpt
