@@ -177,3 +177,22 @@ def test_a_standard_task_passes_through_to_lm_eval_which_downloads_its_data(run,
     assert "Traceback" not in proc.stderr
     assert "error: The data of a task could not be loaded" in proc.stderr
     assert "(hellaswag) download their data" in proc.stderr
+
+
+def test_minigpt_runs_shows_a_column_per_task_evaluated(run, capsys):
+    run_dir, _ = run
+    status, _, err = cli(capsys, "evaluate", run_dir, "--tasks", "pydoc_mc", "--limit", "5", "--no-progress",
+                         "--no-wandb")
+    assert status == 0, err
+    acc = json.loads((run_dir / "eval" / "pydoc_mc.json").read_text())["results"]["pydoc_mc"]["acc,none"]
+    status, out, err = cli(capsys, "runs", run_dir.parent.parent)
+    assert status == 0, err
+    header = out.splitlines()[0].split()
+    assert header[:6] == ["run", "started", "status", "steps", "val", "best"] and "pydoc_mc" in header
+    (row,) = [line.split() for line in out.splitlines() if line.strip().startswith(run_dir.name)]
+    assert row[header.index("pydoc_mc") + 1] == f"{acc:.3f}"  # "started" is two words: 12-02 13:18
+    assert "pydoc_mc: acc" in " ".join(out.split())  # the note names the metric (wrapped at 100 columns)
+    status, out, _ = cli(capsys, "runs", run_dir.parent.parent, "--json")
+    (record,) = [r for r in json.loads(out) if r.get("run_dir") == str(run_dir)]
+    assert record["evaluations"]["pydoc_mc"] == {"metric": "acc", "value": acc,
+                                                 "stderr": pytest.approx(record["evaluations"]["pydoc_mc"]["stderr"])}
