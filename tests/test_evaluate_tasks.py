@@ -38,7 +38,7 @@ def test_no_example_is_in_the_python_docs_corpus(corpus):
     assert len(mc) > 1000 and len(cloze) > 150
     for row in mc:
         gold = row["choices"][row["gold"]]
-        sentence = row["context"] + " " + gold
+        sentence = row["context"] + gold
         assert sentence not in collapsed, row["id"]
         assert set(sentence) <= chars  # a char model trained on python-docs can read it
     for row in cloze:
@@ -66,7 +66,8 @@ def test_multiple_choice_distractors_are_other_endings_of_the_same_length():
         choices, gold = row["choices"], row["gold"]
         assert len(choices) == 4 and len(set(choices)) == 4 and 0 <= gold < 4
         assert len({len(c) for c in choices}) == 1  # no choice wins by being shorter
-        sentences[row["context"] + " " + choices[gold]] += 1
+        sentences[row["context"] + choices[gold]] += 1
+        assert row["context"][-2:].isalpha() and not choices[gold][0].isspace()  # cut inside a word
     assert max(sentences.values()) == 1  # each sentence once
     # every distractor is the real ending of another example
     real = {row["choices"][row["gold"]] for row in rows}
