@@ -6,7 +6,7 @@
 - ``run``: ``minigpt evaluate`` (lm_eval's ``simple_evaluate``, ``RUN/eval/<task>.json``, W&B).
 
 Importing this package imports no lm_eval: :func:`register` adds ``minigpt`` to lm_eval's model
-registry (a lazy entry: the adapter module loads when lm_eval asks for the model).
+registry, by importing the adapter (whose class lm_eval's ``register_model`` decorator registers).
 """
 
 from __future__ import annotations
@@ -14,13 +14,8 @@ from __future__ import annotations
 __all__ = ["register", "MODEL_NAME"]
 
 MODEL_NAME = "minigpt"
-_TARGET = "minigpt_core.downstream.adapter:MinigptLM"
 
 
 def register() -> None:
     """Make ``minigpt`` an lm_eval model type in this process (``simple_evaluate(model="minigpt", ...)``)."""
-    import lm_eval.models  # noqa: F401  lm_eval's own table first (get_model reads it only into an empty registry)
-    from lm_eval.api.registry import model_registry
-
-    if MODEL_NAME not in model_registry:
-        model_registry.register(MODEL_NAME, target=_TARGET)
+    from . import adapter  # noqa: F401  lm_eval, torch: only when evaluating

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.models.utils import Collator
 
 from ..assembly import load_for_inference
 from ..base.errors import MinigptError
@@ -73,6 +73,36 @@ _SLIDING = "the text passed the model's context length"  # generate's warning, e
 
 class AdapterError(MinigptError):
     """The minigpt lm_eval model got arguments it cannot use."""
+
+
+def _generation_options(gen_kwargs: dict[str, Any], default_max: int, eos: str | None) -> dict[str, Any]:
+    """lm_eval's generation arguments as generate_until reads them (its hf model's rules): ``until`` a list
+    of stop strings with the end-of-text string added, ``max_gen_toks`` (or max_new_tokens / max_tokens),
+    sampling with ``do_sample`` (at ``temperature``, default 1) or a temperature above 0, else greedy."""
+    until = gen_kwargs.get("until")
+    until = [until] if isinstance(until, str) else list(until or [])
+    if not all(isinstance(u, str) for u in until):
+        raise AdapterError(f"generate_until's `until` must be a string or a list of strings, not {until!r}.")
+    if eos is not None and eos not in until:
+        until.append(eos)
+    n = next((gen_kwargs[k] for k in ("max_gen_toks", "max_new_tokens", "max_tokens") if gen_kwargs.get(k)),
+             default_max)
+    temperature = gen_kwargs.get("temperature")
+    do_sample = gen_kwargs.get("do_sample")
+    if do_sample is None:  # lm_eval's convention: a temperature above 0 alone asks for sampling
+        do_sample = float(temperature or 0.0) > 0
+    temperature = (1.0 if temperature is None else float(temperature)) if do_sample else 0.0
+    sample = bool(do_sample) and temperature > 0
+    return {"until": [u for u in until if u], "max_gen_toks": int(n), "sample": sample,
+            "temperature": temperature if sample else 0.0,
+            "top_k": gen_kwargs.get("top_k") if sample else None, "top_p": gen_kwargs.get("top_p") if sample else None}
+
+
+def _cut(text: str, until: list[str]) -> str:
+    """The text before the first stop string."""
+    for stop in until:
+        text = text.split(stop)[0]
+    return text
 
 
 def _flag(value: Any) -> bool:
@@ -285,28 +315,27 @@ class MinigptLM(TemplateLM):
         for context, gen_kwargs in (req.args for req in requests):
             if not isinstance(gen_kwargs, dict):
                 raise AdapterError(f"generate_until expects its generation arguments as a dict, not {gen_kwargs!r}.")
-            kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
-            prepared.append((context, gen_kwargs, self._context_ids(context, int(kwargs["max_gen_toks"]))))
+            options = _generation_options(gen_kwargs, self.max_gen_toks, eos)
+            prepared.append((context, gen_kwargs, self._context_ids(context, options["max_gen_toks"]), options))
         # Same arguments and same context length in a batch: minigpt's generation needs no padding then.
         order = Collator(prepared, sort_fn=lambda r: (-len(r[2]), r[0]), group_by="gen_kwargs",
                          group_fn=lambda r: {**r[1], "__context_length": len(r[2])})
         results: list[str] = []
         with self._bar(len(requests), "generate_until") as bar:
             for chunk in order.get_batched(n=self.batch_size):
-                kwargs = normalize_gen_kwargs(chunk[0][1], self.max_gen_toks)
-                until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
-                texts = self._generate([r[2] for r in chunk], int(kwargs["max_gen_toks"]), until, kwargs)
-                for (context, gen_kwargs, _), text in zip(chunk, texts):
-                    text = postprocess_generated_text(text, until, None)
+                options = chunk[0][3]
+                texts = self._generate([r[2] for r in chunk], options)
+                for (context, gen_kwargs, _, _), text in zip(chunk, texts):
+                    text = _cut(text, options["until"])
                     results.append(text)
                     self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
                 bar.update(len(chunk))
         return order.get_original(results)
 
-    def _generate(self, rows: list[list[int]], max_gen_toks: int, until: list[str], kwargs: dict) -> list[str]:
+    def _generate(self, rows: list[list[int]], options: dict[str, Any]) -> list[str]:
         new: list[list[int]] = [[] for _ in rows]
         done = [False] * len(rows)
-        stops = [u for u in until if u]
+        stops = options["until"]
 
         def on_token(ids: torch.Tensor) -> None:
             for i, t in enumerate(ids[:, 0].tolist()):
@@ -320,11 +349,9 @@ class MinigptLM(TemplateLM):
                     done[i] = any(s in text for s in stops)
             return all(done)
 
-        sample = bool(kwargs.get("do_sample")) and float(kwargs.get("temperature") or 0.0) > 0
-        options = dict(temperature=float(kwargs.get("temperature", 1.0)) if sample else 0.0,
-                       top_k=kwargs.get("top_k") if sample else None, top_p=kwargs.get("top_p") if sample else None)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_SLIDING)
-            generate(self.model, torch.tensor(rows, dtype=torch.long, device=self._device), max_gen_toks,
-                     n_vocab=self.tok.n_vocab, eos_id=self.tok.eot_id, on_token=on_token, stop=stop, **options)
+            generate(self.model, torch.tensor(rows, dtype=torch.long, device=self._device), options["max_gen_toks"],
+                     temperature=options["temperature"], top_k=options["top_k"], top_p=options["top_p"],
+                     n_vocab=self.tok.n_vocab, eos_id=self.tok.eot_id, on_token=on_token, stop=stop)
         return [self.tok_decode(ids) for ids in new]
