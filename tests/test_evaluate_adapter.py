@@ -235,3 +235,19 @@ def test_int8_and_adapter_checkpoints_load_as_sample_loads_them(run, tmp_path):
     assert got == pytest.approx(_direct(merged.eval(), whole, n), abs=TOL)
     base = MinigptLM(checkpoint=str(ckpt), device="cpu", progress=False)
     assert abs(got - base.loglikelihood(_requests("loglikelihood", text))[0][0]) > 1e-3  # the adapter counts
+
+
+def test_generation_arguments_are_read_as_lm_evals_hf_model_reads_them():
+    from minigpt_core.downstream.adapter import _cut, _generation_options
+
+    o = _generation_options({"until": "\n\n", "max_gen_toks": 7}, 256, "<|endoftext|>")
+    assert o["until"] == ["\n\n", "<|endoftext|>"] and o["max_gen_toks"] == 7 and not o["sample"]
+    assert o["temperature"] == 0.0  # greedy
+    o = _generation_options({"max_new_tokens": 5, "do_sample": True}, 256, None)
+    assert o["max_gen_toks"] == 5 and o["sample"] and o["temperature"] == 1.0 and o["until"] == []
+    o = _generation_options({"temperature": 0.7, "top_k": 5}, 256, None)
+    assert o["sample"] and o["temperature"] == 0.7 and o["top_k"] == 5 and o["max_gen_toks"] == 256
+    assert not _generation_options({"do_sample": False, "temperature": 0.7}, 9, None)["sample"]
+    assert _cut("abc. def\n\nghi", ["\n\n", "."]) == "abc"
+    with pytest.raises(AdapterError, match="until"):
+        _generation_options({"until": [3]}, 9, None)
