@@ -89,6 +89,18 @@ def test_an_ablation_with_evaluate_reports_task_accuracy_next_to_the_loss(tmp_pa
     # and a rerun with nothing changed does nothing
     status, out, err = cli(capsys, "ablate", path, "--no-report")
     assert status == 0 and "0 to run" in out and "to evaluate" not in out, out
+    # `minigpt ablate` killed (SIGKILL) while a cell was evaluating leaves it running, its evaluation running:
+    # the next run keeps its training and evaluates it again
+    killed = json.loads((root / "manifest.json").read_text())
+    cell = killed["cells"][1]
+    cell["status"], cell["eval"]["status"] = "running", "running"
+    (root / "manifest.json").write_text(json.dumps(killed), encoding="utf-8")
+    status, out, err = cli(capsys, "ablate", path, "--no-report")
+    assert status == 0, out + err
+    assert "0 to run, 1 trained cell(s) to evaluate" in out and "starting" not in out and "resuming" not in out
+    after = {c["id"]: c for c in json.loads((root / "manifest.json").read_text())["cells"]}
+    assert after[cell["id"]]["status"] == "done" and after[cell["id"]]["eval"]["status"] == "done"
+    assert after[cell["id"]]["run_dir"] == cell["run_dir"] and after[cell["id"]]["attempts"] == cell["attempts"]
 
 
 def test_disagreement_is_a_lower_loss_with_a_lower_accuracy_or_the_reverse():
