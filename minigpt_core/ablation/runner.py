@@ -617,6 +617,7 @@ def _run_cells(plan: Plan, manifest: dict[str, Any], cells: dict[str, Cell], tod
         elapsed = time.time() - a.t0
         rec["wall_time_s"] = (rec.get("wall_time_s") or 0.0) + elapsed
         if rc == 0 and options is not None and not stop.requested:
+            rec.update(error=None, finished=time.time())  # trained: `done` once its evaluation has run
             write(f"[{rec['id']}] trained in {_duration(elapsed)}; its final checkpoint is evaluated next")
             active.append(start_eval(rec))  # the cell's slot goes on to its evaluation
             return
