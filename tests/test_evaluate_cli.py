@@ -196,3 +196,48 @@ def test_minigpt_runs_shows_a_column_per_task_evaluated(run, capsys):
     (record,) = [r for r in json.loads(out) if r.get("run_dir") == str(run_dir)]
     assert record["evaluations"]["pydoc_mc"] == {"metric": "acc", "value": acc,
                                                  "stderr": pytest.approx(record["evaluations"]["pydoc_mc"]["stderr"])}
+
+
+def test_a_generative_task_runs_generate_until_through_lm_evals_evaluator(run, tmp_path):
+    """A task of lm_eval's generate_until kind (a YAML of our own over the shipped cloze data): the greedy
+    generation the evaluator scores is the adapter's, cut at the task's stop strings."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from minigpt_core.downstream.adapter import MinigptLM
+    from minigpt_core.downstream.tasks import TASKS_DIR
+
+    (tmp_path / "gen.yaml").write_text(f"""
+task: pydoc_cloze_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {TASKS_DIR / 'pydoc_cloze.jsonl'}
+output_type: generate_until
+test_split: test
+doc_to_text: "{{{{text.split(' ')[:-1]|join(' ')}}}}"
+doc_to_target: "{{{{' '+text.split(' ')[-1]}}}}"
+generation_kwargs:
+  until: [".", ","]
+  max_gen_toks: 12
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+""", encoding="utf-8")
+    _, ckpt = run
+    lm = MinigptLM(checkpoint=str(ckpt), device="cpu", progress=False)
+    calls = []
+    original = lm._generate
+    lm._generate = lambda rows, options: calls.append((len(rows), options)) or original(rows, options)
+    out = simple_evaluate(model=lm, tasks=["pydoc_cloze_gen"], limit=6, log_samples=True,
+                          task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
+    assert 0 <= out["results"]["pydoc_cloze_gen"]["exact_match,none"] <= 1
+    assert sum(n for n, _ in calls) == 6 and all(o["until"] == [".", ","] and o["max_gen_toks"] == 12
+                                                 for _, o in calls)
+    for sample in out["samples"]["pydoc_cloze_gen"]:
+        (generated,) = sample["resps"][0]
+        assert "." not in generated and "," not in generated and len(generated) <= 12  # cut at a stop string
+        context = sample["arguments"][0][0]  # [(context, generation arguments)]
+        assert generated == lm.generate_until([type("R", (), {"args": (context, {"until": [".", ","],
+                                                                                  "max_gen_toks": 12})})()])[0]
