@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .base.device import select_device
 from .base.errors import CheckpointError, MinigptError
 from .base.registry import ComponentRegistry
 from .checkpoints.checkpoint import (
@@ -31,6 +32,7 @@ from .finetune import META_KEY, Finetune, apply_finetune, base_record, finetune_
 from .model.gpt import GPT
 from .model.build import build_model
 from .model.summary import ParameterSummary, summarize
+from .model.tokenizers import build_tokenizer, tokenizer_from_state
 from .model.trainable import plain_model
 from .model.weights import load_model_state, model_state_for_saving
 from .pretrained import (
@@ -45,17 +47,19 @@ from .pretrained import (
 from .quantize import (
     DEFAULT_METHOD,
     QuantizationError,
+    check_device,
     check_quantized_use,
     get_method,
     load_quantized,
     quantization_record,
+    quantize_model,
     quantized_state,
 )
 from .spec import ExperimentSpec, ModelSpec, parse_spec
 from .tasks import build_task_model, check_init_from_task, get_task, require_lm
 from .tasks.classification import read_examples, resolve_classes
 
-__all__ = ["load_model", "load_init_from", "init_from_record", "INIT_FROM_KEY", "restore_finetuned", "count_trainable",
+__all__ = ["load_model", "load_for_inference", "load_init_from", "init_from_record", "INIT_FROM_KEY", "restore_finetuned", "count_trainable",
            "quantize_checkpoint", "summarize_spec", "with_task_classes"]
 
 def load_model(directory: str | Path, registry: ComponentRegistry | None = None,
@@ -87,6 +91,40 @@ def load_model(directory: str | Path, registry: ComponentRegistry | None = None,
     model = build_task_model(spec)  # with the task's head (a classifier's Linear(emb_dim, n_classes))
     load_model_state(model, state, str(directory))
     return model.to(map_location), spec
+
+
+def load_for_inference(path: str | Path, device: str = "auto", *, quantize: str | None = None,
+                       report: Callable[[str], None] | None = None, what: str = "sampling or next-token evaluation"
+                       ) -> tuple[Path, GPT, ExperimentSpec, Any, torch.device]:
+    """(checkpoint, model, spec, tokenizer, device) of the language model an inference command names.
+
+    ``path`` is a checkpoint, or a run or experiment directory (its best checkpoint, else its latest:
+    :func:`pick_checkpoint`); ``report`` receives one line naming the checkpoint chosen, before it
+    loads. An int8 checkpoint (``minigpt quantize``) loads as such; ``quantize`` (a method name)
+    quantizes a float one after loading. Both run on the CPU ("auto" picks it). A fine-tuned
+    checkpoint's adapter comes back merged (:func:`load_model`); a model of another task than ``lm``
+    is refused (``what`` says what it was loaded for). The tokenizer is the one the run saved."""
+    ckpt, which = pick_checkpoint(path)
+    record = read_meta(ckpt).get("quantization")
+    stored = record.get("method") if isinstance(record, dict) else "?"  # a damaged record: load_model says so
+    if quantize is not None:
+        get_method(quantize)  # an unknown method or a missing library before the load
+        if record:
+            raise QuantizationError(f"{ckpt} is already quantized (method {stored}); leave out "
+                                    f"--quantize, or give the float checkpoint it was made from.")
+    int8 = bool(record) or quantize is not None
+    if report is not None:
+        report(f"checkpoint: {ckpt} ({which}{', int8 ' + (quantize or stored) if int8 else ''})")
+    if int8 and device != "auto":  # before select_device: the reason is int8, not a missing GPU
+        check_device(device)
+    dev = select_device("cpu" if int8 else device)
+    model, spec = load_model(ckpt, map_location=dev, quantized=True)
+    if quantize is not None:
+        model = quantize_model(model, quantize)
+    require_lm(spec, ckpt, what)
+    state = read_meta(ckpt).get("tokenizer")
+    tokenizer = tokenizer_from_state(state) if state else build_tokenizer(spec)
+    return ckpt, model, spec, tokenizer, dev
 
 
 INIT_FROM_KEY = "init_from"  # meta.json: what a run's init_from resolved to (init_from_record)

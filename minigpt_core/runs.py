@@ -18,6 +18,7 @@ from .base.errors import MinigptError
 from .base.reading import SPEC_LIMIT, read_text_bounded
 from .base.toml import flatten as _flatten
 from .checkpoints.layout import CHECKPOINTS_DIR, META_FILE, TRAINER_FILE, list_checkpoints
+from .downstream.results import EVAL_DIR, TaskScore, primary, read_eval_dir
 from .train.lock import LOCK_FILE, lock_holder
 from .train.loggers import METRICS_FILE
 from .viz.curves import metric_series
@@ -124,6 +125,8 @@ class RunSummary:
     holder: dict[str, Any] | None = None  # a running run's lock holder: pid, host, started
     compile_s: float | None = None  # train.compile: the last session's first (compiling) step, in seconds
     recompiles: int | None = None  # train.compile: recompilations after that step (0 is right)
+    # `minigpt evaluate`'s results in RUN/eval/: task -> its headline score (accuracy where it has one)
+    evaluations: dict[str, TaskScore] = field(default_factory=dict)
 
     @property
     def wall_time_s(self) -> float | None:
@@ -188,6 +191,8 @@ def summarize_run(run_dir: str | Path, records: list[dict[str, Any]] | None = No
         out.train_time_s += max(0.0, out.updated - session)
     if out.total_steps is None:
         out.total_steps = _checkpoint_total_steps(Path(run_dir))
+    out.evaluations = {t: p for t, scores in read_eval_dir(Path(run_dir) / EVAL_DIR).items()
+                       if (p := primary(scores)) is not None}
     out.holder = lock_holder(run_dir)
     if out.holder is not None:
         out.status = "running"

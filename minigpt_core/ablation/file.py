@@ -22,7 +22,8 @@ from ..base.loader import resolve_plugin_ref
 from ..base.reading import SPEC_LIMIT, read_text_bounded
 from ..spec import apply_overrides, validation_problems
 
-__all__ = ["AblationError", "AblationFile", "ReportOptions", "ScaleOptions", "TuneOptions", "SCALE_PRESET_FIELDS",
+__all__ = ["AblationError", "AblationFile", "ReportOptions", "ScaleOptions", "TuneOptions", "EvaluateOptions",
+           "SCALE_PRESET_FIELDS",
            "scale_sizes", "BUDGETS", "flatten_overrides", "read_ablation_file", "ablation_root"]
 
 
@@ -183,6 +184,28 @@ class TuneOptions(BaseModel):
         return len(self.values()) if self.sampler == "grid" else int(self.trials or 0)
 
 
+class EvaluateOptions(BaseModel):
+    """Downstream tasks evaluated on each cell's final checkpoint (the [evaluate] table; `minigpt evaluate`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[str] = Field(min_length=1, description="lm_eval tasks: pydoc_mc, pydoc_cloze, pydoc (offline, they "
+                             "ship with minigpt) or any task lm_eval knows (downloaded on first use)")
+    num_fewshot: int | None = Field(None, ge=0, description="examples shown before each question (default: the "
+                                    "task's own)")
+    limit: float | None = Field(None, gt=0, description="at most this many examples per task (a fraction below 1: "
+                                "that share)")
+    batch_size: int = Field(8, ge=1, description="requests per forward pass")
+
+    @field_validator("tasks")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        names = [t.strip() for t in v]
+        if any(not t for t in names) or len(set(names)) != len(names):
+            raise ValueError(f"evaluate.tasks must be distinct, non-empty task names, got {v}")
+        return names
+
+
 class AblationFile(BaseModel):
     """An ablation file (TOML): a base experiment, seeds, and variants as named overrides and/or axes."""
 
@@ -219,6 +242,8 @@ class AblationFile(BaseModel):
     tune: TuneOptions | None = Field(None, description="optional: a learning-rate search per variant (with "
                                      "[scale]: per size and variant) on tuning seeds; the best value is then used "
                                      "for the variant's evaluation cells")
+    evaluate: EvaluateOptions | None = Field(None, description="optional: lm_eval tasks evaluated on each cell's "
+                                             "final checkpoint after it trains; the report adds their accuracy")
 
     @field_validator("name")
     @classmethod

@@ -92,6 +92,7 @@ class Plan:
                 "description": self.description, "report": c.report.model_dump(),
                 **({"scale": {"budget": c.scale.budget, "tokens_per_param": c.scale.tokens_per_param,
                               "sizes": self.sizes}} if c.scale is not None else {}),
+                **({"evaluate": c.evaluate.model_dump()} if c.evaluate is not None else {}),
                 "wandb": self.cells[0].spec.wandb.model_dump(include={"mode", "project", "entity"}) if self.cells
                 else {}}
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..checkpoints.checkpoint import atomic_write_bytes
+from ..downstream.results import TaskScore
 from ..runs import metric_series, read_metrics, summarize_run
 from ..spec import WandbSpec
 from ..train.loggers import wandb_mode
@@ -25,9 +26,19 @@ from ..viz.curves import band_figure
 from .file import ReportOptions
 from .plan import AblationError
 from .runner import MANIFEST_FILE, read_manifest
-from .stats import POWER, Comparisons, PowerLawFit, compare_to_baseline, effect_trend, fit_power_law, spread
+from .stats import (
+    POWER,
+    Comparisons,
+    PowerLawFit,
+    compare_to_baseline,
+    effect_trend,
+    fit_power_law,
+    paired_difference,
+    spread,
+)
 
-__all__ = ["RESULT_COLUMNS", "COMPARISON_COLUMNS", "collect", "comparison_rows", "write_report", "ReportFiles"]
+__all__ = ["RESULT_COLUMNS", "COMPARISON_COLUMNS", "collect", "comparison_rows", "write_report", "ReportFiles",
+           "eval_columns", "disagreements"]
 
 RESULT_COLUMNS = ("ablation", "variant", "overrides", "seed", "status", "final_val_loss", "best_val_loss",
                   "train_tokens", "steps", "parameters", "flops_per_token", "tokens_per_s", "peak_memory_mb",
@@ -90,6 +101,7 @@ def collect(root: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]], dic
                    run_dir=str(run_dir) if run_dir else "", steps=rec.get("steps"),
                    # a [scale] cell's id is <size>/<variant>/seed-<s> (names hold no '/')
                    size=rec.get("size") or (rec["id"].split("/")[0] if rec["id"].count("/") == 2 else ""))
+        row["eval"] = {}  # task -> its headline score ([evaluate]; not a column of its own: see eval_columns)
         if run_dir is not None and run_dir.is_dir():
             recs = read_metrics(run_dir)
             records[str(run_dir)] = recs
@@ -97,8 +109,110 @@ def collect(root: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]], dic
             row.update(final_val_loss=s.final_val_loss, best_val_loss=s.best_val_loss, train_tokens=s.tokens,
                        tokens_per_s=s.tokens_per_s, peak_memory_mb=s.peak_memory_mb,
                        wall_time_s=rec.get("wall_time_s") or s.wall_time_s, wandb_run_id=_wandb_run_id(run_dir))
+            if status == "done":
+                row["eval"] = dict(s.evaluations)
         rows.append(row)
     return manifest, rows, records
+
+
+def eval_columns(rows: list[dict[str, Any]]) -> dict[str, tuple[str, str]]:
+    """results.csv's task columns, ``<task>/<metric>`` -> (task, metric), from the cells' evaluations (sorted)."""
+    found = {f"{t}/{e.metric}": (t, e.metric) for r in rows for t, e in r.get("eval", {}).items()}
+    return dict(sorted(found.items()))
+
+
+def _task_values(variants: list[str], rows: list[dict[str, Any]], task: str, metric: str
+                 ) -> dict[str, dict[int, float]]:
+    """variant -> seed -> the task's score, of the cells that finished and were evaluated."""
+    out: dict[str, dict[int, float]] = {v: {} for v in variants}
+    for r in rows:
+        e: TaskScore | None = r.get("eval", {}).get(task)
+        if r["status"] == "done" and e is not None and e.metric == metric and r["variant"] in out:
+            out[r["variant"]][r["seed"]] = e.value
+    return out
+
+
+_LOWER_IS_BETTER = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
+
+
+def disagreements(variants: list[str], rows: list[dict[str, Any]], baseline: str | None
+                  ) -> dict[str, dict[str, tuple[float, float]]]:
+    """task -> variant -> (Δ val loss, Δ score) where the two differences point different ways: a lower loss with a
+    worse score, or a higher loss with a better one (the paired means over seeds; a zero difference agrees)."""
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    losses = _final_losses(variants, rows)
+    for task, (name, metric) in ((c, tm) for c, tm in eval_columns(rows).items()):
+        scores = _task_values(variants, rows, name, metric)
+        sign = -1.0 if metric in _LOWER_IS_BETTER else 1.0  # +: better
+        for v in variants:
+            if v == baseline or baseline not in scores:
+                continue
+            dl = paired_difference(losses.get(v, {}), losses.get(baseline, {}))
+            da = paired_difference(scores[v], scores[baseline])
+            if dl is None or da is None:
+                continue
+            if (dl.mean < 0 and sign * da.mean < 0) or (dl.mean > 0 and sign * da.mean > 0):
+                out.setdefault(task, {})[v] = (dl.mean, da.mean)
+    return out
+
+
+def _interval(d) -> str:
+    if d is None:
+        return "—"
+    if d.ci_low is None:
+        return f"{d.mean:+.4f} (no interval)"
+    return f"{d.mean:+.4f} [{d.ci_low:+.4f}, {d.ci_high:+.4f}]"
+
+
+def _downstream(manifest: dict[str, Any], variants: list[str], rows: list[dict[str, Any]], baseline: str | None,
+                heading: str = "## Downstream tasks") -> list[str]:
+    """Each task's score mean ± std and its paired difference with the baseline, next to the validation loss's;
+    variants whose loss and score differences disagree in sign are marked."""
+    columns = eval_columns(rows)
+    if not columns:
+        return []
+    options = manifest.get("settings", {}).get("evaluate") or {}
+    how = []
+    if options.get("tasks"):
+        how.append("tasks " + ", ".join(_code(t) for t in options["tasks"]))
+    if options.get("limit") is not None:
+        how.append(f"at most {options['limit']:g} examples per task")
+    if options.get("num_fewshot") is not None:
+        how.append(f"{options['num_fewshot']}-shot")
+    losses = _final_losses(variants, rows)
+    disagree = disagreements(variants, rows, baseline)
+    lines = ["", heading, "",
+             "Each cell's final checkpoint scored by EleutherAI's lm-evaluation-harness (`minigpt evaluate`"
+             + (f"; [evaluate]: {', '.join(how)}" if how else "") + "), next to its final validation loss. Δ = "
+             "variant − baseline over paired seeds, with its 95% Student-t interval (as above). **Disagree** marks a "
+             "variant whose loss and score move different ways: a lower loss with a worse score, or a higher loss "
+             "with a better one (the signs of the mean differences; check the intervals before reading much into "
+             "it)."]
+    for column, (task, metric) in columns.items():
+        scores = _task_values(variants, rows, task, metric)
+        better = "lower" if metric in _LOWER_IS_BETTER else "higher"
+        lines += ["", f"### {_code(task)}: {_md(metric)} ({better} is better)", "",
+                  f"| variant | val loss mean ± std (n) | Δ val loss [95% CI] | {_md(metric)} mean ± std (n) "
+                  f"| Δ {_md(metric)} [95% CI] | p | loss and {_md(metric)} |",
+                  "|---|---|---|---|---|---:|---|"]
+        for v in variants:
+            sl, sa = spread(list(losses.get(v, {}).values())), spread(list(scores[v].values()))
+
+            def ms(sp: Any) -> str:
+                return (f"{_fmt(sp.mean)} ± {_fmt(sp.std)} ({sp.n})" if sp.n > 1 else
+                        f"{_fmt(sp.mean)} (1)" if sp.n == 1 else "— (0)")
+
+            if v == baseline:
+                lines.append(f"| {_code(v)} | {ms(sl)} | baseline | {ms(sa)} | baseline | | |")
+                continue
+            dl = paired_difference(losses.get(v, {}), losses.get(baseline, {}))
+            da = paired_difference(scores[v], scores.get(baseline, {}))
+            mark = "—" if dl is None or da is None else ("**disagree**" if v in disagree.get(column, {}) else "agree")
+            lines.append(f"| {_code(v)} | {ms(sl)} | {_interval(dl)} | {ms(sa)} | {_interval(da)} "
+                         f"| {_p(da.p_value if da else None)} | {mark} |")
+    flagged = [f"{_code(v)} ({_code(c.split('/')[0])})" for c, vs in disagree.items() for v in vs]
+    lines += ["", "**Loss and task score disagree in sign:** " + (", ".join(flagged) if flagged else "none") + "."]
+    return lines
 
 
 def _fmt(v: float | None, digits: int = 4) -> str:
@@ -226,10 +340,13 @@ def _markdown(manifest: dict[str, Any], rows: list[dict[str, Any]], files: dict[
                       f"{_overrides_text(info.get('overrides', {}))}"]
             lines += _variant_table(variants, [r for r in rows if r["size"] == size], baseline)
             lines += _statistics(c, f"### Statistics at size {_code(size)}")
+            lines += _downstream(manifest, variants, [r for r in rows if r["size"] == size], baseline,
+                                 f"### Downstream tasks at size {_code(size)}")
         lines += scaling or []
     else:
         lines += _variant_table(variants, rows, baseline)
         lines += _statistics(comparisons)
+        lines += _downstream(manifest, variants, rows, baseline)
     lines += _tuning(manifest, files)
     lines += ["", "Mean over seeds with a min-max band across seeds:", ""]
     for title, name in files.items():
@@ -369,11 +486,15 @@ def write_report(root: str | Path, *, log_wandb: bool = True,
                  write: Callable[[str], None] = print) -> ReportFiles:
     root = Path(root)
     manifest, rows, records = collect(root)
+    tasks = eval_columns(rows)
+    for r in rows:  # a column per task evaluated: its headline score (accuracy where it has one)
+        for column, (task, _) in tasks.items():
+            r[column] = r["eval"][task].value if task in r["eval"] else None
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=[*RESULT_COLUMNS, *tasks], lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: ("" if r[k] is None else r[k]) for k in RESULT_COLUMNS})
+        w.writerow({k: ("" if r[k] is None else r[k]) for k in [*RESULT_COLUMNS, *tasks]})
     atomic_write_bytes(root / "results.csv", buf.getvalue().encode("utf-8"))
 
     variants = list(manifest.get("variants", {})) or list(dict.fromkeys(r["variant"] for r in rows))
@@ -525,7 +646,8 @@ def _log_to_wandb(manifest: dict[str, Any], rows: list[dict[str, Any]], files: R
                          name=f"{manifest['ablation']}-report", dir=str(files.report.parent), mode=mode,
                          config={"ablation": manifest["ablation"], **manifest.get("settings", {})},
                          settings=wandb.Settings(console="off", silent=True, save_code=False))
-        table = wandb.Table(columns=list(RESULT_COLUMNS), data=[[r[k] for k in RESULT_COLUMNS] for r in rows])
+        columns = [*RESULT_COLUMNS, *eval_columns(rows)]
+        table = wandb.Table(columns=columns, data=[[r.get(k) for k in columns] for r in rows])
         payload = {"results": table, "curves": wandb.Image(str(files.curves)),
                    "throughput": wandb.Image(str(files.throughput))}
         if files.scaling is not None:

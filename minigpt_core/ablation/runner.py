@@ -31,7 +31,8 @@ from ..spec import dump_spec
 from .plan import AblationError, Cell, Plan, flatten_overrides
 
 __all__ = ["MANIFEST_FILE", "CELL_FILE", "CELL_LOG", "read_manifest", "run_ablation", "cell_command",
-           "execute_cell", "EXECUTORS", "cores", "AblationInterrupted", "start_manifest"]
+           "eval_command", "execute_cell", "EXECUTORS", "cores", "AblationInterrupted", "start_manifest",
+           "needs_evaluation"]
 
 MANIFEST_FILE = "manifest.json"
 CELL_FILE = "cell.toml"  # the cell's resolved spec, in train.out_dir/<variant>/seed-<s>/
@@ -252,7 +253,7 @@ def _record(cell: Cell) -> dict[str, Any]:
             "tokens_per_step": cell.tokens_per_step, "flops_per_token": cell.flops_per_token, "params": cell.params,
             "budget_note": cell.budget_note, "attempts": 0, "started": None, "finished": None, "wall_time_s": None,
             "host": None, "job_id": None,
-            "previous_runs": []}
+            "previous_runs": [], "eval": None}
 
 
 def _spec_diff(run_dir: str | None, cell: Cell) -> str:
@@ -279,7 +280,7 @@ def reconcile(plan: Plan, old: dict[str, Any] | None, *, force: bool) -> dict[st
         prev = old_cells.pop(cell.id, None)
         if prev is not None and prev.get("spec_sha256") == cell.spec_sha256:
             for key in ("status", "error", "run_dir", "attempts", "started", "finished", "wall_time_s",
-                        "previous_runs", "host", "job_id"):
+                        "previous_runs", "host", "job_id", "eval"):
                 rec[key] = prev.get(key, rec[key])
         elif prev is not None:
             if prev.get("status") == "done":
@@ -323,6 +324,29 @@ def launch(cmd: list[str], log: Path, env: dict[str, str], executor: Any = None)
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(), **kwargs)
 
 
+def eval_command(checkpoint: Path, out: Path, options: dict[str, Any], *, threads: int) -> list[str]:
+    """`minigpt evaluate` of a cell's final checkpoint ([evaluate]), results in its run's eval/."""
+    cmd = [sys.executable, "-m", "minigpt_core", "evaluate", str(checkpoint), "--tasks", ",".join(options["tasks"]),
+           "--out", str(out), "--batch-size", str(options.get("batch_size") or 8), "--threads", str(threads),
+           "--no-progress"]
+    if options.get("num_fewshot") is not None:
+        cmd += ["--num-fewshot", str(options["num_fewshot"])]
+    if options.get("limit") is not None:
+        cmd += ["--limit", f"{options['limit']:g}"]
+    return cmd
+
+
+def needs_evaluation(rec: dict[str, Any], options: dict[str, Any] | None, retry_failed: bool = False) -> bool:
+    """A trained cell whose final checkpoint has no evaluation with these [evaluate] options yet (a failed one
+    only with --retry-failed)."""
+    if options is None or rec.get("status") != "done" or not rec.get("run_dir"):
+        return False
+    ev = rec.get("eval") or {}
+    if ev.get("options") != options:
+        return True  # never evaluated, or with other tasks / limits than the file now asks
+    return ev.get("status") == "pending" or (retry_failed and ev.get("status") == "failed")
+
+
 def _die_with_parent() -> None:
     # A cell must not outlive `minigpt ablate` (killed, even with SIGKILL): the rerun resumes it instead.
     try:
@@ -360,6 +384,7 @@ class _Active:
     report: Path  # where the cell's trainer writes its run directory (train --run-dir-file)
     t0: float
     told: int = 0  # stop requests passed on to the cell's process
+    phase: str = "train"  # or "eval": `minigpt evaluate` of the trained cell's final checkpoint ([evaluate])
 
     def poll(self) -> int | None:
         if isinstance(self.handle, subprocess.Popen):
@@ -436,6 +461,18 @@ def start_manifest(plan: Plan) -> None:
         lock.release()
 
 
+def check_evaluate(tasks: list[str]) -> None:
+    """[evaluate]: lm_eval is installed and knows every task, before any cell runs."""
+    try:
+        import lm_eval  # noqa: F401  heavy: only for an ablation that evaluates
+    except ImportError:
+        raise AblationError("The ablation file's [evaluate] table needs EleutherAI's lm-evaluation-harness: pip install "
+                            "'minigpt[eval]' (or pip install lm_eval), then run the same command again.") from None
+    from ..downstream.tasks import task_manager
+
+    task_manager(list(tasks))
+
+
 def run_ablation(plan: Plan, *, jobs: int = 1, retry_failed: bool = False, force: bool = False,
                  executor: str = "local", write: Callable[[str], None] = print,
                  only: set[str] | None = None) -> dict[str, Any]:
@@ -449,6 +486,8 @@ def run_ablation(plan: Plan, *, jobs: int = 1, retry_failed: bool = False, force
         raise AblationError(f"--jobs must be >= 1, not {jobs}.")
     if executor != "local":
         _submitit_executor(executor, plan.root, dict(plan.config.executor), check_only=True)
+    if plan.config.evaluate is not None:
+        check_evaluate(plan.config.evaluate.tasks)
     # Imported here: `minigpt --help` imports this module (EXECUTORS, for `ablate`'s arguments), and
     # minigpt_core.train loads the whole trainer.
     from ..train.lock import RunLock, RunLockedError
@@ -466,38 +505,67 @@ def run_ablation(plan: Plan, *, jobs: int = 1, retry_failed: bool = False, force
         manifest["settings"].update({"executor": executor, "jobs": jobs})
         cells = {c.id: c for c in plan.cells}
         for rec in manifest["cells"]:
-            if rec["status"] == "running":  # its process is gone (we hold the lock): an interrupted cell
+            if rec["status"] == "running" and (rec.get("eval") or {}).get("status") == "running":
+                rec["status"] = "done"  # trained; killed while evaluating: the evaluation runs again
+                rec["eval"]["status"] = "pending"
+            elif rec["status"] == "running":  # its process is gone (we hold the lock): an interrupted cell
                 rec["status"] = "pending"
         todo = [r for r in manifest["cells"] if r["status"] == "pending" or (retry_failed and r["status"] == "failed")]
+        options = plan.config.evaluate.model_dump() if plan.config.evaluate is not None else None
+        to_eval = [r for r in manifest["cells"] if needs_evaluation(r, options, retry_failed)]
         if only is not None:
             todo = [r for r in todo if r["id"] in only]
+            to_eval = [r for r in to_eval if r["id"] in only]
         skipped_failed = sum(1 for r in manifest["cells"] if r["status"] == "failed" and not retry_failed)
         write_manifest(root, manifest)
         done0 = sum(r["status"] == "done" for r in manifest["cells"])
         write(f"ablation {plan.name}: {len(manifest['cells'])} cells ({len(plan.variants)} variants x "
               f"{len(plan.config.seeds)} seeds) in {root}; {done0} done, {len(todo)} to run"
               + (f", {skipped_failed} failed (rerun them with --retry-failed)" if skipped_failed else "")
+              + (f", {len(to_eval)} trained cell(s) to evaluate" if to_eval else "")
               + f"; budget: {plan.budget_summary}")
-        _run_cells(plan, manifest, cells, todo, jobs=jobs, executor=executor, write=write)
+        _run_cells(plan, manifest, cells, todo, jobs=jobs, executor=executor, write=write, to_eval=to_eval,
+                   options=options)
         return manifest
     finally:
         lock.release()
 
 
 def _run_cells(plan: Plan, manifest: dict[str, Any], cells: dict[str, Cell], todo: list[dict[str, Any]], *,
-               jobs: int, executor: str, write: Callable[[str], None]) -> None:
+               jobs: int, executor: str, write: Callable[[str], None], to_eval: list[dict[str, Any]] | None = None,
+               options: dict[str, Any] | None = None) -> None:
     root = plan.root
     nproc = plan.config.nproc_per_node
     threads = max(1, cores() // (jobs * nproc)) if executor == "local" else max(1, cores() // nproc)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     sub = _submitit_executor(executor, root, dict(plan.config.executor)) if executor != "local" else None
-    limit = jobs if executor != "slurm" else len(todo)  # slurm queues them all; the scheduler decides
-    queue, active = list(todo), []
+    limit = jobs if executor != "slurm" else len(todo) + len(to_eval or [])  # slurm queues them all
+    queue: list[tuple[dict[str, Any], str]] = [(r, "train") for r in todo] + [(r, "eval") for r in to_eval or []]
+    active: list[_Active] = []
     finished = [0]
     interrupted: list[str] = []
     session_t0 = time.time()
 
-    def start(rec: dict[str, Any]) -> _Active:
+    def start_eval(rec: dict[str, Any]) -> _Active:
+        assert options is not None
+        cell = cells[rec["id"]]
+        run_dir = Path(rec["run_dir"])
+        found = list_checkpoints(run_dir / "checkpoints")
+        checkpoint = found[-1][1] if found else run_dir
+        cmd = eval_command(checkpoint, run_dir / "eval", options, threads=threads)
+        log = cell.exp_dir / CELL_LOG
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} evaluate: {' '.join(cmd)}\n")
+        handle = launch(cmd, log, env, sub)
+        rec["status"] = "running"
+        rec["eval"] = {"status": "running", "options": options, "checkpoint": str(checkpoint),
+                       "started": time.time(), "error": None}
+        write(f"[{rec['id']}] evaluating {checkpoint.name} on {', '.join(options['tasks'])}; log: {log}")
+        return _Active(rec, handle, log, cell.exp_dir / f"{RUN_DIR_FILE}.eval", time.time(), phase="eval")
+
+    def start(rec: dict[str, Any], phase: str = "train") -> _Active:
+        if phase == "eval":
+            return start_eval(rec)
         cell = cells[rec["id"]]
         exp_dir = cell.exp_dir
         exp_dir.mkdir(parents=True, exist_ok=True)
@@ -524,10 +592,33 @@ def _run_cells(plan: Plan, manifest: dict[str, Any], cells: dict[str, Cell], tod
               f"{cell.tokens:,} tokens{'; ' + cell.budget_note if cell.budget_note else ''}); log: {log}")
         return _Active(rec, handle, log, report, time.time())
 
+    def finish_eval(a: _Active, rc: int) -> None:
+        rec, ev = a.rec, a.rec["eval"]
+        elapsed = time.time() - a.t0
+        ev["seconds"] = round(elapsed, 3)
+        rec["status"] = "done"  # trained in any case: an evaluation that did not finish runs again, not the cell
+        if rc == 0:
+            ev.update(status="done", error=None, finished=time.time())
+            text = "evaluated"
+        elif rc == _INTERRUPTED or rc == -signal.SIGINT or (stop.requested and rc == -signal.SIGTERM):
+            ev.update(status="pending", error="interrupted; the next run of the ablation evaluates it again")
+            text = "evaluation interrupted"
+        else:
+            ev.update(status="failed", error=last_error(a.log) + f" (exit status {rc}; full log: {a.log})")
+            text = f"evaluation FAILED: {ev['error']}"
+        counts = {s: sum(r["status"] == s for r in manifest["cells"]) for s in STATUSES}
+        write(f"[{rec['id']}] {text} in {_duration(elapsed)} | cells: {counts['done']} done, {counts['failed']} "
+              f"failed, {counts['pending'] + counts['running']} remaining")
+
     def finish(a: _Active, rc: int) -> None:
         rec = a.rec
         elapsed = time.time() - a.t0
         rec["wall_time_s"] = (rec.get("wall_time_s") or 0.0) + elapsed
+        if rc == 0 and options is not None and not stop.requested:
+            rec.update(error=None, finished=time.time())  # trained: `done` once its evaluation has run
+            write(f"[{rec['id']}] trained in {_duration(elapsed)}; its final checkpoint is evaluated next")
+            active.append(start_eval(rec))  # the cell's slot goes on to its evaluation
+            return
         if rc == 0:
             rec.update(status="done", error=None, finished=time.time())
         elif rc == _INTERRUPTED or rc == -signal.SIGINT or (stop.requested and rc == -signal.SIGTERM):
@@ -555,14 +646,14 @@ def _run_cells(plan: Plan, manifest: dict[str, Any], cells: dict[str, Cell], tod
     try:
         while (queue and not stop.requested) or active:
             while queue and len(active) < limit and not stop.requested:
-                active.append(start(queue.pop(0)))
+                active.append(start(*queue.pop(0)))
                 write_manifest(root, manifest)
             for a in active if stop.requested else ():
                 _pass_on_stop(a, stop.presses)
             changed = False
             for a in list(active):
                 rc = a.poll()  # before the report is read: a process that has ended has written all it will
-                run = _reported_run(a.report, cells[a.rec["id"]].exp_dir)
+                run = _reported_run(a.report, cells[a.rec["id"]].exp_dir) if a.phase == "train" else None
                 if run is not None and run != a.rec["run_dir"]:
                     a.rec["run_dir"], changed = run, True
                 if rc is not None:
@@ -571,7 +662,7 @@ def _run_cells(plan: Plan, manifest: dict[str, Any], cells: dict[str, Cell], tod
                     if isinstance(a.handle, subprocess.Popen) and rc in (_INTERRUPTED, -signal.SIGINT) \
                             and not stop.requested:  # someone stopped this cell by hand: stop the ablation
                         stop.presses, stop.why = 1, f"cell {a.rec['id']} was interrupted"
-                    finish(a, rc)
+                    (finish_eval if a.phase == "eval" else finish)(a, rc)
                     changed = True
             if changed:
                 manifest["updated"] = time.time()
@@ -589,6 +680,11 @@ def _run_cells(plan: Plan, manifest: dict[str, Any], cells: dict[str, Cell], tod
                 a.handle.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 a.handle.kill()
+            if a.phase == "eval":  # trained: only the evaluation runs again
+                a.rec["status"] = "done"
+                a.rec["eval"].update(status="pending", error="interrupted; the next run of the ablation evaluates it "
+                                     "again")
+                continue
             a.rec["run_dir"] = _reported_run(a.report, cells[a.rec["id"]].exp_dir) or a.rec["run_dir"]
             a.report.unlink(missing_ok=True)
             a.rec.update(status="pending", error="interrupted; the next run of the ablation resumes it")

@@ -38,6 +38,8 @@ COMMAND_MODULES: dict[str, tuple[str, str]] = {
     "diff": ("the spec fields that differ between two runs, and their metrics side by side", "runs"),
     "classify": ("print a fine-tuned classifier's class and class probabilities for texts", "classify"),
     "quantize": ("write an int8 copy of a checkpoint for CPU inference (sample and eval load it)", "quantize"),
+    "evaluate": ("score a checkpoint on downstream tasks with EleutherAI's lm-evaluation-harness (RUN/eval/)",
+                 "evaluate"),
 }
 
 

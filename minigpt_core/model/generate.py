@@ -55,14 +55,17 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
              use_cache: bool | None = None, generator: torch.Generator | None = None,
              n_vocab: int | None = None,
-             on_token: Callable[[torch.Tensor], None] | None = None, compile: bool = False) -> torch.Tensor:
+             on_token: Callable[[torch.Tensor], None] | None = None, compile: bool = False,
+             stop: Callable[[], bool] | None = None) -> torch.Tensor:
     """Append up to ``max_new_tokens`` tokens to ``idx`` (B, T) and return (B, T + n).
 
     temperature 0 is greedy (argmax); otherwise logits are divided by the temperature, filtered
     by top-k / top-p, and sampled. Stops early when every row has produced ``eos_id``.
     Uses the KV cache when the model's attention declares one (``use_cache=None``). ``n_vocab``
     restricts sampling to ids below it, for a tokenizer smaller than the model's vocabulary.
-    ``on_token`` is called with each step's new ids (B, 1), e.g. to print them as they come.
+    ``on_token`` is called with each step's new ids (B, 1), e.g. to print them as they come;
+    ``stop``, after it, ends the generation when it returns True (e.g. every row has produced a
+    stop string: lm_eval's ``until``).
     ``compile=True`` runs the one-token decoding step through ``torch.compile`` (one graph per
     process and model structure, whatever the lengths; the first call pays the compilation).
 
@@ -81,7 +84,7 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
         gemv = contextlib.nullcontext() if fsdp else threaded_gemv(model)
         with torch.inference_mode(not fsdp), gemv:
             out = _generate(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache,
-                            generator, n_vocab, on_token, compile)
+                            generator, n_vocab, on_token, compile, stop)
     finally:
         model.train(was_training)
     return out.clone()  # an ordinary tensor: callers may modify it outside inference mode
@@ -148,7 +151,7 @@ def _is_fsdp(model: torch.nn.Module) -> bool:
 
 
 def _generate(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator, n_vocab,
-              on_token, compile) -> torch.Tensor:
+              on_token, compile, stop=None) -> torch.Tensor:
     ctx_len = model.spec.context_length
     b, t0 = idx.shape
     total = t0 + max_new_tokens
@@ -194,6 +197,8 @@ def _generate(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use
             on_token(next_id)
         step_input = next_id if cache is not None else out[:, max(0, n - ctx_len):n]
         if finished is not None and bool(finished.all()):
+            break
+        if stop is not None and stop():
             break
     return out[:, :n]
 

@@ -199,6 +199,15 @@ class WandbLogger(Logger):
             self.run.log({k: self._wandb.Image(str(p)) for k, p in images.items()}, step=step)
         self._check_disk()
 
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int | None = None,
+                  summary: Mapping[str, Any] | None = None) -> None:
+        """A table (e.g. downstream evaluation results), and ``summary`` values in the run's summary."""
+        with reporting_full_disk(self.run.dir):
+            self.run.log({key: self._wandb.Table(columns=columns, data=rows)}, step=step)
+            if summary:
+                self.run.summary.update(dict(summary))
+        self._check_disk()
+
     def close(self) -> None:
         try:
             self.run.finish()

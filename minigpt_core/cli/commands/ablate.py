@@ -80,6 +80,10 @@ def _ablate(args) -> int:
     from ...ablation.tune import apply_tuned, check_tuning, run_tuning, tuning_runs
 
     check_tuning(plan)
+    if plan.config.evaluate is not None:  # lm_eval installed, every task known: before anything runs
+        from ...ablation.runner import check_evaluate
+
+        check_evaluate(plan.config.evaluate.tasks)
     tune = plan.config.tune
     if tune is not None:  # the cost, before anything runs
         n_tune = tuning_runs(plan)
@@ -119,6 +123,11 @@ def _ablate(args) -> int:
               + (f", {files.scaling}, {files.scaling_flops}" if files.scaling else ""))
     cells = [c for c in manifest["cells"] if only is None or c["id"] in only]
     failed = [c for c in cells if c["status"] == "failed"]
+    bad_eval = [c for c in cells if c["status"] == "done" and (c.get("eval") or {}).get("status") == "failed"]
+    if bad_eval:
+        print(f"{len(bad_eval)} evaluation(s) failed: {', '.join(c['id'] for c in bad_eval)} "
+              f"({bad_eval[0]['eval'].get('error')}); after a fix `minigpt ablate {args.file} --retry-failed` "
+              f"evaluates them again (their training is kept)", file=sys.stderr)
     left = [c for c in cells if c["status"] != "done"]
     if only is not None:
         print(f"{len(only)} of {len(manifest['cells'])} cells selected (--variants/--seeds); the others are "
@@ -127,7 +136,7 @@ def _ablate(args) -> int:
         print(f"{len(failed)} cell(s) failed: {', '.join(c['id'] for c in failed)}; see their errors in the "
               f"report; after a fix run `minigpt ablate {args.file} --retry-failed`", file=sys.stderr)
         return 1
-    return 0 if not left else 1
+    return 0 if not left and not bad_eval else 1
 
 
 def _selected_cells(plan, variants: str | None, seeds: str | None) -> set[str] | None:

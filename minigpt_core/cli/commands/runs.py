@@ -104,7 +104,10 @@ def _run_json(run_dir: Path, summary, changes: dict[str, Any]) -> dict[str, Any]
             "final_train_loss": summary.final_train_loss, "tokens_per_s": summary.tokens_per_s,
             "peak_memory_mb": summary.peak_memory_mb, "train_time_s": summary.train_time_s,
             "compile_s": summary.compile_s, "recompiles": summary.recompiles,
-            "error": summary.error, "killed": summary.killed, "holder": summary.holder, "differs": changes}
+            "error": summary.error, "killed": summary.killed, "holder": summary.holder,
+            "evaluations": {t: {"metric": e.metric, "value": e.value, "stderr": e.stderr}
+                            for t, e in summary.evaluations.items()},
+            "differs": changes}
 
 
 # -- runs -----------------------------------------------------------------------------------
@@ -142,29 +145,38 @@ def _ablation_row(root: Path, ablation: Path) -> tuple[list[str], dict[str, Any]
     return row, record
 
 
-def _table(rows: list[list[str]], notes: list[str]) -> None:
-    """Rows of 7 cells (a row of one cell is an experiment's heading); the last column wraps."""
-    headers: list[Any] = ["run", "started", "status", "steps", "val", "best", ["differs"]]
-    full = [r for r in rows if len(r) == 7]
-    fixed = [max([len(headers[i]), *(len(r[i]) for r in full)]) for i in range(1, 6)]
-    room = WIDTH - sum(fixed) - 2 * 6  # for the name and the differences
+def _table(rows: list[list[Any]], notes: list[str], tasks: list[str] | None = None) -> None:
+    """Rows of 7 cells, or 7 + one per task of ``tasks`` before the last (a row of one cell is an experiment's
+    heading); the last column wraps. Task columns hold `minigpt evaluate`'s headline score (RUN/eval)."""
+    tasks = tasks or []
+    headers: list[Any] = ["run", "started", "status", "steps", "val", "best", *tasks, ["differs"]]
+    last = len(headers) - 1
+    numeric = {4, 5, *range(6, last)}
+    full = [r for r in rows if len(r) > 1]
+    fixed = [max([len(headers[i]), *(len(r[i]) for r in full)]) for i in range(1, last)]
+    room = WIDTH - sum(fixed) - 2 * last  # for the name and the differences
     longest_name = max([len(headers[0]), *(len(r[0]) for r in full)])
-    name_w = min(longest_name, max(room - 24, 24) if any(r[6] for r in full) else room)
-    widths = [name_w, *fixed, room - name_w]
-    if widths[6] >= len("differs from the other runs"):
-        headers[6] = ["differs from the other runs"]
+    name_w = min(longest_name, max(room - 24, 24) if any(r[last] for r in full) else room)
+    widths = [name_w, *fixed, max(room - name_w, 12)]
+    if widths[last] >= len("differs from the other runs"):
+        headers[last] = ["differs from the other runs"]
     for r in [headers, *rows]:
         if len(r) == 1:
             print(_clip(r[0], WIDTH, keep_end=True))
             continue
-        wrapped = _wrap_items(r[6], widths[6]) or [""]
-        cells = [_clip(r[0], widths[0], keep_end=True), *r[1:6], wrapped[0]]
-        print("  ".join(c.rjust(w) if i in (4, 5) and r is not headers else c.ljust(w)
+        wrapped = _wrap_items(r[last], widths[last]) or [""]
+        cells = [_clip(r[0], widths[0], keep_end=True), *r[1:last], wrapped[0]]
+        print("  ".join(c.rjust(w) if i in numeric and r is not headers else c.ljust(w)
                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip())
         for more in wrapped[1:]:  # the differences go on under their column
-            print(" " * (WIDTH - widths[6]) + more)
+            print(" " * (sum(widths[:last]) + 2 * last) + more)
     for note in notes:
         print(textwrap.fill(note, WIDTH, subsequent_indent="  ", break_on_hyphens=False) if note else "")
+
+
+def _scores(summary, tasks: list[str]) -> list[str]:
+    return [f"{summary.evaluations[t].value:.3f}" if summary is not None and t in summary.evaluations else "-"
+            for t in tasks]
 
 
 @command("runs", "list runs and ablations: status, steps, validation loss, and the spec fields that differ")
@@ -190,10 +202,12 @@ def _runs(args) -> int:
     notes: list[str] = []
 
     short: dict[str, str] = {}  # filled in once the differences of every row are known
+    summaries: dict[int, Any] = {}  # row index -> its run's summary (for the task columns, known at the end)
 
     def add_run(name: str, run: Path, summary, changes: dict[str, Any], extra: dict[str, Any],
                 shown: str | None = None) -> None:
         status = summary.status + ("?" if summary.killed else "")
+        summaries[len(rows)] = summary
         rows.append([shown or name, _started(summary, run), status, _steps(summary), _loss(summary.final_val_loss),
                      _loss(summary.best_val_loss), changes])
         records.append({"kind": extra.pop("kind", "run"), "name": name, **extra, **_run_json(run, summary, changes)})
@@ -257,7 +271,15 @@ def _runs(args) -> int:
     if any(len(r) > 2 and r[2].endswith("?") for r in rows):
         notes.append("interrupted?: stopped without a word (killed, or the machine went down); "
                      "`minigpt train --resume RUN` continues from its last checkpoint")
-    _table(rows, ["", *notes] if notes else [])
+    tasks = sorted({t for s in summaries.values() for t in s.evaluations})
+    if tasks:
+        for i, r in enumerate(rows):
+            if len(r) == 7:
+                r[6:6] = _scores(summaries.get(i), tasks)
+        metrics = sorted({f"{t}: {s.evaluations[t].metric}" for s in summaries.values() for t in s.evaluations})
+        notes.append("task columns: `minigpt evaluate`'s score of the run's checkpoint (RUN/eval/<task>.json): "
+                     + ", ".join(metrics))
+    _table(rows, ["", *notes] if notes else [], tasks)
     return 0
 
 
