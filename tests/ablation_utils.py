@@ -89,3 +89,18 @@ def ablate_in_process(*args, cwd: Path, env: dict[str, str] | None = None) -> tu
         finally:
             reset_registry()
     return status, out.getvalue(), err.getvalue()
+
+
+def study_trials(root: Path, study: str, db: str | None = None) -> list:
+    """The COMPLETE trials of an ablation's tuning study (tune/<study>.db, or the given db path under tune/)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    path = root / "tune" / (db or f"{study}.db")
+    return optuna.load_study(study_name=study, storage=f"sqlite:///{path}").get_trials(states=(TrialState.COMPLETE,))
+
+
+def tuned_table(root: Path) -> list[str]:
+    """The rows of report.md's "Tuned `train.lr`" table."""
+    lines = (root / "report.md").read_text(encoding="utf-8").splitlines()
+    return [ln for ln in lines[lines.index("## Tuned `train.lr`"):] if ln.startswith("| ")]

@@ -434,6 +434,12 @@ def _tuning(manifest: dict[str, Any], files: dict[str, str]) -> list[str]:
     return lines
 
 
+def _ticker():
+    import matplotlib.ticker
+
+    return matplotlib.ticker
+
+
 def _lr_figure(root: Path) -> Path | None:
     """Validation loss against the searched value, one line per variant (with [scale]: one panel per size)."""
     from .tune import read_summary
@@ -459,10 +465,14 @@ def _lr_figure(root: Path) -> Path | None:
             colors.setdefault(variant, line.get_color())
             ax.plot([r["best"]], [r["loss"]], marker="*", markersize=14, color=line.get_color())
         ax.set_xscale("log")
+        values = sorted({t[0] for r in summary["variants"].values() for t in r["trials"]})
+        if len(values) <= 8:  # a grid: its values as the ticks, written plainly (log's minor labels collide)
+            ax.set_xticks(values, [f"{x:g}" for x in values])
+            ax.xaxis.set_minor_formatter(_ticker().NullFormatter())
         ax.set_xlabel(summary["param"])
         if size:
             ax.set_title(f"size {size}")
-        ax.legend()
+    axes[0][0].legend()
     axes[0][0].set_ylabel("final validation loss (tuning seeds)")
     title = "validation loss against " + summary["param"] + " (★ chosen)"
     if len(sizes) > 1:

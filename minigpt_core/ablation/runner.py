@@ -337,6 +337,16 @@ def needs_evaluation(rec: dict[str, Any], options: dict[str, Any] | None, retry_
     return ev.get("status") == "pending" or (retry_failed and ev.get("status") == "failed")
 
 
+def launch(cmd: list[str], log: Path, env: dict[str, str], executor: Any = None) -> Any:
+    """Start a run's command: a local process writing to ``log`` and dying with us (a subprocess.Popen), or with
+    a submitit ``executor`` a job (its Job) that runs it through ``execute_cell``."""
+    if executor is not None:
+        return executor.submit(execute_cell, cmd, str(log), env, os.getcwd())
+    kwargs: dict[str, Any] = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
+    with open(log, "ab") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(), **kwargs)
+
+
 def _die_with_parent() -> None:
     # A cell must not outlive `minigpt ablate` (killed, even with SIGKILL): the rerun resumes it instead.
     try:
@@ -546,13 +556,7 @@ def _run_cells(plan: Plan, manifest: dict[str, Any], cells: dict[str, Cell], tod
         log = cell.exp_dir / CELL_LOG
         with open(log, "a", encoding="utf-8") as f:
             f.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} evaluate: {' '.join(cmd)}\n")
-        if sub is None:
-            kwargs: dict[str, Any] = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
-            with open(log, "ab") as out:
-                handle = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
-                                          **kwargs)
-        else:
-            handle = sub.submit(execute_cell, cmd, str(log), env, os.getcwd())
+        handle = launch(cmd, log, env, sub)
         rec["status"] = "running"
         rec["eval"] = {"status": "running", "options": options, "checkpoint": str(checkpoint),
                        "started": time.time(), "error": None}
@@ -580,13 +584,7 @@ def _run_cells(plan: Plan, manifest: dict[str, Any], cells: dict[str, Cell], tod
         with open(log, "a", encoding="utf-8") as f:
             f.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {'resume' if resume else 'start'}: "
                     f"{' '.join(cmd)}\n")
-        if sub is None:
-            kwargs: dict[str, Any] = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
-            with open(log, "ab") as out:
-                handle = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
-                                          **kwargs)
-        else:
-            handle = sub.submit(execute_cell, cmd, str(log), env, os.getcwd())
+        handle = launch(cmd, log, env, sub)
         rec.update(status="running", error=None, attempts=rec.get("attempts", 0) + 1,
                    started=rec.get("started") or time.time(), host=socket.gethostname(),
                    job_id=str(getattr(handle, "job_id", getattr(handle, "pid", ""))))

@@ -13,6 +13,7 @@ for the report, keyed by ``variant`` or ``size/variant``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import math
@@ -20,7 +21,7 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -38,15 +39,14 @@ from .runner import (
     RUN_DIR_FILE,
     AblationInterrupted,
     _Active,
-    _die_with_parent,
     _pass_on_stop,
     _reported_run,
     _Stop,
     _submitit_executor,
     cell_command,
     cores,
-    execute_cell,
     last_error,
+    launch,
 )
 
 __all__ = ["TUNE_DIR", "SUMMARY_FILE", "check_tuning", "tuning_rows", "tuning_runs", "run_tuning", "apply_tuned",
@@ -151,17 +151,16 @@ def _final_val(run_dir: str) -> float | None:
     return float(ys[-1]) if ys else None
 
 
-def _run_trial(plan: Plan, size: str, variant: str, value: float, jobs: int, executor: str, stop: _Stop) -> float:
+def _run_trial(plan: Plan, size: str, variant: str, value: float, jobs: int, threads: int, executor: str,
+               stop: _Stop) -> float:
     """Mean final validation loss of the value over the tuning seeds (their runs as cell processes, or jobs
     of the --executor). A stop request (Ctrl-C, SIGTERM) is passed on to the runs, as to cells, and raises
     AblationInterrupted once they have ended; the trial then counts as not run."""
     tune = plan.config.tune
     assert tune is not None
     nproc = plan.config.nproc_per_node
-    local = executor == "local"
-    threads = max(1, cores() // ((min(jobs, len(tune.seeds)) if local else 1) * nproc))  # the seeds share the cores
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    sub = None if local else _submitit_executor(executor, plan.root, dict(plan.config.executor))
+    sub = None if executor == "local" else _submitit_executor(executor, plan.root, dict(plan.config.executor))
     limit = jobs if executor != "slurm" else len(tune.seeds)  # slurm queues them all, as cells
     key = search_key(size, variant)
     queue, active, losses = list(tune.seeds), [], []
@@ -177,13 +176,7 @@ def _run_trial(plan: Plan, size: str, variant: str, value: float, jobs: int, exe
         log = exp_dir / CELL_LOG
         with open(log, "ab") as out:
             out.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} tune: {' '.join(cmd)}\n".encode())
-        if sub is None:
-            kwargs: dict[str, Any] = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
-            with open(log, "ab") as out:
-                handle = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
-                                          **kwargs)
-        else:
-            handle = sub.submit(execute_cell, cmd, str(log), env, os.getcwd())
+        handle = launch(cmd, log, env, sub)
         return _Active({"id": f"{key}/{_label(tune.param, value)}/seed-{seed}"}, handle, log, report,
                        time.time()), exp_dir
 
@@ -362,34 +355,67 @@ def run_tuning(plan: Plan, *, jobs: int = 1, executor: str = "local", variants: 
     except RunLockedError:
         raise AblationError(f"Another `minigpt ablate` is tuning this ablation ({tdir}); wait for it to end, or "
                             f"stop it and run again.") from None
+    # --jobs N: a trial's seeds run in parallel up to N; with fewer seeds than N, several searches run at once
+    # (each in a thread that waits on its runs), so a one-seed search still keeps N cores busy
+    per_trial = min(jobs, len(tune.seeds))
+    at_once = max(1, jobs // per_trial)
+    threads = max(1, cores() // (per_trial * at_once * plan.config.nproc_per_node)) if executor == "local" else \
+        max(1, cores() // plan.config.nproc_per_node)
     stop = _Stop().install()
 
     def run_trial(size: str, variant: str, value: float) -> float:
-        return _run_trial(plan, size, variant, value, jobs, executor, stop)
+        return _run_trial(plan, size, variant, value, per_trial, threads, executor, stop)
 
     lo, hi = tune.values()[0], tune.values()[-1]
+    chosen: dict[str, dict[str, Any]] = {}
+    finished: dict[str, list[tuple[float, float]]] = {}
+    guard = threading.Lock()
 
-    def record() -> None:  # after every search: `minigpt report` on a study still searching shows the finished ones
-        summary = {"param": tune.param, "sampler": tune.sampler, "low": lo, "high": hi, "seeds": list(tune.seeds),
-                   "trials": tune.n_trials(), "sizes": [s for s in plan.sizes], "variants": chosen}
-        atomic_write_bytes(tdir / SUMMARY_FILE, (json.dumps(summary, indent=1) + "\n").encode("utf-8"))
+    def record(size: str, variant: str, done: list[tuple[float, float]], say: bool) -> None:
+        # after every search: `minigpt report` on a study still searching shows the finished ones
+        key = search_key(size, variant)
+        with guard:
+            finished[key] = done
+            ordered = {search_key(s, v): _result(tune, finished[search_key(s, v)], s, v)
+                       for s, v in searches(plan) if search_key(s, v) in finished}
+            chosen.clear()
+            chosen.update(ordered)  # in the file's order, whichever search ended first
+            if say:
+                write(f"[tune {key}] best {tune.param} = {chosen[key]['best']:g} (validation loss "
+                      f"{chosen[key]['loss']:.4f} over {len(done)} trials)")
+            summary = {"param": tune.param, "sampler": tune.sampler, "low": lo, "high": hi,
+                       "seeds": list(tune.seeds), "trials": tune.n_trials(), "sizes": [s for s in plan.sizes],
+                       "variants": dict(chosen)}
+            atomic_write_bytes(tdir / SUMMARY_FILE, (json.dumps(summary, indent=1) + "\n").encode("utf-8"))
+
+    def search(size: str, variant: str) -> None:
+        try:
+            record(size, variant, _search(plan, size, variant, run_trial, stop, write), say=True)
+        except AblationInterrupted:
+            raise
+        except BaseException:
+            if not stop.requested:  # the other searches stop too: their trials run again next time
+                stop.presses, stop.why = 1, f"the search of {search_key(size, variant)} failed"
+            raise
 
     try:
-        chosen: dict[str, dict[str, Any]] = {}
+        todo = []
         for size, variant in searches(plan):
-            key = search_key(size, variant)
             if variants is None or variant in variants:
-                done = _search(plan, size, variant, run_trial, stop, write)
-            else:
-                study = _study(plan, size, variant, create=False)
-                done = _completed(study, tune.param) if study is not None else []
-                if len(done) < tune.n_trials():
-                    continue
-            chosen[key] = _result(tune, done, size, variant)
-            write(f"[tune {key}] best {tune.param} = {chosen[key]['best']:g} (validation loss "
-                  f"{chosen[key]['loss']:.4f} over {len(done)} trials)")
-            record()
-        record()
+                todo.append((size, variant))
+                continue
+            study = _study(plan, size, variant, create=False)  # not searched now: kept if finished
+            done = _completed(study, tune.param) if study is not None else []
+            if len(done) >= tune.n_trials():
+                record(size, variant, done, say=True)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="tune") as pool:
+            futures = [pool.submit(search, size, variant) for size, variant in todo]
+            while not all(f.done() for f in futures):  # the main thread stays free for the Ctrl-C handler
+                time.sleep(0.1)
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        failed = [e for e in errors if not isinstance(e, AblationInterrupted)]
+        if failed or errors:
+            raise (failed or errors)[0]
         return chosen
     finally:
         stop.uninstall()
