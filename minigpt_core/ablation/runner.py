@@ -314,16 +314,6 @@ def cell_command(cell_file: Path, *, threads: int, resume: str | None, nproc: in
     return cmd + (["--resume", resume] if resume else [])
 
 
-def launch(cmd: list[str], log: Path, env: dict[str, str], executor: Any = None) -> Any:
-    """Start a run's command: a local process writing to ``log`` and dying with us (a subprocess.Popen), or with
-    a submitit ``executor`` a job (its Job) that runs it through ``execute_cell``."""
-    if executor is not None:
-        return executor.submit(execute_cell, cmd, str(log), env, os.getcwd())
-    kwargs: dict[str, Any] = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
-    with open(log, "ab") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(), **kwargs)
-
-
 def eval_command(checkpoint: Path, out: Path, options: dict[str, Any], *, threads: int) -> list[str]:
     """`minigpt evaluate` of a cell's final checkpoint ([evaluate]), results in its run's eval/."""
     cmd = [sys.executable, "-m", "minigpt_core", "evaluate", str(checkpoint), "--tasks", ",".join(options["tasks"]),
@@ -345,6 +335,16 @@ def needs_evaluation(rec: dict[str, Any], options: dict[str, Any] | None, retry_
     if ev.get("options") != options:
         return True  # never evaluated, or with other tasks / limits than the file now asks
     return ev.get("status") == "pending" or (retry_failed and ev.get("status") == "failed")
+
+
+def launch(cmd: list[str], log: Path, env: dict[str, str], executor: Any = None) -> Any:
+    """Start a run's command: a local process writing to ``log`` and dying with us (a subprocess.Popen), or with
+    a submitit ``executor`` a job (its Job) that runs it through ``execute_cell``."""
+    if executor is not None:
+        return executor.submit(execute_cell, cmd, str(log), env, os.getcwd())
+    kwargs: dict[str, Any] = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
+    with open(log, "ab") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(), **kwargs)
 
 
 def _die_with_parent() -> None:
