@@ -28,8 +28,9 @@ environment, logged_after_resume, state_digest = maker.environment, maker.logged
 LEGACY = FIXTURES / "legacy_run"
 EXPECTED = json.loads((LEGACY / "expected.json").read_text(encoding="utf-8"))
 # The fixture's floats are bitwise what torch computed with these kernels; another CPU's kernels
-# (AVX2 against AVX-512) or another torch may round differently, so elsewhere losses are compared
-# to 1e-4 and sampled texts are not compared.
+# (AVX2 against AVX-512, or an AMD EPYC against the Intel Xeon that wrote it, both "AVX512") or another
+# torch may round differently, so elsewhere losses are compared to 1e-4 and sampled texts are not
+# compared. A fixture written before the CPU's name was recorded counts as another CPU.
 _WHERE = {k: v for k, v in environment().items() if k != "python"}
 SAME_KERNELS = _WHERE == {k: v for k, v in EXPECTED["environment"].items() if k != "python"}
 NOT_SAME = f"the fixture was computed with {EXPECTED['environment']}, this is {environment()}"

@@ -103,15 +103,15 @@ def check_tuning(plan: Plan) -> None:
     problems = []
     values = tune.values()
     for size, variant in searches(plan):
-        key = search_key(size, variant)
+        key = f"variant {variant!r}" + (f" at size {size!r}" if size else "")
         for value in (values[0], values[-1]):
             try:
                 trial_spec(plan, variant, value, tune.seeds[0], size)
             except SpecError as exc:
-                problems += [f"tuning runs of {key!r} ({tune.param} = {value:g}): {p}: {r}"
+                problems += [f"tuning runs of {key} ({tune.param} = {value:g}): {p}: {r}"
                              for p, r in exc.problems]
             except MinigptError as exc:
-                problems.append(f"tuning runs of {key!r}: {exc}")
+                problems.append(f"tuning runs of {key}: {exc}")
     if problems:
         problems = list(dict.fromkeys(problems))
         raise AblationError(f"Invalid [tune] in {plan.file}; nothing was run. {len(problems)} problem(s): "
