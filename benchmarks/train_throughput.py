@@ -1,8 +1,19 @@
 """Training throughput and memory: minigpt's GPT-2 recipes vs Hugging Face transformers' GPT2LMHeadModel.
 
-One training step = forward, loss, backward, AdamW step, on random tokens. Models of identical
-shapes (GPT-2's recipe: q/k/v biases, tied head, tanh GELU, LayerNorm, dropout 0) are timed
-round-robin in one process, in fp32 and bf16 autocast, so machine noise hits them alike:
+One training step = forward, loss, backward, AdamW step, on random tokens, for models of identical
+shapes (GPT-2's recipe: q/k/v biases, tied head, tanh GELU, LayerNorm, dropout 0), in fp32 and bf16
+autocast. Two ways of timing them (``--mode``):
+
+* ``fresh`` (default): each model in its own new process, ``--warmup`` untimed steps then the median
+  of ``--steps`` timed ones; the processes alternate (model A, B, C, then C, B, A, ...) ``--repeats``
+  times and a model's figure is the median over its processes. This is what a user timing their
+  first minutes sees: a new process's allocator, page faults and caches included. Its peak memory is
+  the process's peak RSS growth with the default allocator.
+* ``in-process``: all models built in one long-lived process and timed round-robin (the steady
+  state); peak memory from a child per model with freed blocks returned to the OS.
+* ``both``: the two tables.
+
+The models:
 
 * ``fast``: the default ``gpt2-*`` recipe (torch.sdpa, torch.layernorm, torch.gelu_tanh) with the
   trainer's default chunked head + cross-entropy (train.loss_chunk);
@@ -18,7 +29,9 @@ MFU is achieved model FLOP/s over this machine's matmul peak in the same dtype, 
 fresh child process per model (CPU, Linux: growth of the peak resident set VmHWM over the RSS
 after imports, freed blocks returned to the OS; CUDA: torch.cuda.max_memory_allocated).
 
-    python benchmarks/train_throughput.py            # 124M shape, ctx 256, batch 4, 5 repeats (CPU: ~15 min)
+    python benchmarks/train_throughput.py --precisions fp32   # 124M shape, fresh processes (CPU: ~25 min)
+    python benchmarks/train_throughput.py --precisions fp32 --layers 6 --emb 384 --heads 6 --repeats 7
+    python benchmarks/train_throughput.py --mode in-process   # the round-robin table, every variant
     python benchmarks/train_throughput.py --quick    # tiny shapes, a smoke test under a minute
     python benchmarks/train_throughput.py --write    # also append the tables to benchmarks/RESULTS.md
     python benchmarks/train_throughput.py --quickstart-only --compile   # + compiled recipes, compile time apart
@@ -28,7 +41,10 @@ after imports, freed blocks returned to the OS; CUDA: torch.cuda.max_memory_allo
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -46,6 +62,7 @@ from minigpt_core.train import autocast, build_optimizer, lm_loss, select_device
 from minigpt_core.train.flops import PRECISION_DTYPES, measure_matmul_peak  # noqa: E402
 
 HF = "transformers"
+FRESH_DEFAULT_MODELS = ("fast", "fast/loss_chunk=0", HF)  # a process per model per repeat: the ones that matter
 DEFAULT_CHUNK = TrainSpec.model_fields["loss_chunk"].default
 # name -> (preset, model overrides, loss_chunk, activation checkpointing)
 VARIANTS = {
@@ -136,6 +153,90 @@ def peak_memory(name: str, precision: str, a: argparse.Namespace) -> float | Non
     return float(done.stdout.strip().splitlines()[-1])
 
 
+# -- fresh processes (one per model per repeat) ------------------------------------------------------
+def _fresh_here(name: str, precision: str, a: argparse.Namespace, device: torch.device) -> dict:
+    """Build one model in this new process and time its steps; what a first-minutes user measures."""
+    import transformers  # noqa: F401  the same imports in every model's process
+
+    status = Path("/proc/self/status")
+
+    def kib(field: str) -> int | None:
+        if not status.exists():
+            return None
+        return int(next(line for line in status.read_text().splitlines() if line.startswith(field)).split()[1])
+
+    before = kib("VmRSS:")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync = sync_fn(device)
+    step = make_step(build(name, a), precision, a, device)
+    times = []
+    for i in range(a.warmup + a.steps):
+        if i == a.warmup:
+            faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0  # over the timed steps
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = None if before is None else (kib("VmHWM:") - before) / 1024
+    return {"first_s": times[0], "step_s": statistics.median(times[a.warmup:]), "peak_mib": peak,
+            "faults_per_step": faults / a.steps}
+
+
+def time_fresh(names: list[str], a: argparse.Namespace) -> dict:
+    """Each (model, precision) in its own process, alternating (forward then backward order), repeats times."""
+    keys = [(n, p) for n in names for p in a.precisions]
+    runs: dict = {k: [] for k in keys}
+    for r in range(a.repeats):
+        for name, precision in (keys if r % 2 == 0 else keys[::-1]):
+            cmd = [sys.executable, __file__, "--_fresh", name, precision, *sys.argv[1:]]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"the process timing {name} ({precision}) failed:\n{done.stderr[-3000:]}")
+            run = json.loads(done.stdout.strip().splitlines()[-1])
+            runs[(name, precision)].append(run)
+            print(f"  repeat {r + 1}/{a.repeats} {name} {precision}: {a.batch * a.ctx / run['step_s']:,.0f} tokens/s, "
+                  f"first step {run['first_s']:.2f} s", flush=True)
+    return runs
+
+
+def report_fresh(runs: dict, a: argparse.Namespace, n_params: int) -> str:
+    tokens = a.batch * a.ctx
+    med = {k: statistics.median(r["step_s"] for r in v) for k, v in runs.items()}
+    lines = [
+        f"Training step (forward, loss, backward, fused AdamW), {a.layers} layers, emb {a.emb}, {a.heads} heads, "
+        f"context {a.ctx}, vocab {a.vocab}, batch {a.batch} ({tokens:,} tokens/step), dropout 0, "
+        f"{'tied' if a.tied else 'untied'} head, {n_params:,} parameters; each model in a fresh process: "
+        f"{a.warmup} warm-up step(s), median of {a.steps} timed steps; {a.repeats} processes per model, "
+        f"alternating; the figure is the median over processes (range in brackets). Peak memory: growth of "
+        f"the process's peak RSS over its RSS after imports, default allocator. loss_chunk default {DEFAULT_CHUNK}.",
+        "",
+        "| model | precision | tokens/s [range] | vs transformers | vs plain loss | first step s | page faults/step "
+        "| peak memory MiB | memory vs transformers |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (name, precision), v in runs.items():
+        tok_s = tokens / med[(name, precision)]
+        lo, hi = (tokens / max(r["step_s"] for r in v), tokens / min(r["step_s"] for r in v))
+        rel = {ref: tokens / med[(ref, precision)] for ref in (HF, "fast/loss_chunk=0") if (ref, precision) in med}
+        peaks = [r["peak_mib"] for r in v if r["peak_mib"] is not None]
+        peak = statistics.median(peaks) if peaks else None
+        peaks_hf = [r["peak_mib"] for r in runs.get((HF, precision), []) if r["peak_mib"] is not None]
+        peak_hf = statistics.median(peaks_hf) if peaks_hf else None
+        fmt = lambda ref: f"{tok_s / rel[ref]:.2f}x" if ref in rel else "-"  # noqa: E731
+        lines.append(
+            f"| {name} | {precision} | {tok_s:,.0f} [{lo:,.0f}-{hi:,.0f}] | {fmt(HF)} | {fmt('fast/loss_chunk=0')} | "
+            f"{statistics.median(r['first_s'] for r in v):.2f} | "
+            f"{statistics.median(r['faults_per_step'] for r in v):,.0f} | {f'{peak:,.0f}' if peak is not None else '-'} | "
+            f"{f'{peak / peak_hf:.2f}x' if peak and peak_hf else '-'} |")
+    return "\n".join(lines)
+
+
 # -- report ------------------------------------------------------------------------------------------
 def report(times: dict, memory: dict, peaks: dict, flops_per_token: int, a: argparse.Namespace, n_params: dict) -> str:
     tokens = a.batch * a.ctx
@@ -193,6 +294,23 @@ def quickstart_table(a: argparse.Namespace, device: torch.device) -> str:
             f"|---|---|---|---|\n{rows}")
 
 
+def in_process_table(a: argparse.Namespace, device: torch.device) -> str:
+    names = a.models.split(",") if a.models else [*VARIANTS, HF]
+    models = {n: build(n, a) for n in names}
+    n_params = {n: sum(t.numel() for t in m.parameters()) for n, m in models.items()}
+    flops_per_token = summarize(models[names[0]]).flops_per_token
+    print(f"in one process, round-robin; models: {n_params}", flush=True)
+    peaks = {prec: measure_matmul_peak(device, PRECISION_DTYPES[prec], seconds=0.2 if a.quick else 1.0)
+             for prec in a.precisions}
+    steps = {(n, prec): make_step(m, prec, a, device) for n, m in models.items() for prec in a.precisions}
+    times = time_alternating(steps, repeats=a.repeats, warmup=1, sync=sync_fn(device))
+    del models, steps
+    memory = {} if a.no_memory else {(n, prec): peak_memory(n, prec, a) for n in names for prec in a.precisions}
+    table = report(times, memory, peaks, flops_per_token, a, n_params)
+    print(table, flush=True)
+    return table
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=12)
@@ -202,7 +320,11 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=50257)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--untied", dest="tied", action="store_false", help="an untied output head (default tied)")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--mode", choices=["fresh", "in-process", "both"], default="fresh",
+                   help="fresh: a new process per model and repeat (default); in-process: round-robin in one process")
+    p.add_argument("--repeats", type=int, default=5, help="fresh: processes per model; in-process: timed rounds")
+    p.add_argument("--warmup", type=int, default=1, help="fresh: untimed steps in each process")
+    p.add_argument("--steps", type=int, default=8, help="fresh: timed steps in each process (their median counts)")
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--models", default=None, help=f"comma list (default: {', '.join(VARIANTS)}, {HF})")
     p.add_argument("--device", default="auto")
@@ -213,14 +335,19 @@ def main() -> None:
     p.add_argument("--quickstart-only", action="store_true", help="only the quickstart-shape table")
     p.add_argument("--write", action="store_true", help="append the results to benchmarks/RESULTS.md")
     p.add_argument("--_memory", nargs=2, metavar=("MODEL", "PRECISION"), help=argparse.SUPPRESS)
+    p.add_argument("--_fresh", nargs=2, metavar=("MODEL", "PRECISION"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.quick:
-        a.layers, a.emb, a.heads, a.ctx, a.vocab, a.batch, a.repeats = 2, 64, 2, 32, 1000, 2, 3
+        a.layers, a.emb, a.heads, a.ctx, a.vocab, a.batch, a.steps = 2, 64, 2, 32, 1000, 2, 3
+        a.repeats = min(a.repeats, 3)
         a.no_memory = True
     a.precisions = a.precisions.split(",")
     device = select_device(a.device)
     if a._memory:
         print(_peak_memory_here(a._memory[0], a._memory[1], a, device))
+        return
+    if a._fresh:
+        print(json.dumps(_fresh_here(a._fresh[0], a._fresh[1], a, device)))
         return
 
     if a.quickstart_only:
@@ -229,25 +356,24 @@ def main() -> None:
         if a.write:
             append_results("Training throughput at the quickstart shape: book vs fast recipe", quick)
         return
-    names = a.models.split(",") if a.models else [*VARIANTS, HF]
-    models = {n: build(n, a) for n in names}
-    n_params = {n: sum(t.numel() for t in m.parameters()) for n, m in models.items()}
-    flops_per_token = summarize(models[names[0]]).flops_per_token
-    print(f"{machine()}\nmodels: {n_params}", flush=True)
-    peaks = {prec: measure_matmul_peak(device, PRECISION_DTYPES[prec], seconds=0.2 if a.quick else 1.0)
-             for prec in a.precisions}
-    steps = {(n, prec): make_step(m, prec, a, device) for n, m in models.items() for prec in a.precisions}
-    times = time_alternating(steps, repeats=a.repeats, warmup=1, sync=sync_fn(device))
-    del models, steps
-    memory = {} if a.no_memory else {(n, prec): peak_memory(n, prec, a) for n in names for prec in a.precisions}
-    table = report(times, memory, peaks, flops_per_token, a, n_params)
-    print(table, flush=True)
-    if not a.no_quickstart:
+    print(machine(), flush=True)
+    tables = []
+    if a.mode in ("fresh", "both"):
+        names = a.models.split(",") if a.models else list(FRESH_DEFAULT_MODELS)
+        n_params = sum(t.numel() for t in build(names[0], a).parameters())
+        tables.append(report_fresh(time_fresh(names, a), a, n_params))
+        print(tables[-1], flush=True)
+    if a.mode in ("in-process", "both"):
+        tables.append(in_process_table(a, device))
+    table = "\n\n".join(tables)
+    if not a.no_quickstart and a.mode != "fresh":
         quick = quickstart_table(a, device)
         print("\n" + quick)
         table += "\n\n" + quick
     if a.write:
-        append_results("Training throughput: minigpt GPT-2 recipes vs transformers GPT2LMHeadModel", table)
+        title = "fresh processes" if a.mode == "fresh" else "fresh processes and one process" if a.mode == "both" \
+            else "one process, round-robin"
+        append_results(f"Training throughput ({title}): minigpt GPT-2 recipes vs transformers GPT2LMHeadModel", table)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from minigpt_core import build_model, spec_from_preset
-from minigpt_core.model.gpt import chunked_head_loss
+from minigpt_core.model.gpt import HeadWorkspace, chunked_head_loss
 from minigpt_core.spec import BOOK_COMPONENTS, FAST_COMPONENTS, PRESETS, parse_spec
 from minigpt_core.testing import check_component
 from minigpt_core.train import train
@@ -104,6 +104,47 @@ def test_chunked_loss_under_bf16_autocast_matches_the_plain_path():
     assert (gh0 - gh1).abs().max() < 1e-2 * gh0.abs().max() and (gw0 - gw1).abs().max() < 1e-2 * gw0.abs().max()
     with torch.no_grad():  # evaluation: the same loss, no gradients kept
         assert abs(chunked_head_loss(h, w, t, 16).item() - chunked_head_loss(h, w, t, 0).item()) < 1e-5
+
+
+def _bytes_allocated(fn) -> int:
+    """Bytes the CPU allocator handed out while ``fn`` ran (torch.profiler's memory events)."""
+    from torch.profiler import profile
+
+    with profile(profile_memory=True) as prof:
+        fn()
+    return sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
+
+
+def test_chunked_loss_allocates_no_logits_per_chunk_or_per_step():
+    # A chunk of full-vocabulary logits is large (51 MB at GPT-2's vocabulary), so allocating one per
+    # chunk made every chunk a fresh mmap in a new process (benchmarks/chunked_head.py). With a kept
+    # workspace a whole forward + backward allocates only the two gradients it returns.
+    torch.manual_seed(0)
+    n, vocab, emb, chunk = 64, 5000, 16, 16
+    h = torch.randn(n, emb, requires_grad=True)
+    w = torch.randn(vocab, emb, requires_grad=True)
+    t = torch.randint(0, vocab, (n,))
+    workspace = HeadWorkspace()
+    chunked_head_loss(h, w, t, chunk, workspace).backward()  # the first call sizes the workspace
+    assert workspace.nbytes == vocab * chunk * 4
+    gradients = (vocab * emb + n * emb) * 4
+    assert _bytes_allocated(lambda: chunked_head_loss(h, w, t, chunk, workspace).backward()) < gradients + 16_384
+    # without a kept workspace, one buffer for the call (not one per chunk: 4 chunks here)
+    assert _bytes_allocated(lambda: chunked_head_loss(h, w, t, chunk).backward()) < gradients + workspace.nbytes + 16_384
+
+
+def test_the_model_keeps_one_workspace_across_steps_outside_its_state_dict():
+    model = build_model(spec_from_preset("gpt2-124m", model={**SHAPE, "drop_rate": 0.0}, tokenizer=CHAR))
+    idx = torch.randint(0, 300, (2, 33))
+    model(idx[:, :-1], targets=idx[:, 1:], loss_chunk=24).backward()
+    [buffer] = model.head_workspace._buffers.values()
+    model(idx[:, :-1], targets=idx[:, 1:], loss_chunk=24).backward()
+    [again] = model.head_workspace._buffers.values()
+    assert again.data_ptr() == buffer.data_ptr() and buffer.numel() == 300 * 24
+    assert not any("workspace" in k for k in model.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a buffer per dtype: the matmul's and the fp32 softmax's
+        model(idx[:, :-1], targets=idx[:, 1:], loss_chunk=24).backward()
+    assert sorted(str(d) for d, _ in model.head_workspace._buffers) == ["torch.bfloat16", "torch.float32"]
 
 
 def test_forward_without_targets_still_returns_logits():

@@ -16,7 +16,7 @@ from ..base.contracts import AuxLossProtocol
 from ..spec import ExperimentSpec, ModelSpec, ResolvedComponent
 
 __all__ = ["BuildContext", "KVCache", "LayerKVCache", "GPT", "mark_residual_projection",
-           "is_residual_projection", "chunked_head_loss", "plain_linear"]
+           "is_residual_projection", "chunked_head_loss", "HeadWorkspace", "plain_linear"]
 
 RESIDUAL_PROJECTION_ATTR = "_minigpt_residual_projection"
 ATTENTION_MODULE_ATTR = "_minigpt_attention"  # set on each module built for the attention slot
@@ -113,45 +113,99 @@ def plain_linear(module: nn.Module) -> bool:
     return type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
 
 
+def _is_compiling() -> bool:
+    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+    return bool(is_compiling and is_compiling())
+
+
+class HeadWorkspace:
+    """Scratch memory for the chunked head's logits: one flat buffer per dtype and device, grown on
+    demand, reused by every chunk and kept from step to step.
+
+    A chunk of full-vocabulary logits is large (256 tokens x 50,257 fp32 = 51 MB), above glibc's
+    largest mmap threshold (32 MB): allocated afresh, every chunk of every step was a new mapping whose
+    pages the kernel zeroes on first touch and takes back at free, about a tenth of a training step in
+    a fresh process ("Chunked head in a fresh process", benchmarks/RESULTS.md). Not thread-safe: one
+    forward of a model at a time, as training does.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    def take(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A contiguous (rows, cols) view of the buffer for ``dtype`` on ``device`` (contents undefined)."""
+        key = (dtype, device)
+        flat = self._buffers.get(key)
+        if flat is None or flat.numel() < rows * cols:
+            flat = self._buffers[key] = torch.empty(rows * cols, dtype=dtype, device=device)
+        return flat[:rows * cols].view(rows, cols)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+
 class _ChunkedHeadLoss(torch.autograd.Function):
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, ``chunk`` rows at a time.
 
-    Each chunk's logits (fp32 for the loss, whatever the autocast dtype of the matmul) live only
-    while that chunk is processed: the forward pass computes the loss and, when gradients are
-    wanted, the gradients of ``hidden`` and ``weight`` too (softmax - one-hot), so nothing of the
-    (N, V) logits is kept for backward and the head's matmuls are not recomputed. Backward only
-    scales the stored gradients by the incoming one.
+    Each chunk's logits live only while that chunk is processed, in ``workspace``: the forward pass
+    computes the loss and, when gradients are wanted, the gradients of ``hidden`` and ``weight`` too
+    (softmax - one-hot), so nothing of the (N, V) logits is kept for backward and the head's matmuls
+    are not recomputed. Backward only scales the stored gradients by the incoming one.
 
     The logits are computed transposed, (V, chunk) = weight @ h.T: on CPU BLAS that layout ran the
     forward GEMM ~1.5x faster than h @ weight.T, and the weight gradient then accumulates with one
-    addmm_ (no extra pass over the (V, C) buffer): benchmarks/kernels.py, "Kernels" in RESULTS.md.
+    addmm_ (benchmarks/kernels.py, "Kernels" in RESULTS.md). The softmax is taken in place in the
+    fp32 buffer (max, exp, sum, divide): no (V, chunk) temporary is allocated per chunk.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk, want_h, want_w):
-        n = hidden.shape[0]
+    def forward(ctx, hidden, weight, targets, chunk, want_h, want_w, workspace):
+        n, vocab = hidden.shape[0], weight.shape[0]
+        # The matmul dtype is what autocast (if on) gives the plain head; the loop then runs with autocast
+        # off and explicit casts, so the matmuls can write into the workspace.
+        mm_dtype = torch.mm(weight[:1], hidden[:1].t()).dtype
+        w, hid = weight.to(mm_dtype), hidden.to(mm_dtype)
+        # Under torch.compile the compiler plans the memory: plain out-of-place tensors, no workspace.
+        compiling = _is_compiling()
         grad_h = torch.empty_like(hidden) if want_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        grad_w = None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for i in range(0, n, chunk):
-            h, t = hidden[i:i + chunk], targets[i:i + chunk]
-            cols = torch.arange(len(t), device=h.device)
-            logits_t = torch.mm(weight, h.t())  # (V, c); autocast (if on) picks the dtype, as the plain head's
-            lt = logits_t.float()
-            lse = torch.logsumexp(lt, dim=0)  # (c,)
-            total += (lse - lt[t, cols]).sum()
-            if want_h or want_w:
-                g = lt.sub_(lse).exp_()  # softmax, in place (logits_t is not needed again)
-                g[t, cols] -= 1  # d(sum CE)/d logits = softmax - one-hot
-                g = g.to(logits_t.dtype)
-                del lt, logits_t
+        with torch.autocast(hidden.device.type, enabled=False):
+            for i in range(0, n, chunk):
+                h, t = hid[i:i + chunk], targets[i:i + chunk]
+                c = len(t)
+                cols = torch.arange(c, device=h.device)
+                if compiling:
+                    low = torch.mm(w, h.t())
+                    scores = low if mm_dtype == torch.float32 else low.float()
+                else:
+                    scores = workspace.take(vocab, c, torch.float32, h.device)  # (V, c) fp32 logits, then softmax
+                    low = scores if mm_dtype == torch.float32 else workspace.take(vocab, c, mm_dtype, h.device)
+                    torch.mm(w, h.t(), out=low)  # (V, c) in the matmul's own dtype
+                    if low is not scores:
+                        scores.copy_(low)
+                picked = scores[t, cols]  # (c,) the targets' logits
+                peak = scores.amax(dim=0)  # (c,)
+                denom = scores.sub_(peak).exp_().sum(dim=0)
+                total += (denom.log() + peak - picked).sum()  # logsumexp - target logit
+                if not (want_h or want_w):
+                    continue
+                scores.div_(denom)
+                scores[t, cols] -= 1  # d(sum CE)/d logits = softmax - one-hot
+                g = scores if low is scores else low.copy_(scores)
                 if want_h:
-                    grad_h[i:i + chunk] = g.t() @ weight
-                if want_w:
-                    if g.dtype == grad_w.dtype:
-                        grad_w.addmm_(g, h)
+                    if grad_h.dtype == mm_dtype and not compiling:
+                        torch.mm(g.t(), w, out=grad_h[i:i + c])
                     else:
-                        grad_w += (g @ h).float()
+                        grad_h[i:i + c] = g.t() @ w
+                if want_w:
+                    if mm_dtype != torch.float32:
+                        grad_w = (g @ h).float() if grad_w is None else grad_w.add_(g @ h)
+                    elif grad_w is None:
+                        grad_w = torch.mm(g, h)
+                    else:
+                        grad_w.addmm_(g, h)
         # Kept on ctx (not inputs or outputs); backward scales them in place: no second copy.
         ctx.grad_h = grad_h.div_(n) if want_h else None
         ctx.grad_w = grad_w.div_(n) if want_w else None
@@ -167,22 +221,24 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             gh = gh.mul_(grad_out.to(gh.dtype))
         if gw is not None:
             gw = gw.mul_(grad_out).to(ctx.weight_dtype)
-        return gh, gw, None, None, None, None
+        return gh, gw, None, None, None, None, None
 
 
 def chunked_head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                      chunk: int) -> torch.Tensor:
+                      chunk: int, workspace: HeadWorkspace | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy (fp32) of the head ``weight`` (V, C) over ``hidden`` (..., C).
 
     Equals ``F.cross_entropy((hidden @ weight.T).float(), targets)`` without holding more than
-    ``chunk`` rows of logits at once; ``chunk <= 0`` is the plain computation.
+    ``chunk`` rows of logits at once; ``chunk <= 0`` is the plain computation. ``workspace`` keeps the
+    chunk's buffer between calls (a model passes its own); without one, a buffer lives for this call.
     """
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     if chunk <= 0:
         return F.cross_entropy(F.linear(hidden, weight).float(), targets)
     grad = torch.is_grad_enabled()
     return _ChunkedHeadLoss.apply(hidden, weight, targets, chunk,
-                                  grad and hidden.requires_grad, grad and weight.requires_grad)
+                                  grad and hidden.requires_grad, grad and weight.requires_grad,
+                                  workspace if workspace is not None else HeadWorkspace())
 
 
 class GPT(nn.Module):
@@ -207,6 +263,7 @@ class GPT(nn.Module):
         self._aux_loss_modules = [m for m in self.modules() if m is not self and isinstance(m, AuxLossProtocol)]
         # Recompute each block's activations in backward instead of keeping them (train.activation_checkpointing).
         self.activation_checkpointing = False
+        self.head_workspace = HeadWorkspace()  # the chunked loss's logits buffer, kept between steps
 
     def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None, *, last_only: bool = False,
                 targets: torch.Tensor | None = None, loss_chunk: int = 0) -> torch.Tensor:
@@ -223,7 +280,7 @@ class GPT(nn.Module):
             loss_chunk = 0  # an adapted head (e.g. LoRA's hook) must run as a module: the plain path
         if loss_chunk <= 0:
             return F.cross_entropy(head(x).flatten(0, 1).float(), targets.flatten())
-        return chunked_head_loss(x, head.weight, targets, loss_chunk)
+        return chunked_head_loss(x, head.weight, targets, loss_chunk, self.head_workspace)
 
     def hidden(self, idx: torch.Tensor, kv_cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         """The final norm's output (B, T, C): what the output head reads (last_only: (B, 1, C))."""
