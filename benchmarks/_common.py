@@ -30,6 +30,14 @@ def machine() -> str:
             f"Python {platform.python_version()}{gpu}")
 
 
+def proc_status_kib(field: str) -> int | None:
+    """A kB field of /proc/self/status (VmRSS:, VmHWM:, ...); None off Linux."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return None
+    return int(next(line for line in status.read_text().splitlines() if line.startswith(field)).split()[1])
+
+
 def command_line() -> str:
     return " ".join(["python", *[a if " " not in a else repr(a) for a in sys.argv]])
 

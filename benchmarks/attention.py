@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import append_results, machine, time_alternating  # noqa: E402
+from _common import append_results, machine, proc_status_kib, time_alternating  # noqa: E402
 
 from minigpt_core import build_model, get_registry, spec_from_preset  # noqa: E402
 from minigpt_core.model.generate import generate  # noqa: E402
@@ -89,13 +89,6 @@ def time_shape(names: list[str], batch: int, seq: int, repeats: int, device: tor
 
 
 # -- peak memory --------------------------------------------------------------------------------
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
 def peak_memory_mib(names: list[str], batch: int, seq: int, device: torch.device) -> dict[str, float]:
     """Peak extra memory of one forward+backward per attention (runs in this process)."""
     out = {}
@@ -111,9 +104,9 @@ def peak_memory_mib(names: list[str], batch: int, seq: int, device: torch.device
             out[name] = (torch.cuda.max_memory_allocated() - before) / 2**20
         else:
             Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-            before = _status_kib("VmRSS")
+            before = proc_status_kib("VmRSS:")
             layer(x).sum().backward()
-            out[name] = (_status_kib("VmHWM") - before) / 1024
+            out[name] = (proc_status_kib("VmHWM:") - before) / 1024
         del layer, x
     return out
 

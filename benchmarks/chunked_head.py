@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import append_results, machine  # noqa: E402
+from _common import append_results, machine, proc_status_kib  # noqa: E402
 
 from minigpt_core.model.gpt import HeadWorkspace, chunked_head_loss  # noqa: E402
 
@@ -89,11 +89,6 @@ def _variants() -> dict:
     }
 
 
-def _kib(field: str) -> int:
-    return int(next(line for line in Path("/proc/self/status").read_text().splitlines()
-                    if line.startswith(field)).split()[1])
-
-
 def run_here(name: str, a: argparse.Namespace) -> dict:
     loss_fn, chunk, keep_grads, _ = _variants()[name]
     chunk = chunk or a.chunk
@@ -102,7 +97,7 @@ def run_here(name: str, a: argparse.Namespace) -> dict:
     weight = torch.nn.Parameter(torch.randn(a.vocab, a.emb, generator=gen) * 0.02)
     targets = torch.randint(0, a.vocab, (a.tokens,), generator=gen)
     workspace = HeadWorkspace()
-    before = _kib("VmRSS:")
+    before = proc_status_kib("VmRSS:")
 
     def call() -> None:
         loss_fn(hidden, weight, targets, chunk, workspace).backward()
@@ -130,7 +125,7 @@ def run_here(name: str, a: argparse.Namespace) -> dict:
         times.append(time.perf_counter() - t0)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
     return {"s": statistics.median(times[a.warmup:]), "faults": faults / a.steps,
-            "peak_mib": (_kib("VmHWM:") - before) / 1024}
+            "peak_mib": (proc_status_kib("VmHWM:") - before) / 1024}
 
 
 def child(name: str, a: argparse.Namespace, extra: list[str] = ()) -> dict:

@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import append_results, machine, time_alternating  # noqa: E402
+from _common import append_results, machine, proc_status_kib, time_alternating  # noqa: E402
 
 from minigpt_core import build_model, spec_from_preset  # noqa: E402
 from minigpt_core.spec import TrainSpec  # noqa: E402
@@ -131,17 +131,12 @@ def _peak_memory_here(name: str, precision: str, a: argparse.Namespace, device: 
         return (torch.cuda.max_memory_allocated() - before) / 2**20
     import transformers  # noqa: F401  imported before the baseline, for every model alike
 
-    status = Path("/proc/self/status")
-
-    def kib(field: str) -> int:
-        return int(next(line for line in status.read_text().splitlines() if line.startswith(field)).split()[1])
-
     Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak (VmHWM) to the current RSS
-    before = kib("VmRSS:")
+    before = proc_status_kib("VmRSS:")
     step = make_step(build(name, a), precision, a, device)
     step()
     step()
-    return (kib("VmHWM:") - before) / 1024
+    return (proc_status_kib("VmHWM:") - before) / 1024
 
 
 def peak_memory(name: str, precision: str, a: argparse.Namespace) -> float | None:
@@ -158,14 +153,7 @@ def _fresh_here(name: str, precision: str, a: argparse.Namespace, device: torch.
     """Build one model in this new process and time its steps; what a first-minutes user measures."""
     import transformers  # noqa: F401  the same imports in every model's process
 
-    status = Path("/proc/self/status")
-
-    def kib(field: str) -> int | None:
-        if not status.exists():
-            return None
-        return int(next(line for line in status.read_text().splitlines() if line.startswith(field)).split()[1])
-
-    before = kib("VmRSS:")
+    before = proc_status_kib("VmRSS:")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sync = sync_fn(device)
@@ -183,7 +171,7 @@ def _fresh_here(name: str, precision: str, a: argparse.Namespace, device: torch.
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = None if before is None else (kib("VmHWM:") - before) / 1024
+        peak = None if before is None else (proc_status_kib("VmHWM:") - before) / 1024
     return {"first_s": times[0], "step_s": statistics.median(times[a.warmup:]), "peak_mib": peak,
             "faults_per_step": faults / a.steps}
 
