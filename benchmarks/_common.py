@@ -59,6 +59,24 @@ def time_alternating(fns: dict[str, Callable[[], None]], repeats: int, warmup: i
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def timed_calls(fn: Callable[[], None], warmup: int, steps: int,
+                sync: Callable[[], None] = lambda: None) -> tuple[list[float], float]:
+    """Seconds of each of ``warmup + steps`` calls of ``fn`` (warm-up first), and the minor page faults
+    per timed call (the warm-up's left out): what a fresh process's benchmark child reports."""
+    import resource
+
+    times = []
+    for i in range(warmup + steps):
+        if i == warmup:
+            faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / steps
+
+
 def append_results(title: str, body: str) -> None:
     """Append a dated section to RESULTS.md (older sections are kept as history)."""
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

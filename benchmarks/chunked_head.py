@@ -28,18 +28,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import append_results, machine, proc_status_kib  # noqa: E402
+from _common import append_results, machine, proc_status_kib, timed_calls  # noqa: E402
 
 from minigpt_core.model.gpt import HeadWorkspace, chunked_head_loss  # noqa: E402
 
@@ -116,21 +113,14 @@ def run_here(name: str, a: argparse.Namespace) -> dict:
             for _ in range(a.steps):
                 call()
         return {"table": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)}
-    times = []
-    for i in range(a.warmup + a.steps):
-        if i == a.warmup:
-            faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
-    return {"s": statistics.median(times[a.warmup:]), "faults": faults / a.steps,
+    times, faults = timed_calls(call, a.warmup, a.steps)
+    return {"s": statistics.median(times[a.warmup:]), "faults": faults,
             "peak_mib": (proc_status_kib("VmHWM:") - before) / 1024}
 
 
-def child(name: str, a: argparse.Namespace, extra: list[str] = ()) -> dict:
+def child(name: str, a: argparse.Namespace) -> dict:
     env = {**os.environ, **_variants()[name][3]}
-    cmd = [sys.executable, __file__, "--_child", name, *sys.argv[1:], *extra]
+    cmd = [sys.executable, __file__, "--_child", name, *sys.argv[1:]]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         sys.exit(f"the process for {name!r} failed:\n{done.stderr[-3000:]}")

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -53,7 +52,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import append_results, machine, proc_status_kib, time_alternating  # noqa: E402
+from _common import append_results, machine, proc_status_kib, time_alternating, timed_calls  # noqa: E402
 
 from minigpt_core import build_model, spec_from_preset  # noqa: E402
 from minigpt_core.spec import TrainSpec  # noqa: E402
@@ -158,22 +157,13 @@ def _fresh_here(name: str, precision: str, a: argparse.Namespace, device: torch.
         torch.cuda.reset_peak_memory_stats()
     sync = sync_fn(device)
     step = make_step(build(name, a), precision, a, device)
-    times = []
-    for i in range(a.warmup + a.steps):
-        if i == a.warmup:
-            faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0  # over the timed steps
+    times, faults = timed_calls(step, a.warmup, a.steps, sync)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = None if before is None else (proc_status_kib("VmHWM:") - before) / 1024
     return {"first_s": times[0], "step_s": statistics.median(times[a.warmup:]), "peak_mib": peak,
-            "faults_per_step": faults / a.steps}
+            "faults_per_step": faults}
 
 
 def time_fresh(names: list[str], a: argparse.Namespace) -> dict:
